@@ -1,0 +1,1 @@
+/* placeholder */ int tv_abi_version(void) { return 0; }

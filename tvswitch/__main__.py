@@ -1,0 +1,5 @@
+import sys
+
+from tvswitch.cli import main
+
+sys.exit(main())

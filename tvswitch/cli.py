@@ -1,0 +1,49 @@
+"""The ``tvswitch`` command: a thin layer over the public API.
+
+Each verb is a module of ``tvswitch.commands`` with ``NAME``, ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``; they are found by listing that
+package, so adding a verb touches nothing here. Bad input (``TvswitchError``) becomes
+one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import List, Optional
+
+from tvswitch import __version__, commands
+from tvswitch.errors import TvswitchError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvswitch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="tvswitch " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(commands.__name__ + "." + info.name)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except TvswitchError as exc:
+        print("tvswitch %s: error: %s" % (args.command, exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvswitch %s: interrupted" % args.command, file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per CLI verb; see ``tvswitch.cli`` for the contract each module keeps."""
