@@ -113,10 +113,11 @@ def detect(root: str = "/", run_commands: Optional[bool] = None) -> PlatformRepo
         # JetPack 6.2's MAXN_SUPER raises the memory clock: a different bandwidth row
         if report.device_key + "-super" in DEVICES:
             report.device_key += "-super"
-    if pm is not None and pm.modes and pm.id != max(pm.modes):
+    fastest = power.fastest_mode(pm.modes) if pm is not None else None
+    if pm is not None and fastest is not None and pm.id != fastest:
         report.notes.append(
-            "power mode %s is not the board's fastest (%s): switch and inference times measured now "
-            "are slower than the plan's" % (pm.name, pm.modes[max(pm.modes)]))
+            "power mode %s is not the board's fastest (%s, `sudo nvpmodel -m %d`): switch and inference "
+            "times measured now are slower than the plan's" % (pm.name, pm.modes[fastest], fastest))
     report.summary = "%s, %s, L4T %s (JetPack %s), compute capability %s" % (
         report.model or "unknown board",
         soc or "unknown SoC",

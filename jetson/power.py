@@ -59,6 +59,12 @@ def parse_conf(text: str) -> Dict[int, str]:
     return {int(i): name for i, name in _MODEL.findall(text)}
 
 
+def fastest_mode(modes: Dict[int, str]) -> Optional[int]:
+    """The id of the MAXN mode (MAXN_SUPER first); None where no mode is named MAXN."""
+    ranked = sorted((("SUPER" not in name.upper()), i) for i, name in modes.items() if "MAXN" in name.upper())
+    return ranked[0][1] if ranked else None
+
+
 def parse_query(text: str) -> Optional[PowerMode]:
     """``nvpmodel -q`` output (warnings may precede the two lines we want)."""
     m = _QUERY.search(text)
