@@ -15,7 +15,7 @@ setup(
             sources=["kernels/cpu_rebuild.c"],
             depends=["kernels/decode.h"],
             include_dirs=["kernels"],
-            extra_compile_args=["-O3", "-std=c99", "-fno-strict-aliasing", *openmp],
+            extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-strict-aliasing", *openmp],
             extra_link_args=openmp,
         )
     ]

@@ -1,0 +1,249 @@
+/*
+ * decode.h - the one source of truth for tvswitch's packed layouts.
+ *
+ * The CPU library (cpu_rebuild.c, built by setup.py and loaded with ctypes) and the
+ * CUDA kernels (rebuild.cu, compiled by NVRTC or nvcc) both include this header, so
+ * the bytes on flash are decoded by the same lines of code everywhere.  docs/FORMAT.md
+ * says the same in prose; tests/kernels holds both builds to the numpy reference
+ * bit for bit.
+ *
+ * Plain C99 that CUDA 10.2 (JetPack 4) also accepts: no C++ templates, no cuda_fp16.h
+ * (half and bfloat16 are converted by bit manipulation, identically on host and device).
+ *
+ * Arithmetic contract (what makes CPU and GPU bit-identical): every element is
+ *     acc  = base_coef * base[i]          (or 0 when base_coef == 0)
+ *     acc  = acc + weight_j * value_j(i)  for each term j, in table order
+ *     out[i] = round_to_out_dtype(acc)
+ * with value = (float)q * scale + offset, then 0 where a mask bit is 0, all in IEEE
+ * binary32 with no contraction into FMA (gcc -ffp-contract=off, NVRTC --fmad=false).
+ */
+#ifndef TVSWITCH_DECODE_H
+#define TVSWITCH_DECODE_H
+
+#ifdef __CUDACC_RTC__
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#endif
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define TV_HD __host__ __device__ __forceinline__
+#else
+#define TV_HD static inline
+#endif
+
+/* Compile-time size checks that C99 and CUDA 10.2 both accept. */
+#define TV_STATIC_ASSERT(cond, name) typedef char tv_static_assert_##name[(cond) ? 1 : -1]
+
+/* ---- format constants (FORMAT.md section "Term kinds" and "Element dtypes") ---- */
+enum {
+    TV_KIND_CODES = 0,   /* b-bit codes with a (scale, offset) pair per group */
+    TV_KIND_RAW_F32 = 1, /* the values themselves, binary32 */
+    TV_KIND_RAW_F16 = 2  /* the values themselves, binary16 */
+};
+enum { TV_F32 = 0, TV_F16 = 1, TV_BF16 = 2 };
+
+/* Elements one CUDA block rebuilds; the launch table counts blocks of this size. */
+#define TV_BLOCK_THREADS 256
+#define TV_ELEMS_PER_THREAD 4
+#define TV_BLOCK_ELEMS (TV_BLOCK_THREADS * TV_ELEMS_PER_THREAD)
+
+/*
+ * One term of a rebuild: weight * value(i) is added to element i.  Pointers are stored
+ * as 64-bit integers so the struct has one layout on every platform and Python can
+ * fill it as a numpy structured array (kernels/abi.py mirrors it field by field).
+ *
+ * A b-bit code stream holds value i at stream bits [b*i, b*i + b); stream bit k is bit
+ * (k & 31) of little-endian uint32 word (k >> 5).  Every stream ends with one extra zero
+ * word so that a decoder may always read the 64-bit window of words k>>5 and (k>>5)+1.
+ * 32 values of b bits fill exactly b words: 2-bit packs 16 per word, 4-bit 8, and 3-bit
+ * packs 32 values in 3 words with no waste.  A mask is a 1-bit stream of the same form.
+ */
+typedef struct tv_term {
+    uint64_t codes;  /* uint32 code stream (CODES) or the raw element array (RAW_*) */
+    uint64_t mask;   /* uint32 1-bit stream; 0 = no mask (every element kept) */
+    uint64_t params; /* float32 [scale, offset] per group (CODES only) */
+    uint64_t group;  /* elements per group: the tensor, one output channel, or G */
+    float weight;    /* mix weight of this term, rescaler included */
+    uint32_t kind;   /* TV_KIND_* */
+    uint32_t bits;   /* code width b, 1..8 (CODES only) */
+    uint32_t reserved;
+} tv_term;
+TV_STATIC_ASSERT(sizeof(tv_term) == 48, tv_term_is_48_bytes);
+
+/* One output tensor: out = base_coef * base + sum of its terms. */
+typedef struct tv_segment {
+    uint64_t base;        /* base tensor; 0 when base_coef == 0 (base not read) */
+    uint64_t out;         /* output tensor, may alias base */
+    uint64_t n;           /* elements, < 2^31 */
+    uint64_t first_block; /* launch table: index of this segment's first CUDA block */
+    float base_coef;      /* 1 for task vectors; 1 - sum of weights of absolute terms */
+    uint32_t base_dtype;  /* TV_F32 / TV_F16 / TV_BF16 */
+    uint32_t out_dtype;
+    uint32_t term_begin;  /* index of the first term in the term table */
+    uint32_t term_count;
+    uint32_t reserved;
+} tv_segment;
+TV_STATIC_ASSERT(sizeof(tv_segment) == 56, tv_segment_is_56_bytes);
+
+/* ---- bit streams ---- */
+
+/* Code i of a b-bit stream (b = 1..8). */
+TV_HD uint32_t tv_code(const uint32_t *words, uint32_t bits, uint32_t i)
+{
+    uint64_t bit = (uint64_t)i * bits;
+    uint64_t w = bit >> 5;
+    uint32_t s = (uint32_t)bit & 31u;
+    uint64_t window = (uint64_t)words[w] | ((uint64_t)words[w + 1] << 32);
+    return (uint32_t)(window >> s) & ((1u << bits) - 1u);
+}
+
+TV_HD uint32_t tv_mask_bit(const uint32_t *words, uint32_t i)
+{
+    return (words[i >> 5] >> (i & 31u)) & 1u;
+}
+
+/* Dequantise one code: the TVQ affine map of FORMAT.md. */
+TV_HD float tv_dequant(uint32_t q, float scale, float offset)
+{
+    float scaled = (float)q * scale;
+    return scaled + offset;
+}
+
+/* ---- 16-bit floats, round to nearest even, identical on host and device ---- */
+
+TV_HD float tv_bits_to_float(uint32_t u)
+{
+    union { uint32_t u; float f; } v;
+    v.u = u;
+    return v.f;
+}
+
+TV_HD uint32_t tv_float_to_bits(float f)
+{
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    return v.u;
+}
+
+TV_HD float tv_half_to_float(uint16_t h)
+{
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t exp = ((uint32_t)h >> 10) & 0x1fu;
+    uint32_t man = (uint32_t)h & 0x3ffu;
+    if (exp == 0x1fu) /* inf / nan */
+        return tv_bits_to_float(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        if (man == 0)
+            return tv_bits_to_float(sign);
+        /* subnormal: man * 2^-24, exact in binary32 */
+        float f = (float)man * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    }
+    return tv_bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+TV_HD uint16_t tv_float_to_half(float f)
+{
+    uint32_t x = tv_float_to_bits(f);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) /* inf or nan (nan stays quiet nan) */
+        return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+    if (ax >= 0x477ff000u) /* rounds to >= 65520: overflow to inf */
+        return (uint16_t)(sign | 0x7c00u);
+    if (ax < 0x38800000u) { /* below 2^-14: half subnormal or zero */
+        if (ax < 0x33000000u) /* below 2^-25: rounds to zero */
+            return (uint16_t)sign;
+        uint32_t e = ax >> 23;
+        uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126u - e; /* 14..24 */
+        uint32_t r = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1u);
+        uint32_t half = 1u << (shift - 1u);
+        if (rem > half || (rem == half && (r & 1u)))
+            r += 1u;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ax - 0x38000000u; /* rebias exponent 127 -> 15 */
+    uint32_t out = r >> 13;
+    uint32_t rem = r & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (out & 1u)))
+        out += 1u;
+    return (uint16_t)(sign | out);
+}
+
+TV_HD float tv_bf16_to_float(uint16_t b)
+{
+    return tv_bits_to_float((uint32_t)b << 16);
+}
+
+TV_HD uint16_t tv_float_to_bf16(float f)
+{
+    uint32_t x = tv_float_to_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) /* nan */
+        return (uint16_t)((x >> 16) | 0x40u);
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+/* ---- element access by dtype ---- */
+
+TV_HD float tv_load(uint64_t ptr, uint32_t dtype, uint32_t i)
+{
+    if (dtype == TV_F32)
+        return ((const float *)ptr)[i];
+    if (dtype == TV_F16)
+        return tv_half_to_float(((const uint16_t *)ptr)[i]);
+    return tv_bf16_to_float(((const uint16_t *)ptr)[i]);
+}
+
+TV_HD void tv_store(uint64_t ptr, uint32_t dtype, uint32_t i, float v)
+{
+    if (dtype == TV_F32)
+        ((float *)ptr)[i] = v;
+    else if (dtype == TV_F16)
+        ((uint16_t *)ptr)[i] = tv_float_to_half(v);
+    else
+        ((uint16_t *)ptr)[i] = tv_float_to_bf16(v);
+}
+
+/* Value of one term at element i, before its weight. */
+TV_HD float tv_term_value(const tv_term *t, uint32_t i)
+{
+    float v;
+    if (t->kind == TV_KIND_CODES) {
+        const float *p = (const float *)t->params + 2u * (uint32_t)(i / (uint32_t)t->group);
+        v = tv_dequant(tv_code((const uint32_t *)t->codes, t->bits, i), p[0], p[1]);
+    } else if (t->kind == TV_KIND_RAW_F32) {
+        v = ((const float *)t->codes)[i];
+    } else {
+        v = tv_half_to_float(((const uint16_t *)t->codes)[i]);
+    }
+    if (t->mask && !tv_mask_bit((const uint32_t *)t->mask, i))
+        v = 0.0f;
+    return v;
+}
+
+/* The first term of a segment's sum: the (scaled) base, or nothing. */
+TV_HD float tv_base_term(const tv_segment *s, uint32_t i)
+{
+    if (s->base_coef == 0.0f)
+        return 0.0f;
+    return s->base_coef * tv_load(s->base, s->base_dtype, i);
+}
+
+/* Element i of segment s, exactly as the arithmetic contract above says. */
+TV_HD float tv_rebuild_element(const tv_segment *s, const tv_term *terms, uint32_t i)
+{
+    float acc = tv_base_term(s, i);
+    for (uint32_t j = 0; j < s->term_count; ++j) {
+        const tv_term *t = &terms[s->term_begin + j];
+        acc = acc + t->weight * tv_term_value(t, i);
+    }
+    return acc;
+}
+
+#endif /* TVSWITCH_DECODE_H */

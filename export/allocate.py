@@ -1,0 +1,56 @@
+"""Per-tensor bit widths under an average bits-per-weight budget.
+
+Each tensor offers a few width options, each with a cost in bits and a measured error.
+The allocator starts every tensor at its cheapest option and then repeatedly takes the
+upgrade with the largest error reduction per extra bit that still fits the budget: the
+greedy solution of the Lagrangian relaxation, exact on the lower convex hull of each
+tensor's options.
+
+The error is sensitivity weighted.  We use the relative squared error of the tensor,
+||tau - tau_hat||^2 / ||theta_pre||^2, summed over tasks: for a linear map y = W x the
+relative output perturbation ||dW x|| / ||W x|| tracks ||dW||_F / ||W||_F, so every
+tensor's relative error counts once whatever its size.  Small tensors (norms, biases)
+then get wide codes cheaply and large ones (embeddings) give up bits first.  It needs no
+data; docs/FORMAT.md and the benchmark show it against uniform widths at equal budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+from tvswitch.errors import TvswitchError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a tensor: its cost in bits and its (weighted) error."""
+
+    cost: float
+    error: float
+    label: object = None
+
+
+def allocate(options: Sequence[Sequence[Option]], budget: float) -> List[int]:
+    """Index of the chosen option per tensor, total cost <= ``budget`` bits."""
+    choice = [min(range(len(opts)), key=lambda k: (opts[k].cost, opts[k].error)) for opts in options]
+    spent = sum(opts[c].cost for opts, c in zip(options, choice))
+    if spent > budget * (1 + 1e-12):
+        raise TvswitchError("--budget-bits is below the cheapest widths on offer (%.4g bits needed)"
+                            % spent)
+    while True:
+        best = None
+        for t, opts in enumerate(options):
+            cur = opts[choice[t]]
+            for k, opt in enumerate(opts):
+                extra = opt.cost - cur.cost
+                gain = cur.error - opt.error
+                if extra <= 0 or gain <= 0 or spent + extra > budget * (1 + 1e-12):
+                    continue
+                ratio = gain / extra
+                if best is None or ratio > best[0]:
+                    best = (ratio, t, k, extra)
+        if best is None:
+            return choice
+        _, t, k, extra = best
+        choice[t] = k
+        spent += extra

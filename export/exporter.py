@@ -1,0 +1,241 @@
+"""The offline exporter: checkpoints -> task vectors -> packed payloads -> one bundle file.
+
+``export_bundle`` is what ``tvswitch export`` runs.  Each scheme turns one tensor's task
+vectors into *entries* (per task: mode + terms, FORMAT.md) whose payloads go into a
+``PayloadStore``; the writer then adds CRCs and the manifest and renames the file into
+place.  ``add_task`` and ``remove_task`` rewrite a bundle carrying every other payload
+over byte for byte.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+from tvswitch.export import allocate as alloc
+from tvswitch.export.checkpoints import Checkpoint, Layout, classify, load_checkpoint, task_vectors
+from tvswitch.export.packing import pack_codes, pack_mask
+from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
+                                      sampled_error)
+from tvswitch.export.rtvq import quantize_residual
+from tvswitch.export.tswitch import binarize
+from tvswitch.export.writer import PayloadStore, write_bundle
+from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.checkpoint import fingerprint
+
+#: RTVQ (base bits, offset bits) pairs the budget allocator may choose per tensor.
+RTVQ_OPTIONS = ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (3, 3), (4, 3), (5, 3), (4, 4), (6, 4))
+#: Elements on which the allocator estimates each option's error (the steps use them all).
+ERROR_SAMPLE = 1 << 16
+
+
+@dataclass
+class Scheme:
+    """Everything that says how task vectors are stored; recorded in the manifest."""
+
+    name: str = "tvq"
+    bits: int = 4
+    granularity: str = "tensor"
+    base_bits: int = 3
+    offset_bits: int = 2
+    budget_bits: Optional[float] = None
+    keep: float = 0.3
+    raw_dtype: str = "float16"
+    task_specific: List[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.name not in ("fq", "tvq", "rtvq", "tswitch"):
+            raise TvswitchError("--scheme must be fq, tvq, rtvq or tswitch, got %r" % self.name)
+        parse_granularity(self.granularity)
+        for flag, b in (("--bits", self.bits), ("--base-bits", self.base_bits), ("--offset-bits", self.offset_bits)):
+            if not 1 <= b <= 8:
+                raise TvswitchError("%s must be 1..8, got %d" % (flag, b))
+        if self.raw_dtype not in fmt.ELEMENT_DTYPES:
+            raise TvswitchError("--raw-dtype must be float16 or float32, got %r" % self.raw_dtype)
+        if self.budget_bits is not None:
+            if self.name not in ("tvq", "rtvq"):
+                raise TvswitchError("--budget-bits applies to --scheme tvq or rtvq")
+            if not self.budget_bits > 0:
+                raise TvswitchError("--budget-bits must be positive, got %g" % self.budget_bits)
+        if self.name == "tswitch" and not 0 < self.keep <= 1:
+            raise TvswitchError("--keep must be in (0, 1], got %g" % self.keep)
+
+
+def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optional[Scheme] = None, *,
+                  include_base: Optional[str] = None, entropy: str = "none",
+                  query_sets: Optional[Mapping[str, np.ndarray]] = None, router: Optional[dict] = None,
+                  progress: bool = False, **scheme_fields: Any) -> Bundle:
+    """Export ``tasks`` (name -> checkpoint) against ``base`` into bundle ``out``.
+
+    Checkpoints are paths (safetensors or torch files), state_dicts or torch modules.
+    ``include_base`` ("float16"/"float32") embeds the base for a self-contained bundle;
+    ``entropy`` ("zlib"/"lzma") compresses payloads on flash (decoded once at load).
+    Returns the written bundle, opened and verified.
+    """
+    scheme = scheme or Scheme(**scheme_fields)
+    scheme.check()
+    if not tasks:
+        raise TvswitchError("give at least one task (--task NAME=PATH)")
+    for name in tasks:
+        if not fmt.task_name_ok(name):
+            raise TvswitchError("task name %r: use letters, digits and _ . + - only" % name)
+    if include_base not in (None, "float16", "float32"):
+        raise TvswitchError("--include-base must be float16 or float32, got %r" % include_base)
+    base_ck = load_checkpoint(base, "base")
+    cks = {name: load_checkpoint(src, name) for name, src in tasks.items()}
+    layout = classify(base_ck, cks, scheme.task_specific)
+    store = PayloadStore(entropy)
+    entries: Dict[str, Dict[str, dict]] = {t: {} for t in cks}
+    widths = _widths(scheme, base_ck, cks, layout, progress)
+    for name in _progress(layout.vectors, progress, "encode"):
+        taus, flat_base = task_vectors(base_ck, cks, name)
+        encoded = _encode(scheme, name, base_ck.tensors[name].shape, list(cks), taus, flat_base,
+                          widths.get(name), store)
+        for task, entry in zip(cks, encoded):
+            entries[task][name] = entry
+    for name in layout.as_is:
+        for task, ck in cks.items():
+            key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
+            entries[task][name] = {"mode": "absolute", "terms": [{"kind": "raw", "values": key}]}
+    task_specific = {}
+    for task, names in layout.task_only.items():
+        task_specific[task] = {n: store.add("%s/%s" % (task, n), cks[task].tensors[n].astype(scheme.raw_dtype))
+                               for n in names}
+    shared = layout.vectors + layout.as_is
+    manifest = {
+        "scheme": _scheme_record(scheme),
+        "base": {
+            "fingerprint": fingerprint(base_ck.tensors, shared + layout.fixed),
+            "other": layout.fixed,
+            "embedded": _embed_base(base_ck, shared, layout.fixed, include_base, store),
+        },
+        "tasks": list(cks),
+        "tensors": {n: {"shape": list(base_ck.tensors[n].shape), "dtype": base_ck.tensors[n].dtype.name}
+                    for n in base_ck.tensors if n in set(shared)},
+        "entries": entries,
+        "task_specific": task_specific,
+    }
+    _add_queries(manifest, store, query_sets, router, list(cks))
+    write_bundle(out, manifest, store)
+    return Bundle.open(out)
+
+
+def _scheme_record(scheme: Scheme) -> dict:
+    record = asdict(scheme)
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def _embed_base(base: Checkpoint, shared: List[str], fixed: List[str], dtype: Optional[str],
+                store: PayloadStore) -> Optional[Dict[str, str]]:
+    if dtype is None:
+        return None
+    # The embedded base is what the bundle's rebuilds read, so the bundle's tensors take
+    # its dtype; the fingerprint keeps describing the checkpoint the vectors came from.
+    out = {}
+    for n in shared:
+        out[n] = store.add("@base/" + n, base.tensors[n].astype(dtype), compress=False)
+    for n in fixed:
+        out[n] = store.add("@base/" + n, base.tensors[n], compress=False)
+    return out
+
+
+def _add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mapping[str, np.ndarray]],
+                 router: Optional[dict], tasks: List[str]) -> None:
+    if not query_sets:
+        return
+    unknown = sorted(set(query_sets) - set(tasks))
+    if unknown:
+        raise TvswitchError("query sets name unknown task %r" % unknown[0])
+    dims = {np.asarray(q).shape[1] if np.asarray(q).ndim == 2 else -1 for q in query_sets.values()}
+    if len(dims) != 1 or -1 in dims:
+        raise TvswitchError("query sets must be 2-D (exemplars x features) with one feature size")
+    manifest["queries"] = {t: store.add("@query/" + t, np.asarray(q, dtype=np.float16)) for t, q in query_sets.items()}
+    if router:
+        manifest["router"] = dict(router)
+
+
+# ---- per-scheme encoding of one tensor --------------------------------------------------
+
+def _codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np.ndarray] = None) -> dict:
+    term = {"kind": "codes", "bits": q.bits, "group": q.group,
+            "codes": store.add(prefix + "/codes", pack_codes(q.codes, q.bits)),
+            "params": store.add(prefix + "/params", q.params, compress=False)}
+    if mask is not None:
+        term["mask"] = store.add(prefix + "/mask", pack_mask(mask))
+    return term
+
+
+def _encode(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.ndarray, flat_base: np.ndarray,
+            width: Optional[tuple], store: PayloadStore) -> List[dict]:
+    """Entries (one per task, in task order) for tensor ``name``."""
+    group = group_size(shape, scheme.granularity)
+    if scheme.name == "tvq":
+        bits = width[0] if width else scheme.bits
+        return [{"mode": "delta", "terms": [_codes_term(store, "%s/%s" % (t, name), quantize(tau, bits, group))]}
+                for t, tau in zip(tasks, taus)]
+    if scheme.name == "fq":
+        return [{"mode": "absolute",
+                 "terms": [_codes_term(store, "%s/%s" % (t, name), quantize(tau + flat_base, scheme.bits, group))]}
+                for t, tau in zip(tasks, taus)]
+    if scheme.name == "rtvq":
+        base_bits, offset_bits = width if width else (scheme.base_bits, scheme.offset_bits)
+        res = quantize_residual(taus, base_bits, offset_bits, group)
+        shared = _codes_term(store, "@shared/%s" % name, res.base)
+        return [{"mode": "delta", "terms": [shared, _codes_term(store, "%s/%s" % (t, name), off)]}
+                for t, off in zip(tasks, res.offsets)]
+    # tswitch: the sign as a masked 1-bit code, (scale, offset) = (2*lambda, -lambda)
+    out = []
+    for t, tau in zip(tasks, taus):
+        sw = binarize(tau, scheme.keep)
+        lam = np.float32(sw.scale)
+        q = Quantized(codes=sw.positive.astype(np.uint8), params=np.array([2 * lam, -lam], dtype=np.float32),
+                      group=max(tau.size, 1), bits=1)
+        out.append({"mode": "delta", "terms": [_codes_term(store, "%s/%s" % (t, name), q, mask=sw.mask)]})
+    return out
+
+
+# ---- bit allocation under a budget ------------------------------------------------------
+
+def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], layout: Layout,
+            progress: bool) -> Dict[str, tuple]:
+    """Per-tensor widths chosen under ``--budget-bits`` (empty: the scheme's uniform widths)."""
+    if scheme.budget_bits is None or not layout.vectors:
+        return {}
+    T = len(cks)
+    options: List[List[alloc.Option]] = []
+    total = 0
+    rng = np.random.default_rng(0)
+    for name in _progress(layout.vectors, progress, "allocate"):
+        taus, flat_base = task_vectors(base, cks, name)
+        n = taus.shape[1]
+        total += n
+        group = group_size(base.tensors[name].shape, scheme.granularity)
+        idx = np.sort(rng.choice(n, ERROR_SAMPLE, replace=False)) if n > ERROR_SAMPLE else None
+        ft_norm = float(np.mean([np.sum((tau + flat_base).astype(np.float64) ** 2) for tau in taus]))
+        weight = 1.0 / max(ft_norm, 1e-30)
+        opts = []
+        if scheme.name == "tvq":
+            for b in range(1, 9):
+                err = sum(sampled_error(tau, b, group, idx) for tau in taus)
+                opts.append(alloc.Option(cost=n * b, error=weight * err, label=(b,)))
+        else:
+            mean = taus.mean(axis=0, dtype=np.float64).astype(np.float32)
+            refs = {bb: dequantize(quantize(mean, bb, group)) for bb in sorted({o[0] for o in RTVQ_OPTIONS})}
+            for bb, bo in RTVQ_OPTIONS:
+                ref = refs[bb]
+                err = sum(sampled_error(tau - ref, bo, group, idx) for tau in taus)
+                opts.append(alloc.Option(cost=n * (bb / T + bo), error=weight * err, label=(bb, bo)))
+        options.append(opts)
+    choice = alloc.allocate(options, scheme.budget_bits * total)
+    return {name: opts[c].label for name, opts, c in zip(layout.vectors, options, choice)}
+
+
+def _progress(items: Sequence[str], enabled: bool, what: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="tensor", leave=False)

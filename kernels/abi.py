@@ -1,0 +1,62 @@
+"""The structs of decode.h as numpy dtypes, and the constants both sides agree on.
+
+Python fills the term and segment tables as structured arrays and hands their address
+to the CPU library or copies them to the GPU; the field offsets here must equal the C
+ones, which the library reports and ``check_layout`` compares at load.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KIND_CODES = 0
+KIND_RAW_F32 = 1
+KIND_RAW_F16 = 2
+
+F32 = 0
+F16 = 1
+BF16 = 2
+
+BLOCK_THREADS = 256
+ELEMS_PER_THREAD = 4
+BLOCK_ELEMS = BLOCK_THREADS * ELEMS_PER_THREAD
+
+#: Largest tensor a segment may hold: decode.h indexes elements with 32-bit integers.
+MAX_ELEMENTS = 2**31 - 1
+
+TERM_DTYPE = np.dtype(
+    {
+        "names": ["codes", "mask", "params", "group", "weight", "kind", "bits", "reserved"],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<f4", "<u4", "<u4", "<u4"],
+        "offsets": [0, 8, 16, 24, 32, 36, 40, 44],
+        "itemsize": 48,
+    }
+)
+
+SEGMENT_DTYPE = np.dtype(
+    {
+        "names": [
+            "base", "out", "n", "first_block", "base_coef",
+            "base_dtype", "out_dtype", "term_begin", "term_count", "reserved",
+        ],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<f4", "<u4", "<u4", "<u4", "<u4", "<u4"],
+        "offsets": [0, 8, 16, 24, 32, 36, 40, 44, 48, 52],
+        "itemsize": 56,
+    }
+)
+
+_DTYPE_CODES = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
+
+
+def dtype_code(dtype: np.dtype) -> int:
+    """decode.h's code for a numpy element dtype (bfloat16 buffers are viewed as uint16)."""
+    dtype = np.dtype(dtype)
+    if dtype in _DTYPE_CODES:
+        return _DTYPE_CODES[dtype]
+    if dtype.name == "bfloat16":
+        return BF16
+    raise ValueError("decode.h has no element type for %s" % dtype)
+
+
+def code_words(n: int, bits: int) -> int:
+    """uint32 words of a b-bit stream of n values, the trailing zero word included."""
+    return (n * bits + 31) // 32 + 1

@@ -1,0 +1,91 @@
+"""numpy transcription of decode.h: the executable spec the compiled builds are held to.
+
+It performs the arithmetic contract of decode.h with the same float32 operations in the
+same order, so the CPU library and the CUDA kernels must match it bit for bit.  It is
+also the rebuild of last resort where the CPU library could not be built.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from tvswitch.kernels import abi
+
+
+def unpack_codes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Codes 0..n-1 of a b-bit stream, as uint32 (FORMAT.md, "Code streams")."""
+    if words.dtype != np.uint32 or words.size < abi.code_words(n, bits):
+        raise ValueError("a %d-bit stream of %d values needs %d uint32 words, got %d %s"
+                         % (bits, n, abi.code_words(n, bits), words.size, words.dtype))
+    bit = np.arange(n, dtype=np.uint64) * np.uint64(bits)
+    w = (bit >> np.uint64(5)).astype(np.intp)
+    s = bit & np.uint64(31)
+    window = words[w].astype(np.uint64) | (words[w + 1].astype(np.uint64) << np.uint64(32))
+    return ((window >> s) & np.uint64((1 << bits) - 1)).astype(np.uint32)
+
+
+def unpack_mask(words: np.ndarray, n: int) -> np.ndarray:
+    """Bits 0..n-1 of a 1-bit stream, as bool."""
+    return unpack_codes(words, 1, n).astype(bool)
+
+
+def dequantize(codes: np.ndarray, params: np.ndarray, group: int) -> np.ndarray:
+    """(float)q * scale + offset per group, in float32 as decode.h computes it."""
+    g = np.arange(codes.size) // group
+    scale = params[0::2][g]
+    offset = params[1::2][g]
+    scaled = codes.astype(np.float32) * scale
+    return scaled + offset
+
+
+def term_value(term: np.void, n: int, arrays: dict) -> np.ndarray:
+    """Value of one term for elements 0..n-1; ``arrays`` maps addresses to the arrays."""
+    kind = int(term["kind"])
+    if kind == abi.KIND_CODES:
+        codes = unpack_codes(arrays[int(term["codes"])], int(term["bits"]), n)
+        v = dequantize(codes, arrays[int(term["params"])], int(term["group"]))
+    elif kind == abi.KIND_RAW_F32:
+        v = arrays[int(term["codes"])].reshape(-1)[:n].astype(np.float32)
+    elif kind == abi.KIND_RAW_F16:
+        v = arrays[int(term["codes"])].reshape(-1)[:n].astype(np.float32)
+    else:
+        raise ValueError("unknown term kind %d" % kind)
+    if int(term["mask"]):
+        v = np.where(unpack_mask(arrays[int(term["mask"])], n), v, np.float32(0))
+    return v
+
+
+def rebuild_reference(segments: np.ndarray, terms: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+    """Run the tables like ``tv_rebuild_cpu``, with the arrays they point into given."""
+    by_address = {a.__array_interface__["data"][0]: a for a in arrays}
+    for seg in segments:
+        n = int(seg["n"])
+        coef = np.float32(seg["base_coef"])
+        if coef == 0:
+            acc = np.zeros(n, dtype=np.float32)
+        else:
+            acc = coef * _as_float32(by_address[int(seg["base"])], int(seg["base_dtype"]), n)
+        for j in range(int(seg["term_begin"]), int(seg["term_begin"]) + int(seg["term_count"])):
+            t = terms[j]
+            acc = acc + np.float32(t["weight"]) * term_value(t, n, by_address)
+        out = by_address[int(seg["out"])].reshape(-1)
+        out[:n] = _from_float32(acc, int(seg["out_dtype"]))
+
+
+def _as_float32(a: np.ndarray, code: int, n: int) -> np.ndarray:
+    flat = a.reshape(-1)[:n]
+    if code == abi.BF16:
+        return (flat.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return flat.astype(np.float32)
+
+
+def _from_float32(acc: np.ndarray, code: int) -> np.ndarray:
+    if code == abi.F32:
+        return acc
+    if code == abi.F16:
+        return acc.astype(np.float16)
+    bits = acc.view(np.uint32).astype(np.uint64)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded)

@@ -1,0 +1,81 @@
+"""Weights on the device side: safetensors files as numpy arrays, and the base fingerprint.
+
+The device reads checkpoints without torch.  The fingerprint ties a bundle to the exact
+base weights the task vectors were taken against: a bundle applied to any other base
+would rebuild plausible-looking garbage, so the reader refuses it instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Dict, Iterable, Mapping, Optional
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy arrays (no torch, no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not os.path.isfile(path):
+        raise TvswitchError("%s: no such file" % path)
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        raise TvswitchError("%s: not a readable safetensors file (%s)" % (path, exc)) from None
+
+
+def fingerprint(tensors: Mapping[str, np.ndarray], names: Iterable[str]) -> str:
+    """sha256 over the named tensors' names, dtypes, shapes and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(("%s|%s|%s\n" % (name, a.dtype.str, list(a.shape))).encode())
+        h.update(a.reshape(-1).view(np.uint8).data)
+    return "sha256:" + h.hexdigest()
+
+
+def is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating)
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file atomically: temp file in the same folder, fsync, rename.
+
+    A crash or a full disk leaves the previous file (or none), never a half-written one.
+    """
+    from safetensors.numpy import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise TvswitchError("%s: folder %s does not exist" % (path, folder))
+    fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        _fsync(tmp, strict=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync(folder, strict=False)  # some filesystems cannot fsync a folder; the rename stands
+
+
+def _fsync(path: str, strict: bool) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if strict:
+            raise

@@ -1,0 +1,105 @@
+"""The CPU rebuild: base + sum_i w_i * deq(tau_i) written into buffers the caller owns.
+
+Payloads stay resident in the bundle; the base stays in the caller's arrays; the output
+goes into preallocated arrays (an engine's weight buffers) that are reused switch after
+switch.  The work is one call into the compiled library (kernels/cpu_rebuild.c), fused
+per tile with no full-size temporary.  Where that library was not built, the numpy
+transcription of decode.h does the same arithmetic, much more slowly.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+from tvswitch.kernels import abi, cpu, reference
+from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.mix import check_mix
+from tvswitch.runtime.plan import Plan, build_plan, bytes_moved, mix_key
+
+_ELEMENT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def resolve_base(bundle: Bundle, base: Optional[Mapping[str, np.ndarray]], verify: bool = True,
+                 label: str = "the base") -> Dict[str, np.ndarray]:
+    """The base arrays a rebuild reads: the caller's (fingerprint checked) or the embedded copy."""
+    if base is None:
+        embedded = bundle.embedded_base()
+        if embedded is None:
+            raise TvswitchError("%s holds no base weights: give the base checkpoint (--base)" % bundle.path)
+        return embedded
+    if verify:
+        bundle.check_base(base, label)
+    return {name: base[name] for name in bundle.shared_specs}
+
+
+class CpuRebuilder:
+    """Rebuilds tasks and mixes of one bundle on the CPU into caller-owned buffers."""
+
+    def __init__(self, bundle: Bundle, base: Optional[Mapping[str, np.ndarray]] = None,
+                 threads: int = 0, verify_base: bool = True):
+        self.bundle = bundle
+        self.threads = int(threads)
+        self._base = {name: np.ascontiguousarray(a) for name, a in
+                      resolve_base(bundle, base, verify_base).items()}
+        self._plans: Dict[tuple, Plan] = {}
+        self._compiled = cpu.available()
+        if not self._compiled:
+            warnings.warn("tvswitch: %s; rebuilding with the slow numpy reference" % cpu.unavailable_reason())
+
+    @property
+    def base(self) -> Dict[str, np.ndarray]:
+        return self._base
+
+    def allocate(self, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """Output buffers for every tensor a rebuild writes (the base's dtype by default)."""
+        return {name: np.empty(spec.shape, dtype=dtype or spec.dtype)
+                for name, spec in self.bundle.shared_specs.items()}
+
+    def plan(self, mix: Mapping[str, float]) -> Plan:
+        """The (cached) tables of a mix; checks the mix first."""
+        mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
+        key = mix_key(mix)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build_plan(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data)
+            plan.segments["base"] = [self._base[n].ctypes.data for n in plan.names]
+            plan.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in plan.names]
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray]) -> None:
+        """Write the weights of ``mix`` into ``out``; a bad mix or buffer raises before any write."""
+        plan = self.plan(mix)
+        self._check_out(out)
+        segments = plan.segments.copy()
+        segments["out"] = [out[n].ctypes.data for n in plan.names]
+        segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in plan.names]
+        if self._compiled:
+            cpu.rebuild(segments, plan.terms, self.threads)
+        else:
+            arrays = [self.bundle.payload(k) for k in plan.keys]
+            arrays += list(self._base.values()) + [out[n] for n in plan.names]
+            reference.rebuild_reference(segments, plan.terms, arrays)
+
+    def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
+        """Bytes one rebuild of ``mix`` reads and writes (the floor of DESIGN.md section 9)."""
+        plan = self.plan(mix)
+        base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
+        out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
+        return bytes_moved(plan, self.bundle, base_size, out_size)
+
+    def _check_out(self, out: Mapping[str, np.ndarray]) -> None:
+        for name, spec in self.bundle.shared_specs.items():
+            a = out.get(name)
+            if a is None:
+                raise TvswitchError("output buffers lack tensor %r" % name)
+            if tuple(a.shape) != spec.shape or a.dtype not in _ELEMENT_DTYPES:
+                raise TvswitchError("output buffer %r is %s%s, need float32/float16 of shape %s"
+                                    % (name, a.dtype, list(a.shape), list(spec.shape)))
+            if not (a.flags.c_contiguous and a.flags.writeable):
+                raise TvswitchError("output buffer %r must be C-contiguous and writable" % name)
