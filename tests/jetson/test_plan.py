@@ -1,0 +1,69 @@
+"""The plan's arithmetic against hand-computed figures (DESIGN.md s. 9)."""
+import pytest
+
+from tvswitch.errors import TvswitchError
+from tvswitch.jetson import plan
+from tvswitch.jetson.devices import GIB, lookup
+
+P = 22_700_000
+
+
+def facts(**kw):
+    return plan.facts_from_numbers(P, 4, 8, 2.375, **kw)
+
+
+def test_switch_floor_matches_design_formula():
+    p = plan.make_plan(facts(), lookup("nano-4gb"))
+    packed = P * 2.375 * 8 / 8
+    assert p.facts.bits_per_weight_per_task == pytest.approx(2.375, rel=1e-6)
+    assert p.switch_mix_bytes == pytest.approx(P * (2 * 4 + 8 * 2.375 / 8), rel=1e-6)
+    assert p.switch_one_bytes == pytest.approx(2 * 4 * P + packed / 8, rel=1e-6)
+    assert p.switch_mix_ms == pytest.approx(P * (8 + 2.375) / 25.6e9 * 1e3, rel=1e-6)
+    faster = plan.make_plan(facts(), lookup("orin-nano-8gb"))
+    assert faster.switch_one_ms == pytest.approx(p.switch_one_ms * 25.6 / 68.0)
+
+
+def test_vit_b32_example_of_design_doc():
+    # 88 M fp16 weights, 3 bits: about 385 MB, ~1.9 ms on AGX Orin
+    f = plan.facts_from_numbers(88_000_000, 2, 1, 3.0)
+    p = plan.make_plan(f, lookup("agx-orin-64gb"))
+    assert p.switch_one_bytes / 1e6 == pytest.approx(385, rel=0.01)
+    assert p.switch_one_ms == pytest.approx(1.88, abs=0.02)
+
+
+def test_memory_budget_engine_and_reserve():
+    nano = lookup("nano-4gb")
+    p = plan.make_plan(facts(), nano)
+    assert p.budget_bytes == 3 * GIB and p.fits
+    base = P * 4
+    trt = plan.make_plan(facts(), nano, engine="tensorrt", workspace_bytes=0)
+    ort = plan.make_plan(facts(), nano, engine="onnxruntime", workspace_bytes=0)
+    assert trt.total_bytes - ort.total_bytes == base
+    assert ort.total_bytes == 2 * base + p.facts.packed_nbytes
+    tight = plan.make_plan(facts(), nano, reserve_bytes=4 * GIB - 100)
+    assert not tight.fits and tight.headroom_bytes < 0
+    measured = plan.make_plan(facts(), nano, available_bytes=10)
+    assert measured.budget_source == "MemAvailable now" and not measured.fits
+
+
+def test_flash_against_fp16_checkpoints():
+    p = plan.make_plan(facts(), lookup("orin-nano-8gb"))
+    assert p.fp16_checkpoints_bytes == 8 * P * 2
+    assert p.flash_bytes == p.facts.packed_nbytes + P * 4
+    inside = plan.BundleFacts(8, "rtvq", P, P * 4, 100, 100 + P * 4, base_in_bundle=True)
+    assert plan.make_plan(inside, lookup("orin-nano-8gb")).flash_bytes == 100 + P * 4
+
+
+def test_bad_inputs_are_user_errors():
+    with pytest.raises(TvswitchError):
+        plan.make_plan(facts(), lookup("nano-4gb"), engine="tflite")
+    with pytest.raises(TvswitchError):
+        plan.BundleFacts(0, "x", 1, 1, 1, 1)
+
+
+def test_json_and_text_carry_the_same_figures():
+    p = plan.make_plan(facts(), lookup("nano-4gb"))
+    d = p.to_dict()
+    assert d["fits"] is True and d["switch_floor"]["one_task_ms"] == p.switch_one_ms
+    text = plan.format_text(p, "x")
+    assert "%.2f ms" % p.switch_one_ms in text and "assumed" in text
