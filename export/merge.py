@@ -153,3 +153,22 @@ def average(task_vectors: TaskVectors) -> TaskVector:
     """Mean task vector (task arithmetic with lambda = 1/T): the weight average of the
     fine-tuned models, which T-Switch's Auto-Switch uses as its router network."""
     return task_arithmetic(task_vectors, 1.0 / len(task_vectors))
+
+
+def task_vectors_from_bundle(bundle, base: "Mapping[str, np.ndarray] | None" = None,
+                             threads: int = 0) -> Dict[str, TaskVector]:
+    """Each task's decoded task vector, rebuild({t: 1}) - base, as float32.
+
+    Merging methods then see exactly what the device would add for that task, whatever
+    the storage scheme (for FQ this includes the error of quantizing the weights).
+    ``base`` may be None when the bundle embeds it.
+    """
+    from tvswitch.runtime.rebuild import CpuRebuilder
+
+    rebuilder = CpuRebuilder(bundle, base, threads=threads)
+    out = rebuilder.allocate("float32")
+    taus: Dict[str, TaskVector] = {}
+    for task in bundle.tasks:
+        rebuilder.rebuild({task: 1.0}, out)
+        taus[task] = {n: out[n] - rebuilder.base[n].astype(np.float32) for n in out}
+    return taus

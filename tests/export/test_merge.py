@@ -99,3 +99,50 @@ def test_emr_task_delta_keeps_the_l1_mass_of_each_task():
 def test_average_is_the_mean_task_vector():
     tvs = {"a": tv(w=[2.0, 0.0]), "b": tv(w=[0.0, 4.0])}
     np.testing.assert_allclose(merge.average(tvs)["w"], [1.0, 2.0])
+
+
+def _example_bundle(tmp_path, bits: int = 8):
+    from safetensors.numpy import load_file
+
+    from tvswitch.export.example import make_example
+    from tvswitch.export.exporter import export_bundle
+
+    paths = make_example(str(tmp_path))
+    base_path = [p for p in paths if p.endswith("base.safetensors")][0]
+    tasks = {p.split("/")[-1][: -len(".safetensors")]: p for p in paths if p != base_path}
+    bundle = export_bundle(base_path, tasks, str(tmp_path / "b.tvs"), scheme=None, bits=bits)
+    return bundle, load_file(base_path), {t: load_file(p) for t, p in tasks.items()}
+
+
+def test_task_vectors_from_bundle_match_the_checkpoints(tmp_path):
+    bundle, base, fts = _example_bundle(tmp_path, bits=8)
+    taus = merge.task_vectors_from_bundle(bundle, base)
+    assert list(taus) == list(bundle.tasks)
+    for t, tv_ in taus.items():
+        for n, d in tv_.items():
+            true = fts[t][n].astype(np.float32) - base[n].astype(np.float32)
+            step = (true.max() - true.min()) / 255 if true.size else 0
+            # 8-bit codes: half a step; tensors stored as-is (BatchNorm statistics): fp16 rounding.
+            fp16 = np.abs(fts[t][n]).max() * 2.0 ** -11
+            assert np.abs(d - true).max() <= max(step * 0.5, fp16) + 1e-6, (t, n)
+
+
+def test_cli_merge_writes_task_arithmetic_and_emr(tmp_path):
+    from safetensors.numpy import load_file
+
+    from tvswitch.cli import main
+
+    bundle, base, fts = _example_bundle(tmp_path, bits=8)
+    base_path = str(tmp_path / "base.safetensors")
+    out = str(tmp_path / "ta.safetensors")
+    assert main(["merge", bundle.path, "--method", "ta", "--lambda", "0.5", "--base", base_path, "-o", out]) == 0
+    merged = load_file(out)
+    taus = merge.task_vectors_from_bundle(bundle, base)
+    want = merge.apply_delta(base, merge.task_arithmetic(taus, 0.5))
+    for n in taus[bundle.tasks[0]]:
+        np.testing.assert_allclose(merged[n], want[n], rtol=1e-5, atol=1e-6)
+    assert main(["merge", bundle.path, "--method", "emr", "--base", base_path, "-o", out]) == 2
+    task = bundle.tasks[1]
+    assert main(["merge", bundle.path, "--method", "emr", "--task", task, "--base", base_path, "-o", out]) == 0
+    emr_w = load_file(out)
+    assert set(bundle.task_specific(task)) <= set(emr_w)
