@@ -106,7 +106,7 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
                                for n in names}
     shared = layout.vectors + layout.as_is
     manifest = {
-        "scheme": _scheme_record(scheme),
+        "scheme": dict(_scheme_record(scheme), entropy=entropy),
         "base": {
             "fingerprint": fingerprint(base_ck.tensors, shared + layout.fixed),
             "other": layout.fixed,

@@ -68,7 +68,9 @@ def step_and_zero(x: np.ndarray, bits: int, group: int) -> Tuple[np.ndarray, np.
     lo = g.min(axis=1)
     hi = g.max(axis=1)
     delta = (hi - lo) / ((1 << bits) - 1)
-    delta[delta == 0] = 1.0  # a constant group: every value is lo, coded exactly
+    # A constant group: a step of |lo| codes lo exactly (code 0, zero point -+1).
+    const = delta == 0
+    delta[const] = np.where(lo[const] != 0, np.abs(lo[const]), 1.0)
     delta32 = delta.astype(np.float32)
     low = delta32.astype(np.float64) < delta
     delta32[low] = np.nextafter(delta32[low], np.float32(np.inf))

@@ -70,21 +70,25 @@ def rebuild_reference(segments: np.ndarray, terms: np.ndarray, arrays: Sequence[
             t = terms[j]
             acc = acc + np.float32(t["weight"]) * term_value(t, n, by_address)
         out = by_address[int(seg["out"])].reshape(-1)
-        out[:n] = _from_float32(acc, int(seg["out_dtype"]))
+        code = int(seg["out_dtype"])
+        if code == abi.F32:
+            out.view(np.float32)[:n] = acc
+        else:  # 16-bit outputs are written as bits, whatever numpy type the buffer has
+            out.view(np.uint16)[:n] = _to_16bit(acc, code)
 
 
 def _as_float32(a: np.ndarray, code: int, n: int) -> np.ndarray:
     flat = a.reshape(-1)[:n]
     if code == abi.BF16:
         return (flat.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return flat.astype(np.float32)
-
-
-def _from_float32(acc: np.ndarray, code: int) -> np.ndarray:
-    if code == abi.F32:
-        return acc
     if code == abi.F16:
-        return acc.astype(np.float16)
+        return flat.view(np.float16).astype(np.float32)
+    return flat.view(np.float32)
+
+
+def _to_16bit(acc: np.ndarray, code: int) -> np.ndarray:
+    if code == abi.F16:
+        return acc.astype(np.float16).view(np.uint16)
     bits = acc.view(np.uint32).astype(np.uint64)
     nan = (bits & 0x7FFFFFFF) > 0x7F800000
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)

@@ -1,0 +1,119 @@
+"""Adding a task to a bundle, or removing one, rewriting only what must change.
+
+Every payload of the other tasks is carried over byte for byte (compressed or not).  For
+RTVQ the shared base vector is the mean of the tasks it was exported with; a task added
+later keeps that base and quantises its offset against the same error-corrected
+reference, and removing a task leaves the base alone.  Re-export from the checkpoints to
+re-centre the base on a new set of tasks.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+from tvswitch.export.checkpoints import classify, load_checkpoint, task_vectors
+from tvswitch.export.exporter import Scheme, _codes_term, _encode
+from tvswitch.export.quantize import quantize
+from tvswitch.export.writer import PayloadStore, write_bundle
+from tvswitch.kernels.reference import dequantize, unpack_codes
+from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle import Bundle
+
+
+def _stored_payloads(path: str) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def _carry(bundle: Bundle, keep) -> PayloadStore:
+    store = PayloadStore(bundle.manifest["scheme"].get("entropy", "none"))
+    for key, stored in _stored_payloads(bundle.path).items():
+        if keep(key):
+            store.copy_from(key, stored, bundle.manifest["payloads"][key])
+    return store
+
+
+def remove_task(path: str, task: str, out: Optional[str] = None) -> Bundle:
+    """Drop ``task`` and the payloads only it uses; write to ``out`` (default: in place)."""
+    bundle = Bundle.open(path)
+    bundle.entries(task)  # names the task's absence clearly
+    if len(bundle.tasks) == 1:
+        raise TvswitchError("%s: cannot remove %r, the bundle's only task" % (path, task))
+    m = dict(bundle.manifest)
+    m["tasks"] = [t for t in bundle.tasks if t != task]
+    m["entries"] = {t: e for t, e in m["entries"].items() if t != task}
+    m["task_specific"] = {t: e for t, e in m["task_specific"].items() if t != task}
+    if m.get("queries"):
+        m["queries"] = {t: k for t, k in m["queries"].items() if t != task}
+    used = _referenced(m)
+    store = _carry(bundle, lambda key: key in used)
+    write_bundle(out or path, m, store)
+    return Bundle.open(out or path)
+
+
+def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[str] = None) -> Bundle:
+    """Add ``task`` (a checkpoint) to the bundle at ``path``, encoded as its tasks are."""
+    bundle = Bundle.open(path)
+    if task in bundle.tasks:
+        raise TvswitchError("%s already has a task %r" % (path, task))
+    if not fmt.task_name_ok(task):
+        raise TvswitchError("task name %r: use letters, digits and _ . + - only" % task)
+    if base is None:
+        base = bundle.embedded_base()
+        if base is None:
+            raise TvswitchError("%s holds no base weights: give the base checkpoint (--base)" % path)
+    base_ck = load_checkpoint(base, "base")
+    bundle.check_base(base_ck.tensors, base_ck.label)
+    record = dict(bundle.manifest["scheme"])
+    scheme = Scheme(**{k: v for k, v in record.items() if k in Scheme.__dataclass_fields__})
+    ck = load_checkpoint(source, task)
+    layout = classify(base_ck, {task: ck}, scheme.task_specific)
+    store = _carry(bundle, lambda key: True)
+    first = bundle.tasks[0]
+    entries: Dict[str, dict] = {}
+    for name in layout.vectors:
+        if name not in bundle.shared_specs:
+            raise TvswitchError("tensor %r of %s is not in bundle %s" % (name, ck.label, path))
+        taus, flat_base = task_vectors(base_ck, {task: ck}, name)
+        old = bundle.manifest["entries"][first].get(name)
+        if scheme.name == "rtvq":
+            entries[name] = _rtvq_entry(bundle, old, task, name, taus[0], store)
+        else:
+            width = (old["terms"][0]["bits"],) if scheme.name == "tvq" and old else None
+            entries[name] = _encode(scheme, name, base_ck.tensors[name].shape, [task], taus, flat_base,
+                                    width, store)[0]
+    for name in layout.as_is:
+        key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
+        entries[name] = {"mode": "absolute", "terms": [{"kind": "raw", "values": key}]}
+    m = dict(bundle.manifest)
+    m["tasks"] = bundle.tasks + [task]
+    m["entries"] = dict(m["entries"], **{task: entries})
+    m["task_specific"] = dict(m["task_specific"], **{task: {
+        n: store.add("%s/%s" % (task, n), ck.tensors[n].astype(scheme.raw_dtype)) for n in layout.task_only[task]}})
+    write_bundle(out or path, m, store)
+    return Bundle.open(out or path)
+
+
+def _rtvq_entry(bundle: Bundle, old: dict, task: str, name: str, tau: np.ndarray, store: PayloadStore) -> dict:
+    shared, offset = old["terms"]
+    n = tau.size
+    ref = dequantize(unpack_codes(bundle.payload(shared["codes"]), shared["bits"], n),
+                     bundle.payload(shared["params"]), shared["group"])
+    q = quantize(tau - ref, offset["bits"], offset["group"])
+    return {"mode": "delta", "terms": [shared, _codes_term(store, "%s/%s" % (task, name), q)]}
+
+
+def _referenced(m: dict) -> set:
+    keys = set()
+    for per in m["entries"].values():
+        for entry in per.values():
+            for t in entry["terms"]:
+                keys.update(k for k in (t.get("codes"), t.get("params"), t.get("values"), t.get("mask")) if k)
+    for per in m["task_specific"].values():
+        keys.update(per.values())
+    keys.update((m["base"].get("embedded") or {}).values())
+    keys.update((m.get("queries") or {}).values())
+    return keys

@@ -1,0 +1,48 @@
+"""Shared fixtures: small random checkpoints shaped like a network, and bundle factories."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def make_checkpoints(seed: int = 0, tasks=("a", "b", "c"), with_head: bool = True):
+    """A base state_dict and per-task fine-tuned ones (numpy), with odd sizes on purpose."""
+    rng = np.random.default_rng(seed)
+    base = {
+        "enc.weight": rng.normal(0, 0.05, (37, 29)).astype(np.float32),
+        "enc.bias": rng.normal(0, 0.01, 37).astype(np.float32),
+        "mlp.weight": rng.normal(0, 0.05, (53, 37)).astype(np.float32),
+        "norm.weight": np.ones(53, np.float32),
+        "half.weight": rng.normal(0, 0.05, (7, 13)).astype(np.float16),
+        "bn.running_mean": rng.normal(0, 0.1, 11).astype(np.float32),
+        "bn.num_batches_tracked": np.array(5, dtype=np.int64),
+    }
+    fts = {}
+    for i, t in enumerate(tasks):
+        ft = {}
+        for k, v in base.items():
+            if np.issubdtype(v.dtype, np.floating):
+                ft[k] = (v + rng.normal(0, 0.003 * (i + 1), v.shape)).astype(v.dtype)
+            else:
+                ft[k] = v.copy()
+        if with_head:
+            ft["head.weight"] = rng.normal(0, 0.1, (3 + i, 53)).astype(np.float32)
+        fts[t] = ft
+    return base, fts
+
+
+@pytest.fixture
+def checkpoints():
+    return make_checkpoints()
+
+
+@pytest.fixture
+def bundle_factory(tmp_path, checkpoints):
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+
+    def make(name="tvq", filename="b.tvs", **kw):
+        return export_bundle(base, fts, str(tmp_path / filename), name=name, **kw)
+
+    return make

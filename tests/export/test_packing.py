@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tvswitch.export.packing import pack_codes, pack_mask
+from tvswitch.kernels import abi, cpu
+from tvswitch.kernels.reference import unpack_codes, unpack_mask
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
+def test_every_width_and_size_round_trips(bits, n, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, n, dtype=np.uint32)
+    words = pack_codes(codes, bits)
+    assert words.dtype == np.uint32
+    assert words.size == abi.code_words(n, bits)  # real packing: ceil(n*b/32) words + 1
+    assert words[-1] == 0
+    assert np.array_equal(unpack_codes(words, bits, n), codes)
+
+
+def test_layout_is_the_documented_one():
+    # 2-bit: value i of a word at bits [2i, 2i+2)
+    words = pack_codes(np.array([1, 2, 3, 0, 1]), 2)
+    assert words[0] == (1 | 2 << 2 | 3 << 4 | 0 << 6 | 1 << 8)
+    # 3-bit: 32 values fill exactly 3 words; value 10 straddles words 0 and 1
+    codes = np.zeros(32, dtype=np.uint8)
+    codes[10] = 0b111
+    words = pack_codes(codes, 3)
+    assert words.size == 3 + 1
+    assert words[0] == (0b11 << 30) and words[1] == 0b1
+
+
+def test_codes_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError):
+        pack_codes(np.array([4]), 2)
+    with pytest.raises(ValueError):
+        pack_codes(np.array([1]), 9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 200), seed=st.integers(0, 2**32 - 1))
+def test_masks_round_trip(n, seed):
+    mask = np.random.default_rng(seed).random(n) < 0.3
+    assert np.array_equal(unpack_mask(pack_mask(mask), n), mask)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="CPU library not built")
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1))
+def test_compiled_decoder_reads_what_the_packer_wrote(bits, n, seed):
+    """The C build of decode.h, not only the numpy transcription, unpacks every width."""
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, n, dtype=np.uint32)
+    words = pack_codes(codes, bits)
+    params = np.array([1.0, 0.0], dtype=np.float32)  # value = q exactly
+    out = np.full(n, np.nan, dtype=np.float32)
+    terms = np.array([(words.ctypes.data, 0, params.ctypes.data, n, 1.0, abi.KIND_CODES, bits, 0)],
+                     dtype=abi.TERM_DTYPE)
+    segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    segs[0] = (0, out.ctypes.data, n, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
+    cpu.rebuild(segs, terms, threads=1)
+    assert np.array_equal(out, codes.astype(np.float32))

@@ -1,0 +1,92 @@
+"""The compiled CPU build of decode.h against its numpy transcription, bit for bit."""
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tvswitch.export.packing import pack_codes, pack_mask
+from tvswitch.kernels import abi, cpu, reference
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
+
+
+def _random_tables(rng, n_segments, out_code, base_code):
+    keep = []
+    segs = np.zeros(n_segments, dtype=abi.SEGMENT_DTYPE)
+    rows = []
+    outs = []
+    for s in range(n_segments):
+        n = int(rng.integers(1, 9000))
+        base = rng.normal(0, 1, n).astype(np.float32)
+        if base_code == abi.F16:
+            base = base.astype(np.float16)
+        elif base_code == abi.BF16:
+            base = (base.view(np.uint32) >> 16).astype(np.uint16)
+        out = np.full(n, 0x7E00 if out_code != abi.F32 else 0, dtype=np.uint16 if out_code != abi.F32 else np.float32)
+        if out_code == abi.F32:
+            out[:] = np.nan  # poison: an unwritten element fails the comparison
+        keep += [base, out]
+        outs.append(out)
+        begin = len(rows)
+        for _ in range(int(rng.integers(0, 4))):
+            kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16]))
+            mask_addr = 0
+            if rng.random() < 0.4:
+                m = pack_mask(rng.random(n) < 0.5)
+                keep.append(m)
+                mask_addr = m.ctypes.data
+            if kind == abi.KIND_CODES:
+                bits = int(rng.integers(1, 9))
+                group = int(rng.choice([n, max(1, n // 7), 33, 1]))
+                words = pack_codes(rng.integers(0, 1 << bits, n), bits)
+                params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
+                keep += [words, params]
+                rows.append((words.ctypes.data, mask_addr, params.ctypes.data, group,
+                             float(rng.normal()), kind, bits, 0))
+            else:
+                vals = rng.normal(0, 0.1, n).astype(np.float32 if kind == abi.KIND_RAW_F32 else np.float16)
+                keep.append(vals)
+                rows.append((vals.ctypes.data, mask_addr, 0, 1, float(rng.normal()), kind, 0, 0))
+        coef = float(rng.choice([1.0, 0.0, 0.25]))
+        segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, coef, base_code, out_code, begin, len(rows) - begin, 0)
+    terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
+    return segs, terms, keep, outs
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), out_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]),
+       base_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]), threads=st.sampled_from([1, 2]))
+def test_compiled_equals_reference_bit_for_bit(seed, out_code, base_code, threads):
+    rng = np.random.default_rng(seed)
+    segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 5)), out_code, base_code)
+    cpu.rebuild(segs, terms, threads=threads)
+    got = [o.copy() for o in outs]
+    for o in outs:
+        o[...] = 0
+    reference.rebuild_reference(segs, terms, keep)
+    for g, want in zip(got, outs):
+        assert np.array_equal(g.view(np.uint8), want.view(np.uint8))
+
+
+def test_half_conversion_matches_numpy_everywhere():
+    """Every float16 value, and rounding from float32, as numpy (IEEE, nearest even) does."""
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)]
+    x = np.concatenate([finite.astype(np.float32),
+                        np.random.default_rng(0).normal(0, 1000, 100000).astype(np.float32),
+                        np.array([65519.0, 65520.0, 1e-8, -6e-8, 3e-5], np.float32)])
+    out = np.zeros(x.size, dtype=np.float16)
+    terms = np.array([(x.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
+    segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    segs[0] = (0, out.ctypes.data, x.size, 0, 0.0, abi.F32, abi.F16, 0, 1, 0)
+    cpu.rebuild(segs, terms, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on the overflow to inf
+        want = (np.float32(0.0) + np.float32(1.0) * x).astype(np.float16)  # the contract: 0 + 1*x
+    assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
+    back = np.zeros(finite.size, dtype=np.float32)
+    segs[0] = (finite.ctypes.data, back.ctypes.data, finite.size, 0, 1.0, abi.F16, abi.F32, 0, 0, 0)
+    cpu.rebuild(segs, np.zeros(0, dtype=abi.TERM_DTYPE), 1)
+    assert np.array_equal(back, finite.astype(np.float32))

@@ -1,0 +1,128 @@
+"""The CPU rebuild against a float64 reference computed from the packed codes."""
+import numpy as np
+import pytest
+
+from tvswitch.errors import TvswitchError
+from tvswitch.kernels.reference import dequantize, unpack_codes, unpack_mask
+from tvswitch.runtime.rebuild import CpuRebuilder
+
+
+def _deq64(bundle, term, n):
+    """A term's values in float64, straight from its payloads (the spec, not the code)."""
+    if term.kind == "raw":
+        v = bundle.payload(term.values).reshape(-1).astype(np.float64)
+    else:
+        q = unpack_codes(bundle.payload(term.codes), term.bits, n).astype(np.float64)
+        p = bundle.payload(term.params).astype(np.float64)
+        g = np.arange(n) // term.group
+        v = q * p[0::2][g] + p[1::2][g]
+    if term.mask:
+        v = v * unpack_mask(bundle.payload(term.mask), n)
+    return v
+
+
+def reference64(bundle, base, mix):
+    out = {}
+    for name, spec in bundle.shared_specs.items():
+        n = spec.numel
+        acc = base[name].reshape(-1).astype(np.float64)
+        for task, w in mix.items():
+            entry = bundle.entries(task).get(name)
+            if entry is None:
+                continue
+            if entry.mode == "absolute":
+                acc = acc - w * base[name].reshape(-1).astype(np.float64)
+            for t in entry.terms:
+                acc = acc + w * t.scale * _deq64(bundle, t, n)
+        out[name] = acc.reshape(spec.shape)
+    return out
+
+
+@pytest.mark.parametrize("scheme,kw", [
+    ("tvq", dict(bits=4)), ("tvq", dict(bits=3, granularity="channel")), ("tvq", dict(bits=2, granularity="group:16")),
+    ("fq", dict(bits=4)), ("rtvq", {}), ("rtvq", dict(budget_bits=2.4)), ("tswitch", dict(keep=0.25)),
+])
+@pytest.mark.parametrize("mix", [{"a": 1.0}, {"a": 0.5, "c": 0.25}, {"a": 0.3, "b": 0.3, "c": 0.3}])
+def test_rebuild_matches_float64_reference(bundle_factory, checkpoints, scheme, kw, mix):
+    base, _ = checkpoints
+    bundle = bundle_factory(scheme, **kw)
+    r = CpuRebuilder(bundle, base)
+    out = r.allocate()
+    r.rebuild(mix, out)
+    want = reference64(bundle, base, mix)
+    for name, a in out.items():
+        scale = np.abs(want[name]).max() + 1e-6
+        tol = (4e-3 if a.dtype == np.float16 else 2e-6) * scale
+        assert np.abs(a.astype(np.float64) - want[name]).max() <= tol, name
+
+
+def test_single_task_rebuild_is_close_to_the_finetuned_weights(bundle_factory, checkpoints):
+    base, fts = checkpoints
+    r = CpuRebuilder(bundle_factory("tvq", bits=8), base)
+    out = r.allocate()
+    r.rebuild({"b": 1.0}, out)
+    for name, a in out.items():
+        assert np.allclose(a, fts["b"][name], atol=1e-3), name
+
+
+def test_buffers_are_reused_and_a_bad_mix_writes_nothing(bundle_factory, checkpoints):
+    base, _ = checkpoints
+    r = CpuRebuilder(bundle_factory("rtvq"), base, threads=2)
+    out = r.allocate()
+    ids = {k: v.ctypes.data for k, v in out.items()}
+    r.rebuild({"a": 1.0}, out)
+    before = {k: v.copy() for k, v in out.items()}
+    for bad in ({"zzz": 1.0}, {}, {"a": float("nan")}):
+        with pytest.raises(TvswitchError):
+            r.rebuild(bad, out)
+    for k in out:
+        assert np.array_equal(out[k], before[k]) and out[k].ctypes.data == ids[k]
+    r.rebuild({"c": 1.0}, out)
+    r.rebuild({"a": 1.0}, out)
+    for k in out:
+        assert np.array_equal(out[k], before[k])
+
+
+def test_wrong_output_buffer_is_refused(bundle_factory, checkpoints):
+    base, _ = checkpoints
+    r = CpuRebuilder(bundle_factory("tvq"), base)
+    out = r.allocate()
+    out["enc.weight"] = np.zeros((29, 37), np.float32)
+    with pytest.raises(TvswitchError, match="enc.weight"):
+        r.rebuild({"a": 1.0}, out)
+
+
+def test_threads_do_not_change_the_result(bundle_factory, checkpoints):
+    base, _ = checkpoints
+    bundle = bundle_factory("tvq", bits=3)
+    outs = []
+    for threads in (1, 2):
+        r = CpuRebuilder(bundle, base, threads=threads)
+        o = r.allocate()
+        r.rebuild({"a": 0.7, "b": 0.2}, o)
+        outs.append(o)
+    for k in outs[0]:
+        assert np.array_equal(outs[0][k], outs[1][k])
+
+
+def test_fp16_output_of_fp32_base(bundle_factory, checkpoints):
+    base, _ = checkpoints
+    r = CpuRebuilder(bundle_factory("tvq"), base)
+    o32, o16 = r.allocate(), r.allocate("float16")
+    r.rebuild({"a": 1.0}, o32)
+    r.rebuild({"a": 1.0}, o16)
+    for k in o32:
+        assert np.array_equal(o16[k], o32[k].astype(np.float16))
+
+
+def test_embedded_base_needs_no_checkpoint(tmp_path, checkpoints):
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    bundle = export_bundle(base, fts, str(tmp_path / "self.tvs"), name="tvq", include_base="float32")
+    a, b = CpuRebuilder(bundle), CpuRebuilder(bundle, base)
+    oa, ob = a.allocate(), b.allocate()
+    a.rebuild({"a": 1.0}, oa)
+    b.rebuild({"a": 1.0}, ob)
+    for k in oa:
+        assert np.array_equal(oa[k], ob[k])

@@ -1,0 +1,51 @@
+"""Small pieces the CLI verbs share: task arguments, JSON output, loading a base."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+
+
+def parse_task_args(values: List[str], flag: str = "--task") -> Dict[str, str]:
+    """``NAME=PATH`` pairs, in order, refusing duplicates and malformed ones."""
+    tasks: Dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise TvswitchError("%s takes NAME=PATH, got %r" % (flag, v))
+        if name in tasks:
+            raise TvswitchError("%s names task %r twice" % (flag, name))
+        tasks[name] = path
+    return tasks
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=_jsonable)
+    sys.stdout.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def load_base(path: Optional[str]) -> Optional[Dict[str, np.ndarray]]:
+    """A base checkpoint given on the command line (safetensors or torch file), or None."""
+    if path is None:
+        return None
+    from tvswitch.export.checkpoints import load_checkpoint
+
+    return load_checkpoint(path, "base").tensors
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.2f %s" % (n, unit))
+        n /= 1024.0
+    return "%.2f GiB" % n

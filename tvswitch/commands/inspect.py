@@ -1,0 +1,43 @@
+"""tvswitch inspect: what a bundle holds and what it costs."""
+from __future__ import annotations
+
+import argparse
+
+from tvswitch.commands._common import human_bytes, print_json
+
+NAME = "inspect"
+HELP = "show a bundle's tasks, schemes, per-tensor widths and sizes"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.stats import bundle_stats
+
+    stats = bundle_stats(Bundle.open(args.bundle))
+    if args.json:
+        print_json(stats)
+        return 0
+    scheme = dict(stats["scheme"])
+    print("bundle   %s" % stats["path"])
+    print("scheme   %s" % ", ".join("%s=%s" % kv for kv in scheme.items() if kv[1] not in ([], None)))
+    print("tasks    %d: %s" % (len(stats["tasks"]), ", ".join(stats["tasks"])))
+    print("base     %s%s" % (stats["base_fingerprint"][:23] + "...",
+                              " (embedded, %s)" % human_bytes(stats["base_embedded_bytes"])
+                              if stats["base_embedded_bytes"] else " (not embedded)"))
+    print("size     %s on disk, %s of task data; %.3f bits per task-vector weight"
+          % (human_bytes(stats["file_bytes"]), human_bytes(stats["task_bytes_on_disk"]),
+             stats["bits_per_task_vector_weight"]))
+    print("vs       %.1fx smaller than FP32 checkpoints (%s), %.1fx than FP16 (%s)"
+          % (stats["ratio_to_fp32_checkpoints"], human_bytes(stats["fp32_checkpoints_bytes"]),
+             stats["ratio_to_fp16_checkpoints"], human_bytes(stats["fp16_checkpoints_bytes"])))
+    print("resident %s packed, %s query sets" % (human_bytes(stats["resident_packed_bytes"]),
+                                                 human_bytes(stats["query_bytes"])))
+    print("\n%-60s %-16s %s" % ("tensor", "shape", "stored as"))
+    for name, t in stats["tensors"].items():
+        print("%-60s %-16s %s" % (name, "x".join(map(str, t["shape"])) or "scalar", t["stored"]))
+    return 0

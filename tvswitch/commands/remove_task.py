@@ -1,0 +1,21 @@
+"""tvswitch remove-task: drop one task and the payloads only it used."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "remove-task"
+HELP = "remove a task from a bundle"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("task", metavar="NAME")
+    p.add_argument("-o", "--output", help="write here instead of replacing BUNDLE")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvswitch.export.edit import remove_task
+
+    bundle = remove_task(args.bundle, args.task, args.output)
+    print("wrote %s: %d tasks" % (args.output or args.bundle, len(bundle.tasks)))
+    return 0
