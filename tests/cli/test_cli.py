@@ -1,0 +1,119 @@
+"""The CLI end to end: the quick start's commands, and bad input as one line + exit 2."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tvswitch.cli import main
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    from tvswitch.export.example import make_example
+
+    folder = tmp_path_factory.mktemp("example")
+    make_example(str(folder))
+    return folder
+
+
+def _tasks(folder):
+    return sum((["--task", "%s=%s" % (t, folder / (t + ".safetensors"))] for t in ("detect", "gauge", "line")), [])
+
+
+def cli(*args):
+    """Run the installed console script: what a user runs, stderr and exit code included."""
+    return subprocess.run([sys.executable, "-m", "tvswitch", *map(str, args)], capture_output=True, text=True)
+
+
+def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
+    bundle = tmp_path / "t.tvs"
+    assert main(["export", "--base", str(example / "base.safetensors"), *_tasks(example), "--scheme", "tswitch",
+                 "--keep", "0.2", "--no-progress", "-o", str(bundle)]) == 0
+    assert main(["inspect", str(bundle), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert stats["tasks"] == ["detect", "gauge", "line"]
+    assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == "mask+sign"
+    assert stats["tensors"]["pool.bn.running_mean"]["stored"] == "raw float16"
+    assert 1.9 < stats["bits_per_task_vector_weight"] < 2.6
+    assert main(["verify", str(bundle), "--base", str(example / "base.safetensors")]) == 0
+    out = tmp_path / "gauge.safetensors"
+    assert main(["rebuild", str(bundle), "--task", "gauge", "--base", str(example / "base.safetensors"),
+                 "-o", str(out)]) == 0
+    from safetensors.numpy import load_file
+    got = load_file(str(out))
+    ft = load_file(str(example / "gauge.safetensors"))
+    assert set(got) == set(ft)  # heads and the integer buffer included
+    assert np.array_equal(got["head.weight"], ft["head.weight"].astype(np.float16))
+    assert got["pool.bn.num_batches_tracked"] == ft["pool.bn.num_batches_tracked"]
+
+
+def test_mix_and_arithmetic(example, tmp_path):
+    bundle = tmp_path / "r.tvs"
+    base = example / "base.safetensors"
+    assert main(["export", "--base", str(base), *_tasks(example), "--scheme", "rtvq", "--no-progress",
+                 "-o", str(bundle)]) == 0
+    from safetensors.numpy import load_file
+    a, b = tmp_path / "mix.safetensors", tmp_path / "ta.safetensors"
+    assert main(["rebuild", str(bundle), "--mix", "detect=0.3,gauge=0.3,line=0.3", "--base", str(base), "-o", str(a)]) == 0
+    assert main(["rebuild", str(bundle), "--arithmetic", "0.3", "--base", str(base), "-o", str(b)]) == 0
+    ma, mb = load_file(str(a)), load_file(str(b))
+    assert "head.weight" not in ma
+    for k in ma:
+        assert np.array_equal(ma[k], mb[k])
+
+
+def test_add_and_remove_task(example, tmp_path):
+    bundle = tmp_path / "e.tvs"
+    base = example / "base.safetensors"
+    assert main(["export", "--base", str(base), "--task", "detect=%s" % (example / "detect.safetensors"),
+                 "--no-progress", "-o", str(bundle)]) == 0
+    assert main(["add-task", str(bundle), "line=%s" % (example / "line.safetensors"), "--base", str(base)]) == 0
+    assert main(["remove-task", str(bundle), "detect"]) == 0
+    from tvswitch.runtime.bundle import Bundle
+    assert Bundle.open(str(bundle)).tasks == ["line"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["export", "--base", "nope.safetensors", "--task", "a=x.safetensors", "-o", "o.tvs"], "nope.safetensors: no such file"),
+    (["export", "--base", "B", "--task", "a", "-o", "o.tvs"], "--task takes NAME=PATH"),
+    (["export", "--base", "B", "--task", "a=B", "--granularity", "rows", "-o", "o.tvs"], "--granularity"),
+    (["export", "--base", "B", "--task", "a=B", "--bits", "9", "-o", "o.tvs"], "--bits must be 1..8"),
+    (["inspect", "missing.tvs"], "missing.tvs: no such bundle file"),
+    (["rebuild", "missing.tvs", "--task", "a", "-o", "x.safetensors"], "missing.tvs"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, example, args, message):
+    args = [str(example / "base.safetensors") if a == "B" else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "tvswitch", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_bundle_writes_no_output(example, tmp_path):
+    bundle = tmp_path / "c.tvs"
+    base = example / "base.safetensors"
+    assert main(["export", "--base", str(base), *_tasks(example), "--no-progress", "-o", str(bundle)]) == 0
+    data = bytearray(bundle.read_bytes())
+    data[-5] ^= 0xFF
+    bundle.write_bytes(bytes(data))
+    out = tmp_path / "out.safetensors"
+    r = cli("rebuild", bundle, "--task", "detect", "--base", base, "-o", out)
+    assert r.returncode == 2 and "CRC-32" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tvswitch-")] == []
+    r = cli("verify", bundle)
+    assert r.returncode == 2 and "corrupt" in r.stderr
+
+
+def test_wrong_base_writes_no_output(example, tmp_path):
+    bundle = tmp_path / "w.tvs"
+    base = example / "base.safetensors"
+    assert main(["export", "--base", str(base), *_tasks(example), "--no-progress", "-o", str(bundle)]) == 0
+    out = tmp_path / "out.safetensors"
+    r = cli("rebuild", bundle, "--task", "detect", "--base", example / "line.safetensors", "-o", out)
+    assert r.returncode == 2 and "fingerprint" in r.stderr
+    assert not out.exists()
