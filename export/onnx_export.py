@@ -1,0 +1,253 @@
+"""A torch module -> an ONNX graph whose switchable weights are inputs named as in its state_dict.
+
+torch's ONNX exporter does not keep weight names: constant folding stores ``W.T`` of a
+Linear as a new initializer ``onnx::MatMul_N``, an eval-mode export deduplicates
+tensors of equal value (every freshly initialised LayerNorm weight is all ones, every
+bias all zeros, and would become one shared initializer), and Conv + BatchNorm are fused
+into new weights.  A rebuild writes tensors by state_dict name, so the graph must say
+which input is which tensor, in which layout.
+
+How ``export_onnx`` finds out, without relying on exporter internals: during the export
+every float tensor of the state_dict temporarily holds distinct random values (a *tag*),
+so no two are equal and each initializer of the exported graph can be traced by value
+to the tensor it holds, as is, transposed or reshaped.  The graph is then rewritten:
+each traced initializer becomes a graph input named by its tensor, in the state_dict's
+layout, feeding a Transpose or Reshape node where the exporter had changed the layout
+(ONNX Runtime fuses a Transpose into the MatMul it feeds, so this costs no copy per
+run).  BatchNorm is exported unfused (``TrainingMode.PRESERVE`` on a module in eval
+mode skips the fusion).  The real values go back into the module and into the graph as
+each input's default, and the graph is run once with ONNX Runtime against the module on
+the example inputs: an initializer computed from weights (which would hold values of the
+tags) cannot pass that check.
+
+The record of all this goes into the model's metadata (``runtime.engines.onnx_graph``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord
+from tvswitch.runtime.engines.torch_engine import flatten_outputs
+
+#: Default verification tolerance: |ort - torch| <= ATOL + RTOL * max|torch| per output.
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] = None, *,
+                input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
+                dynamic_axes: Optional[Mapping[str, Any]] = None, opset: int = 17, verify: bool = True,
+                seed: int = 0):
+    """Export ``module`` for serving; write it to ``out`` (atomically) if given; return the ModelProto.
+
+    ``example_inputs`` are tensors or arrays in forward's order.  ``dynamic_axes`` as in
+    ``torch.onnx.export``; by default axis 0 of every input and output is dynamic (batch).
+    ``verify`` runs the graph in ONNX Runtime against the module on the example inputs.
+    """
+    import onnx
+    import torch
+
+    inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    input_names = list(input_names or _default_names("input", len(inputs)))
+    if len(input_names) != len(inputs):
+        raise TvswitchError("%d input names for %d example inputs" % (len(input_names), len(inputs)))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            reference = flatten_outputs(module(*inputs))
+        output_names = list(output_names or _default_names("output", len(reference)))
+        if dynamic_axes is None:
+            dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+        state = module.state_dict()
+        groups = _alias_groups(state)
+        with _tagged(state, groups, seed) as tags, warnings.catch_warnings():
+            # The legacy exporter warns about tracing and its own deprecation on every call.
+            warnings.simplefilter("ignore")
+            buf = io.BytesIO()
+            torch.onnx.export(module, inputs, buf, dynamo=False, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dict(dynamic_axes), opset_version=opset,
+                              do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
+        model = onnx.load_from_string(buf.getvalue())
+        values = {name: state[name].detach().cpu().numpy() for name in groups}
+        record = _rewrite(model, tags, values, groups)
+    finally:
+        module.train(was_training)
+    if verify:
+        _verify(model, input_names, [x.detach().cpu().numpy() for x in inputs], reference)
+    if out is not None:
+        write_model(model, out)
+    return model
+
+
+def _default_names(stem: str, n: int) -> List[str]:
+    return [stem] if n == 1 else ["%s_%d" % (stem, i) for i in range(n)]
+
+
+def _alias_groups(state: Mapping[str, Any]) -> Dict[str, List[str]]:
+    """Float state_dict tensors by storage: canonical name -> every name sharing it (tied weights)."""
+    groups: Dict[Tuple, List[str]] = {}
+    for name, t in state.items():
+        if t.is_floating_point():
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            groups.setdefault(key, []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+class _tagged:
+    """Context: each float tensor holds distinct random values; the originals come back on exit."""
+
+    def __init__(self, state: Mapping[str, Any], groups: Mapping[str, List[str]], seed: int):
+        self.state, self.groups, self.seed = state, groups, seed
+        self.saved: Dict[str, Any] = {}
+
+    def __enter__(self) -> Dict[bytes, str]:
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed)
+        index: Dict[bytes, str] = {}
+        with torch.no_grad():
+            for name in self.groups:
+                t = self.state[name]
+                self.saved[name] = t.detach().clone()
+                # Positive values in [0.5, 1.5): a tagged variance stays a valid variance.
+                tag = torch.rand(t.shape, generator=gen, dtype=torch.float32) + 0.5
+                t.copy_(tag.to(t.dtype))
+                index[_digest(t.detach().cpu().numpy())] = name
+        if len(index) != len(self.groups):
+            raise TvswitchError("two weights drew the same tag; export again with another seed")
+        return index
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, original in self.saved.items():
+                self.state[name].copy_(original)
+
+
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()
+
+
+def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
+             groups: Mapping[str, List[str]]) -> WeightRecord:
+    """Turn every traced initializer into a named weight input; return the record."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    renamed: Dict[str, dict] = {}
+    used: Dict[str, None] = {}
+    keep, front = [], []
+    for init in graph.initializer:
+        a = numpy_helper.to_array(init)
+        traced = _trace(a, tags, values) if np.issubdtype(a.dtype, np.floating) else None
+        if traced is None:
+            keep.append(init)
+            continue
+        name, layout = traced
+        used[name] = None
+        if init.name == name and layout == "identity":
+            continue
+        entry: Dict[str, Any] = {"name": name, "layout": layout}
+        if layout == "transpose":
+            entry["perm"] = [1, 0]
+            front.append(helper.make_node("Transpose", [name], [init.name], perm=[1, 0],
+                                          name="tvswitch.layout." + init.name))
+        elif layout == "reshape":
+            shape_name = init.name + ".tvswitch_shape"
+            keep.append(numpy_helper.from_array(np.array(a.shape, dtype=np.int64), shape_name))
+            front.append(helper.make_node("Reshape", [name, shape_name], [init.name],
+                                          name="tvswitch.layout." + init.name))
+        else:
+            _rename_uses(graph, init.name, name)
+        renamed[init.name] = entry
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = front + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    data_inputs = [i for i in graph.input if i.name not in used]
+    del graph.input[:]
+    graph.input.extend(data_inputs)
+    weights = {}
+    for name in used:
+        v = values[name]
+        graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                         list(v.shape)))
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), name))
+        weights[name] = (tuple(v.shape), v.dtype.name)
+    record = WeightRecord(
+        weights=weights, renamed=renamed,
+        aliases={alias: name for name, names in groups.items() for alias in names[1:]},
+        unused=[n for name, names in groups.items() if name not in used for n in names],
+    )
+    prop = model.metadata_props.add()
+    prop.key, prop.value = WEIGHTS_KEY, record.to_json()
+    return record
+
+
+def _trace(a: np.ndarray, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray]) -> Optional[Tuple[str, str]]:
+    """(state_dict name, layout) of the tensor whose tag ``a`` holds, or None."""
+    name = tags.get(_digest(a))
+    if name is not None:
+        return name, "identity" if tuple(a.shape) == values[name].shape else "reshape"
+    if a.ndim == 2:
+        name = tags.get(_digest(a.T))
+        if name is not None and values[name].shape == a.T.shape:
+            return name, "transpose"
+    return None
+
+
+def _rename_uses(graph, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, x in enumerate(node.input):
+            if x == old:
+                node.input[i] = new
+    for out in graph.output:
+        if out.name == old:
+            out.name = new
+
+
+def _verify(model, input_names: Sequence[str], inputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> None:
+    """Run the exported graph (weights at their defaults) and compare with the module's outputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # weights with defaults are meant to be overridable: no warning per weight
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip(input_names, inputs)))
+    if len(got) != len(reference):
+        raise TvswitchError("the graph has %d outputs, the module %d" % (len(got), len(reference)))
+    for i, (g, r) in enumerate(zip(got, reference)):
+        err = float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0
+        bound = ATOL + RTOL * float(np.max(np.abs(r))) if r.size else 0.0
+        if g.shape != r.shape or not err <= bound:
+            raise TvswitchError("exported graph's output %d differs from the module's (max error %.3g > %.3g): "
+                                "an initializer is probably computed from weights; see docs/engines.md"
+                                % (i, err, bound))
+
+
+def write_model(model, path: str) -> None:
+    """Write ``model`` atomically: temp file in the same folder, fsync, rename."""
+    data = model.SerializeToString()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".onnx", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

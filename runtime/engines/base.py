@@ -1,0 +1,98 @@
+"""The interface every serving engine keeps: load, bind weights, infer, switch.
+
+An engine owns *weight slots*: host-visible arrays, one per switchable weight, that a
+rebuild (``CpuRebuilder.rebuild``, or the CUDA kernels' host-side view) writes in place.
+The engine never allocates per switch: the slots are made once at load.
+
+Two facts about an engine decide how ``tvswitch.runtime.server.Server`` keeps a switch
+atomic, so each engine states them instead of the server guessing:
+
+* ``slots``: how many weight sets it holds.  One slot that inference reads directly
+  (ONNX Runtime bound buffers, PyTorch parameters) must not be written while a request
+  runs; two slots let the server write the idle one while the other serves.
+* ``publish_copies``: whether ``publish`` copies the slot into memory the engine owns
+  (TensorRT refit, a CUDA torch module).  Then the slot is a staging area nobody infers
+  from, so it can be written while requests run, and only ``publish`` itself needs
+  requests to be drained.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Dict, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+
+ENGINE_KINDS = ("onnxruntime", "tensorrt", "torch")
+
+
+class Engine(abc.ABC):
+    """One loaded network whose switchable weights live in slots the rebuild writes."""
+
+    #: ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"``.
+    kind: str = ""
+    #: Weight sets held; see the module docstring.
+    slots: int = 1
+    #: True where ``publish`` copies the slot into the engine's own weight memory.
+    publish_copies: bool = False
+
+    @property
+    @abc.abstractmethod
+    def input_names(self) -> Sequence[str]:
+        """The data inputs ``infer`` takes, in graph order."""
+
+    @property
+    @abc.abstractmethod
+    def output_names(self) -> Sequence[str]:
+        """The outputs ``infer`` returns, in graph order."""
+
+    @property
+    @abc.abstractmethod
+    def weight_specs(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+        """Switchable weight name -> (shape, dtype) of its slot arrays."""
+
+    @abc.abstractmethod
+    def buffers(self, slot: int = 0) -> Dict[str, np.ndarray]:
+        """The arrays of ``slot``: writing them in place is how weights change (no copy)."""
+
+    @abc.abstractmethod
+    def publish(self, slot: int = 0) -> None:
+        """Make what was written into ``slot`` the weights the next ``infer(slot)`` uses."""
+
+    @abc.abstractmethod
+    def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
+        """Run the network on ``inputs`` (name -> array) with the weights of ``slot``."""
+
+    def bind(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Copy ``weights`` into every slot and publish them: the state before any switch.
+
+        Every switchable weight must be given, so no slot starts with uninitialised memory.
+        """
+        missing = [n for n in self.weight_specs if n not in weights]
+        if missing:
+            raise TvswitchError("no value given for weight %r of the %s engine (%d missing)"
+                                % (missing[0], self.kind, len(missing)))
+        for slot in range(self.slots):
+            bufs = self.buffers(slot)
+            for name in self.weight_specs:
+                copy_into(bufs[name], weights[name], name)
+        for slot in range(self.slots):
+            self.publish(slot)
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Refuse missing or unknown data inputs with the names the graph wants."""
+        missing = [n for n in self.input_names if n not in inputs]
+        extra = [n for n in inputs if n not in self.input_names]
+        if missing or extra:
+            raise TvswitchError("the network takes inputs %s; got %s"
+                                % (", ".join(self.input_names), ", ".join(inputs) or "none"))
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray, name: str) -> None:
+    """Write ``src`` into ``dst`` in place, refusing a shape that differs (a cast is allowed)."""
+    src = np.asarray(src)
+    if tuple(src.shape) != tuple(dst.shape):
+        raise TvswitchError("weight %r has shape %s; the engine expects %s"
+                            % (name, list(src.shape), list(dst.shape)))
+    np.copyto(dst, src, casting="same_kind")

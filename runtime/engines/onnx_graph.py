@@ -1,0 +1,280 @@
+"""ONNX graphs for serving: which tensors are switchable weights, and the graph each engine wants.
+
+The exporter (``tvswitch.export.onnx_export``) writes graphs whose switchable weights are
+graph inputs named exactly as in the torch state_dict, each with a default value (an
+initializer of the same name: the base the graph was exported with), and records them in
+the model's metadata under ``WEIGHTS_KEY``.  A user's own ONNX file works too: its
+weights are found by name (the bundle's tensor names) or, lacking names, as the inputs
+that carry a default value.
+
+ONNX Runtime wants the weights as plain inputs (no default: the session would keep a
+second copy), fed from buffers the rebuild writes.  TensorRT wants them as initializers,
+because only initializers become refittable weights; and its ONNX parser folds a
+BatchNormalization whose inputs are all initializers into weights it names itself
+(``tmp_weight_N`` / ``tmp_refittable_weight_N``, numbered in parse order), which a refit
+would have to reproduce by guessing that order.  ``tensorrt_graph`` instead rewrites each
+such BatchNormalization into ``x * scale + shift`` over two initializers whose names we
+choose, and ``derive_batchnorm`` computes them from the rebuilt weights at each switch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+
+#: Metadata key of the exporter's record (JSON; see ``WeightRecord``).
+WEIGHTS_KEY = "tvswitch.weights"
+RECORD_VERSION = 1
+
+ModelLike = Union[str, bytes, "onnx.ModelProto"]  # noqa: F821 - onnx is imported lazily
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """What the exporter wrote into the graph's metadata.
+
+    ``weights``: switchable graph inputs, state_dict name -> (shape, dtype name).
+    ``renamed``: exporter's initializer name -> (state_dict name, layout), layout being
+    ``"identity"``, ``"transpose"`` (with ``perm``) or ``"reshape"``, kept so a user can
+    trace every ``onnx::MatMul_N`` back to its tensor.
+    ``aliases``: tied state_dict names -> the one name the graph uses.
+    ``unused``: float state_dict tensors the traced graph does not read.
+    """
+
+    weights: Dict[str, Tuple[Tuple[int, ...], str]]
+    renamed: Dict[str, dict]
+    aliases: Dict[str, str]
+    unused: List[str]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": RECORD_VERSION,
+            "weights": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.weights.items()},
+            "renamed": self.renamed, "aliases": self.aliases, "unused": self.unused,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "model") -> "WeightRecord":
+        try:
+            raw = json.loads(text)
+            if raw.get("version") != RECORD_VERSION:
+                raise TvswitchError("%s: tvswitch weight record version %r, this tvswitch reads %d"
+                                    % (where, raw.get("version"), RECORD_VERSION))
+            weights = {n: (tuple(int(x) for x in v["shape"]), str(v["dtype"])) for n, v in raw["weights"].items()}
+            return cls(weights, dict(raw["renamed"]), dict(raw["aliases"]), list(raw["unused"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TvswitchError("%s: unreadable tvswitch weight record (%s)" % (where, exc)) from None
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise TvswitchError("ONNX graphs need the onnx package: pip install 'tvswitch[onnx]'") from None
+    return onnx
+
+
+def load_model(model: ModelLike):
+    """A ModelProto from a path, serialized bytes or a ModelProto (returned as is)."""
+    onnx = _onnx()
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        if isinstance(model, (bytes, bytearray)):
+            return onnx.load_from_string(bytes(model))
+        return onnx.load(str(model))
+    except (OSError, ValueError) as exc:
+        raise TvswitchError("%s: not a readable ONNX model (%s)" % (model if isinstance(model, str) else "model",
+                                                                     exc)) from None
+    except Exception as exc:  # protobuf raises its own DecodeError type
+        raise TvswitchError("%s: not an ONNX model (%s)" % (model if isinstance(model, str) else "model",
+                                                            type(exc).__name__)) from None
+
+
+def read_record(model) -> Optional[WeightRecord]:
+    """The exporter's record in ``model``'s metadata, or None for a graph from elsewhere."""
+    for prop in model.metadata_props:
+        if prop.key == WEIGHTS_KEY:
+            return WeightRecord.from_json(prop.value)
+    return None
+
+
+def find_weights(model, names: Optional[Iterable[str]] = None) -> List[str]:
+    """The switchable weights of ``model``, in graph order.
+
+    The exporter's record wins; else every initializer or input whose name is in
+    ``names`` (a bundle's tensors); else every input that has a default value.
+    """
+    record = read_record(model)
+    graph = model.graph
+    inits = [t.name for t in graph.initializer]
+    inputs = [i.name for i in graph.input]
+    if record is not None:
+        found = list(record.weights)
+        missing = [n for n in found if n not in inputs and n not in inits]
+        if missing:
+            raise TvswitchError("graph lacks weight %r that its tvswitch record names" % missing[0])
+        return found
+    if names is not None:
+        wanted = set(names)
+        return [n for n in dict.fromkeys(inputs + inits) if n in wanted]
+    init_set = set(inits)
+    return [n for n in inputs if n in init_set]
+
+
+def _elem_dtype(elem_type: int) -> np.dtype:
+    onnx = _onnx()
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def input_spec(value_info) -> Tuple[Tuple[Optional[int], ...], np.dtype]:
+    t = value_info.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return dims, _elem_dtype(t.elem_type)
+
+
+def serving_graph(model, weights: List[str]):
+    """(graph with every weight a plain input, the defaults the file held, weight specs).
+
+    The defaults are returned once and dropped from the graph so that ONNX Runtime holds
+    no second copy of them; a weight the file has no value for must be bound by the
+    caller.  Weight shapes must be static: a rebuild writes fixed buffers.
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    model_out = onnx.ModelProto()
+    model_out.CopyFrom(model)
+    graph = model_out.graph
+    wanted = set(weights)
+    defaults: Dict[str, np.ndarray] = {}
+    keep = []
+    for t in graph.initializer:
+        if t.name in wanted:
+            defaults[t.name] = numpy_helper.to_array(t)
+        else:
+            keep.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    declared = {i.name: i for i in graph.input}
+    specs: Dict[str, Tuple[Tuple[int, ...], np.dtype]] = {}
+    for name in weights:
+        if name in declared:
+            shape, dtype = input_spec(declared[name])
+            if any(d is None for d in shape):
+                if name not in defaults:
+                    raise TvswitchError("weight input %r has a dynamic shape and no value to fix it" % name)
+                shape = tuple(defaults[name].shape)
+        elif name in defaults:
+            shape, dtype = tuple(defaults[name].shape), defaults[name].dtype
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(dtype), list(shape)))
+        else:
+            raise TvswitchError("graph has no input or initializer named %r" % name)
+        specs[name] = (tuple(int(d) for d in shape), np.dtype(dtype))
+    return model_out, defaults, specs
+
+
+def data_inputs(model, weights: Iterable[str]) -> List[str]:
+    """Graph inputs that are not weights: what a request supplies."""
+    skip = set(weights) | {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in skip]
+
+
+# ---- TensorRT ----
+
+@dataclass(frozen=True)
+class FoldedBatchNorm:
+    """A BatchNormalization rewritten as ``x * scale + shift`` for TensorRT."""
+
+    scale: str  # initializer names we created
+    shift: str
+    gamma: str  # the BN's own inputs
+    beta: str
+    mean: str
+    var: str
+    epsilon: float
+    shape: Tuple[int, ...]  # broadcast shape of scale/shift, e.g. (C, 1, 1)
+
+
+def derive_batchnorm(bn: FoldedBatchNorm, values: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of one folded BatchNorm from the current weights, in float32.
+
+    The same arithmetic as TensorRT's parser and ``OnnxParserRefitter`` (scale =
+    gamma / sqrt(var + eps), shift = beta - mean * scale), so a refit gives the numbers a
+    fresh build would.
+    """
+    gamma, beta, mean, var = (np.asarray(values[n], dtype=np.float32) for n in (bn.gamma, bn.beta, bn.mean, bn.var))
+    scale = gamma / np.sqrt(var + np.float32(bn.epsilon))
+    shift = beta - mean * scale
+    return scale.reshape(bn.shape), shift.reshape(bn.shape)
+
+
+def tensorrt_graph(model, weights: List[str], values: Mapping[str, np.ndarray]):
+    """(graph with every weight an initializer and BatchNorms of weights unfolded, the folds).
+
+    ``values`` gives each weight's array (the base: TensorRT builds with real numbers, and
+    a weight-stripped plan refits them all at load).  Every BatchNormalization whose four
+    parameters are weights or initializers becomes Mul + Add over named initializers.
+    """
+    onnx = _onnx()
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    wanted = set(weights)
+    missing = [n for n in weights if n not in values]
+    if missing:
+        raise TvswitchError("no value for weight %r to build the TensorRT graph with" % missing[0])
+    kept_inputs = [i for i in graph.input if i.name not in wanted]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    kept_inits = [t for t in graph.initializer if t.name not in wanted]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(values[n]), n) for n in weights)
+
+    constants = {t.name: t for t in graph.initializer}
+    ranks = _ranks(out)
+    folds: List[FoldedBatchNorm] = []
+    nodes = []
+    for index, node in enumerate(graph.node):
+        params = list(node.input[1:5])
+        if node.op_type != "BatchNormalization" or len(node.output) != 1 or not all(p in constants for p in params):
+            nodes.append(node)
+            continue
+        rank = ranks.get(node.input[0])
+        if rank is None or rank < 2:
+            raise TvswitchError("BatchNormalization %r: the rank of its input is unknown; run ONNX shape "
+                                "inference on the graph first" % (node.name or node.output[0]))
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        channels = int(np.prod(constants[params[0]].dims))
+        shape = (channels,) + (1,) * (rank - 2)
+        stem = "tvswitch.bn.%d.%s" % (index, node.name or node.output[0])
+        bn = FoldedBatchNorm(stem + ".scale", stem + ".shift", *params, epsilon=float(eps), shape=shape)
+        arrays = {p: values[p] if p in wanted else numpy_helper.to_array(constants[p]) for p in params}
+        scale, shift = derive_batchnorm(bn, arrays)
+        graph.initializer.extend([numpy_helper.from_array(scale, bn.scale), numpy_helper.from_array(shift, bn.shift)])
+        scaled = stem + ".scaled"
+        nodes.append(helper.make_node("Mul", [node.input[0], bn.scale], [scaled], name=stem + ".mul"))
+        nodes.append(helper.make_node("Add", [scaled, bn.shift], [node.output[0]], name=stem + ".add"))
+        folds.append(bn)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out, folds
+
+
+def _ranks(model) -> Dict[str, int]:
+    onnx = _onnx()
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
