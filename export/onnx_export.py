@@ -78,7 +78,8 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
                               do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
         model = onnx.load_from_string(buf.getvalue())
         values = {name: state[name].detach().cpu().numpy() for name in groups}
-        record = _rewrite(model, tags, values, groups)
+        others = {n: t.detach().cpu().numpy() for n, t in state.items() if not t.is_floating_point()}
+        _rewrite(model, tags, values, groups, others)
     finally:
         module.train(was_training)
     if verify:
@@ -139,8 +140,9 @@ def _digest(a: np.ndarray) -> bytes:
 
 
 def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
-             groups: Mapping[str, List[str]]) -> WeightRecord:
-    """Turn every traced initializer into a named weight input; return the record."""
+             groups: Mapping[str, List[str]], others: Mapping[str, np.ndarray]) -> None:
+    """Turn every traced initializer into a named weight input, store ``others`` (non-float
+    state) as initializers no node reads, and write the record into the metadata."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -185,14 +187,17 @@ def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
                                                          list(v.shape)))
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), name))
         weights[name] = (tuple(v.shape), v.dtype.name)
+    taken = {t.name for t in graph.initializer}
+    fixed = [n for n, a in others.items() if n not in taken]
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(others[n]), n) for n in fixed)
     record = WeightRecord(
         weights=weights, renamed=renamed,
         aliases={alias: name for name, names in groups.items() for alias in names[1:]},
         unused=[n for name, names in groups.items() if name not in used for n in names],
+        fixed=fixed,
     )
     prop = model.metadata_props.add()
     prop.key, prop.value = WEIGHTS_KEY, record.to_json()
-    return record
 
 
 def _trace(a: np.ndarray, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray]) -> Optional[Tuple[str, str]]:

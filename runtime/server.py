@@ -29,8 +29,9 @@ answer with mixed weights.
 """
 from __future__ import annotations
 
+import os
 import threading
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -231,3 +232,35 @@ class Server:
 def _describe(mix: Mapping[str, float]) -> str:
     return ",".join("%s=%g" % kv for kv in mix.items())
 
+
+
+def default_model_path(bundle_path: str) -> str:
+    """Where ``tvswitch export-onnx`` puts a bundle's graph by default: beside it, ``.onnx``."""
+    return os.path.splitext(bundle_path)[0] + ".onnx"
+
+
+def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
+                 base: Optional[Mapping[str, np.ndarray]] = None, initial: Optional[Mapping[str, float]] = None,
+                 slots: int = 1, threads: int = 0, module: Any = None, input_names: Optional[Sequence[str]] = None,
+                 **options: Any) -> Server:
+    """Open ``bundle``, load ``engine`` and serve ``initial`` (default: the first task).
+
+    The base the rebuild reads is ``base`` if given, else the one the bundle embeds, else
+    the weights the engine was loaded with (the ONNX file's defaults, or the module's
+    own); it is checked against the bundle's fingerprint either way.
+    """
+    from tvswitch.runtime.engines import load_engine
+
+    opened = Bundle.open(bundle)
+    names = list(opened.shared_specs) + sorted({n for t in opened.tasks for n in opened.task_specific(t)})
+    if engine != "torch" and model is None:
+        model = default_model_path(bundle)
+        if not os.path.isfile(model):
+            raise TvswitchError("no graph for %s: %s does not exist (make it with tvswitch export-onnx, or give "
+                                "--model)" % (bundle, model))
+    eng = load_engine(engine, model, names=names, slots=slots, threads=threads, module=module,
+                      input_names=input_names, **options)
+    if base is None and not opened.has_embedded_base:
+        base = getattr(eng, "defaults", None) or {n: np.array(a) for n, a in eng.buffers(0).items()}
+    source = BundleSource(opened, eng.weight_specs, base, threads=threads)
+    return Server(eng, source, initial or {opened.tasks[0]: 1.0})

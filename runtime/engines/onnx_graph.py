@@ -43,18 +43,22 @@ class WeightRecord:
     trace every ``onnx::MatMul_N`` back to its tensor.
     ``aliases``: tied state_dict names -> the one name the graph uses.
     ``unused``: float state_dict tensors the traced graph does not read.
+    ``fixed``: non-float state_dict tensors (BatchNorm's ``num_batches_tracked``) kept as
+    initializers no node reads, so the graph carries everything a bundle's base
+    fingerprint covers and can serve as the base.
     """
 
     weights: Dict[str, Tuple[Tuple[int, ...], str]]
     renamed: Dict[str, dict]
     aliases: Dict[str, str]
     unused: List[str]
+    fixed: List[str]
 
     def to_json(self) -> str:
         return json.dumps({
             "version": RECORD_VERSION,
             "weights": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.weights.items()},
-            "renamed": self.renamed, "aliases": self.aliases, "unused": self.unused,
+            "renamed": self.renamed, "aliases": self.aliases, "unused": self.unused, "fixed": self.fixed,
         }, sort_keys=True)
 
     @classmethod
@@ -65,7 +69,7 @@ class WeightRecord:
                 raise TvswitchError("%s: tvswitch weight record version %r, this tvswitch reads %d"
                                     % (where, raw.get("version"), RECORD_VERSION))
             weights = {n: (tuple(int(x) for x in v["shape"]), str(v["dtype"])) for n, v in raw["weights"].items()}
-            return cls(weights, dict(raw["renamed"]), dict(raw["aliases"]), list(raw["unused"]))
+            return cls(weights, dict(raw["renamed"]), dict(raw["aliases"]), list(raw["unused"]), list(raw["fixed"]))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TvswitchError("%s: unreadable tvswitch weight record (%s)" % (where, exc)) from None
 
@@ -140,9 +144,10 @@ def input_spec(value_info) -> Tuple[Tuple[Optional[int], ...], np.dtype]:
 def serving_graph(model, weights: List[str]):
     """(graph with every weight a plain input, the defaults the file held, weight specs).
 
-    The defaults are returned once and dropped from the graph so that ONNX Runtime holds
-    no second copy of them; a weight the file has no value for must be bound by the
-    caller.  Weight shapes must be static: a rebuild writes fixed buffers.
+    The defaults (and the record's ``fixed`` tensors) are returned once and dropped from
+    the graph so that ONNX Runtime holds no second copy of them; a weight the file has no
+    value for must be bound by the caller.  Weight shapes must be static: a rebuild
+    writes fixed buffers.
     """
     onnx = _onnx()
     from onnx import numpy_helper
@@ -150,7 +155,8 @@ def serving_graph(model, weights: List[str]):
     model_out = onnx.ModelProto()
     model_out.CopyFrom(model)
     graph = model_out.graph
-    wanted = set(weights)
+    record = read_record(model)
+    wanted = set(weights) | set(record.fixed if record else ())
     defaults: Dict[str, np.ndarray] = {}
     keep = []
     for t in graph.initializer:

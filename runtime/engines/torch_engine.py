@@ -112,3 +112,43 @@ def flatten_outputs(obj: Any) -> List[np.ndarray]:
     if isinstance(obj, (list, tuple)):
         return [a for item in obj for a in flatten_outputs(item)]
     raise TvswitchError("the module returned %s, not tensors (or tuples/dicts of them)" % type(obj).__name__)
+
+
+def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None) -> Any:
+    """The torch module ``spec`` names, ``package.module:factory`` or ``path/file.py:factory``.
+
+    ``factory()`` must return the network (its architecture); ``weights``, if given, are
+    loaded into it (strictly: every name must match).
+    """
+    import importlib
+    import importlib.util
+    import os
+
+    import torch
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise TvswitchError("--module takes MODULE:FACTORY or FILE.py:FACTORY, got %r" % spec)
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise TvswitchError("%s: no such file" % where)
+            loader_spec = importlib.util.spec_from_file_location("tvswitch_user_module", where)
+            mod = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(where)
+    except ImportError as exc:
+        raise TvswitchError("cannot import %s (%s)" % (where, exc)) from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise TvswitchError("%s has no callable %r" % (where, attr))
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise TvswitchError("%s returned %s, not a torch.nn.Module" % (spec, type(module).__name__))
+    if weights is not None:
+        try:
+            module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()}, strict=True)
+        except RuntimeError as exc:
+            raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
+    return module.eval()

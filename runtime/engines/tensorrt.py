@@ -1,0 +1,390 @@
+"""The TensorRT engine: a refittable, weight-stripped plan refitted from registered buffers.
+
+Written against the documented TensorRT Python API (DESIGN.md section 7) and **never
+run here**: no GPU and no TensorRT on the machines this was written on (docs/engines.md
+says what was and was not run).  What surrounds the engine (plan cache keys, the graph
+TensorRT parses, which refit name comes from where) is plain Python and is tested.
+
+Build: the ONNX graph with every switchable weight an initializer and each BatchNorm
+unfolded into named Mul/Add constants (``onnx_graph.tensorrt_graph``), so that every
+refit name is one we know.  TensorRT >= 10.2: ``REFIT_INDIVIDUAL`` with only those
+weights marked refittable (the others keep their fusions); older: ``REFIT`` (all weights).
+TensorRT >= 10: ``STRIP_PLAN``, so the plan on flash holds no weights; they are refitted
+once at load from the ONNX file (``OnnxParserRefitter``) and from the slot.  Plans are
+cached under a key of the graph's structure, precision, shapes, TensorRT version and
+GPU, so a new JetPack or another board builds a new plan instead of loading a wrong one.
+
+Switch (``publish``): BatchNorm folds are recomputed from the slot, the slot is copied
+to device buffers registered once with ``set_named_weights(..., TensorLocation.DEVICE)``
+(TensorRT 10) and ``refit_cuda_engine_async`` runs on the engine's stream, which also
+orders it after any inference enqueued before; TensorRT 8 refits from host memory with
+``refit_cuda_engine``.  The refit copies into the engine's own memory, so the slot is a
+staging area (``publish_copies``): the server writes it while requests run and holds
+requests only for the refit.  Inference uses the ``execute_async_v3`` API (TensorRT
+8.5+); TensorRT 8.2 (JetPack 4) is not covered.  CUDA calls go through cuda-python.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+from tvswitch.runtime.engines import onnx_graph
+from tvswitch.runtime.engines.base import Engine
+
+Shape = Tuple[int, ...]
+#: name -> (min, opt, max) shapes of a dynamic data input.
+Profile = Mapping[str, Tuple[Shape, Shape, Shape]]
+
+
+def _trt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise TvswitchError("the tensorrt engine needs TensorRT's Python bindings (JetPack ships them; "
+                            "on x86: pip install tensorrt)") from None
+    return tensorrt
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.8
+        except ImportError:
+            raise TvswitchError("the tensorrt engine needs cuda-python: pip install 'tvswitch[cuda]'") from None
+    return runtime
+
+
+def parse_version(text: str) -> Tuple[int, ...]:
+    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)``."""
+    parts = []
+    for p in text.split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def refit_flag(version: Tuple[int, ...]) -> str:
+    """``REFIT_INDIVIDUAL`` from TensorRT 10.2 (refit only marked weights), else ``REFIT``."""
+    return "REFIT_INDIVIDUAL" if version >= (10, 2) else "REFIT"
+
+
+def strips_weights(version: Tuple[int, ...]) -> bool:
+    """Weight-stripped plans (``STRIP_PLAN``) and ``OnnxParserRefitter`` exist from TensorRT 10."""
+    return version >= (10,)
+
+
+def graph_digest(model, weights: Iterable[str]) -> str:
+    """sha256 of what a plan depends on: the graph, with the *values* of switchable weights left out.
+
+    Those are refitted at every load, so a plan serves any base and any task of the same
+    network; every other constant is part of the plan and of the key.
+    """
+    skip = set(weights)
+    h = hashlib.sha256()
+    graph = model.graph
+    for t in graph.initializer:
+        h.update(("init|%s|%d|%s\n" % (t.name, t.data_type, list(t.dims))).encode())
+        if t.name not in skip:
+            h.update(t.SerializeToString())
+    for part in (graph.input, graph.output):
+        for v in part:
+            h.update(("io|" + v.SerializeToString().hex() + "\n").encode())
+    for node in graph.node:
+        h.update(node.SerializeToString())
+    for op in model.opset_import:
+        h.update(("opset|%s|%d\n" % (op.domain, op.version)).encode())
+    return h.hexdigest()
+
+
+def plan_key(digest: str, trt_version: str, device: str, fp16: bool, profile: Optional[Profile] = None) -> str:
+    """The cache key of a plan: the graph, the precision, the shapes, TensorRT's version, the GPU.
+
+    A plan is only valid for the TensorRT version and the GPU (name and compute
+    capability) it was built on; any change of them must build anew.
+    """
+    shapes = sorted((n, [list(s) for s in mmo]) for n, mmo in (profile or {}).items())
+    text = "|".join([digest, "trt=" + trt_version, "device=" + device, "fp16=%d" % bool(fp16), repr(shapes)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class PlanCache:
+    """Serialized plans in one folder, one file per key, written atomically."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.folder, key + ".plan")
+
+    def load(self, key: str) -> Optional[bytes]:
+        try:
+            with open(self.path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def store(self, key: str, plan: bytes) -> str:
+        os.makedirs(self.folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".plan-", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(plan)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return self.path(key)
+
+
+def refit_sources(trt_names: Iterable[str], weights: Iterable[str], folds: Sequence[onnx_graph.FoldedBatchNorm]
+                  ) -> Tuple[List[str], List[str], List[str]]:
+    """Sort the refittable names TensorRT reports: (from the slot, BatchNorm folds, graph constants).
+
+    Every switchable weight the network still uses must be refittable (else a switch
+    would silently keep its old value), and every fold must be too.
+    """
+    trt_set = set(trt_names)
+    weight_set = set(weights)
+    fold_names = {n for bn in folds for n in (bn.scale, bn.shift)}
+    lost = sorted(fold_names - trt_set)
+    if lost:
+        raise TvswitchError("TensorRT did not keep weight %r refittable; the engine cannot switch it" % lost[0])
+    from_slot = [n for n in weights if n in trt_set]
+    from_folds = sorted(fold_names)
+    constants = sorted(trt_set - weight_set - fold_names)
+    return from_slot, from_folds, constants
+
+
+def device_identity() -> str:
+    """GPU name and compute capability, e.g. ``"Orin sm_87"``: part of the plan key."""
+    cudart = _cudart()
+    err, device = cudart.cudaGetDevice()
+    _check(err, "cudaGetDevice")
+    err, props = cudart.cudaGetDeviceProperties(device)
+    _check(err, "cudaGetDeviceProperties")
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return "%s sm_%d%d" % (name, props.major, props.minor)
+
+
+def _check(err, what: str) -> None:
+    code = err[0] if isinstance(err, tuple) else err
+    if int(code) != 0:
+        raise TvswitchError("CUDA error in %s: %s" % (what, code))
+
+
+class TensorRTEngine(Engine):
+    """A refittable TensorRT engine whose switchable weights are refitted from a staging slot."""
+
+    kind = "tensorrt"
+    slots = 1
+    publish_copies = True
+
+    def __init__(self, model: onnx_graph.ModelLike, *, names: Optional[Iterable[str]] = None,
+                 weights: Optional[Mapping[str, np.ndarray]] = None, fp16: bool = False,
+                 profile: Optional[Profile] = None, cache_dir: Optional[str] = None, workspace_mb: int = 1024):
+        """Build (or load from ``cache_dir``) a plan for ``model`` and refit it with ``weights``.
+
+        ``weights`` default to the values the ONNX file holds for its weights.  Dynamic
+        data inputs need a ``profile`` entry (min, opt, max shapes).
+        """
+        trt = self._trt = _trt()
+        cudart = self._cudart = _cudart()
+        self._version = parse_version(trt.__version__)
+        proto = onnx_graph.load_model(model)
+        names_list = onnx_graph.find_weights(proto, names)
+        _, defaults, specs = onnx_graph.serving_graph(proto, names_list)
+        values = dict(defaults)
+        values.update(weights or {})
+        graph, self._folds = onnx_graph.tensorrt_graph(proto, names_list, values)
+        self._graph_bytes = graph.SerializeToString()
+        self._inputs = onnx_graph.data_inputs(graph, [])
+        self._outputs = [o.name for o in graph.graph.output]
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        fold_names = [n for bn in self._folds for n in (bn.scale, bn.shift)]
+        cache = PlanCache(cache_dir) if cache_dir else None
+        key = plan_key(graph_digest(graph, names_list + fold_names), trt.__version__, device_identity(), fp16, profile)
+        plan = cache.load(key) if cache else None
+        if plan is None:
+            plan = self._build(names_list + fold_names, fp16, profile, workspace_mb)
+            if cache:
+                cache.store(key, plan)
+        self.plan_key = key
+        self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan)
+        if self._engine is None:
+            raise TvswitchError("TensorRT could not load the plan (built by another TensorRT or GPU?)")
+        self._context = self._engine.create_execution_context()
+        err, self._stream = cudart.cudaStreamCreate()
+        _check(err, "cudaStreamCreate")
+        self._refitter = trt.Refitter(self._engine, self._logger)
+        self._from_slot, self._from_folds, constants = refit_sources(
+            self._refitter.get_all_weights(), names_list, self._folds)
+        self._specs = {n: specs[n] for n in self._from_slot}
+        self._staging = {n: np.zeros(self._specs[n][0], dtype=self._weight_dtype(n)) for n in self._from_slot}
+        self._fold_arrays = {n: np.zeros(bn.shape, dtype=self._weight_dtype(n))
+                             for bn in self._folds for n in (bn.scale, bn.shift)}
+        self._lock = threading.Lock()  # one execution context: one request at a time
+        self._device: Dict[str, int] = {}
+        if strips_weights(self._version):
+            if constants:
+                # REFIT (10.0/10.1) strips every weight: the constants come from the graph, once.  This
+                # registers host copies of our weights too, which the device buffers below replace.
+                onnx_refitter = trt.OnnxParserRefitter(self._refitter, self._logger)
+                if not onnx_refitter.refit_from_bytes(self._graph_bytes):
+                    raise TvswitchError("TensorRT could not refit the plan's constants from the ONNX graph")
+            self._register_device_buffers()
+        self.bind({n: values[n] for n in self._from_slot})
+
+    def _build(self, refittable: List[str], fp16: bool, profile: Optional[Profile], workspace_mb: int) -> bytes:
+        trt = self._trt
+        builder = trt.Builder(self._logger)
+        flags = 0 if self._version >= (10,) else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self._logger)
+        if not parser.parse(self._graph_bytes):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TvswitchError("TensorRT's ONNX parser refused the graph: %s" % errors)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if refit_flag(self._version) == "REFIT_INDIVIDUAL":
+            config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+            for name in refittable:
+                network.mark_weights_refittable(name)
+        else:
+            config.set_flag(trt.BuilderFlag.REFIT)
+        if strips_weights(self._version):
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        dynamic = [network.get_input(i) for i in range(network.num_inputs)
+                   if any(d < 0 for d in network.get_input(i).shape)]
+        if dynamic:
+            missing = [t.name for t in dynamic if t.name not in (profile or {})]
+            if missing:
+                raise TvswitchError("input %r has dynamic dimensions: give its (min, opt, max) shapes" % missing[0])
+            opt = builder.create_optimization_profile()
+            for t in dynamic:
+                opt.set_shape(t.name, *profile[t.name])
+            config.add_optimization_profile(opt)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise TvswitchError("TensorRT failed to build the engine (see its log above)")
+        return bytes(plan)
+
+    def _weight_dtype(self, name: str) -> np.dtype:
+        """The dtype TensorRT expects for ``name`` (TensorRT 10 says; TensorRT 8 takes the graph's)."""
+        if hasattr(self._refitter, "get_weights_prototype"):
+            return np.dtype(self._trt.nptype(self._refitter.get_weights_prototype(name).dtype))
+        return np.dtype(self._specs[name][1])
+
+    def _register_device_buffers(self) -> None:
+        """Allocate one device buffer per refitted weight and register it once (TensorRT 10)."""
+        trt, cudart = self._trt, self._cudart
+        self._refitter.weights_validation = False
+        arrays = dict(self._staging)
+        arrays.update(self._fold_arrays)
+        for name, a in arrays.items():
+            err, ptr = cudart.cudaMalloc(a.nbytes)
+            _check(err, "cudaMalloc")
+            self._device[name] = int(ptr)
+            w = trt.Weights(_trt_dtype(trt, a.dtype), int(ptr), a.size)
+            if not self._refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
+                raise TvswitchError("TensorRT refused device weights for %r" % name)
+
+    # ---- the Engine interface ----
+    @property
+    def input_names(self) -> Sequence[str]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._outputs
+
+    @property
+    def weight_specs(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+        return {n: (tuple(a.shape), a.dtype) for n, a in self._staging.items()}
+
+    def buffers(self, slot: int = 0) -> Dict[str, np.ndarray]:
+        return self._staging
+
+    def publish(self, slot: int = 0) -> None:
+        """Refit the engine with the staging slot (folds recomputed); returns when it is done."""
+        cudart = self._cudart
+        for bn in self._folds:
+            scale, shift = onnx_graph.derive_batchnorm(bn, self._staging)
+            np.copyto(self._fold_arrays[bn.scale], scale, casting="same_kind")
+            np.copyto(self._fold_arrays[bn.shift], shift, casting="same_kind")
+        arrays = dict(self._staging)
+        arrays.update(self._fold_arrays)
+        if self._device:
+            kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            for name, a in arrays.items():
+                _check(cudart.cudaMemcpyAsync(self._device[name], a.ctypes.data, a.nbytes, kind, self._stream),
+                       "cudaMemcpyAsync")
+            ok = self._refitter.refit_cuda_engine_async(self._stream)
+            _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        else:
+            for name, a in arrays.items():
+                self._refitter.set_named_weights(name, self._trt.Weights(a))
+            ok = self._refitter.refit_cuda_engine()
+        if not ok:
+            missing = list(self._refitter.get_missing_weights())
+            raise TvswitchError("TensorRT refit failed%s" % (" (missing weights: %s)" % ", ".join(missing[:5])
+                                                            if missing else ""))
+
+    def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
+        """Copy inputs in, ``execute_async_v3`` on the engine's stream, copy outputs out."""
+        self.check_inputs(inputs)
+        with self._lock:
+            return self._infer(inputs)
+
+    def _infer(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        trt, cudart = self._trt, self._cudart
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        allocations = []
+        try:
+            for name in self._inputs:
+                a = np.ascontiguousarray(inputs[name], dtype=trt.nptype(self._engine.get_tensor_dtype(name)))
+                self._context.set_input_shape(name, a.shape)
+                ptr = self._malloc(a.nbytes, allocations)
+                _check(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, h2d, self._stream), "cudaMemcpyAsync")
+                self._context.set_tensor_address(name, ptr)
+            outputs = {}
+            for name in self._outputs:
+                out = np.empty(tuple(self._context.get_tensor_shape(name)),
+                               dtype=trt.nptype(self._engine.get_tensor_dtype(name)))
+                ptr = self._malloc(out.nbytes, allocations)
+                self._context.set_tensor_address(name, ptr)
+                outputs[name] = (out, ptr)
+            if not self._context.execute_async_v3(self._stream):
+                raise TvswitchError("TensorRT inference failed")
+            for out, ptr in outputs.values():
+                _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, self._stream), "cudaMemcpyAsync")
+            _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            return {name: out for name, (out, _) in outputs.items()}
+        finally:
+            for ptr in allocations:
+                self._cudart.cudaFree(ptr)
+
+    def _malloc(self, nbytes: int, allocations: List[int]) -> int:
+        err, ptr = self._cudart.cudaMalloc(max(nbytes, 1))
+        _check(err, "cudaMalloc")
+        allocations.append(int(ptr))
+        return int(ptr)
+
+
+def _trt_dtype(trt, dtype: np.dtype):
+    return {np.dtype(np.float32): trt.float32, np.dtype(np.float16): trt.float16}[np.dtype(dtype)]
