@@ -74,25 +74,39 @@ def adamerging(base: Mapping[str, np.ndarray], task_vectors: TaskVectors,
         raise ValueError("no unlabelled inputs for tasks %s" % missing)
     names = shared_names(task_vectors)
     base_t = {n: torch.as_tensor(np.asarray(base[n], dtype=np.float32)) for n in names}
-    stacks = {n: torch.stack([torch.as_tensor(np.asarray(task_vectors[t][n], dtype=np.float32))
-                              for t in tasks]) for n in names}
+    taus = {n: [torch.as_tensor(np.asarray(task_vectors[t][n], dtype=np.float32)) for t in tasks] for n in names}
     width = 1 if granularity == "task" else len(names)
-    lam = torch.full((len(tasks), width), float(init), requires_grad=True)
+    lam = torch.full((len(tasks), width), float(init))
+    lam.grad = torch.zeros_like(lam)
     opt = torch.optim.Adam([lam], lr=lr, betas=(0.9, 0.999))
+    # The merged weights are leaves filled in place each step. Since d(merged_l)/d(lambda_tl)
+    # = tau_tl, the coefficients' gradient is <dL/dmerged_l, tau_tl>: one dot product per
+    # task and tensor, far cheaper than letting autograd differentiate the weighted sum.
+    params = {n: torch.empty_like(base_t[n], requires_grad=True) for n in names}
     streams = {t: itertools.cycle(batches[t]) for t in tasks}
     history: List[float] = []
     for step in range(steps):
-        params = {}
-        for j, n in enumerate(names):
-            coef = lam[:, 0 if width == 1 else j]
-            params[n] = base_t[n] + torch.tensordot(coef, stacks[n], dims=1)
+        with torch.no_grad():
+            for j, n in enumerate(names):
+                p = params[n]
+                p.copy_(base_t[n])
+                for i in range(len(tasks)):
+                    p.add_(taus[n][i], alpha=float(lam[i, 0 if width == 1 else j]))
+                p.grad = None
         loss = sum(entropy(forward(params, t, next(streams[t]))) for t in tasks)
-        opt.zero_grad()
         loss.backward()
+        with torch.no_grad():
+            lam.grad.zero_()
+            for j, n in enumerate(names):
+                g = params[n].grad
+                if g is None:  # the tensor does not reach the logits
+                    continue
+                for i in range(len(tasks)):
+                    lam.grad[i, 0 if width == 1 else j] += torch.dot(g.reshape(-1), taus[n][i].reshape(-1))
         opt.step()
         with torch.no_grad():
             lam.clamp_(0.0, 1.0)
         history.append(float(loss.detach()))
         if log is not None and (step % 10 == 0 or step == steps - 1):
             log("adamerging[%s] step %d/%d entropy %.4f" % (granularity, step + 1, steps, history[-1]))
-    return AdaMergingResult(tasks, names, lam.detach().numpy().copy(), history)
+    return AdaMergingResult(tasks, names, lam.numpy().copy(), history)

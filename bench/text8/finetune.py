@@ -115,7 +115,8 @@ def finetune_task(task: str, cache: pathlib.Path, settings: Settings = Settings(
                 log("  %s epoch %d step %d/%d loss %.3f (%.0fs)" % (task, epoch, step, total, loss.item(), time.time() - t0))
     state = _state_np(model.encoder)
     state.update(_state_np(model.head, "head."))
-    val_acc = float((M.predict(model, M.Tokenized(tok, td.val.texts, settings.max_len)) == td.val.labels).mean())
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    val_acc = float((M.predict(model, M.Tokenized(tok, td.val.texts, settings.max_len), head) == td.val.labels).mean())
     cache.mkdir(parents=True, exist_ok=True)
     save_file(state, str(task_path(cache, task)))
     meta = {"settings": asdict(settings), "classes": td.classes, "val_acc": val_acc,

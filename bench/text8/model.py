@@ -9,7 +9,7 @@ pretrained file) and everything else as task-vector material.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -104,19 +104,26 @@ def load_weights(module: nn.Module, state: Dict[str, np.ndarray]) -> None:
             params[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
 
 
+def _head_tensors(head: Dict[str, np.ndarray]):
+    return (torch.from_numpy(np.asarray(head["weight"], dtype=np.float32)),
+            torch.from_numpy(np.asarray(head["bias"], dtype=np.float32)))
+
+
 @torch.no_grad()
-def predict(model: Classifier, data: Tokenized, head: Optional[Dict[str, np.ndarray]] = None,
-            batch: int = 64) -> np.ndarray:
-    """Predicted class per text (original order); `head` overrides the model's head."""
+def predict_batch(model: Classifier, ids: torch.Tensor, mask: torch.Tensor,
+                  head: Dict[str, np.ndarray]) -> np.ndarray:
+    """Predicted classes of one padded batch through a given task head."""
     model.eval()
-    if head is not None:
-        w = torch.from_numpy(np.asarray(head["weight"], dtype=np.float32))
-        b = torch.from_numpy(np.asarray(head["bias"], dtype=np.float32))
+    w, b = _head_tensors(head)
+    return (model.features(ids, mask) @ w.T + b).argmax(-1).numpy()
+
+
+@torch.no_grad()
+def predict(model: Classifier, data: Tokenized, head: Dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
+    """Predicted class per text (original order) through a given task head."""
     out = np.zeros(len(data), dtype=np.int64)
     for idx, (ids, mask) in data.batches(batch):
-        f = model.features(ids, mask)
-        logits = f @ w.T + b if head is not None else model.head(f)
-        out[idx] = logits.argmax(-1).numpy()
+        out[idx] = predict_batch(model, ids, mask, head)
     return out
 
 
