@@ -1,0 +1,210 @@
+"""Atomic switching: failed switches keep the old task serving; no request sees half-written weights.
+
+The engine is the real ONNX Runtime engine on a small conv net with BatchNorm.  Failures
+in the middle of a rebuild (what a CUDA error or a corrupt payload would cause) are made
+by wrapping the real weight source; the staged path (TensorRT's, which cannot run here)
+is exercised through an ONNX Runtime engine whose publish copies a staging slot, a test
+double of the server's contract, not of TensorRT.
+"""
+import importlib.util
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tvswitch.errors import TvswitchError
+from tvswitch.export.onnx_export import export_onnx
+from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
+from tvswitch.runtime.server import BundleSource, Server
+
+_spec = importlib.util.spec_from_file_location(
+    "engine_models", os.path.join(os.path.dirname(__file__), "engines", "models.py"))
+M = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(M)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    module, inputs, names = M.conv_case()
+    bundle, base = M.make_bundle(tmp_path_factory.mktemp("server"), module, ("head.",))
+    graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
+    return dict(bundle=bundle, base=base, graph=graph, inputs=inputs)
+
+
+class SlowSource:
+    """The real rebuild, landed tensor by tensor with pauses: a slow in-place write, so that a
+    request slipping in mid-switch would read a mix of two tasks' weights."""
+
+    def __init__(self, inner: BundleSource, pause: float = 2e-4):
+        self.inner, self.pause = inner, pause
+        self.tasks = inner.tasks
+        self.writes = 0
+        self.failures = 0  # how many writes from now on fail after their third tensor
+
+    def check(self, mix):
+        return self.inner.check(mix)
+
+    def write(self, mix, buffers):
+        scratch = {n: np.empty_like(a) for n, a in buffers.items()}
+        self.inner.write(mix, scratch)
+        self.writes += 1
+        for i, (name, a) in enumerate(scratch.items()):
+            if i == 3 and self.failures:
+                self.failures -= 1
+                raise RuntimeError("simulated device error after %d tensors" % i)
+            np.copyto(buffers[name], a)
+            time.sleep(self.pause)
+
+
+class StagedOrt(OnnxRuntimeEngine):
+    """ONNX Runtime with a staging slot that ``publish`` copies into the bound buffers (the
+    contract TensorRT's refit has), to test the server's staged path."""
+
+    publish_copies = True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.staging = {n: a.copy() for n, a in self._arrays[0].items()}
+        self.fail_publish = 0  # how many publishes fail from now on
+
+    def buffers(self, slot=0):
+        return self.staging
+
+    def publish(self, slot=0):
+        if self.fail_publish:
+            self.fail_publish -= 1
+            first = next(iter(self.staging))
+            np.copyto(self._arrays[0][first], self.staging[first])  # half done, then the error
+            raise RuntimeError("simulated refit failure")
+        for name, a in self.staging.items():
+            np.copyto(self._arrays[0][name], a)
+            time.sleep(1e-4)
+
+
+def _server(setup, mode="lock", pause=2e-4):
+    engine = (StagedOrt if mode == "staged" else OnnxRuntimeEngine)(
+        setup["graph"], slots=2 if mode == "double" else 1, threads=1)
+    source = SlowSource(BundleSource(setup["bundle"], engine.weight_specs, setup["base"], threads=1), pause)
+    return Server(engine, source, {"a": 1.0})
+
+
+def _out(server, setup):
+    return server.infer(setup["inputs"])["output"]
+
+
+def _reference(setup, mix):
+    server = _server(setup, pause=0)
+    server.switch(mix)
+    return _out(server, setup)
+
+
+MODES = ["lock", "double", "staged"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_task_or_weight_is_refused_before_anything_changes(setup, mode):
+    server = _server(setup, mode, pause=0)
+    before = _out(server, setup)
+    writes = server.source.writes
+    for mix in ({"nope": 1.0}, {"a": float("nan")}, {}):
+        with pytest.raises(TvswitchError):
+            server.switch(mix)
+    assert server.source.writes == writes
+    assert server.mix == {"a": 1.0}
+    np.testing.assert_array_equal(_out(server, setup), before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failure_half_way_through_the_write_keeps_the_old_task_serving(setup, mode):
+    server = _server(setup, mode, pause=0)
+    before = _out(server, setup)
+    server.source.failures = 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        server.switch({"b": 1.0})
+    assert server.mix == {"a": 1.0}
+    np.testing.assert_array_equal(_out(server, setup), before)
+    assert server.switch({"b": 1.0})
+    np.testing.assert_array_equal(_out(server, setup), _reference(setup, {"b": 1.0}))
+
+
+def test_a_failed_refit_is_rolled_back(setup):
+    server = _server(setup, "staged", pause=0)
+    before = _out(server, setup)
+    server.engine.fail_publish = 1
+    with pytest.raises(RuntimeError, match="simulated refit"):
+        server.switch({"b": 1.0})
+    assert server.mix == {"a": 1.0}
+    np.testing.assert_array_equal(_out(server, setup), before)
+
+
+def test_a_failed_refit_whose_rollback_fails_refuses_requests(setup):
+    server = _server(setup, "staged", pause=0)
+    before = _out(server, setup)
+    server.engine.fail_publish = 2
+    with pytest.raises(RuntimeError, match="simulated refit"):
+        server.switch({"b": 1.0})
+    with pytest.raises(TvswitchError, match="no task is serving"):
+        server.infer(setup["inputs"])
+    assert server.switch({"a": 1.0})
+    np.testing.assert_array_equal(_out(server, setup), before)
+
+
+def test_when_the_rollback_fails_too_requests_are_refused_until_a_switch_succeeds(setup):
+    server = _server(setup, "lock", pause=0)
+    before = _out(server, setup)
+    server.source.failures = 2  # the switch and its rollback
+    with pytest.raises(RuntimeError):
+        server.switch({"b": 1.0})
+    with pytest.raises(TvswitchError, match="no task is serving"):
+        server.infer(setup["inputs"])
+    assert server.switch({"a": 1.0})
+    np.testing.assert_array_equal(_out(server, setup), before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_requests_see_one_task_or_the_other_never_a_mix(setup, mode):
+    refs = [_reference(setup, {"a": 1.0}), _reference(setup, {"b": 1.0})]
+    assert not np.array_equal(refs[0], refs[1])
+    server = _server(setup, mode)
+    stop = threading.Event()
+    bad, seen = [], [0, 0]
+
+    def reader():
+        while not stop.is_set():
+            out = _out(server, setup)
+            hits = [np.array_equal(out, r) for r in refs]
+            if not any(hits):
+                bad.append(out)
+            else:
+                seen[hits.index(True)] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(30):
+            server.switch({"ba"[i % 2]: 1.0})
+            time.sleep(0.002)  # switches spaced out, as in service: requests get their turn
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad, "%d requests saw half-written weights" % len(bad)
+    assert seen[0] and seen[1]
+
+
+def test_switching_to_the_serving_mix_rebuilds_nothing(setup):
+    server = _server(setup, pause=0)
+    writes = server.source.writes
+    assert not server.switch({"a": 1.0})
+    assert server.source.writes == writes
+
+
+def test_a_request_with_a_mix_is_answered_with_that_mix(setup):
+    server = _server(setup, pause=0)
+    mix = {"b": 0.5, "c": 0.5}
+    mixed, out = server.auto(setup["inputs"], lambda x: {"a": 0.0, **mix})
+    assert mixed == mix and server.mix == mix
+    np.testing.assert_array_equal(out["output"], _reference(setup, mix))
