@@ -163,6 +163,14 @@ __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t
     f->fast = 1;
 }
 
+/* decode.h's element-by-element value, out of line: it serves the rare terms (raw values,
+ * groups smaller than four elements) and, inlined into every prefetch slot of every
+ * kernel, it would triple the code and the compile time for nothing. */
+__device__ __noinline__ float tv_value_slow(const tv_term *t, uint32_t i)
+{
+    return tv_term_value(t, i);
+}
+
 /* acc[k] = acc[k] + weight * value(i0 + k): the loop body of tv_rebuild_element(). */
 __device__ __forceinline__ void tv_apply(const tv_term *t, const tv_fetched *f, uint32_t i0,
                                          uint32_t cnt, float acc[4])
@@ -183,7 +191,7 @@ __device__ __forceinline__ void tv_apply(const tv_term *t, const tv_fetched *f, 
         }
     } else {
         for (uint32_t k = 0; k < cnt; ++k)
-            acc[k] = acc[k] + weight * tv_term_value(t, i0 + k);
+            acc[k] = acc[k] + weight * tv_value_slow(t, i0 + k);
     }
 }
 
@@ -284,15 +292,17 @@ __device__ __forceinline__ void tv_rebuild_tiles(const tv_segment *segs, uint32_
  * which sets its registers and so how many blocks an SM holds: a one-task switch (TVQ and
  * T-Switch: 1 term, RTVQ: 2) wants many threads each with a few bytes in flight, an 8-task
  * mix (RTVQ: 9 terms, the shared base merged) wants every term's words in flight at once.
- * The host picks the smallest kernel whose prefetch covers the plan's largest term count.
+ * MIN_BLOCKS caps registers so that many blocks fit an SM (ptxas -v, sm_53..sm_90: at
+ * most 48, 64 and 128 registers, spilling at most a few bytes).  The host picks the
+ * smallest kernel whose prefetch covers the plan's largest term count.
  */
-#define TV_DEFINE_REBUILD(PREFETCH)                                                          \
-    extern "C" __global__ void __launch_bounds__(TV_BLOCK_THREADS)                           \
+#define TV_DEFINE_REBUILD(PREFETCH, MIN_BLOCKS)                                              \
+    extern "C" __global__ void __launch_bounds__(TV_BLOCK_THREADS, MIN_BLOCKS)               \
     tv_rebuild_p##PREFETCH(const tv_segment *segs, uint32_t nseg, const tv_term *terms,      \
                            uint32_t total_tiles, uint32_t tiles_per_block)                   \
     {                                                                                        \
         tv_rebuild_tiles(segs, nseg, terms, total_tiles, tiles_per_block, PREFETCH);         \
     }
-TV_DEFINE_REBUILD(2)
-TV_DEFINE_REBUILD(4)
-TV_DEFINE_REBUILD(10)
+TV_DEFINE_REBUILD(2, 5)
+TV_DEFINE_REBUILD(4, 4)
+TV_DEFINE_REBUILD(10, 2)

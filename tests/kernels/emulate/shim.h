@@ -30,8 +30,9 @@ struct uint2 {
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __shared__ static
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 
 inline void __syncthreads() { tv_block_barrier->arrive_and_wait(); }
 
