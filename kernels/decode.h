@@ -100,6 +100,23 @@ TV_HD uint32_t tv_code(const uint32_t *words, uint32_t bits, uint32_t i)
     return (uint32_t)(window >> s) & ((1u << bits) - 1u);
 }
 
+/*
+ * Codes 32*r .. 32*r+31 of a b-bit stream, whose b words start at words + r*b.  The same
+ * window arithmetic as tv_code(); with b a compile-time constant every shift is one too,
+ * which is what the CPU build's inner loop relies on.
+ */
+TV_HD void tv_unpack32(const uint32_t *words, uint32_t bits, uint32_t *q)
+{
+#if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__clang__)
+#pragma GCC unroll 32
+#endif
+    for (uint32_t j = 0; j < 32u; ++j) {
+        uint32_t bit = j * bits;
+        uint64_t window = (uint64_t)words[bit >> 5] | ((uint64_t)words[(bit >> 5) + 1u] << 32);
+        q[j] = (uint32_t)(window >> (bit & 31u)) & ((1u << bits) - 1u);
+    }
+}
+
 TV_HD uint32_t tv_mask_bit(const uint32_t *words, uint32_t i)
 {
     return (words[i >> 5] >> (i & 31u)) & 1u;

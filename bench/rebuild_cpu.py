@@ -1,0 +1,156 @@
+"""Bundle size and CPU rebuild speed on the MiniLM encoder, 8 tasks (issue 2's figures).
+
+    python bench/rebuild_cpu.py [--cache ~/.cache/tvswitch/text8] [--repeat 15] [--out FILE]
+
+Task vectors: the 8 fine-tuned checkpoints of bench/text8 when the cache holds them
+(real), otherwise synthetic ones of the same shapes (a rank-8 change plus dense noise at
+0.2% of each tensor's RMS), and the output says which.  Speed is reported as achieved
+bandwidth (bytes a rebuild must move: base read + packed read + output write) over the
+bandwidth of a plain memory copy of the same number of bytes, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+from tvswitch.export.exporter import export_bundle
+from tvswitch.runtime.checkpoint import read_safetensors
+from tvswitch.runtime.rebuild import CpuRebuilder
+from tvswitch.runtime.stats import bundle_stats
+
+TASKS = ["20news", "r8", "bbc", "rotten", "tweets", "friends", "debates", "r52"]
+
+
+def minilm_shapes() -> Dict[str, Tuple[int, ...]]:
+    d, ff, shapes = 384, 1536, {}
+    shapes["embeddings.word_embeddings.weight"] = (30522, d)
+    shapes["embeddings.position_embeddings.weight"] = (512, d)
+    shapes["embeddings.token_type_embeddings.weight"] = (2, d)
+    shapes["embeddings.LayerNorm.weight"] = shapes["embeddings.LayerNorm.bias"] = (d,)
+    for i in range(6):
+        p = "encoder.layer.%d." % i
+        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes[p + m + ".weight"], shapes[p + m + ".bias"] = (d, d), (d,)
+        shapes[p + "attention.output.LayerNorm.weight"] = shapes[p + "attention.output.LayerNorm.bias"] = (d,)
+        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (ff, d), (ff,)
+        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (d, ff), (d,)
+        shapes[p + "output.LayerNorm.weight"] = shapes[p + "output.LayerNorm.bias"] = (d,)
+    shapes["pooler.dense.weight"], shapes["pooler.dense.bias"] = (d, d), (d,)
+    return shapes
+
+
+def load_checkpoints(cache: pathlib.Path) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, np.ndarray]], str]:
+    """(base, tasks, description): real fine-tunes if cached, else synthetic ones."""
+    files = [cache / ("%s.safetensors" % t) for t in TASKS]
+    if (cache / "pretrained.safetensors").exists() and all(f.exists() for f in files):
+        base = read_safetensors(str(cache / "pretrained.safetensors"))
+        return base, {t: read_safetensors(str(f)) for t, f in zip(TASKS, files)}, \
+            "real: 8 fine-tuned MiniLM checkpoints from %s" % cache
+    rng = np.random.default_rng(0)
+    base = {n: rng.normal(0, 0.04, s).astype(np.float32) for n, s in minilm_shapes().items()}
+    tasks = {}
+    for t in TASKS:
+        ft = {}
+        for n, w in base.items():
+            rms = float(np.sqrt(np.mean(w.astype(np.float64) ** 2)))
+            tau = rng.normal(0, 2e-3 * rms, w.shape)
+            if w.ndim == 2:
+                tau += 2e-3 * rms * (rng.normal(0, 1, (w.shape[0], 8)) @ rng.normal(0, 1, (8, w.shape[1]))) / 8
+            ft[n] = (w + tau).astype(np.float32)
+        ft["head.weight"] = rng.normal(0, 0.05, (10, 384)).astype(np.float32)
+        tasks[t] = ft
+    return base, tasks, "synthetic task vectors of MiniLM's shapes (no cached fine-tunes in %s)" % cache
+
+
+def median_seconds(fn: Callable[[], None], repeat: int) -> float:
+    fn()  # warm caches and page in the buffers
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int, repeat: int) -> float:
+    """Bytes moved per second by a plain copy of nbytes/2 bytes (read + write = nbytes)."""
+    src = np.ones(nbytes // 2, dtype=np.uint8)
+    dst = np.empty_like(src)
+    return nbytes / median_seconds(lambda: np.copyto(dst, src), repeat)
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="~/.cache/tvswitch/text8", help="bench/text8's fine-tuning cache")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--out", help="also write the report to this markdown file")
+    args = ap.parse_args(argv)
+    base, tasks, source = load_checkpoints(pathlib.Path(os.path.expanduser(args.cache)))
+    lines = ["# CPU rebuild and bundle size, MiniLM encoder, 8 tasks", "",
+             "- task vectors: %s" % source,
+             "- machine: %s, %d cores, Python %s, numpy %s" % (platform.machine(), os.cpu_count(),
+                                                              platform.python_version(), np.__version__),
+             "- command: `python bench/rebuild_cpu.py%s`" % (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+             ""]
+    configs = [
+        ("TVQ-INT4", dict(name="tvq", bits=4), 4.0),
+        ("TVQ-INT3", dict(name="tvq", bits=3), 3.0),
+        ("TVQ-INT2", dict(name="tvq", bits=2), 2.0),
+        ("RTVQ(3+2)", dict(name="rtvq"), 2.0 + 3 / 8),
+        ("RTVQ budget 2.375", dict(name="rtvq", budget_bits=2.375), 2.375),
+        ("T-Switch keep 0.3", dict(name="tswitch", keep=0.3), 2.0),
+        ("TVQ-INT2 + lzma", dict(name="tvq", bits=2, entropy="lzma"), 2.0),
+        ("RTVQ(3+2) + lzma", dict(name="rtvq", entropy="lzma"), 2.375),
+        ("T-Switch keep 0.3 + lzma", dict(name="tswitch", keep=0.3, entropy="lzma"), 2.0),
+    ]
+    size_rows, speed_rows = [], []
+    mixes = {"1 task": {TASKS[0]: 1.0}, "8-task mix": {t: 0.3 for t in TASKS}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, kw, nominal in configs:
+            path = os.path.join(tmp, "b.tvs")
+            t0 = time.perf_counter()
+            bundle = export_bundle(base, tasks, path, **kw)
+            export_s = time.perf_counter() - t0
+            stats = bundle_stats(bundle)
+            bits = stats["bits_per_task_vector_weight"]
+            size_rows.append("| %s | %.3f | %.3f | %+.1f%% | %.2f MB | %.1fx | %.1f s |" % (
+                label, nominal, bits, 100 * (bits / nominal - 1), stats["file_bytes"] / 1e6,
+                stats["ratio_to_fp32_checkpoints"], export_s))
+            if "entropy" in kw or "budget_bits" in kw:
+                continue
+            for mix_label, mix in mixes.items():
+                for threads in (1, 2):
+                    r = CpuRebuilder(bundle, base, threads=threads)
+                    out = r.allocate()
+                    moved = r.bytes_moved(mix)
+                    seconds = median_seconds(lambda: r.rebuild(mix, out), args.repeat)
+                    copy_bw = copy_bandwidth(moved, args.repeat)
+                    speed_rows.append("| %s | %s | %d | %.1f | %.2f | %.2f | %.2f | %.2f |" % (
+                        label, mix_label, threads, moved / 1e6, 1e3 * seconds, moved / seconds / 1e9,
+                        copy_bw / 1e9, moved / seconds / copy_bw))
+            os.unlink(path)
+    lines += ["## Bytes on disk per task-vector weight (everything in the file included)", "",
+              "| scheme | nominal bits | measured bits | vs nominal | file (8 tasks) | vs FP32 checkpoints | export |",
+              "|---|---|---|---|---|---|---|", *size_rows, "",
+              "## CPU rebuild into preallocated fp32 buffers", "",
+              "Bandwidth = bytes that must move / median time; copy = numpy copy of the same bytes "
+              "(one core), same run.", "",
+              "| scheme | mix | threads | MB moved | ms | GB/s | copy GB/s | ratio to copy |",
+              "|---|---|---|---|---|---|---|---|", *speed_rows, ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
