@@ -19,7 +19,10 @@ from tvswitch.errors import TvswitchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tvswitch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tvswitch",
+        description="Many fine-tuned variants of one network, stored once as packed task vectors "
+                    "and switched in milliseconds.")
     parser.add_argument("--version", action="version", version="tvswitch " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -11,8 +11,14 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DOCKER = os.path.join(ROOT, "docker")
 DOCKERFILES = sorted(glob.glob(os.path.join(DOCKER, "*.Dockerfile")))
-#: what .ci/run installs, in order (the brief of issue 6); .ci/run itself wins when present
-CI_INSTALLS = [["torch==2.13.0"], [".[onnx,torch,cuda,nvrtc12,test]"]]
+
+
+def ci_test_command():
+    """README's test command: .ci/run executes exactly this block."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"<!-- test-command -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no test-command block"
+    return block.group(1)
 
 
 def instructions(path):
@@ -72,18 +78,12 @@ def _pip_installs(commands):
 
 def test_ci_image_installs_like_ci():
     image = _pip_installs([a for op, a in instructions(os.path.join(DOCKER, "x86-cpu.Dockerfile")) if op == "RUN"])
-    ci_run = os.path.join(ROOT, ".ci", "run")
-    expected = CI_INSTALLS
-    if os.path.exists(ci_run):
-        expected = [r for r in _pip_installs(open(ci_run).read().splitlines()) if r]
+    expected = [r for r in _pip_installs([ci_test_command()]) if r]
     assert image == expected
 
 
 def test_ci_image_uses_ci_package_indexes():
-    ci_run = os.path.join(ROOT, ".ci", "run")
-    if not os.path.exists(ci_run):
-        pytest.skip(".ci/run not written yet")
-    pip_lines = [l for l in open(ci_run).read().splitlines() if "pip" in l and "install" in l]
+    pip_lines = [l for l in ci_test_command().splitlines() if "pip" in l and "install" in l]
     dockerfile = open(os.path.join(DOCKER, "x86-cpu.Dockerfile")).read()
     for url in re.findall(r"https?://[^\s'\"]+", "\n".join(pip_lines)):
         assert url in dockerfile, "docker/x86-cpu.Dockerfile does not install from %s as .ci/run does" % url
