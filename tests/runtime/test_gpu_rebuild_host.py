@@ -50,6 +50,9 @@ class HostDevice(Device):
     def download(self, array, ptr):
         ctypes.memmove(array.ctypes.data, ptr, array.nbytes)
 
+    def memset(self, ptr, byte, nbytes):
+        ctypes.memset(ptr, byte, nbytes)
+
     def load_module(self, image):
         return image
 
