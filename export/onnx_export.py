@@ -141,8 +141,9 @@ def _digest(a: np.ndarray) -> bytes:
 
 def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
              groups: Mapping[str, List[str]], others: Mapping[str, np.ndarray]) -> None:
-    """Turn every traced initializer into a named weight input, store ``others`` (non-float
-    state) as initializers no node reads, and write the record into the metadata."""
+    """Turn every traced initializer into a named weight input, store the untraced float
+    tensors and ``others`` (non-float state) as initializers no node reads, and write the
+    record into the metadata."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -188,13 +189,14 @@ def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), name))
         weights[name] = (tuple(v.shape), v.dtype.name)
     taken = {t.name for t in graph.initializer}
-    fixed = [n for n, a in others.items() if n not in taken]
-    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(others[n]), n) for n in fixed)
+    fixed = [n for n in others if n not in taken]
+    unused = [name for name in groups if name not in used and name not in taken]
+    stored = [(n, others[n]) for n in fixed] + [(n, values[n]) for n in unused]
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in stored)
     record = WeightRecord(
         weights=weights, renamed=renamed,
         aliases={alias: name for name, names in groups.items() for alias in names[1:]},
-        unused=[n for name, names in groups.items() if name not in used for n in names],
-        fixed=fixed,
+        unused=unused, fixed=fixed,
     )
     prop = model.metadata_props.add()
     prop.key, prop.value = WEIGHTS_KEY, record.to_json()

@@ -42,10 +42,10 @@ class WeightRecord:
     ``"identity"``, ``"transpose"`` (with ``perm``) or ``"reshape"``, kept so a user can
     trace every ``onnx::MatMul_N`` back to its tensor.
     ``aliases``: tied state_dict names -> the one name the graph uses.
-    ``unused``: float state_dict tensors the traced graph does not read.
-    ``fixed``: non-float state_dict tensors (BatchNorm's ``num_batches_tracked``) kept as
-    initializers no node reads, so the graph carries everything a bundle's base
-    fingerprint covers and can serve as the base.
+    ``unused``: float state_dict tensors the traced graph does not read (a pooler).
+    ``fixed``: non-float state_dict tensors (BatchNorm's ``num_batches_tracked``).
+    Both are kept as initializers no node reads, so the graph carries everything a
+    bundle's base fingerprint covers and can serve as the base.
     """
 
     weights: Dict[str, Tuple[Tuple[int, ...], str]]
@@ -144,7 +144,7 @@ def input_spec(value_info) -> Tuple[Tuple[Optional[int], ...], np.dtype]:
 def serving_graph(model, weights: List[str]):
     """(graph with every weight a plain input, the defaults the file held, weight specs).
 
-    The defaults (and the record's ``fixed`` tensors) are returned once and dropped from
+    The defaults (and the record's ``unused`` and ``fixed`` tensors) are returned once and dropped from
     the graph so that ONNX Runtime holds no second copy of them; a weight the file has no
     value for must be bound by the caller.  Weight shapes must be static: a rebuild
     writes fixed buffers.
@@ -156,7 +156,7 @@ def serving_graph(model, weights: List[str]):
     model_out.CopyFrom(model)
     graph = model_out.graph
     record = read_record(model)
-    wanted = set(weights) | set(record.fixed if record else ())
+    wanted = set(weights) | set(record.fixed + record.unused if record else ())
     defaults: Dict[str, np.ndarray] = {}
     keep = []
     for t in graph.initializer:

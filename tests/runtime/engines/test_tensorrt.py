@@ -1,0 +1,139 @@
+"""What surrounds the TensorRT engine, tested without TensorRT: the graph it parses (weights as
+initializers, BatchNorm unfolded into named constants), plan cache keys, and which refit name
+comes from where.  The engine itself runs only where TensorRT and a GPU are present."""
+import importlib.util
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from tvswitch.errors import TvswitchError
+from tvswitch.export.onnx_export import export_onnx
+from tvswitch.runtime.engines import onnx_graph
+from tvswitch.runtime.engines.tensorrt import (PlanCache, graph_digest, parse_version, plan_key, refit_flag,
+                                               refit_sources, strips_weights)
+
+_spec = importlib.util.spec_from_file_location("engine_models", os.path.join(os.path.dirname(__file__), "models.py"))
+M = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(M)
+
+
+@pytest.fixture(scope="module")
+def conv():
+    module, inputs, names = M.conv_case()
+    graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
+    weights = onnx_graph.find_weights(graph)
+    _, defaults, _ = onnx_graph.serving_graph(graph, weights)
+    return module, inputs, graph, weights, defaults
+
+
+def _run(model, feeds):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_tensorrt_graph_has_weights_as_initializers_and_no_batchnorm(conv):
+    _, inputs, graph, weights, defaults = conv
+    trt_graph, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
+    assert [i.name for i in trt_graph.graph.input] == ["x"]
+    inits = {t.name for t in trt_graph.graph.initializer}
+    assert set(weights) <= inits
+    assert "BatchNormalization" not in [n.op_type for n in trt_graph.graph.node]
+    assert [(bn.gamma, bn.mean, bn.shape) for bn in folds] == [("b1.weight", "b1.running_mean", (8, 1, 1)),
+                                                               ("b2.weight", "b2.running_mean", (16, 1, 1))]
+    assert all(bn.scale in inits and bn.shift in inits for bn in folds)
+    onnx.checker.check_model(trt_graph)
+    np.testing.assert_allclose(_run(trt_graph, inputs), _run(graph, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_refitted_folds_match_batchnorm_on_new_weights(conv):
+    """What a refit sets (weights + folds recomputed from them) equals BatchNorm on those weights."""
+    _, inputs, graph, weights, defaults = conv
+    rng = np.random.default_rng(3)
+    new = {n: (a * (1 + 0.1 * rng.standard_normal(a.shape))).astype(a.dtype) for n, a in defaults.items()
+           if n in weights}
+    new = {n: np.abs(a) if n.endswith("running_var") else a for n, a in new.items()}
+    fresh, folds = onnx_graph.tensorrt_graph(graph, weights, new)  # what a new build would hold
+    refit, _ = onnx_graph.tensorrt_graph(graph, weights, defaults)  # an old build, refitted below
+    values = dict(new)
+    for bn in folds:
+        values[bn.scale], values[bn.shift] = onnx_graph.derive_batchnorm(bn, new)
+    for t in refit.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(onnx.numpy_helper.from_array(values[t.name], t.name))
+    engine_graph, _, _ = onnx_graph.serving_graph(graph, weights)
+    feeds = dict(inputs, **new)
+    np.testing.assert_allclose(_run(refit, inputs), _run(engine_graph, feeds), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(fresh, inputs), _run(refit, inputs), rtol=1e-6, atol=1e-7)
+
+
+def test_graph_digest_ignores_switchable_values_but_not_structure_or_constants(conv):
+    _, _, graph, weights, defaults = conv
+    g1, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
+    g2, _ = onnx_graph.tensorrt_graph(graph, weights, {n: a + 1 for n, a in defaults.items()})
+    refittable = weights + [n for bn in folds for n in (bn.scale, bn.shift)]
+    assert graph_digest(g1, refittable) == graph_digest(g2, refittable)
+    assert graph_digest(g1, refittable) != graph_digest(g1, refittable[1:])  # a constant's value now counts
+    g3 = onnx.ModelProto()
+    g3.CopyFrom(g1)
+    g3.graph.node[0].name = "renamed"
+    assert graph_digest(g3, refittable) != graph_digest(g1, refittable)
+
+
+def test_plan_key_changes_with_version_device_precision_and_shapes():
+    base = plan_key("d", "10.3.0", "Orin sm_87", False, {"x": ((1, 3), (4, 3), (8, 3))})
+    assert base == plan_key("d", "10.3.0", "Orin sm_87", False, {"x": ((1, 3), (4, 3), (8, 3))})
+    others = [plan_key("e", "10.3.0", "Orin sm_87", False, {"x": ((1, 3), (4, 3), (8, 3))}),
+              plan_key("d", "8.5.2", "Orin sm_87", False, {"x": ((1, 3), (4, 3), (8, 3))}),
+              plan_key("d", "10.3.0", "Xavier sm_72", False, {"x": ((1, 3), (4, 3), (8, 3))}),
+              plan_key("d", "10.3.0", "Orin sm_87", True, {"x": ((1, 3), (4, 3), (8, 3))}),
+              plan_key("d", "10.3.0", "Orin sm_87", False, {"x": ((1, 3), (4, 3), (16, 3))})]
+    assert len({base, *others}) == 6
+
+
+def test_plan_cache_round_trip(tmp_path):
+    cache = PlanCache(str(tmp_path / "plans"))
+    assert cache.load("k") is None
+    cache.store("k", b"plan bytes")
+    assert cache.load("k") == b"plan bytes"
+    assert os.listdir(str(tmp_path / "plans")) == ["k.plan"]
+
+
+def test_refit_mode_and_stripping_follow_the_tensorrt_version():
+    assert parse_version("10.3.0.30") == (10, 3, 0, 30) and parse_version("8.2.1.8") == (8, 2, 1, 8)
+    assert refit_flag(parse_version("10.3.0")) == "REFIT_INDIVIDUAL"
+    assert refit_flag(parse_version("10.1.0")) == "REFIT" and refit_flag(parse_version("8.5.2")) == "REFIT"
+    assert strips_weights((10, 0)) and not strips_weights((8, 6, 1))
+
+
+def test_refit_sources_sort_names_and_refuse_a_lost_fold(conv):
+    _, _, graph, weights, defaults = conv
+    _, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
+    fold_names = [n for bn in folds for n in (bn.scale, bn.shift)]
+    # REFIT (TensorRT < 10.2): every weight is refittable, graph constants too
+    reported = weights[2:] + fold_names + ["some_constant"]
+    slot, derived, constants = refit_sources(reported, weights, folds)
+    assert slot == weights[2:] and sorted(derived) == sorted(fold_names) and constants == ["some_constant"]
+    with pytest.raises(TvswitchError, match="refittable"):
+        refit_sources(weights, weights, folds)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="TensorRT is not installed (no GPU on CI); the engine runs only on a device")
+def test_tensorrt_engine_switches_like_onnxruntime(conv, tmp_path):
+    from tvswitch.runtime.engines.tensorrt import TensorRTEngine
+
+    _, inputs, graph, weights, defaults = conv
+    engine = TensorRTEngine(graph, cache_dir=str(tmp_path))
+    np.testing.assert_allclose(engine.infer(inputs)["output"], _run(graph, inputs), rtol=1e-3, atol=1e-4)
+    for n, a in engine.buffers(0).items():
+        a *= 1.05
+    engine.publish(0)
+    engine_graph, _, _ = onnx_graph.serving_graph(graph, weights)
+    feeds = dict(inputs, **defaults)
+    feeds.update((n, a.astype(np.float32)) for n, a in engine.buffers(0).items())
+    np.testing.assert_allclose(engine.infer(inputs)["output"], _run(engine_graph, feeds), rtol=1e-3, atol=1e-4)
