@@ -68,6 +68,8 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
     base_ck = load_checkpoint(base, "base")
     bundle.check_base(base_ck.tensors, base_ck.label)
     record = dict(bundle.manifest["scheme"])
+    if record.get("name") == "emr":
+        raise TvswitchError("%s: EMR's unified vector depends on every task; re-export to add one" % path)
     scheme = Scheme(**{k: v for k, v in record.items() if k in Scheme.__dataclass_fields__})
     ck = load_checkpoint(source, task)
     layout = classify(base_ck, {task: ck}, scheme.task_specific)

@@ -47,8 +47,8 @@ class Scheme:
     task_specific: List[str] = field(default_factory=list)
 
     def check(self) -> None:
-        if self.name not in ("fq", "tvq", "rtvq", "tswitch"):
-            raise TvswitchError("--scheme must be fq, tvq, rtvq or tswitch, got %r" % self.name)
+        if self.name not in ("fq", "tvq", "rtvq", "tswitch", "emr"):
+            raise TvswitchError("--scheme must be fq, tvq, rtvq, tswitch or emr, got %r" % self.name)
         parse_granularity(self.granularity)
         for flag, b in (("--bits", self.bits), ("--base-bits", self.base_bits), ("--offset-bits", self.offset_bits)):
             if not 1 <= b <= 8:
@@ -90,7 +90,9 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
     store = PayloadStore(entropy)
     entries: Dict[str, Dict[str, dict]] = {t: {} for t in cks}
     widths = _widths(scheme, base_ck, cks, layout, progress)
-    for name in _progress(layout.vectors, progress, "encode"):
+    if scheme.name == "emr":
+        _encode_emr(scheme, base_ck, cks, layout, entries, store)
+    for name in _progress(layout.vectors if scheme.name != "emr" else [], progress, "encode"):
         taus, flat_base = task_vectors(base_ck, cks, name)
         encoded = _encode(scheme, name, base_ck.tensors[name].shape, list(cks), taus, flat_base,
                           widths.get(name), store)
@@ -166,6 +168,28 @@ def _codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[n
     if mask is not None:
         term["mask"] = store.add(prefix + "/mask", pack_mask(mask))
     return term
+
+
+def _encode_emr(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], layout: Layout,
+                entries: Dict[str, Dict[str, dict]], store: PayloadStore) -> None:
+    """EMR-Merging stored as T-Switch-like bitmaps: one unified vector (codes at ``bits``,
+    shared), and per task a mask over it and a rescaler carried as the term's scale."""
+    from tvswitch.export.merge import emr
+
+    tasks = list(cks)
+    vectors: Dict[str, Dict[str, np.ndarray]] = {t: {} for t in tasks}
+    for name in layout.vectors:
+        taus, _ = task_vectors(base, cks, name)
+        for t, tau in zip(tasks, taus):
+            vectors[t][name] = tau
+    merged = emr(vectors)
+    for name in layout.vectors:
+        group = group_size(base.tensors[name].shape, scheme.granularity)
+        shared = _codes_term(store, "@shared/%s" % name, quantize(merged.unified[name], scheme.bits, group))
+        for t in tasks:
+            term = dict(shared, mask=store.add("%s/%s/mask" % (t, name), pack_mask(merged.masks[t][name].reshape(-1))),
+                        scale=float(merged.rescalers[t]))
+            entries[t][name] = {"mode": "delta", "terms": [term]}
 
 
 def _encode(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.ndarray, flat_base: np.ndarray,

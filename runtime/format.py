@@ -77,7 +77,7 @@ def parse_entry(path: str, where: str, raw: Any) -> Entry:
         if t["kind"] == "codes":
             _require(isinstance(t.get("bits"), int) and 1 <= t["bits"] <= 8, path,
                      "code width must be 1..8 bits in %s" % where)
-            _require(isinstance(t.get("group"), int) and t["group"] >= 1, path,
+            _require(isinstance(t.get("group"), int) and 1 <= t["group"] <= MAX_ELEMENTS, path,
                      "bad group size in %s" % where)
             terms.append(Term("codes", float(scale), codes=t.get("codes"), params=t.get("params"),
                               bits=t["bits"], group=t["group"], mask=t.get("mask")))

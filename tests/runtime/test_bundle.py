@@ -93,6 +93,18 @@ def test_inconsistent_manifest_is_refused(bundle_factory, tmp_path):
         Bundle.open(p)
 
 
+def test_out_of_range_group_is_refused(bundle_factory, tmp_path):
+    """decode.h indexes groups with 32 bits: a larger group would divide by its low bits."""
+    b = bundle_factory("tvq", bits=4)
+    p = str(tmp_path / "group.tvs")
+
+    def lie(m):
+        m["entries"]["a"]["enc.weight"]["terms"][0]["group"] = 2**32 + 5
+    _rewrite_manifest(b.path, p, lie)
+    with pytest.raises(BundleError, match="bad group size"):
+        Bundle.open(p)
+
+
 def test_wrong_base_is_refused_before_any_write(bundle_factory, checkpoints):
     base, fts = checkpoints
     b = bundle_factory()

@@ -41,6 +41,7 @@ def reference64(bundle, base, mix):
 @pytest.mark.parametrize("scheme,kw", [
     ("tvq", dict(bits=4)), ("tvq", dict(bits=3, granularity="channel")), ("tvq", dict(bits=2, granularity="group:16")),
     ("fq", dict(bits=4)), ("rtvq", {}), ("rtvq", dict(budget_bits=2.4)), ("tswitch", dict(keep=0.25)),
+    ("emr", dict(bits=4)),
 ])
 @pytest.mark.parametrize("mix", [{"a": 1.0}, {"a": 0.5, "c": 0.25}, {"a": 0.3, "b": 0.3, "c": 0.3}])
 def test_rebuild_matches_float64_reference(bundle_factory, checkpoints, scheme, kw, mix):
@@ -126,3 +127,23 @@ def test_embedded_base_needs_no_checkpoint(tmp_path, checkpoints):
     b.rebuild({"a": 1.0}, ob)
     for k in oa:
         assert np.array_equal(oa[k], ob[k])
+
+
+def test_emr_bundle_rebuilds_what_emr_merging_defines(bundle_factory, checkpoints):
+    """EMR stored as shared codes + per-task masks and rescalers rebuilds rescaler * mask * unified."""
+    from tvswitch.export.merge import emr
+    from tvswitch.export.quantize import dequantize, group_size, quantize
+
+    base, fts = checkpoints
+    bundle = bundle_factory("emr", bits=8)
+    vectors = {t: {n: (ft[n].astype(np.float32) - base[n].astype(np.float32)).reshape(-1)
+                   for n in ("enc.weight", "enc.bias", "mlp.weight", "norm.weight", "half.weight")}
+               for t, ft in fts.items()}
+    merged = emr(vectors)
+    r = CpuRebuilder(bundle, base)
+    out = r.allocate()
+    r.rebuild({"b": 1.0}, out)
+    for n in ("enc.weight", "mlp.weight"):
+        u = dequantize(quantize(merged.unified[n], 8, group_size(base[n].shape, "tensor")))
+        want = base[n].reshape(-1) + np.float32(merged.rescalers["b"]) * np.where(merged.masks["b"][n], u, 0)
+        assert np.allclose(out[n].reshape(-1), want, atol=1e-6)

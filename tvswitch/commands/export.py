@@ -13,8 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="pretrained checkpoint (safetensors, or torch state_dict file)")
     p.add_argument("--task", action="append", required=True, metavar="NAME=PATH",
                    help="a fine-tuned checkpoint; repeat per task")
-    p.add_argument("--scheme", choices=["fq", "tvq", "rtvq", "tswitch"], default="tvq")
-    p.add_argument("--bits", type=int, default=4, help="code width of fq/tvq (1..8; default 4)")
+    p.add_argument("--scheme", choices=["fq", "tvq", "rtvq", "tswitch", "emr"], default="tvq",
+                   help="tvq (default), rtvq, tswitch, fq (baseline), or emr (EMR-Merging: unified "
+                        "vector at --bits, per-task masks and rescalers)")
+    p.add_argument("--bits", type=int, default=4, help="code width of fq/tvq/emr (1..8; default 4)")
     p.add_argument("--granularity", default="tensor", help="tensor | channel | group:G (default tensor)")
     p.add_argument("--base-bits", type=int, default=3, help="rtvq: width of the shared base vector (default 3)")
     p.add_argument("--offset-bits", type=int, default=2, help="rtvq: width of the per-task offsets (default 2)")
