@@ -1,0 +1,96 @@
+"""Does the bit allocator's sensitivity pay off?  Uniform widths vs allocated widths at the
+same budget, judged on what the allocator never sees: the fine-tuned models' outputs.
+
+    python -m bench.allocation [--cache ~/.cache/tvswitch/text8] [--out FILE]
+
+Needs bench/text8's cached fine-tunes (real MiniLM checkpoints) and its data packages.
+For every task: rebuild its encoder from each bundle, run the task's validation texts,
+and compare with the fine-tuned FP32 model: relative error of the pooled features
+||f - f_ft|| / ||f_ft||, and validation accuracy through the task's own head.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Dict, List
+
+import numpy as np
+
+from bench.text8 import data as D
+from bench.text8 import model as M
+from tvswitch.export.exporter import export_bundle
+from tvswitch.runtime.checkpoint import read_safetensors
+from tvswitch.runtime.rebuild import CpuRebuilder
+from tvswitch.runtime.stats import bundle_stats
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="~/.cache/tvswitch/text8")
+    ap.add_argument("--texts", type=int, default=200, help="validation texts per task")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    cache = pathlib.Path(os.path.expanduser(args.cache))
+    tasks = [t for t in D.TASKS if (cache / ("%s.safetensors" % t)).exists()]
+    if len(tasks) < 2:
+        print("bench.allocation: needs at least two fine-tuned tasks in %s (run python -m bench.text8.finetune)"
+              % cache, file=sys.stderr)
+        return 2
+    base = read_safetensors(str(cache / "pretrained.safetensors"))
+    fts = {t: read_safetensors(str(cache / ("%s.safetensors" % t))) for t in tasks}
+    T = len(tasks)
+    configs = [
+        ("TVQ-INT2 uniform", dict(name="tvq", bits=2)),
+        ("TVQ budget 2.0", dict(name="tvq", budget_bits=2.0)),
+        ("RTVQ(3+2) uniform", dict(name="rtvq", base_bits=3, offset_bits=2)),
+        ("RTVQ budget %.3f" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T)),
+        ("RTVQ(2+1) uniform", dict(name="rtvq", base_bits=2, offset_bits=1)),
+        ("RTVQ budget %.3f" % (1 + 2 / T), dict(name="rtvq", budget_bits=1 + 2 / T)),
+    ]
+    tok = M.load_tokenizer()
+    net = M.Classifier(M.load_encoder())
+    texts = {t: D.load_task(t).val for t in tasks}
+    tokenized = {t: M.Tokenized(tok, texts[t].texts[: args.texts]) for t in tasks}
+    labels = {t: texts[t].labels[: args.texts] for t in tasks}
+    reference: Dict[str, np.ndarray] = {}
+    acc_ft = {}
+    for t in tasks:
+        enc, head = M.split_state(fts[t])
+        M.load_weights(net.encoder, enc)
+        reference[t] = M.features(net, tokenized[t])
+        acc_ft[t] = float(np.mean(M.predict(net, tokenized[t], head) == labels[t]))
+    rows = ["| configuration | bits per weight (file) | feature error | val accuracy |", "|---|---|---|---|",
+            "| fine-tuned FP32 | 32 | 0 | %.4f |" % np.mean(list(acc_ft.values()))]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, kw in configs:
+            bundle = export_bundle(base, fts, os.path.join(tmp, "b.tvs"), **kw)
+            bits = bundle_stats(bundle)["bits_per_task_vector_weight"]
+            r = CpuRebuilder(bundle, base)
+            out = r.allocate()
+            errs, accs = [], []
+            for t in tasks:
+                r.rebuild({t: 1.0}, out)
+                M.load_weights(net.encoder, out)
+                f = M.features(net, tokenized[t])
+                errs.append(float(np.mean(np.linalg.norm(f - reference[t], axis=1)
+                                          / np.linalg.norm(reference[t], axis=1))))
+                _, head = M.split_state(fts[t])
+                accs.append(float(np.mean(M.predict(net, tokenized[t], head) == labels[t])))
+            rows.append("| %s | %.3f | %.5f | %.4f |" % (label, bits, np.mean(errs), np.mean(accs)))
+            print(rows[-1], flush=True)
+    report = "\n".join(["# Bit allocation vs uniform widths at equal budget, MiniLM, %d tasks" % T, "",
+                        "- tasks: %s (fine-tuned checkpoints from %s)" % (", ".join(tasks), cache),
+                        "- %d validation texts per task; feature error = mean ||f - f_ft|| / ||f_ft|| "
+                        "of mean-pooled encoder features" % args.texts,
+                        "- command: `python -m bench.allocation`", "", *rows, ""])
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
