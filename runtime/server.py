@@ -63,7 +63,8 @@ class BundleSource:
             if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
                 raise TvswitchError("bundle tensor %r is %s, the engine's weight is %s"
                                     % (name, list(spec.shape), list(engine_weights[name][0])))
-        self._scratch = {n: a for n, a in self.rebuilder.allocate().items() if n not in engine_weights}
+        self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in shared.items()
+                         if n not in engine_weights}
         self._heads: Dict[str, Dict[str, np.ndarray]] = {}
         head_names = set()
         for task in bundle.tasks:

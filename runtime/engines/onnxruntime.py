@@ -74,7 +74,7 @@ class OnnxRuntimeEngine(Engine):
             self._arrays.append(arrays)
             self._values.append({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
         self._local = threading.local()
-        if len(self.defaults) == len(self._specs):
+        if all(n in self.defaults for n in self._specs):
             self.bind(self.defaults)
 
     @property

@@ -222,7 +222,8 @@ class TensorRTEngine(Engine):
             if cache:
                 cache.store(key, plan)
         self.plan_key = key
-        self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan)
+        self._runtime = trt.Runtime(self._logger)  # kept alive as long as the engine it made
+        self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
             raise TvswitchError("TensorRT could not load the plan (built by another TensorRT or GPU?)")
         self._context = self._engine.create_execution_context()

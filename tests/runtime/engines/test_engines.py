@@ -4,12 +4,14 @@ For a BertModel-shaped encoder and a conv net with BatchNorm and per-task heads:
 each switch the outputs equal the torch reference of the rebuilt weights; 1,000 switches
 back and forth leave outputs unchanged, the weight buffers where they were, and memory flat.
 """
+import copy
 import importlib.util
 import os
 import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 from tvswitch.export.onnx_export import export_onnx
 from tvswitch.runtime.engines import load_engine
@@ -26,8 +28,6 @@ MIXES = [{"a": 1.0}, {"b": 1.0}, {"a": 0.5, "c": 0.5}, {"a": 0.3, "b": 0.3, "c":
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny networks on a shared 2-core machine: torch's second thread only adds wake-up latency."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -46,8 +46,6 @@ def case(request, tmp_path_factory):
 
 def _server(case, kind, slots=1):
     if kind == "torch":
-        import copy
-
         engine = load_engine("torch", module=copy.deepcopy(case["module"]), input_names=case["names"], slots=slots)
     else:
         engine = load_engine("onnxruntime", case["graph"], slots=slots, threads=1)
@@ -134,6 +132,13 @@ def test_engines_refuse_bad_inputs_with_a_clear_error(case):
     server = _server(case, "onnxruntime")
     with pytest.raises(TvswitchError, match="takes inputs"):
         server.infer({"nope": np.zeros(3)})
+
+
+def test_a_fresh_engine_serves_the_weights_the_graph_was_exported_with(case):
+    engine = load_engine("onnxruntime", case["graph"], threads=1)
+    with torch.no_grad():
+        want = case["module"](*[torch.from_numpy(case["inputs"][n]) for n in case["names"]]).numpy()
+    np.testing.assert_allclose(next(iter(engine.infer(case["inputs"]).values())), want, rtol=1e-4, atol=1e-5)
 
 
 def test_load_engine_names_what_is_missing():
