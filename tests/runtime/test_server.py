@@ -65,14 +65,17 @@ class StagedOrt(OnnxRuntimeEngine):
     publish_copies = True
 
     def __init__(self, *args, **kw):
+        self.fail_publish = 0  # how many publishes fail from now on
+        self.staging = None  # while the base class binds the graph's weights, they go straight in
         super().__init__(*args, **kw)
         self.staging = {n: a.copy() for n, a in self._arrays[0].items()}
-        self.fail_publish = 0  # how many publishes fail from now on
 
     def buffers(self, slot=0):
-        return self.staging
+        return self._arrays[0] if self.staging is None else self.staging
 
     def publish(self, slot=0):
+        if self.staging is None:
+            return
         if self.fail_publish:
             self.fail_publish -= 1
             first = next(iter(self.staging))
