@@ -47,8 +47,8 @@ def main(argv: List[str] = None) -> int:
         ("TVQ budget 2.0", dict(name="tvq", budget_bits=2.0)),
         ("RTVQ(3+2) uniform", dict(name="rtvq", base_bits=3, offset_bits=2)),
         ("RTVQ budget %.3f" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T)),
-        ("RTVQ(2+1) uniform", dict(name="rtvq", base_bits=2, offset_bits=1)),
-        ("RTVQ budget %.3f" % (1 + 2 / T), dict(name="rtvq", budget_bits=1 + 2 / T)),
+        ("TVQ-INT3 uniform", dict(name="tvq", bits=3)),
+        ("TVQ budget 3.0", dict(name="tvq", budget_bits=3.0)),
     ]
     tok = M.load_tokenizer()
     net = M.Classifier(M.load_encoder())
