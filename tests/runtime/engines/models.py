@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -109,9 +109,10 @@ def task_checkpoints(module: torch.nn.Module, heads: Tuple[str, ...] = (), seed:
     return base, tasks
 
 
-def make_bundle(tmp_path, module: torch.nn.Module, heads: Tuple[str, ...] = ()) -> Tuple[Bundle, Dict[str, np.ndarray]]:
+def make_bundle(tmp_path, module: torch.nn.Module, heads: Tuple[str, ...] = (), name: str = "model.tvs",
+                query_sets: Optional[Dict[str, np.ndarray]] = None) -> Tuple[Bundle, Dict[str, np.ndarray]]:
     base, tasks = task_checkpoints(module, heads)
-    bundle = export_bundle(base, tasks, os.path.join(str(tmp_path), "model.tvs"), name="tvq", bits=8)
+    bundle = export_bundle(base, tasks, os.path.join(str(tmp_path), name), name="tvq", bits=8, query_sets=query_sets)
     return bundle, base
 
 
