@@ -1,6 +1,6 @@
 """GPU switch speed per scheme and width, as a fraction of the device's own copy bandwidth.
 
-    python bench/gpu_rebuild.py [--networks minilm,vit] [--schemes all] [--tiles 4] [--repeat 20] [--out LOG]
+    python -m bench.gpu_rebuild [--networks minilm,vit] [--schemes all] [--tiles 4] [--repeat 20] [--out LOG]
 
 1. Checks the kernels on this GPU against the CPU build, bit for bit, for every scheme and
    width (TVQ 1..8 bits per tensor, channel and group; FQ; RTVQ; T-Switch) on fresh random
@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from bench.shapes import minilm_shapes, vit_b32_shapes
 from tvswitch.export.exporter import export_bundle
 from tvswitch.kernels.cuda import Device, has_gpu, open_device
 from tvswitch.runtime.gpu_rebuild import GpuRebuilder
@@ -48,42 +49,6 @@ TIMED = ([("tvq%d" % b, "tvq", dict(bits=b)) for b in range(1, 9)] + [
 CHECKED = ([("tvq", dict(bits=b, granularity=g)) for b in range(1, 9) for g in ("tensor", "channel", "group:7")]
            + [("fq", dict(bits=4)), ("rtvq", dict(base_bits=3, offset_bits=2)), ("rtvq", dict(base_bits=5, offset_bits=3)),
               ("tswitch", dict(keep=0.3))])
-
-
-def minilm_shapes() -> Dict[str, Tuple[int, ...]]:
-    d, ff = 384, 1536
-    shapes: Dict[str, Tuple[int, ...]] = {
-        "embeddings.word_embeddings.weight": (30522, d), "embeddings.position_embeddings.weight": (512, d),
-        "embeddings.token_type_embeddings.weight": (2, d),
-        "embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,)}
-    for i in range(6):
-        p = "encoder.layer.%d." % i
-        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            shapes[p + m + ".weight"], shapes[p + m + ".bias"] = (d, d), (d,)
-        shapes[p + "attention.output.LayerNorm.weight"] = shapes[p + "attention.output.LayerNorm.bias"] = (d,)
-        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (ff, d), (ff,)
-        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (d, ff), (d,)
-        shapes[p + "output.LayerNorm.weight"] = shapes[p + "output.LayerNorm.bias"] = (d,)
-    shapes["pooler.dense.weight"], shapes["pooler.dense.bias"] = (d, d), (d,)
-    return shapes
-
-
-def vit_b32_shapes() -> Dict[str, Tuple[int, ...]]:
-    """OpenCLIP's ViT-B/32 image tower: 12 layers, d=768, 32x32 patches, 50 tokens (87.8 M)."""
-    d, ff = 768, 3072
-    shapes: Dict[str, Tuple[int, ...]] = {
-        "conv1.weight": (d, 3, 32, 32), "class_embedding": (d,), "positional_embedding": (50, d),
-        "ln_pre.weight": (d,), "ln_pre.bias": (d,)}
-    for i in range(12):
-        p = "transformer.resblocks.%d." % i
-        shapes[p + "attn.in_proj_weight"], shapes[p + "attn.in_proj_bias"] = (3 * d, d), (3 * d,)
-        shapes[p + "attn.out_proj.weight"], shapes[p + "attn.out_proj.bias"] = (d, d), (d,)
-        for ln in ("ln_1", "ln_2"):
-            shapes[p + ln + ".weight"], shapes[p + ln + ".bias"] = (d,), (d,)
-        shapes[p + "mlp.c_fc.weight"], shapes[p + "mlp.c_fc.bias"] = (ff, d), (ff,)
-        shapes[p + "mlp.c_proj.weight"], shapes[p + "mlp.c_proj.bias"] = (d, ff), (d,)
-    shapes["ln_post.weight"], shapes["ln_post.bias"], shapes["proj"] = (d,), (d,), (d, 512)
-    return shapes
 
 
 NETWORKS = {"minilm": ("MiniLM-L6 encoder", minilm_shapes), "vit": ("ViT-B/32 image encoder", vit_b32_shapes)}
@@ -174,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(line, flush=True)
         lines.append(line)
 
-    log("command: python bench/gpu_rebuild.py %s" % " ".join(argv if argv is not None else sys.argv[1:]))
+    log("command: python -m bench.gpu_rebuild %s" % " ".join(argv if argv is not None else sys.argv[1:]))
     log("device: %s via %s; host %s; %s" % (name, device.binding, platform.node(), datetime.date.today().isoformat()))
     schemes = TIMED if args.schemes == "all" else [t for t in TIMED if t[0] in args.schemes.split(",")]
     tiles = [int(t) for t in args.tiles.split(",")]

@@ -1,6 +1,6 @@
 """Bundle size and CPU rebuild speed on the MiniLM encoder, 8 tasks (issue 2's figures).
 
-    python bench/rebuild_cpu.py [--cache ~/.cache/tvswitch/text8] [--repeat 15] [--out FILE]
+    python -m bench.rebuild_cpu [--cache ~/.cache/tvswitch/text8] [--repeat 15] [--out FILE]
 
 Task vectors: the 8 fine-tuned checkpoints of bench/text8 when the cache holds them
 (real), otherwise synthetic ones of the same shapes (a rank-8 change plus dense noise at
@@ -21,30 +21,13 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from bench.shapes import minilm_shapes
 from tvswitch.export.exporter import export_bundle
 from tvswitch.runtime.checkpoint import read_safetensors
 from tvswitch.runtime.rebuild import CpuRebuilder
 from tvswitch.runtime.stats import bundle_stats
 
 SYNTHETIC_TASKS = ["t%d" % i for i in range(8)]
-
-
-def minilm_shapes() -> Dict[str, Tuple[int, ...]]:
-    d, ff, shapes = 384, 1536, {}
-    shapes["embeddings.word_embeddings.weight"] = (30522, d)
-    shapes["embeddings.position_embeddings.weight"] = (512, d)
-    shapes["embeddings.token_type_embeddings.weight"] = (2, d)
-    shapes["embeddings.LayerNorm.weight"] = shapes["embeddings.LayerNorm.bias"] = (d,)
-    for i in range(6):
-        p = "encoder.layer.%d." % i
-        for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            shapes[p + m + ".weight"], shapes[p + m + ".bias"] = (d, d), (d,)
-        shapes[p + "attention.output.LayerNorm.weight"] = shapes[p + "attention.output.LayerNorm.bias"] = (d,)
-        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (ff, d), (ff,)
-        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (d, ff), (d,)
-        shapes[p + "output.LayerNorm.weight"] = shapes[p + "output.LayerNorm.bias"] = (d,)
-    shapes["pooler.dense.weight"], shapes["pooler.dense.bias"] = (d, d), (d,)
-    return shapes
 
 
 def load_checkpoints(cache: pathlib.Path) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, np.ndarray]], str]:
@@ -98,7 +81,7 @@ def main(argv: List[str] = None) -> int:
              "- task vectors: %s" % source,
              "- machine: %s, %d cores, Python %s, numpy %s" % (platform.machine(), os.cpu_count(),
                                                               platform.python_version(), np.__version__),
-             "- command: `python bench/rebuild_cpu.py%s`" % (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+             "- command: `python -m bench.rebuild_cpu%s`" % (" " + " ".join(argv or sys.argv[1:])).rstrip(),
              ""]
     configs = [
         ("TVQ-INT4", dict(name="tvq", bits=4), 4.0),

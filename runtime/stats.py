@@ -35,7 +35,6 @@ def bundle_stats(bundle: Bundle) -> Dict[str, object]:
     T = len(bundle.tasks)
     n_shared = bundle.num_shared_params
     embedded = set((m["base"].get("embedded") or {}).values())
-    queries = set((m.get("queries") or {}).values())
     payload_bytes = {k: int(np.prod(v["shape"], dtype=np.int64)) * np.dtype(v["dtype"]).itemsize
                      for k, v in m["payloads"].items()}
     head_params = sum(int(np.prod(bundle.payload(k).shape)) for per in m["task_specific"].values()
