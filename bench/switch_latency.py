@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     print("switch speed-up over naive: %.1fx at the median, %.1fx at p99" %
           (nv["median"] / sw["median"], nv["p99"] / sw["p99"]))
     print("inference batch %dx%d: switchable weights median %.1f ms, constant weights %.1f ms -> speed ratio %.3f "
-          "(max |diff| %.2e)" % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff))
+          "(outputs differ from the unquantized fine-tune's by at most %.2e: 4-bit task vectors)" % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff))
     print("optimized graph: %d FusedMatMul, %d MatMul, %d Transpose nodes left on weight inputs" %
           (ops.count("FusedMatMul"), ops.count("MatMul"), transposes_on_weights))
     return 0

@@ -59,7 +59,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     input_names = list(input_names or _default_names("input", len(inputs)))
     if len(input_names) != len(inputs):
         raise TvswitchError("%d input names for %d example inputs" % (len(input_names), len(inputs)))
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # submodules may differ: restore each
     module.eval()
     try:
         with torch.no_grad():
@@ -81,7 +81,8 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
         others = {n: t.detach().cpu().numpy() for n, t in state.items() if not t.is_floating_point()}
         _rewrite(model, tags, values, groups, others)
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     if verify:
         _verify(model, input_names, [x.detach().cpu().numpy() for x in inputs], reference)
     if out is not None:

@@ -90,11 +90,12 @@ def test_weights_written_in_place_change_the_output_like_torch(exported):
     np.testing.assert_allclose(engine.infer({"ids": ids.numpy()})["output"], want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_module_keeps_its_weights_and_mode(exported):
+def test_the_module_keeps_its_weights_and_modes(exported):
     m = Block().train()
+    m.bn.eval()  # mixed modes, as a wrapper around an eval-mode model has
     before = {n: t.clone() for n, t in m.state_dict().items()}
     export_onnx(m, [torch.randint(0, 20, (2, 5))], verify=False)
-    assert m.training
+    assert m.training and m.up.training and not m.bn.training
     for n, t in m.state_dict().items():
         assert torch.equal(t, before[n]), n
 
@@ -139,3 +140,37 @@ def test_write_model_is_atomic_and_readable(exported, tmp_path):
     write_model(model, str(path))
     assert onnx_graph.read_record(onnx.load(str(path))) == onnx_graph.read_record(model)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_transformers_bert_model_exports_with_every_weight_named():
+    """The real BertModel code (tiny random config, nothing downloaded), as the MiniLM benchmark uses it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertModel(config).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    model = export_onnx(Encoder().eval(), [ids, mask], input_names=["input_ids", "attention_mask"])
+    record = onnx_graph.read_record(model)
+    floats = [n for n, t in Encoder().state_dict().items() if t.is_floating_point()]
+    assert sorted(list(record.weights) + record.unused) == sorted(floats)
+    assert sum(r["layout"] == "transpose" for r in record.renamed.values()) == 12  # 6 Linear weights per layer
+    engine = OnnxRuntimeEngine(model)
+    for name, a in engine.buffers(0).items():
+        a *= 1.01
+    with torch.no_grad():
+        for name, p in bert.named_parameters():
+            p.mul_(1.01)
+        want = Encoder().eval()(ids, mask).numpy()
+    got = engine.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["output"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
