@@ -208,6 +208,7 @@ class TensorRTEngine(Engine):
         _, defaults, specs = onnx_graph.serving_graph(proto, names_list)
         values = dict(defaults)
         values.update(weights or {})
+        self.defaults = values  # the base a rebuild reads, as for the ONNX Runtime engine
         graph, self._folds = onnx_graph.tensorrt_graph(proto, names_list, values)
         self._graph_bytes = graph.SerializeToString()
         self._inputs = onnx_graph.data_inputs(graph, [])
