@@ -153,8 +153,10 @@ def refit_sources(trt_names: Iterable[str], weights: Iterable[str], folds: Seque
                   ) -> Tuple[List[str], List[str], List[str]]:
     """Sort the refittable names TensorRT reports: (from the slot, BatchNorm folds, graph constants).
 
-    Every switchable weight the network still uses must be refittable (else a switch
-    would silently keep its old value), and every fold must be too.
+    Every fold must be refittable: its BatchNorm is always in the network.  A switchable
+    weight TensorRT does not report is taken to be one the network does not read (REFIT
+    keeps every weight refittable and REFIT_INDIVIDUAL keeps the marked ones); it is left
+    out of the slot.
     """
     trt_set = set(trt_names)
     weight_set = set(weights)
@@ -231,7 +233,7 @@ class TensorRTEngine(Engine):
         err, self._stream = cudart.cudaStreamCreate()
         _check(err, "cudaStreamCreate")
         self._refitter = trt.Refitter(self._engine, self._logger)
-        self._from_slot, self._from_folds, constants = refit_sources(
+        self._from_slot, _, constants = refit_sources(
             self._refitter.get_all_weights(), names_list, self._folds)
         self._specs = {n: specs[n] for n in self._from_slot}
         self._staging = {n: np.zeros(self._specs[n][0], dtype=self._weight_dtype(n)) for n in self._from_slot}
@@ -286,10 +288,11 @@ class TensorRTEngine(Engine):
         return bytes(plan)
 
     def _weight_dtype(self, name: str) -> np.dtype:
-        """The dtype TensorRT expects for ``name`` (TensorRT 10 says; TensorRT 8 takes the graph's)."""
+        """The dtype TensorRT expects for ``name``: TensorRT 10 says; on TensorRT 8 the graph's
+        (float32 for the folds, which ``tensorrt_graph`` writes in float32)."""
         if hasattr(self._refitter, "get_weights_prototype"):
             return np.dtype(self._trt.nptype(self._refitter.get_weights_prototype(name).dtype))
-        return np.dtype(self._specs[name][1])
+        return np.dtype(self._specs[name][1]) if name in self._specs else np.dtype(np.float32)
 
     def _register_device_buffers(self) -> None:
         """Allocate one device buffer per refitted weight and register it once (TensorRT 10)."""
