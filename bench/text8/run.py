@@ -57,9 +57,9 @@ TA_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7)
 TIES_GRID = tuple((keep, lam) for keep in (0.1, 0.2) for lam in (0.7, 1.0, 1.5))
 AUTOSWITCH_KS = (1, 5, 10, 20)
 EXEMPLARS = 100
-# AdaMerging's budget on 2 CPU cores: 40 Adam steps (lr 1e-2, so lambdas can move by
-# ~0.4 from 0.3), each on 4 unlabelled validation inputs per task cut to 64 tokens.
-ADA_STEPS, ADA_LR, ADA_BATCH, ADA_LEN = 40, 1e-2, 4, 64
+# AdaMerging's budget on 2 CPU cores: 30 Adam steps (lr 1.5e-2, so lambdas can move by
+# ~0.45 from 0.3), each on 4 unlabelled validation inputs per task cut to 64 tokens.
+ADA_STEPS, ADA_LR, ADA_BATCH, ADA_LEN = 30, 1.5e-2, 4, 64
 
 Weights = Dict[str, np.ndarray]
 
@@ -238,6 +238,24 @@ def build_table(bench: Bench, cache: pathlib.Path, rows: Rows) -> Dict[str, obje
     heads_bytes = 4 * sum(v.size for h in bench.heads.values() for v in h.values())
     row("pretrained", "Pretrained", "-", lambda: bench.eval_merged({}, "test"), {"bits": 0.0, "bytes": heads_bytes})
 
+    # T-Switch at a few keep ratios (task known; validation accuracy kept to pick one for
+    # Auto-Switch) and Auto-Switch come first: they need no merging hyperparameters.
+    for keep in TSWITCH_KEEPS:
+        key = "T-Switch|%g" % keep
+        if rows.has(key):
+            continue
+        bundle = export_scheme(bench, cache, "T-Switch-%g" % keep, {"name": "tswitch", "keep": keep})
+        taus = merge.task_vectors_from_bundle(bundle, bench.base)
+        val = bench.eval_per_task(lambda t: taus[t], "val")
+        row(key, "T-Switch", "keep %g" % keep, lambda: bench.eval_per_task(lambda t: taus[t], "test"),
+            storage_of(bundle), keep=keep, val_avg=_avg(val))
+        del taus
+
+    if not rows.has("Auto-Switch"):
+        keep = max(TSWITCH_KEEPS, key=lambda k: rows.rows["T-Switch|%g" % k]["val_avg"])
+        row("Auto-Switch", "Auto-Switch", "keep %g" % keep, lambda: auto_switch(bench, cache, keep, rows),
+            {}, keep=keep)
+
     if not rows.has("_hyper"):
         t0 = time.time()
         lam, ta_val = choose(bench, "task arithmetic lambda", TA_LAMBDAS,
@@ -252,7 +270,8 @@ def build_table(bench: Bench, cache: pathlib.Path, rows: Rows) -> Dict[str, obje
 
     ada = AdaMergingResult(hyper["ada_tasks"], hyper["ada_names"], np.asarray(hyper["ada_coefficients"]),
                            hyper["ada_entropy"])
-    for scheme, fields in SCHEMES.items():
+    for scheme in sorted(SCHEMES, key=lambda s: s == "FQ-INT4"):  # the known collapse last
+        fields = SCHEMES[scheme]
         keys = {m: "%s|%s" % (m, scheme) for m in METHODS}
         if all(rows.has(k) for k in keys.values()):
             continue
@@ -277,22 +296,6 @@ def build_table(bench: Bench, cache: pathlib.Path, rows: Rows) -> Dict[str, obje
             lambda: bench.eval_merged(ada.delta(taus), "test"), storage)
         del taus
 
-    # T-Switch at a few keep ratios (task known), validation accuracy kept to pick one.
-    for keep in TSWITCH_KEEPS:
-        key = "T-Switch|%g" % keep
-        if rows.has(key):
-            continue
-        bundle = export_scheme(bench, cache, "T-Switch-%g" % keep, {"name": "tswitch", "keep": keep})
-        taus = merge.task_vectors_from_bundle(bundle, bench.base)
-        val = bench.eval_per_task(lambda t: taus[t], "val")
-        row(key, "T-Switch", "keep %g" % keep, lambda: bench.eval_per_task(lambda t: taus[t], "test"),
-            storage_of(bundle), keep=keep, val_avg=_avg(val))
-        del taus
-
-    if not rows.has("Auto-Switch"):
-        keep = max(TSWITCH_KEEPS, key=lambda k: rows.rows["T-Switch|%g" % k]["val_avg"])
-        row("Auto-Switch", "Auto-Switch", "keep %g" % keep, lambda: auto_switch(bench, cache, keep, rows),
-            {}, keep=keep)
     return hyper
 
 
@@ -350,13 +353,13 @@ def auto_switch(bench: Bench, cache: pathlib.Path, keep: float, rows: Rows) -> D
 # ---- reports -------------------------------------------------------------------------
 
 def ordered_rows(rows: Rows) -> List[dict]:
-    out = [rows.rows["individual"], rows.rows["pretrained"]]
-    for m in METHODS:
-        out += [rows.rows["%s|%s" % (m, s)] for s in SCHEMES]
-    out += [rows.rows["T-Switch|%g" % k] for k in TSWITCH_KEEPS]
-    auto = dict(rows.rows["Auto-Switch"])
-    auto.update({k: rows.rows["_autoswitch"][k] for k in ("bits", "bytes")})
-    out.append(auto)
+    """The table's rows in the issue's order; rows not computed yet are left out."""
+    keys = ["individual", "pretrained"] + ["%s|%s" % (m, s) for m in METHODS for s in SCHEMES]
+    keys += ["T-Switch|%g" % k for k in TSWITCH_KEEPS] + ["Auto-Switch"]
+    out = [dict(rows.rows[k]) for k in keys if rows.has(k)]
+    for r in out:
+        if r["method"] == "Auto-Switch":
+            r.update({k: rows.rows["_autoswitch"][k] for k in ("bits", "bytes")})
     return out
 
 
@@ -365,7 +368,7 @@ def write_reports(rows: Rows, tasks: Sequence[str], hyper: dict, out: pathlib.Pa
     out.mkdir(parents=True, exist_ok=True)
     (out / "text8.json").write_text(json.dumps(
         {"tasks": list(tasks), "rows": table, "hyperparameters": hyper,
-         "auto_switch": rows.rows["_autoswitch"], "meta": meta}, indent=1))
+         "auto_switch": rows.rows.get("_autoswitch"), "meta": meta}, indent=1))
     head = "| method | storage | " + " | ".join(tasks) + " | avg | bits/weight | bytes (8 tasks) |"
     lines = [head, "|" + "---|" * (len(tasks) + 5)]
     for r in table:
@@ -377,7 +380,7 @@ def write_reports(rows: Rows, tasks: Sequence[str], hyper: dict, out: pathlib.Pa
 
 
 def _mb(n: float) -> str:
-    return "%.1f MB" % (n / 1e6)
+    return "%.1f MB" % (n / 1e6) if n >= 1e6 else "%.1f kB" % (n / 1e3)
 
 
 def plot(table: Sequence[dict], path: pathlib.Path) -> None:
@@ -387,18 +390,24 @@ def plot(table: Sequence[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    # One line per method through the task-vector schemes; FQ (quantized weights, not task
+    # vectors) as a hollow marker of the same colour so it does not fold the line back.
     for m, marker in zip(METHODS, "osD^"):
-        pts = sorted(((r["bits"], 100 * r["avg"], r["storage"]) for r in table if r["method"] == m))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=m)
-        for x, y, s in pts:
-            if s in ("FQ-INT4", "RTVQ(3+2)"):
-                ax.annotate(s, (x, y), fontsize=7, textcoords="offset points", xytext=(4, -10))
+        pts = sorted((r["bits"], 100 * r["avg"]) for r in table if r["method"] == m and r["storage"] != "FQ-INT4")
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=m)
+        fq = [r for r in table if r["method"] == m and r["storage"] == "FQ-INT4"]
+        ax.plot([r["bits"] for r in fq], [100 * r["avg"] for r in fq], marker=marker, ls="none",
+                mfc="none", color=line.get_color())
+    ax.plot([], [], "o", mfc="none", color="grey", label="same method on FQ-INT4")
     ts = [r for r in table if r["method"] == "T-Switch"]
     ax.plot([r["bits"] for r in ts], [100 * r["avg"] for r in ts], "k*", ms=10, label="T-Switch (task known)")
-    auto = [r for r in table if r["method"] == "Auto-Switch"][0]
-    ax.plot([auto["bits"]], [100 * auto["avg"]], "rP", ms=10, label="Auto-Switch (task not told)")
-    for r, style in ((table[0], "g--"), (table[1], "k:")):
-        ax.axhline(100 * r["avg"], color=style[0], linestyle=style[1:], lw=1, label=r["method"])
+    for r in (r for r in table if r["method"] == "Auto-Switch"):
+        ax.plot([r["bits"]], [100 * r["avg"]], "rP", ms=10, label="Auto-Switch (task not told)")
+    for r in table:
+        if r["method"] in ("Individual", "Pretrained"):
+            style = "--" if r["method"] == "Individual" else ":"
+            ax.axhline(100 * r["avg"], color="g" if r["method"] == "Individual" else "k", ls=style, lw=1,
+                       label=r["method"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per task-vector weight (on disk)")
     ax.set_ylabel("average test accuracy over 8 tasks (%)")
@@ -418,6 +427,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="where text8.{json,md,png} go (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--recompute", action="store_true", help="ignore cached rows (not the checkpoints)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the reports from the rows finished so far, computing nothing")
     p.add_argument("--eval-cap", type=int, help="evaluate on at most N rows per split (smoke runs)")
     p.add_argument("--tasks", nargs="+", choices=D.TASKS, default=list(D.TASKS),
                    help="a subset of the tasks (smoke runs; the table is for all eight)")
@@ -426,15 +437,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     cache = args.cache.expanduser()
     log = lambda m: print(m, flush=True)
     t0 = time.time()
-    bench = Bench(cache, args.tasks, args.eval_cap, log)
     smoke = args.eval_cap is not None or list(args.tasks) != list(D.TASKS)
-    name = "rows-smoke.json" if smoke else "rows.json"
-    rows = Rows(cache / name, args.recompute or smoke)
-    hyper = build_table(bench, cache, rows)
+    rows = Rows(cache / ("rows-smoke.json" if smoke else "rows.json"), (args.recompute or smoke) and not args.report_only)
+    if args.report_only:
+        hyper = rows.rows.get("_hyper", {}).get("values", {})
+    else:
+        hyper = build_table(Bench(cache, args.tasks, args.eval_cap, log), cache, rows)
     out = pathlib.Path(tempfile.mkdtemp(prefix="text8-smoke-")) if smoke else args.out
     meta = {"seconds": round(time.time() - t0, 1), "threads": args.threads, "eval_cap": args.eval_cap,
             "row_seconds": sum(r.get("seconds", 0) for r in rows.rows.values() if isinstance(r, dict))}
-    write_reports(rows, bench.tasks, hyper, out, meta)
+    write_reports(rows, args.tasks, hyper, out, meta)
     log("wrote %s in %.0fs" % (out, time.time() - t0))
     return 0
 
