@@ -81,24 +81,6 @@ def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> (Dict[str,
     return tasks, "synthetic task vectors (no fine-tunes in %s)" % cache
 
 
-def constant_graph(graph, values: Dict[str, np.ndarray]):
-    """The exported graph with its weight inputs turned into constants holding ``values``."""
-    import onnx
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(graph)
-    g = out.graph
-    keep_inputs = [i for i in g.input if i.name not in values]
-    del g.input[:]
-    g.input.extend(keep_inputs)
-    keep_inits = [t for t in g.initializer if t.name not in values]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
-    g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in values.items())
-    return out
-
-
 def timed(fn, n: int) -> List[float]:
     out = []
     for _ in range(n):
@@ -130,6 +112,7 @@ def main(argv=None) -> int:
 
     from tvswitch.export.exporter import export_bundle
     from tvswitch.export.onnx_export import export_onnx, write_model
+    from tvswitch.runtime.engines import onnx_graph
     from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
     from tvswitch.runtime.server import BundleSource, Server
 
@@ -153,13 +136,11 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     bundle = export_bundle(base, tasks, str(work / "minilm.tvs"), name=args.scheme, bits=args.bits)
     bundle_s = time.perf_counter() - t
-    from tvswitch.runtime.engines import onnx_graph
-
     weights = onnx_graph.find_weights(graph)
     naive_paths = {}
     for task in TASKS:
         naive_paths[task] = str(work / ("%s.onnx" % task))
-        write_model(constant_graph(graph, {n: tasks[task][n] for n in weights}), naive_paths[task])
+        write_model(onnx_graph.constant_graph(graph, {n: tasks[task][n] for n in weights}), naive_paths[task])
 
     # ---- the switch: rebuild into the engine's bound buffers ----
     engine = OnnxRuntimeEngine(graph, threads=args.threads)
@@ -217,7 +198,8 @@ def main(argv=None) -> int:
     optimized = onnx.load(str(work / "optimized.onnx"))
     ops = [n.op_type for n in optimized.graph.node]
     weight_inputs = set(engine.weight_specs)
-    transposes_on_weights = sum(1 for n in optimized.graph.node if n.op_type == "Transpose" and n.input[0] in weight_inputs)
+    transposes_on_weights = sum(1 for n in optimized.graph.node
+                                if n.op_type == "Transpose" and n.input[0] in weight_inputs)
 
     sw, nv = stats(switch_s), stats(naive_s)
     io, ic = stats(inf_ours), stats(inf_const)
@@ -240,7 +222,8 @@ def main(argv=None) -> int:
     print("switch speed-up over naive: %.1fx at the median, %.1fx at p99" %
           (nv["median"] / sw["median"], nv["p99"] / sw["p99"]))
     print("inference batch %dx%d: switchable weights median %.1f ms, constant weights %.1f ms -> speed ratio %.3f "
-          "(outputs differ from the unquantized fine-tune's by at most %.2e: 4-bit task vectors)" % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff))
+          "(outputs differ from the unquantized fine-tune's by at most %.2e: %d-bit task vectors)"
+          % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff, args.bits))
     print("optimized graph: %d FusedMatMul, %d MatMul, %d Transpose nodes left on weight inputs" %
           (ops.count("FusedMatMul"), ops.count("MatMul"), transposes_on_weights))
     return 0

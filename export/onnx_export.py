@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.engines.base import write_atomically
 from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord
 from tvswitch.runtime.engines.torch_engine import flatten_outputs
 
@@ -245,17 +244,5 @@ def _verify(model, input_names: Sequence[str], inputs: Sequence[np.ndarray], ref
 
 
 def write_model(model, path: str) -> None:
-    """Write ``model`` atomically: temp file in the same folder, fsync, rename."""
-    data = model.SerializeToString()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".onnx", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``model`` atomically (temp file, fsync, rename)."""
+    write_atomically(path, model.SerializeToString())

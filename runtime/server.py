@@ -130,7 +130,8 @@ class Server:
         with self._switch_lock:
             return self._switch(mix)
 
-    def infer(self, inputs: Mapping[str, np.ndarray], mix: Optional[Mapping[str, float]] = None) -> Dict[str, np.ndarray]:
+    def infer(self, inputs: Mapping[str, np.ndarray],
+              mix: Optional[Mapping[str, float]] = None) -> Dict[str, np.ndarray]:
         """Answer one request; with ``mix``, switch to it first and hold it for this request."""
         if mix is None:
             slot = self._begin_read()

@@ -18,6 +18,8 @@ atomic, so each engine states them instead of the server guessing:
 from __future__ import annotations
 
 import abc
+import os
+import tempfile
 from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
@@ -96,3 +98,23 @@ def copy_into(dst: np.ndarray, src: np.ndarray, name: str) -> None:
         raise TvswitchError("weight %r has shape %s; the engine expects %s"
                             % (name, list(src.shape), list(dst.shape)))
     np.copyto(dst, src, casting="same_kind")
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path``: temp file in the same folder, fsync, rename.
+
+    A crash or a full disk leaves the previous file (or none), never half of one: a
+    half-written graph or plan would load as garbage or not at all.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -220,6 +220,28 @@ def derive_batchnorm(bn: FoldedBatchNorm, values: Mapping[str, np.ndarray]) -> T
     return scale.reshape(bn.shape), shift.reshape(bn.shape)
 
 
+def constant_graph(model, values: Mapping[str, np.ndarray]):
+    """A copy of ``model`` where each tensor named in ``values`` is a constant holding that value.
+
+    What TensorRT builds from, and what a constant-weight ONNX Runtime session (the
+    naive way of serving one task) is made of.
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    kept_inputs = [i for i in graph.input if i.name not in values]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    kept_inits = [t for t in graph.initializer if t.name not in values]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in values.items())
+    return out
+
+
 def tensorrt_graph(model, weights: List[str], values: Mapping[str, np.ndarray]):
     """(graph with every weight an initializer and BatchNorms of weights unfolded, the folds).
 
@@ -227,24 +249,14 @@ def tensorrt_graph(model, weights: List[str], values: Mapping[str, np.ndarray]):
     a weight-stripped plan refits them all at load).  Every BatchNormalization whose four
     parameters are weights or initializers becomes Mul + Add over named initializers.
     """
-    onnx = _onnx()
     from onnx import helper, numpy_helper
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    wanted = set(weights)
     missing = [n for n in weights if n not in values]
     if missing:
         raise TvswitchError("no value for weight %r to build the TensorRT graph with" % missing[0])
-    kept_inputs = [i for i in graph.input if i.name not in wanted]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    kept_inits = [t for t in graph.initializer if t.name not in wanted]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(values[n]), n) for n in weights)
-
+    wanted = set(weights)
+    out = constant_graph(model, {n: values[n] for n in weights})
+    graph = out.graph
     constants = {t.name: t for t in graph.initializer}
     ranks = _ranks(out)
     folds: List[FoldedBatchNorm] = []

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines import onnx_graph
-from tvswitch.runtime.engines.base import Engine
+from tvswitch.runtime.engines.base import Engine, write_atomically
 
 Shape = Tuple[int, ...]
 #: name -> (min, opt, max) shapes of a dynamic data input.
@@ -135,17 +134,7 @@ class PlanCache:
 
     def store(self, key: str, plan: bytes) -> str:
         os.makedirs(self.folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(plan)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomically(self.path(key), plan)
         return self.path(key)
 
 
