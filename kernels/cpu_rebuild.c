@@ -37,15 +37,16 @@ uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
 /*
- * (float) of the 32 codes of one row, exactly the values (float)tv_unpack32() gives.  For
- * 1, 2 and 4 bits SSE2 has no per-lane shifts, so four codes at a time are masked in
- * place (q_j << b*j, at most 16 bits), converted, and scaled back by 2^-b*j: every step
- * is exact in binary32.  Other widths, and other CPUs, take decode.h's tv_unpack32.
+ * (float) of the 32 codes of one row, exactly the values (float)tv_unpack32() gives.  SSE2
+ * has no per-lane shifts, so four codes at a time are cut from the row as one 4b-bit
+ * field (through decode.h's 64-bit window), masked in place (code j stays at bit b*j,
+ * below 2^28 for b <= 7), converted, and scaled back by 2^-b*j: every step is exact in
+ * binary32.  8-bit codes, and other CPUs, take decode.h's tv_unpack32.
  */
 static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t bits, float *qf)
 {
 #ifdef TV_HAVE_STREAM
-    if (bits == 1u || bits == 2u || bits == 4u) {
+    if (bits <= 7u) {
         const uint32_t m = (1u << bits) - 1u;
         const __m128i lanes = _mm_setr_epi32((int)m, (int)(m << bits), (int)(m << 2 * bits),
                                              (int)(m << 3 * bits));
@@ -53,8 +54,9 @@ static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t
                                         1.0f / (float)(1u << 3 * bits));
         for (uint32_t g = 0; g < 8u; ++g) { /* codes 4g .. 4g+3 */
             const uint32_t bit = 4u * g * bits;
-            const uint32_t x = (row[bit >> 5] >> (bit & 31u)) & ((1u << 4 * bits) - 1u);
-            const __m128i masked = _mm_and_si128(_mm_set1_epi32((int)x), lanes);
+            const uint64_t window = (uint64_t)row[bit >> 5] | ((uint64_t)row[(bit >> 5) + 1u] << 32);
+            const uint32_t field = (uint32_t)(window >> (bit & 31u)) & ((1u << 4 * bits) - 1u);
+            const __m128i masked = _mm_and_si128(_mm_set1_epi32((int)field), lanes);
             _mm_storeu_ps(qf + 4u * g, _mm_mul_ps(_mm_cvtepi32_ps(masked), back));
         }
         return;
