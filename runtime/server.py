@@ -235,7 +235,6 @@ def _describe(mix: Mapping[str, float]) -> str:
     return ",".join("%s=%g" % kv for kv in mix.items())
 
 
-
 def default_model_path(bundle_path: str) -> str:
     """Where ``tvswitch export-onnx`` puts a bundle's graph by default: beside it, ``.onnx``."""
     return os.path.splitext(bundle_path)[0] + ".onnx"
