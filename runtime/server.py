@@ -248,7 +248,8 @@ def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
 
     The base the rebuild reads is ``base`` if given, else the one the bundle embeds, else
     the weights the engine was loaded with (the ONNX file's defaults, or the module's
-    own); it is checked against the bundle's fingerprint either way.
+    own); it is checked against the bundle's fingerprint either way.  Only one copy of
+    the base is kept: the engine's defaults are dropped where another base is used.
     """
     from tvswitch.runtime.engines import load_engine
 
@@ -263,5 +264,7 @@ def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
                       input_names=input_names, **options)
     if base is None and not opened.has_embedded_base:
         base = getattr(eng, "defaults", None) or {n: np.array(a) for n, a in eng.buffers(0).items()}
+    elif getattr(eng, "defaults", None) is not None:
+        eng.defaults = None  # another base serves the rebuild: the graph's copy would only hold memory
     source = BundleSource(opened, eng.weight_specs, base, threads=threads)
     return Server(eng, source, initial or {opened.tasks[0]: 1.0})

@@ -44,8 +44,9 @@ class OnnxRuntimeEngine(Engine):
 
         ``names`` picks the switchable weights of a graph without the exporter's record
         (normally a bundle's tensor names).  ``threads`` > 0 sets ONNX Runtime's
-        intra-op threads.  The values the file holds for its weights are kept in
-        ``defaults`` (the base it was exported with) and bound into every slot.
+        intra-op threads.  The values the file holds for its weights are bound into
+        every slot and kept in ``defaults`` (the base it was exported with, which a
+        rebuild can read; set it to None to free it where another base is used).
         """
         ort = _ort()
         if slots not in (1, 2):
