@@ -115,16 +115,20 @@ class _tagged:
 
         gen = torch.Generator().manual_seed(self.seed)
         index: Dict[bytes, str] = {}
-        with torch.no_grad():
-            for name in self.groups:
-                t = self.state[name]
-                self.saved[name] = t.detach().clone()
-                # Positive values in [0.5, 1.5): a tagged variance stays a valid variance.
-                tag = torch.rand(t.shape, generator=gen, dtype=torch.float32) + 0.5
-                t.copy_(tag.to(t.dtype))
-                index[_digest(t.detach().cpu().numpy())] = name
-        if len(index) != len(self.groups):
-            raise TvswitchError("two weights drew the same tag; export again with another seed")
+        try:
+            with torch.no_grad():
+                for name in self.groups:
+                    t = self.state[name]
+                    self.saved[name] = t.detach().clone()
+                    # Positive values in [0.5, 1.5): a tagged variance stays a valid variance.
+                    tag = torch.rand(t.shape, generator=gen, dtype=torch.float32) + 0.5
+                    t.copy_(tag.to(t.dtype))
+                    index[_digest(t.detach().cpu().numpy())] = name
+            if len(index) != len(self.groups):
+                raise TvswitchError("two weights drew the same tag; export again with another seed")
+        except BaseException:
+            self.__exit__()  # __exit__ does not run when __enter__ fails: put the weights back here
+            raise
         return index
 
     def __exit__(self, *exc: Any) -> None:
