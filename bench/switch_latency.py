@@ -26,13 +26,13 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TASKS = ["20news", "r8", "bbc", "rotten", "tweets", "friends", "debates", "r52"]
+SYNTHETIC_TASKS = ["t%d" % i for i in range(8)]
 PREFIX = "bert."
 
 
@@ -55,20 +55,23 @@ def load_encoder():
     return Encoder().eval()
 
 
-def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> (Dict[str, Dict[str, np.ndarray]], str):
-    """Fine-tuned checkpoints (prefixed like the wrapped module), real if cached, else synthetic."""
+def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> Tuple[Dict[str, Dict[str, np.ndarray]], str]:
+    """8 fine-tuned checkpoints (named like the wrapped module): real if the cache holds 8, else synthetic."""
     from tvswitch.runtime.checkpoint import read_safetensors
 
-    paths = [cache / ("%s.safetensors" % t) for t in TASKS]
-    if all(p.is_file() for p in paths):
+    files = sorted(p for p in cache.glob("*.safetensors") if p.stem != "pretrained")[:8]
+    if len(files) == 8:
         tasks = {}
-        for t, p in zip(TASKS, paths):
+        for p in files:
             ft = read_safetensors(str(p))
-            tasks[t] = {n: ft[n[len(PREFIX):]] if n[len(PREFIX):] in ft else a for n, a in base.items()}
-        return tasks, "real fine-tunes from %s" % cache
+            missing = [n for n in base if n[len(PREFIX):] not in ft]
+            if missing:
+                raise SystemExit("%s lacks %s: not a fine-tune of this encoder" % (p, missing[0]))
+            tasks[p.stem] = {n: ft[n[len(PREFIX):]] for n in base}
+        return tasks, "real fine-tunes %s from %s" % (", ".join(tasks), cache)
     rng = np.random.default_rng(0)
     tasks = {}
-    for t in TASKS:
+    for t in SYNTHETIC_TASKS:
         ft = {}
         for n, a in base.items():
             rms = float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) or 1.0
@@ -78,7 +81,7 @@ def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> (Dict[str,
                 delta += 0.01 * rms * (u @ v) / np.sqrt(8)
             ft[n] = (a + delta).astype(a.dtype)
         tasks[t] = ft
-    return tasks, "synthetic task vectors (no fine-tunes in %s)" % cache
+    return tasks, "synthetic task vectors (fewer than 8 fine-tunes in %s)" % cache
 
 
 def timed(fn, n: int) -> List[float]:
@@ -122,6 +125,7 @@ def main(argv=None) -> int:
     module = load_encoder()
     base = {n: t.detach().numpy().copy() for n, t in module.state_dict().items() if t.is_floating_point()}
     tasks, origin = task_weights(base, pathlib.Path(args.cache))
+    names = list(tasks)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(args.batch, args.seq)).astype(np.int64)
     mask = np.ones_like(ids)
@@ -138,23 +142,23 @@ def main(argv=None) -> int:
     bundle_s = time.perf_counter() - t
     weights = onnx_graph.find_weights(graph)
     naive_paths = {}
-    for task in TASKS:
+    for task in names:
         naive_paths[task] = str(work / ("%s.onnx" % task))
         write_model(onnx_graph.constant_graph(graph, {n: tasks[task][n] for n in weights}), naive_paths[task])
 
     # ---- the switch: rebuild into the engine's bound buffers ----
     engine = OnnxRuntimeEngine(graph, threads=args.threads)
     source = BundleSource(bundle, engine.weight_specs, base, threads=args.threads)
-    server = Server(engine, source, {TASKS[0]: 1.0})
-    for task in TASKS:  # warm-up: one plan per task
+    server = Server(engine, source, {names[0]: 1.0})
+    for task in names:  # warm-up: one plan per task
         server.switch({task: 1.0})
-    order = [TASKS[i % len(TASKS)] for i in range(1, 1 + args.rounds * len(TASKS))]
+    order = [names[i % len(names)] for i in range(1, 1 + args.rounds * len(names))]
     switch_s = []
     for task in order:
         t = time.perf_counter()
         server.switch({task: 1.0})
         switch_s.append(time.perf_counter() - t)
-    moved = source.rebuilder.bytes_moved({TASKS[0]: 1.0})
+    moved = source.rebuilder.bytes_moved({names[0]: 1.0})
     # the copy floor, same run: a plain copy of the engine's weights (read + write), writing
     # back the values they hold, so the task served is unchanged
     bufs = engine.buffers(0)
@@ -167,14 +171,14 @@ def main(argv=None) -> int:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     naive_s = []
-    for task in order[: 2 * len(TASKS)]:
+    for task in order[: 2 * len(names)]:
         t = time.perf_counter()
         sess = ort.InferenceSession(naive_paths[task], sess_options=opts, providers=["CPUExecutionProvider"])
         naive_s.append(time.perf_counter() - t)
         del sess
 
     # ---- inference: switchable weights vs constant weights, same task, interleaved ----
-    task = TASKS[1]
+    task = names[1]
     server.switch({task: 1.0})
     constant = ort.InferenceSession(naive_paths[task], sess_options=opts, providers=["CPUExecutionProvider"])
     ours = server.infer(feeds)["last_hidden_state"]
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
     io, ic = stats(inf_ours), stats(inf_const)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print("tvswitch switch benchmark: MiniLM-L6 encoder (%.1f M weights), %d tasks, %s" %
-          (sum(a.size for a in base.values()) / 1e6, len(TASKS), origin))
+          (sum(a.size for a in base.values()) / 1e6, len(names), origin))
     print("machine: %s, %d CPUs, load average %.1f; python %s, onnxruntime %s, torch %s; threads=%d" %
           (platform.machine(), os.cpu_count(), load, platform.python_version(), ort.__version__,
            torch.__version__, args.threads))
