@@ -59,6 +59,10 @@ class BundleSource:
         self.bundle = bundle
         self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
         shared = bundle.shared_specs
+        if engine_weights and not any(n in engine_weights for n in shared):
+            raise TvswitchError("none of the %d tensors of %s is a weight of the engine: names differ (bundle %r, "
+                                "engine %r); export the graph and the bundle from the same state_dict"
+                                % (len(shared), bundle.path, next(iter(shared)), next(iter(engine_weights))))
         for name, spec in shared.items():
             if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
                 raise TvswitchError("bundle tensor %r is %s, the engine's weight is %s"

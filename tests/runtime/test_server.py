@@ -211,3 +211,10 @@ def test_a_request_with_a_mix_is_answered_with_that_mix(setup):
     mixed, out = server.auto(setup["inputs"], lambda x: {"a": 0.0, **mix})
     assert mixed == mix and server.mix == mix
     np.testing.assert_array_equal(out["output"], _reference(setup, mix))
+
+
+def test_a_bundle_whose_names_match_no_weight_of_the_engine_is_refused(setup):
+    engine = OnnxRuntimeEngine(setup["graph"], threads=1)
+    renamed = {"model." + n: spec for n, spec in engine.weight_specs.items()}
+    with pytest.raises(TvswitchError, match="names differ"):
+        BundleSource(setup["bundle"], renamed, setup["base"])
