@@ -1,20 +1,21 @@
 /*
- * cpu_rebuild.c - the CPU rebuild: decode.h's arithmetic over tiles, OpenMP across tiles.
+ * cpu_rebuild.c - the CPU rebuild: decode.h's arithmetic, 32 elements at a time, OpenMP
+ * across tiles.
  *
  * This is the reference the CUDA kernels are held to and the fallback on a Jetson's ARM
  * cores, so it computes every element exactly as tv_rebuild_element() does (same
- * operations, same order) but is arranged for a CPU: a tile of TILE elements is summed
- * in a small float buffer that stays in L1, term by term, with the code width made a
- * compile-time constant so the unpacking loop is unrolled.  No full-size temporary.
+ * operations, same order) but is arranged for a CPU: each run of 32 elements (one row of
+ * codes) reads its base, adds every term and is stored in one pass, with the code width
+ * a compile-time constant so the unpacking is unrolled.  No full-size temporary.
  */
 #include "decode.h"
 
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(__SSE2__)
+#ifdef __SSE2__ /* every x86-64 CPU */
 #include <emmintrin.h>
-#define TV_HAVE_STREAM 1
+#define TV_HAVE_SSE2 1
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -24,8 +25,8 @@
 #define TILE 4096
 
 #define TV_ALWAYS_INLINE __attribute__((always_inline))
-/* x86-64: one build, an AVX2 copy picked at load time where the CPU has it (its variable
- * shifts vectorise the unpacking); aarch64's NEON baseline already has them. */
+/* x86-64: one build, with an AVX2 copy of the inner loops picked at load time where the
+ * CPU has it (wider dequantise and accumulate loops). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define TV_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -45,7 +46,7 @@ uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
  */
 static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t bits, float *qf)
 {
-#ifdef TV_HAVE_STREAM
+#ifdef TV_HAVE_SSE2
     if (bits <= 7u) {
         const uint32_t m = (1u << bits) - 1u;
         const __m128i lanes = _mm_setr_epi32((int)m, (int)(m << bits), (int)(m << 2 * bits),
@@ -116,7 +117,7 @@ TV_DEFINE_ACCUM32(8)
  */
 static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, int stream)
 {
-#ifdef TV_HAVE_STREAM
+#ifdef TV_HAVE_SSE2
     if (stream) {
         for (uint32_t j = 0; j < 32u; j += 4u)
             _mm_stream_ps(dst + j, _mm_loadu_ps(acc + j));
@@ -217,7 +218,7 @@ int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, 
             rebuild_tile(&segs[s], terms, start, len);
         }
     }
-#ifdef TV_HAVE_STREAM
+#ifdef TV_HAVE_SSE2
     _mm_sfence(); /* streaming stores are visible to every thread once this returns */
 #endif
     return 0;
