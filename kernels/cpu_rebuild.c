@@ -23,6 +23,7 @@
 
 /* Elements per work item; a multiple of 32 so every run of 32 is one row of codes. */
 #define TILE 4096
+#define MIN_TILES_PER_THREAD 16
 
 #define TV_ALWAYS_INLINE __attribute__((always_inline))
 /* x86-64: one build, with an AVX2 copy of the inner loops picked at load time where the
@@ -195,8 +196,10 @@ int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, 
 #ifdef _OPENMP
     if (threads <= 0)
         threads = omp_get_max_threads();
-    if ((uint64_t)threads > total)
-        threads = (int)total;
+    /* A thread needs work worth waking it for: on a loaded machine a thread that is not
+     * scheduled makes the others wait at the barrier for milliseconds. */
+    if ((uint64_t)threads > total / MIN_TILES_PER_THREAD)
+        threads = total < MIN_TILES_PER_THREAD ? 1 : (int)(total / MIN_TILES_PER_THREAD);
 #pragma omp parallel num_threads(threads)
 #endif
     {

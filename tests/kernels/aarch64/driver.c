@@ -1,0 +1,56 @@
+/*
+ * Runs the CPU library on deterministic tables covering every code width, masks, group
+ * sizes, raw terms and 16-bit outputs, and writes the raw output bytes to stdout.  Built
+ * for the host and for aarch64 (run under qemu), the two byte streams must be equal: the
+ * Jetson's CPU build computes what the tested x86 build computes.
+ */
+#include "decode.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, int threads);
+
+static uint32_t state = 12345u;
+static uint32_t next(void) { state = state * 1664525u + 1013904223u; return state; }
+static float uniform(void) { return (float)(next() >> 8) / 16777216.0f - 0.5f; }
+
+int main(void)
+{
+    const uint32_t sizes[] = {1, 31, 32, 33, 1000, 4096 + 77, 70000};
+    for (uint32_t si = 0; si < sizeof sizes / sizeof sizes[0]; ++si) {
+        const uint32_t n = sizes[si];
+        for (uint32_t bits = 1; bits <= 8; ++bits) {
+            for (uint32_t out_dtype = TV_F32; out_dtype <= TV_BF16; ++out_dtype) {
+                const uint32_t words = (n * bits + 31) / 32 + 1, mwords = (n + 31) / 32 + 1;
+                const uint32_t group = (bits % 2) ? n : (bits == 2 ? 33 : 128);
+                const uint32_t groups = (n + group - 1) / group;
+                uint32_t *codes = calloc(words, 4), *mask = calloc(mwords, 4);
+                float *params = malloc(8 * groups), *base = malloc(4 * n), *raw = malloc(4 * n);
+                uint32_t *out = malloc(4 * n);
+                for (uint32_t i = 0; i + 1 < words; ++i) codes[i] = next();
+                codes[words - 1] = 0;
+                if (n * bits % 32) codes[words - 2] &= (1u << (n * bits % 32)) - 1u;
+                for (uint32_t i = 0; i + 1 < mwords; ++i) mask[i] = next();
+                for (uint32_t g = 0; g < 2 * groups; ++g) params[g] = uniform() * 0.01f;
+                for (uint32_t i = 0; i < n; ++i) { base[i] = uniform(); raw[i] = uniform() * 0.001f; }
+                tv_term t[2];
+                memset(t, 0, sizeof t);
+                t[0].codes = (uint64_t)(uintptr_t)codes; t[0].params = (uint64_t)(uintptr_t)params;
+                t[0].group = group; t[0].weight = 0.7f; t[0].kind = TV_KIND_CODES; t[0].bits = bits;
+                t[0].mask = (bits == 1) ? (uint64_t)(uintptr_t)mask : 0;
+                t[1].codes = (uint64_t)(uintptr_t)raw; t[1].group = 1; t[1].weight = -0.3f;
+                t[1].kind = TV_KIND_RAW_F32;
+                tv_segment s;
+                memset(&s, 0, sizeof s);
+                s.base = (uint64_t)(uintptr_t)base; s.out = (uint64_t)(uintptr_t)out; s.n = n;
+                s.base_coef = 1.0f; s.base_dtype = TV_F32; s.out_dtype = out_dtype; s.term_count = 2;
+                tv_rebuild_cpu(&s, 1, t, 1);
+                fwrite(out, out_dtype == TV_F32 ? 4 : 2, n, stdout);
+                free(codes); free(mask); free(params); free(base); free(raw); free(out);
+            }
+        }
+    }
+    return 0;
+}
