@@ -20,6 +20,12 @@ How a switch stays atomic depends on what the engine declares (``engines.base``)
   ``publish`` (the refit) waits for running requests and holds new ones.  Memory: the
   staging buffers plus the engine's own weights, plus the base.
 
+Where the rebuild runs is the weight source's business: ``BundleSource`` (the CPU
+rebuild into the engine's host buffers) or ``runtime.gpu_source.GpuBundleSource`` (the
+CUDA kernels writing the engine's device buffers: TensorRT 10, staged, no host copy of a
+weight per switch).  ``serve_bundle`` picks the GPU one where it can and says which in
+``Server.rebuild_on`` and a log line.
+
 Failure: the mix is checked before anything is written, so a bad task name or weight
 leaves everything as it was.  A failure after writing began (a corrupt payload, a CUDA
 error) is undone: with a double buffer the live slot was never touched; otherwise the
@@ -29,6 +35,7 @@ answer with mixed weights.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -42,6 +49,53 @@ from tvswitch.runtime.mix import check_mix
 from tvswitch.runtime.rebuild import CpuRebuilder
 
 Mix = Dict[str, float]
+EngineWeights = Mapping[str, Tuple[Tuple[int, ...], Any]]
+
+log = logging.getLogger("tvswitch.server")
+
+
+def check_engine_names(bundle: Bundle, engine_weights: EngineWeights) -> None:
+    """Refuse a bundle that names none of the engine's weights, or a shared tensor of another shape."""
+    shared = bundle.shared_specs
+    if engine_weights and not any(n in engine_weights for n in shared):
+        raise TvswitchError("none of the %d tensors of %s is a weight of the engine: names differ (bundle %r, "
+                            "engine %r); export the graph and the bundle from the same state_dict"
+                            % (len(shared), bundle.path, next(iter(shared)), next(iter(engine_weights))))
+    for name, spec in shared.items():
+        if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
+            raise TvswitchError("bundle tensor %r is %s, the engine's weight is %s"
+                                % (name, list(spec.shape), list(engine_weights[name][0])))
+
+
+def task_heads(bundle: Bundle, engine_weights: EngineWeights) -> Tuple[Dict[str, Dict[str, np.ndarray]], List[str]]:
+    """Each task's task-specific tensors that the engine serves (shapes checked), and all their names."""
+    heads: Dict[str, Dict[str, np.ndarray]] = {}
+    names = set()
+    for task in bundle.tasks:
+        mine = {n: a for n, a in bundle.task_specific(task).items() if n in engine_weights}
+        for n, a in mine.items():
+            if tuple(a.shape) != tuple(engine_weights[n][0]):
+                raise TvswitchError("task %r's tensor %r is %s, the engine's weight is %s"
+                                    % (task, n, list(a.shape), list(engine_weights[n][0])))
+        heads[task] = mine
+        names.update(mine)
+    return heads, sorted(names)
+
+
+def check_source_mix(bundle: Bundle, mix: Mapping[str, float], heads: Mapping[str, Mapping[str, Any]],
+                     head_names: Sequence[str]) -> Mix:
+    """The mix, validated (tasks, weights, the heaviest task's heads); raises before anything is written."""
+    mix = check_mix(mix, bundle.tasks, bundle.path)
+    head = head_task(mix)
+    lacking = [n for n in head_names if n not in heads[head]]
+    if lacking:
+        raise TvswitchError("task %r has no tensor %r, which the engine serves" % (head, lacking[0]))
+    return mix
+
+
+def head_task(mix: Mapping[str, float]) -> str:
+    """The task whose task-specific tensors (head) serve ``mix``: its heaviest."""
+    return max(mix, key=lambda t: mix[t])
 
 
 class BundleSource:
@@ -54,32 +108,17 @@ class BundleSource:
     served with the head of the task it leans on most, as Auto-Switch does.
     """
 
+    #: Where the rebuild runs (``Server.rebuild_on``).
+    where = "cpu"
+
     def __init__(self, bundle: Bundle, engine_weights: Mapping[str, Tuple[Tuple[int, ...], np.dtype]],
                  base: Optional[Mapping[str, np.ndarray]] = None, threads: int = 0, verify_base: bool = True):
         self.bundle = bundle
+        check_engine_names(bundle, engine_weights)
         self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
-        shared = bundle.shared_specs
-        if engine_weights and not any(n in engine_weights for n in shared):
-            raise TvswitchError("none of the %d tensors of %s is a weight of the engine: names differ (bundle %r, "
-                                "engine %r); export the graph and the bundle from the same state_dict"
-                                % (len(shared), bundle.path, next(iter(shared)), next(iter(engine_weights))))
-        for name, spec in shared.items():
-            if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
-                raise TvswitchError("bundle tensor %r is %s, the engine's weight is %s"
-                                    % (name, list(spec.shape), list(engine_weights[name][0])))
-        self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in shared.items()
+        self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in bundle.shared_specs.items()
                          if n not in engine_weights}
-        self._heads: Dict[str, Dict[str, np.ndarray]] = {}
-        head_names = set()
-        for task in bundle.tasks:
-            heads = {n: a for n, a in bundle.task_specific(task).items() if n in engine_weights}
-            for n, a in heads.items():
-                if tuple(a.shape) != tuple(engine_weights[n][0]):
-                    raise TvswitchError("task %r's tensor %r is %s, the engine's weight is %s"
-                                        % (task, n, list(a.shape), list(engine_weights[n][0])))
-            self._heads[task] = heads
-            head_names.update(heads)
-        self._head_names = sorted(head_names)
+        self._heads, self._head_names = task_heads(bundle, engine_weights)
 
     @property
     def tasks(self) -> List[str]:
@@ -87,11 +126,7 @@ class BundleSource:
 
     def check(self, mix: Mapping[str, float]) -> Mix:
         """The mix, validated; raises before any buffer is written."""
-        mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
-        head = self._head_task(mix)
-        lacking = [n for n in self._head_names if n not in self._heads[head]]
-        if lacking:
-            raise TvswitchError("task %r has no tensor %r, which the engine serves" % (head, lacking[0]))
+        mix = check_source_mix(self.bundle, mix, self._heads, self._head_names)
         self.rebuilder.plan(mix)
         return mix
 
@@ -99,21 +134,25 @@ class BundleSource:
         out = dict(self._scratch)
         out.update((n, buffers[n]) for n in self.bundle.shared_specs if n in buffers)
         self.rebuilder.rebuild(mix, out)
-        for name, value in self._heads[self._head_task(mix)].items():
+        for name, value in self._heads[head_task(mix)].items():
             copy_into(buffers[name], value, name)
-
-    @staticmethod
-    def _head_task(mix: Mix) -> str:
-        return max(mix, key=lambda t: mix[t])
 
 
 class Server:
     """One engine serving one task or mix at a time, switched atomically."""
 
-    def __init__(self, engine: Engine, source: BundleSource, initial: Mapping[str, float]):
-        """Serve ``initial`` (a mix; ``{task: 1.0}`` for one task) on ``engine``."""
+    def __init__(self, engine: Engine, source: Any, initial: Mapping[str, float]):
+        """Serve ``initial`` (a mix; ``{task: 1.0}`` for one task) on ``engine``.
+
+        ``source`` is a ``BundleSource``, a ``gpu_source.GpuBundleSource`` or anything with
+        their ``check(mix)`` and ``write(mix, host_buffers)``.
+        """
         self.engine = engine
         self.source = source
+        #: ``"cpu"`` (CPU rebuild into host buffers) or ``"gpu"`` (CUDA kernels into device buffers).
+        self.rebuild_on = getattr(source, "where", "cpu")
+        #: Why that path (set by ``serve_bundle``: the GPU's name, or why the GPU path is not used).
+        self.rebuild_note = ""
         self.mode = "staged" if engine.publish_copies else ("double" if engine.slots == 2 else "lock")
         self._cond = threading.Condition()
         self._switch_lock = threading.Lock()
@@ -247,8 +286,16 @@ def default_model_path(bundle_path: str) -> str:
 def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
                  base: Optional[Mapping[str, np.ndarray]] = None, initial: Optional[Mapping[str, float]] = None,
                  slots: int = 1, threads: int = 0, module: Any = None, input_names: Optional[Sequence[str]] = None,
-                 **options: Any) -> Server:
+                 gpu: Optional[bool] = None, device: Any = None, **options: Any) -> Server:
     """Open ``bundle``, load ``engine`` and serve ``initial`` (default: the first task).
+
+    Where the engine offers device buffers for its weights (TensorRT 10) and a CUDA
+    device and the kernels are there, the CUDA kernels rebuild straight into them
+    (``GpuBundleSource``); else the CPU rebuild writes the host buffers.  ``gpu=True``
+    insists on the GPU path (raises with the reason it cannot), ``gpu=False`` keeps the
+    CPU one; ``device`` is a ``kernels.cuda.Device`` to use (one is opened otherwise).
+    ``Server.rebuild_on`` says which ran (``"gpu"`` / ``"cpu"``), ``rebuild_note`` why,
+    and the ``tvswitch.server`` logger says it once at INFO.
 
     The base the rebuild reads is ``base`` if given, else the one the bundle embeds, else
     the weights the engine was loaded with (the ONNX file's defaults, or the module's
@@ -270,5 +317,29 @@ def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
         base = getattr(eng, "defaults", None) or {n: np.array(a) for n, a in eng.buffers(0).items()}
     elif getattr(eng, "defaults", None) is not None:
         eng.defaults = None  # another base serves the rebuild: the graph's copy would only hold memory
-    source = BundleSource(opened, eng.weight_specs, base, threads=threads)
-    return Server(eng, source, initial or {opened.tasks[0]: 1.0})
+    source: Any = None
+    if gpu is False:
+        note = "CPU rebuild asked for (gpu=False)"
+    elif eng.device_buffers() is None:
+        note = "the %s engine takes its weights from host memory only" % engine
+    else:
+        from tvswitch.runtime.gpu_source import GpuBundleSource
+
+        try:
+            source = GpuBundleSource(opened, eng, base, device=device)
+        except (RuntimeError, ImportError, OSError, TvswitchError) as exc:  # CudaError, KernelBuildError
+            note = "no GPU rebuild (%s)" % exc
+        else:
+            note = "CUDA kernels write the %s engine's device buffers on %s (%s)" % (
+                engine, source.device.name, source.device.binding)
+            if getattr(eng, "defaults", None) is not None:
+                eng.defaults = None  # the base now lives on the device
+            base = None
+    if source is None:
+        if gpu:
+            raise TvswitchError("the GPU rebuild was asked for and cannot run: %s" % note)
+        source = BundleSource(opened, eng.weight_specs, base, threads=threads)
+    log.info("%s on %s: %s rebuild: %s", bundle, engine, source.where.upper(), note)
+    server = Server(eng, source, initial or {opened.tasks[0]: 1.0})
+    server.rebuild_note = note
+    return server

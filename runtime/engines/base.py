@@ -14,13 +14,19 @@ atomic, so each engine states them instead of the server guessing:
   (TensorRT refit, a CUDA torch module).  Then the slot is a staging area nobody infers
   from, so it can be written while requests run, and only ``publish`` itself needs
   requests to be drained.
+
+An engine whose weights can be fed from device memory (TensorRT 10: buffers registered
+once for refit) also offers ``device_buffers()``; after ``use_device_buffers(stream)``
+its ``publish`` reads those instead of the host slot, so the GPU rebuild
+(``runtime.gpu_source.GpuBundleSource``) writes them directly and no weight crosses
+the host.  Engines without such buffers return None and keep the host path.
 """
 from __future__ import annotations
 
 import abc
 import os
 import tempfile
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,6 +71,23 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
         """Run the network on ``inputs`` (name -> array) with the weights of ``slot``."""
+
+    def device_buffers(self) -> Optional[Dict[str, Any]]:
+        """Device memory for every switchable weight (``DeviceTensor``s or CUDA arrays), or None.
+
+        Where not None, a GPU rebuild may write these and ``use_device_buffers`` makes
+        ``publish`` read them; same names, shapes and dtypes as ``weight_specs``.
+        """
+        return None
+
+    def use_device_buffers(self, stream: Optional[int] = None) -> None:
+        """From now on ``publish`` takes the weights from ``device_buffers()``, not the host slot.
+
+        ``stream`` (a CUDA stream handle) is where the writer queued its work: ``publish``
+        runs on it, so it is ordered after the writes without a host wait; None means the
+        writer synchronized before ``publish``.
+        """
+        raise TvswitchError("the %s engine reads its weights from host buffers only" % self.kind)
 
     def bind(self, weights: Mapping[str, np.ndarray]) -> None:
         """Copy ``weights`` into every slot and publish them: the state before any switch.

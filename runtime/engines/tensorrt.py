@@ -14,13 +14,25 @@ once at load from the ONNX file (``OnnxParserRefitter``) and from the slot.  Pla
 cached under a key of the graph's structure, precision, shapes, TensorRT version and
 GPU, so a new JetPack or another board builds a new plan instead of loading a wrong one.
 
-Switch (``publish``): BatchNorm folds are recomputed from the slot, the slot is copied
-to device buffers registered once with ``set_named_weights(..., TensorLocation.DEVICE)``
-(TensorRT 10) and ``refit_cuda_engine_async`` runs on the engine's stream, which also
-orders it after any inference enqueued before; TensorRT 8 refits from host memory with
-``refit_cuda_engine``.  The refit copies into the engine's own memory, so the slot is a
-staging area (``publish_copies``): the server writes it while requests run and holds
-requests only for the refit.  Inference uses the ``execute_async_v3`` API (TensorRT
+Switch (``publish``), two paths:
+
+* GPU (TensorRT 10 with the CUDA kernels; ``use_device_buffers``, wired by
+  ``serve_bundle`` through ``runtime.gpu_source.GpuBundleSource``): the kernels have
+  written the rebuilt weights straight into the device buffers registered once with
+  ``set_named_weights(..., TensorLocation.DEVICE)``; ``publish`` refits with
+  ``refit_cuda_engine_async`` on the rebuild's stream.  BatchNorm folds: the rebuilt
+  gamma/beta/mean/var (per-channel vectors, in device buffers not registered with
+  TensorRT) come down, the folds are computed on the host and go up: the only per-switch
+  host traffic, 4C floats down and 2C up per BatchNorm of C channels.
+* Host (TensorRT 8, or no CUDA kernels): BatchNorm folds are recomputed from the host
+  slot, the slot is copied to the registered device buffers (TensorRT 10) and
+  ``refit_cuda_engine_async`` runs on the engine's stream; TensorRT 8 refits from host
+  memory with ``refit_cuda_engine``.
+
+The refit copies into the engine's own memory (TensorRT needs the registered memory only
+until the refit completes), so the slot, host or device, is a staging area
+(``publish_copies``): the server writes it while requests run and holds requests only
+for the refit.  Inference uses the ``execute_async_v3`` API (TensorRT
 8.5+); TensorRT 8.2 (JetPack 4) is not covered.  CUDA calls go through cuda-python.
 """
 from __future__ import annotations
@@ -201,6 +213,7 @@ class TensorRTEngine(Engine):
         values.update(weights or {})
         self.defaults = values  # the base a rebuild reads, as for the ONNX Runtime engine
         graph, self._folds = onnx_graph.tensorrt_graph(proto, names_list, values)
+        bn_params = [p for bn in self._folds for p in (bn.gamma, bn.beta, bn.mean, bn.var)]
         self._graph_bytes = graph.SerializeToString()
         self._inputs = onnx_graph.data_inputs(graph, [])
         self._outputs = [o.name for o in graph.graph.output]
@@ -210,7 +223,8 @@ class TensorRTEngine(Engine):
         key = plan_key(graph_digest(graph, names_list + fold_names), trt.__version__, device_identity(), fp16, profile)
         plan = cache.load(key) if cache else None
         if plan is None:
-            plan = self._build(names_list + fold_names, fp16, profile, workspace_mb)
+            marked = [n for n in names_list if n not in set(bn_params)] + fold_names
+            plan = self._build(marked, fp16, profile, workspace_mb)
             if cache:
                 cache.store(key, plan)
         self.plan_key = key
@@ -224,8 +238,18 @@ class TensorRTEngine(Engine):
         self._refitter = trt.Refitter(self._engine, self._logger)
         self._from_slot, _, constants = refit_sources(
             self._refitter.get_all_weights(), names_list, self._folds)
-        self._specs = {n: specs[n] for n in self._from_slot}
-        self._staging = {n: np.zeros(self._specs[n][0], dtype=self._weight_dtype(n)) for n in self._from_slot}
+        # Switchable BatchNorm parameters: no layer reads them (the graph's Mul/Add read the
+        # folds), so TensorRT does not report them, but the folds are derived from them.
+        self._bn_params = [n for n in names_list if n in set(bn_params) and n not in self._from_slot]
+        slot_names = self._from_slot + self._bn_params
+        self._fold_inputs = [n for n in slot_names if n in set(bn_params)]  # what a device publish brings down
+        self._bn_constants = _initializer_arrays(graph, [p for p in bn_params if p not in slot_names])
+        self._specs = {n: specs[n] for n in slot_names}
+        self._staging = {n: np.zeros(self._specs[n][0], dtype=self._weight_dtype(n)) for n in slot_names}
+        self._weight_specs = {n: (tuple(a.shape), a.dtype) for n, a in self._staging.items()}
+        self._registered: List[str] = []
+        self._feed_stream: Optional[int] = None
+        self._from_device = False
         self._fold_arrays = {n: np.zeros(bn.shape, dtype=self._weight_dtype(n))
                              for bn in self._folds for n in (bn.scale, bn.shift)}
         self._lock = threading.Lock()  # one execution context: one request at a time
@@ -238,7 +262,7 @@ class TensorRTEngine(Engine):
                 if not onnx_refitter.refit_from_bytes(self._graph_bytes):
                     raise TvswitchError("TensorRT could not refit the plan's constants from the ONNX graph")
             self._register_device_buffers()
-        self.bind({n: values[n] for n in self._from_slot})
+        self.bind({n: values[n] for n in slot_names})
 
     def _build(self, refittable: List[str], fp16: bool, profile: Optional[Profile], workspace_mb: int) -> bytes:
         trt = self._trt
@@ -279,23 +303,30 @@ class TensorRTEngine(Engine):
     def _weight_dtype(self, name: str) -> np.dtype:
         """The dtype TensorRT expects for ``name``: TensorRT 10 says; on TensorRT 8 the graph's
         (float32 for the folds, which ``tensorrt_graph`` writes in float32)."""
-        if hasattr(self._refitter, "get_weights_prototype"):
+        if hasattr(self._refitter, "get_weights_prototype") and name not in self._bn_params:
             return np.dtype(self._trt.nptype(self._refitter.get_weights_prototype(name).dtype))
         return np.dtype(self._specs[name][1]) if name in self._specs else np.dtype(np.float32)
 
     def _register_device_buffers(self) -> None:
-        """Allocate one device buffer per refitted weight and register it once (TensorRT 10)."""
+        """Allocate one device buffer per refitted weight and register it once (TensorRT 10).
+
+        Switchable BatchNorm parameters get device buffers too, not registered: a GPU
+        rebuild writes them there and ``publish`` derives the folds from them.
+        """
         trt, cudart = self._trt, self._cudart
         self._refitter.weights_validation = False
         arrays = dict(self._staging)
         arrays.update(self._fold_arrays)
         for name, a in arrays.items():
-            err, ptr = cudart.cudaMalloc(a.nbytes)
+            err, ptr = cudart.cudaMalloc(max(a.nbytes, 1))
             _check(err, "cudaMalloc")
             self._device[name] = int(ptr)
+            if name in self._bn_params:
+                continue
             w = trt.Weights(_trt_dtype(trt, a.dtype), int(ptr), a.size)
             if not self._refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
                 raise TvswitchError("TensorRT refused device weights for %r" % name)
+            self._registered.append(name)
 
     # ---- the Engine interface ----
     @property
@@ -308,28 +339,66 @@ class TensorRTEngine(Engine):
 
     @property
     def weight_specs(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
-        return {n: (tuple(a.shape), a.dtype) for n, a in self._staging.items()}
+        return dict(self._weight_specs)
 
     def buffers(self, slot: int = 0) -> Dict[str, np.ndarray]:
+        """The host staging slot (after ``use_device_buffers``: only BatchNorm's parameters,
+        where ``publish`` brings them down to derive the folds)."""
         return self._staging
 
+    def device_buffers(self) -> Optional[Dict[str, object]]:
+        """The registered device buffers (and those of switchable BatchNorm parameters) as
+        ``DeviceTensor``s; None on TensorRT 8, which refits from host memory only."""
+        if not self._device:
+            return None
+        from tvswitch.runtime.gpu_rebuild import DeviceTensor
+
+        return {n: DeviceTensor(self._device[n], shape, np.dtype(dtype))
+                for n, (shape, dtype) in self._weight_specs.items()}
+
+    def use_device_buffers(self, stream: Optional[int] = None) -> None:
+        """Refit from what a GPU rebuild wrote into ``device_buffers()``, on ``stream``.
+
+        The host staging of every weight but BatchNorm's parameters is dropped: on a
+        Jetson host and device memory are the same DRAM.
+        """
+        if not self._device:
+            raise TvswitchError("TensorRT %s refits from host memory only: no device buffers to write"
+                                % self._trt.__version__)
+        self._feed_stream = stream
+        self._from_device = True
+        self._staging = {n: self._staging[n] for n in self._fold_inputs}
+
     def publish(self, slot: int = 0) -> None:
-        """Refit the engine with the staging slot (folds recomputed); returns when it is done."""
+        """Refit the engine with the slot, host or device (folds recomputed); returns when it is done."""
         cudart = self._cudart
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        stream = self._feed_stream if self._from_device and self._feed_stream is not None else self._stream
+        if self._from_device and self._folds:
+            d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            for name in self._fold_inputs:  # queued after the rebuild on its stream
+                a = self._staging[name]
+                _check(cudart.cudaMemcpyAsync(a.ctypes.data, self._device[name], a.nbytes, d2h, stream),
+                       "cudaMemcpyAsync")
+            _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         for bn in self._folds:
-            scale, shift = onnx_graph.derive_batchnorm(bn, self._staging)
+            values = dict(self._bn_constants)
+            values.update(self._staging)
+            scale, shift = onnx_graph.derive_batchnorm(bn, values)
             np.copyto(self._fold_arrays[bn.scale], scale, casting="same_kind")
             np.copyto(self._fold_arrays[bn.shift], shift, casting="same_kind")
-        arrays = dict(self._staging)
-        arrays.update(self._fold_arrays)
         if self._device:
-            kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            arrays = dict(self._fold_arrays)
+            if not self._from_device:
+                arrays.update((n, a) for n, a in self._staging.items() if n in self._registered)
             for name, a in arrays.items():
-                _check(cudart.cudaMemcpyAsync(self._device[name], a.ctypes.data, a.nbytes, kind, self._stream),
+                _check(cudart.cudaMemcpyAsync(self._device[name], a.ctypes.data, a.nbytes, h2d, stream),
                        "cudaMemcpyAsync")
-            ok = self._refitter.refit_cuda_engine_async(self._stream)
-            _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            ok = self._refitter.refit_cuda_engine_async(int(stream))
+            _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         else:
+            arrays = {n: a for n, a in self._staging.items() if n in self._from_slot}
+            arrays.update(self._fold_arrays)
             for name, a in arrays.items():
                 self._refitter.set_named_weights(name, self._trt.Weights(a))
             ok = self._refitter.refit_cuda_engine()
@@ -363,7 +432,7 @@ class TensorRTEngine(Engine):
                 ptr = self._malloc(out.nbytes, allocations)
                 self._context.set_tensor_address(name, ptr)
                 outputs[name] = (out, ptr)
-            if not self._context.execute_async_v3(self._stream):
+            if not self._context.execute_async_v3(int(self._stream)):
                 raise TvswitchError("TensorRT inference failed")
             for out, ptr in outputs.values():
                 _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, self._stream), "cudaMemcpyAsync")
@@ -378,6 +447,14 @@ class TensorRTEngine(Engine):
         _check(err, "cudaMalloc")
         allocations.append(int(ptr))
         return int(ptr)
+
+
+def _initializer_arrays(model, names: Iterable[str]) -> Dict[str, np.ndarray]:
+    """The values of the graph's initializers named in ``names``."""
+    from onnx import numpy_helper
+
+    wanted = set(names)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
 
 
 def _trt_dtype(trt, dtype: np.dtype):
