@@ -73,6 +73,15 @@ class Device:
     def elapsed_ms(self, start: Any, end: Any) -> float:
         raise NotImplementedError
 
+    @property
+    def stream_handle(self) -> Optional[int]:
+        """The raw handle of this device's stream (what TensorRT's refit and enqueue take)."""
+        return None
+
+    def make_current(self) -> None:
+        """Make this device's context current on the calling thread (a switch may come from
+        any thread of a server, and the driver API's current context is per thread)."""
+
     def close(self) -> None:
         """Give back what this object holds (the stream, its modules); memory is the caller's."""
 
@@ -128,6 +137,13 @@ class DriverDevice(Device):
         if isinstance(result, tuple) and len(result) > 1:
             return result[1] if len(result) == 2 else result[1:]
         return None
+
+    @property
+    def stream_handle(self) -> Optional[int]:
+        return None if self._stream is None else int(self._stream)
+
+    def make_current(self) -> None:
+        self._check("cuCtxSetCurrent", self._drv.cuCtxSetCurrent(self._ctx))
 
     def alloc(self, nbytes: int) -> int:
         return int(self._check("cuMemAlloc", self._drv.cuMemAlloc(max(int(nbytes), 1))))
@@ -225,6 +241,10 @@ class PycudaDevice(Device):
             return fn(*args, **kw)
         except self._drv.Error as exc:
             raise CudaError("%s failed: %s" % (call, exc)) from None
+
+    @property
+    def stream_handle(self) -> Optional[int]:
+        return None if self._stream is None else int(self._stream.handle)
 
     def alloc(self, nbytes: int) -> int:
         mem = self._call("cuMemAlloc", self._drv.mem_alloc, max(int(nbytes), 1))

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.kernels.cuda import Device, DriverDevice
+from tvswitch.kernels.cuda import Device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.engines.base import Engine
 from tvswitch.runtime.gpu_rebuild import DeviceTensor, GpuRebuilder, arena_layout
@@ -39,12 +39,7 @@ Copy = Tuple[int, int, int]
 def stream_handle(device: Device) -> Optional[int]:
     """The raw handle of ``device``'s stream (what TensorRT's refit takes), or None if it has none."""
     handle = getattr(device, "stream_handle", None)
-    if handle is not None:
-        return int(handle)
-    stream = getattr(device, "_stream", None)  # kernels.cuda keeps it private: CUstream or pycuda.Stream
-    if stream is None:
-        return None
-    return int(getattr(stream, "handle", stream))
+    return None if handle is None else int(handle)
 
 
 class GpuBundleSource:
@@ -138,19 +133,13 @@ class GpuBundleSource:
     def write(self, mix: Mix, buffers: Any = None) -> None:
         """Queue the rebuild of ``mix`` into the engine's device buffers (``buffers``, the host slot,
         is not touched).  Ordered before the engine's next ``publish`` by the shared stream."""
-        self._make_current()
+        self.device.make_current()
         self.rebuilder.rebuild(mix, self._outputs, sync=self.stream is None)
         for dst, src, nbytes in self._heads[head_task(mix)]:
             self.device.copy(dst, src, nbytes)
         if self.stream is None and self._heads[head_task(mix)]:
             self.device.synchronize()
         self.writes += 1
-
-    def _make_current(self) -> None:
-        """The driver API's context is per thread: a switch may come from any of the server's threads."""
-        device = self.device
-        if isinstance(device, DriverDevice):
-            device._check("cuCtxSetCurrent", device._drv.cuCtxSetCurrent(device._ctx))
 
     def close(self) -> None:
         """Free the scratch and head arenas and the rebuilder's device memory."""
