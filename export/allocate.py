@@ -11,7 +11,8 @@ The error is sensitivity weighted.  We use the relative squared error of the ten
 relative output perturbation ||dW x|| / ||W x|| tracks ||dW||_F / ||W||_F, so every
 tensor's relative error counts once whatever its size.  Small tensors (norms, biases)
 then get wide codes cheaply and large ones (embeddings) give up bits first.  It needs no
-data; docs/FORMAT.md and the benchmark show it against uniform widths at equal budget.
+data. docs/results/allocation.md measures it against uniform widths at equal budget on the
+fine-tuned models' outputs (2.5-3.3x lower feature error at 2-2.4 bits, slightly higher at 3).
 """
 from __future__ import annotations
 
