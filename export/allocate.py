@@ -8,8 +8,8 @@ tensor's options.
 
 The error is sensitivity weighted.  We use the relative squared error of the tensor,
 ||tau - tau_hat||^2 / ||theta_ft||^2 (the fine-tuned weights, mean over tasks), summed over
-tasks: for a linear map y = W x the
-relative output perturbation ||dW x|| / ||W x|| tracks ||dW||_F / ||W||_F, so every
+tasks: for a linear map y = W x the relative output perturbation ||dW x|| / ||W x|| tracks
+||dW||_F / ||W||_F, so every
 tensor's relative error counts once whatever its size.  Small tensors (norms, biases)
 then get wide codes cheaply and large ones (embeddings) give up bits first.  It needs no
 data. docs/results/allocation.md measures it against uniform widths at equal budget on the
