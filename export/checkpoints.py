@@ -6,7 +6,8 @@ modules.  Every tensor is then one of:
 - a task vector: a float tensor the base has too (quantised by the scheme);
 - stored as-is per task: float tensors only the fine-tuned model has (a head), those the
   user names with ``--task-specific``, and float buffers such as BatchNorm statistics;
-- fixed: integer and bool tensors, which must equal the base's (not stored).
+- fixed: integer and bool tensors (and empty ones), which must equal the base's (not
+  stored, only fingerprinted).
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def _to_numpy(state: Mapping[str, Any], label: str) -> Dict[str, np.ndarray]:
             if str(t.dtype) == "torch.bfloat16":
                 t = t.float()
             value = t.numpy()
+        elif isinstance(value, np.generic):  # a 0-d value that numpy arithmetic made a scalar
+            value = np.asarray(value)
         if not isinstance(value, np.ndarray):
             raise TvswitchError("%s: entry %r is a %s, not a tensor" % (label, name, type(value).__name__))
         out[name] = value
@@ -91,7 +94,7 @@ class Layout:
     vectors: List[str]  # task vectors, in base order
     as_is: List[str]  # base tensors stored per task as-is
     task_only: Dict[str, List[str]]  # per task: tensors the base does not have
-    fixed: List[str]  # non-float base tensors
+    fixed: List[str]  # non-float (and empty) base tensors, equal in every task
 
 
 def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequence[str]) -> Layout:
@@ -107,7 +110,7 @@ def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequen
                 raise TvswitchError("tensor %r is %s%s in base %s but %s%s in task %r (%s)"
                                     % (name, a.dtype, list(a.shape), base.label, b.dtype, list(b.shape),
                                        task, ck.label))
-        if not np.issubdtype(a.dtype, np.floating):
+        if not np.issubdtype(a.dtype, np.floating) or a.size == 0:  # nothing to vary: fixed
             for task, ck in tasks.items():
                 if not np.array_equal(ck.tensors[name], a):
                     raise TvswitchError("non-float tensor %r differs between base %s and task %r (%s)"

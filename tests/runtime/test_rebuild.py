@@ -147,3 +147,18 @@ def test_emr_bundle_rebuilds_what_emr_merging_defines(bundle_factory, checkpoint
         u = dequantize(quantize(merged.unified[n], 8, group_size(base[n].shape, "tensor")))
         want = base[n].reshape(-1) + np.float32(merged.rescalers["b"]) * np.where(merged.masks["b"][n], u, 0)
         assert np.allclose(out[n].reshape(-1), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["tvq", "rtvq", "tswitch", "fq", "emr"])
+def test_scalar_and_empty_tensors(tmp_path, scheme):
+    from tvswitch.export.exporter import export_bundle
+
+    base = {"w": np.ones((3, 4), np.float32), "empty": np.zeros((0, 4), np.float32),
+            "scalar": np.array(2.0, np.float32)}
+    ft = {k: v + np.float32(0.25) for k, v in base.items()}  # numpy makes the 0-d one a scalar
+    bundle = export_bundle(base, {"a": ft, "b": ft}, str(tmp_path / "e.tvs"), name=scheme, keep=1.0)
+    assert "empty" not in bundle.shared_specs and bundle.manifest["base"]["other"] == ["empty"]
+    r = CpuRebuilder(bundle, base)
+    out = r.allocate()
+    r.rebuild({"a": 1.0}, out)
+    assert out["scalar"].shape == () and abs(float(out["scalar"]) - 2.25) < 0.02
