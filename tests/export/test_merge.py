@@ -135,7 +135,7 @@ def test_cli_merge_writes_task_arithmetic_and_emr(tmp_path):
     bundle, base, fts = _example_bundle(tmp_path, bits=8)
     base_path = str(tmp_path / "base.safetensors")
     out = str(tmp_path / "ta.safetensors")
-    assert main(["merge", bundle.path, "--method", "ta", "--lambda", "0.5", "--base", base_path, "-o", out]) == 0
+    assert main(["merge", bundle.path, "--method", "task_arithmetic", "--lambda", "0.5", "--base", base_path, "-o", out]) == 0
     merged = load_file(out)
     taus = merge.task_vectors_from_bundle(bundle, base)
     want = merge.apply_delta(base, merge.task_arithmetic(taus, 0.5))

@@ -12,10 +12,10 @@ HELP = "merge a bundle's task vectors (task arithmetic, TIES, EMR) into one weig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--method", required=True, choices=["ta", "ties", "emr", "average"],
-                   help="ta: base + lambda*sum tau; ties: trim/elect/disjoint mean; emr: per-task "
+    p.add_argument("--method", required=True, choices=["task_arithmetic", "ties", "emr", "average"],
+                   help="task_arithmetic: base + lambda*sum tau; ties: trim/elect/disjoint mean; emr: per-task "
                         "masks and rescalers on one unified vector (needs --task); average: lambda = 1/T")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.3, help="scaling for ta/ties (default 0.3)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.3, help="scaling for task_arithmetic/ties (default 0.3)")
     p.add_argument("--keep", type=float, default=0.2, help="TIES: share of each task vector kept (default 0.2)")
     p.add_argument("--task", help="EMR: the task whose weights to write; other methods: add its head")
     p.add_argument("--base", help="base checkpoint (needed unless the bundle embeds it)")
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     given = load_base(args.base)
     base = resolve_base(bundle, given)
     taus = merge.task_vectors_from_bundle(bundle, given)
-    if args.method == "ta":
+    if args.method == "task_arithmetic":
         delta = merge.task_arithmetic(taus, args.lam)
     elif args.method == "ties":
         delta = merge.ties(taus, args.lam, args.keep)
