@@ -41,9 +41,13 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.tv_rebuild_cpu.restype = ctypes.c_int
     lib.tv_sizeof_term.restype = ctypes.c_uint32
     lib.tv_sizeof_segment.restype = ctypes.c_uint32
+    lib.tv_cpu_set_path.argtypes = [ctypes.c_int]
+    lib.tv_cpu_set_path.restype = ctypes.c_int
+    lib.tv_cpu_path.restype = ctypes.c_int
     if (lib.tv_sizeof_term(), lib.tv_sizeof_segment()) != (abi.TERM_DTYPE.itemsize, abi.SEGMENT_DTYPE.itemsize):
         _ERROR = "%s was built from another decode.h (struct sizes differ); rebuild it" % path
         return None
+    lib.tv_cpu_path()  # pick the instruction path now, before any thread rebuilds
     _LIB = lib
     return lib
 
@@ -57,14 +61,43 @@ def unavailable_reason() -> Optional[str]:
     return _ERROR
 
 
+#: The library's instruction paths (tv_cpu_set_path's codes), fastest last.
+PATHS = {"auto": 0, "portable": 1, "avx2": 2}
+
+
+def path() -> str:
+    """The instruction path rebuilds take: ``avx2`` or ``portable`` (SSE2, NEON or plain C)."""
+    lib = _require()
+    code = lib.tv_cpu_path()
+    return next(name for name, c in PATHS.items() if c == code)
+
+
+def set_path(name: str) -> str:
+    """Force an instruction path (``auto`` picks the fastest); the tests run each one.
+
+    Not thread-safe: no rebuild may be running.  Raises ValueError for a path this CPU
+    or build lacks.
+    """
+    if name not in PATHS:
+        raise ValueError("no CPU path %r (paths: %s)" % (name, ", ".join(PATHS)))
+    if _require().tv_cpu_set_path(PATHS[name]) < 0:
+        raise ValueError("this CPU or build has no %s path" % name)
+    return path()
+
+
+def _require() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_ERROR)
+    return lib
+
+
 def rebuild(segments: np.ndarray, terms: np.ndarray, threads: int = 0) -> None:
     """Run the segment and term tables; ``threads`` <= 0 uses every core OpenMP sees.
 
     The tables hold raw addresses: the caller keeps every array they point into alive.
     """
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(_ERROR)
+    lib = _require()
     if segments.dtype != abi.SEGMENT_DTYPE or terms.dtype != abi.TERM_DTYPE:
         raise TypeError("segment and term tables must use kernels.abi's dtypes")
     segments = np.ascontiguousarray(segments)

@@ -7,6 +7,11 @@
  * operations, same order) but is arranged for a CPU: each run of 32 elements (one row of
  * codes) reads its base, adds every term and is stored in one pass, with the code width
  * a compile-time constant so the unpacking is unrolled.  No full-size temporary.
+ *
+ * Two instruction paths compute the same bits: the portable one (SSE2 on x86-64, NEON on
+ * aarch64, plain C elsewhere) and, on x86-64 CPUs that have it, AVX2, which cuts eight
+ * codes at a time with per-lane shifts.  The path is picked once at first use;
+ * tv_cpu_set_path() lets the tests run both on one machine.
  */
 #include "decode.h"
 
@@ -17,6 +22,14 @@
 #include <emmintrin.h>
 #define TV_HAVE_SSE2 1
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TV_HAVE_AVX2_PATH 1
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define TV_HAVE_NEON 1
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -26,40 +39,54 @@
 #define MIN_TILES_PER_THREAD 16
 
 #define TV_ALWAYS_INLINE __attribute__((always_inline))
-/* x86-64: one build, with an AVX2 copy of the inner loops picked at load time where the
- * CPU has it (wider dequantise and accumulate loops). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define TV_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TV_CLONES
-#endif
+
+/* tv_cpu_path() values. */
+enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2 };
 
 int tv_abi_version(void) { return 1; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
 /*
- * (float) of the 32 codes of one row, exactly the values (float)tv_unpack32() gives.  SSE2
- * has no per-lane shifts, so four codes at a time are cut from the row as one 4b-bit
- * field (through decode.h's 64-bit window), masked in place (code j stays at bit b*j,
- * below 2^28 for b <= 7), converted, and scaled back by 2^-b*j: every step is exact in
- * binary32.  8-bit codes, and other CPUs, take decode.h's tv_unpack32.
+ * Codes first .. first+count-1 of a row as one field of count*b <= 32 bits, cut through
+ * decode.h's 64-bit window (which holds at least 33 bits past any shift).
+ */
+static inline TV_ALWAYS_INLINE uint32_t field(const uint32_t *row, uint32_t bits, uint32_t first, uint32_t count)
+{
+    const uint32_t bit = first * bits;
+    const uint64_t window = (uint64_t)row[bit >> 5] | ((uint64_t)row[(bit >> 5) + 1u] << 32);
+    return (uint32_t)((window >> (bit & 31u)) & ((1ull << (count * bits)) - 1ull));
+}
+
+/*
+ * (float) of the 32 codes of one row, exactly the values (float)tv_unpack32() gives.
+ * Four codes at a time are cut from the row as one field.  NEON then shifts each lane by
+ * its own amount.  SSE2 has no per-lane shifts, so there the field is masked in place
+ * (code j stays at bit b*j, below 2^28 for b <= 7), converted, and scaled back by 2^-b*j:
+ * every step is exact in binary32.  8-bit codes on SSE2, and other CPUs, take decode.h's
+ * tv_unpack32.
  */
 static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t bits, float *qf)
 {
-#ifdef TV_HAVE_SSE2
+#if defined(TV_HAVE_NEON)
+    const int32_t b = (int32_t)bits;
+    const int32x4_t right = {0, -b, -2 * b, -3 * b}; /* vshlq by a negative count shifts right */
+    const uint32x4_t ones = vdupq_n_u32((1u << bits) - 1u);
+    for (uint32_t k = 0; k < 8u; ++k) {
+        const uint32x4_t q = vandq_u32(vshlq_u32(vdupq_n_u32(field(row, bits, 4u * k, 4u)), right), ones);
+        vst1q_f32(qf + 4u * k, vcvtq_f32_u32(q));
+    }
+    return;
+#elif defined(TV_HAVE_SSE2)
     if (bits <= 7u) {
         const uint32_t m = (1u << bits) - 1u;
         const __m128i lanes = _mm_setr_epi32((int)m, (int)(m << bits), (int)(m << 2 * bits),
                                              (int)(m << 3 * bits));
         const __m128 back = _mm_setr_ps(1.0f, 1.0f / (float)(1u << bits), 1.0f / (float)(1u << 2 * bits),
                                         1.0f / (float)(1u << 3 * bits));
-        for (uint32_t g = 0; g < 8u; ++g) { /* codes 4g .. 4g+3 */
-            const uint32_t bit = 4u * g * bits;
-            const uint64_t window = (uint64_t)row[bit >> 5] | ((uint64_t)row[(bit >> 5) + 1u] << 32);
-            const uint32_t field = (uint32_t)(window >> (bit & 31u)) & ((1u << 4 * bits) - 1u);
-            const __m128i masked = _mm_and_si128(_mm_set1_epi32((int)field), lanes);
-            _mm_storeu_ps(qf + 4u * g, _mm_mul_ps(_mm_cvtepi32_ps(masked), back));
+        for (uint32_t k = 0; k < 8u; ++k) {
+            const __m128i masked = _mm_and_si128(_mm_set1_epi32((int)field(row, bits, 4u * k, 4u)), lanes);
+            _mm_storeu_ps(qf + 4u * k, _mm_mul_ps(_mm_cvtepi32_ps(masked), back));
         }
         return;
     }
@@ -71,24 +98,44 @@ static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t
 }
 
 /*
+ * The (scale, offset) of a CODES term over elements i .. i+31, or 0 when those elements
+ * straddle a group boundary (they then go element by element through decode.h's
+ * generic path).  Per-tensor scales, the common case, need no divide.
+ */
+static inline TV_ALWAYS_INLINE int row_params(const tv_term *t, uint32_t i, uint32_t n, float *scale,
+                                              float *offset)
+{
+    const uint32_t group = (uint32_t)t->group;
+    const uint32_t g = group >= n ? 0u : i / group;
+    if (group < n && (i + 31u) / group != g)
+        return 0;
+    const float *params = (const float *)t->params;
+    *scale = params[2u * g];
+    *offset = params[2u * g + 1u];
+    return 1;
+}
+
+static inline TV_ALWAYS_INLINE void accum32_generic(float *acc, const tv_term *t, uint32_t i)
+{
+    for (uint32_t j = 0; j < 32u; ++j)
+        acc[j] = acc[j] + t->weight * tv_term_value(t, i + j);
+}
+
+/*
  * acc[j] += w * value(i + j), j < 32, for a CODES term whose width B is a constant.  i is
  * a multiple of 32, so the run is one row of B words: unpacked with constant shifts,
- * dequantised and accumulated in loops the compiler vectorises.  A run that straddles a
- * group boundary goes element by element through decode.h's generic path.
+ * dequantised and accumulated in loops the compiler vectorises.
  */
 #define TV_DEFINE_ACCUM32(B)                                                                \
     static inline TV_ALWAYS_INLINE void accum32_codes_##B(float *acc, const tv_term *t,    \
                                                           uint32_t i, uint32_t n)          \
     {                                                                                       \
-        const uint32_t group = (uint32_t)t->group;                                          \
-        const uint32_t g = group >= n ? 0u : i / group; /* per-tensor scales: no divide */  \
-        if (group < n && (i + 31u) / group != g) {                                          \
-            for (uint32_t j = 0; j < 32u; ++j)                                              \
-                acc[j] = acc[j] + t->weight * tv_term_value(t, i + j);                      \
+        float scale, offset;                                                                \
+        if (!row_params(t, i, n, &scale, &offset)) {                                        \
+            accum32_generic(acc, t, i);                                                     \
             return;                                                                         \
         }                                                                                   \
-        const float *params = (const float *)t->params;                                     \
-        const float scale = params[2u * g], offset = params[2u * g + 1u], w = t->weight;    \
+        const float w = t->weight;                                                          \
         float qf[32];                                                                       \
         float v[32];                                                                        \
         unpack32_float((const uint32_t *)t->codes + (uint64_t)(i >> 5) * B, B, qf);         \
@@ -110,6 +157,84 @@ TV_DEFINE_ACCUM32(5)
 TV_DEFINE_ACCUM32(6)
 TV_DEFINE_ACCUM32(7)
 TV_DEFINE_ACCUM32(8)
+
+/* One CODES term over one row, portable path: the width becomes a constant. */
+static inline TV_ALWAYS_INLINE void accum32_codes(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    switch (t->bits) {
+    case 1: accum32_codes_1(acc, t, i, n); break;
+    case 2: accum32_codes_2(acc, t, i, n); break;
+    case 3: accum32_codes_3(acc, t, i, n); break;
+    case 4: accum32_codes_4(acc, t, i, n); break;
+    case 5: accum32_codes_5(acc, t, i, n); break;
+    case 6: accum32_codes_6(acc, t, i, n); break;
+    case 7: accum32_codes_7(acc, t, i, n); break;
+    default: accum32_codes_8(acc, t, i, n); break;
+    }
+}
+
+#ifdef TV_HAVE_AVX2_PATH
+#define TV_AVX2 __attribute__((target("avx2"))) static inline TV_ALWAYS_INLINE
+
+/*
+ * Codes 8k .. 8k+7 of a row as eight float lanes, exactly (float)tv_unpack32()'s values.
+ * Up to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields
+ * (field() keeps both within 32 bits); each lane then shifts its code down by its own
+ * amount.
+ */
+TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
+{
+    const int b = (int)bits;
+    __m256i lanes;
+    if (bits <= 4u) {
+        lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)field(row, bits, 8u * k, 8u)),
+                                  _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b));
+    } else {
+        const __m128i lo = _mm_set1_epi32((int)field(row, bits, 8u * k, 4u));
+        const __m128i hi = _mm_set1_epi32((int)field(row, bits, 8u * k + 4u, 4u));
+        lanes = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
+                                  _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b));
+    }
+    return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((int)((1u << bits) - 1u))));
+}
+
+/* accum32_codes_B's arithmetic, eight lanes at a time; acc is 32-byte aligned. */
+TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t bits)
+{
+    float scale, offset;
+    if (!row_params(t, i, n, &scale, &offset)) {
+        accum32_generic(acc, t, i);
+        return;
+    }
+    const uint32_t *row = (const uint32_t *)t->codes + (uint64_t)(i >> 5) * bits;
+    const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset), w = _mm256_set1_ps(t->weight);
+    const __m256i m = _mm256_set1_epi32(t->mask ? (int)((const uint32_t *)t->mask)[i >> 5] : -1);
+    for (uint32_t k = 0; k < 4u; ++k) {
+        __m256 v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), s), o);
+        if (t->mask) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
+            const int c = 31 - 8 * (int)k;
+            const __m256i up = _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
+            v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_srai_epi32(up, 31)));
+        }
+        _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), _mm256_mul_ps(w, v)));
+    }
+}
+
+/* One CODES term over one row, AVX2 path: the width becomes a constant. */
+TV_AVX2 void accum32_codes_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    switch (t->bits) {
+    case 1: avx2_accum32(acc, t, i, n, 1); break;
+    case 2: avx2_accum32(acc, t, i, n, 2); break;
+    case 3: avx2_accum32(acc, t, i, n, 3); break;
+    case 4: avx2_accum32(acc, t, i, n, 4); break;
+    case 5: avx2_accum32(acc, t, i, n, 5); break;
+    case 6: avx2_accum32(acc, t, i, n, 6); break;
+    case 7: avx2_accum32(acc, t, i, n, 7); break;
+    default: avx2_accum32(acc, t, i, n, 8); break;
+    }
+}
+#endif
 
 /*
  * The output is written once and read later by the engine, not by us: on x86 a
@@ -133,48 +258,91 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
  * Elements [start, start + len) of one segment, 32 at a time: base, every term, store,
  * in one pass, so reading the base, decoding and writing the output overlap the way a
  * memory copy's loads and stores do.  The tail (n not a multiple of 32) is decode.h's
- * tv_rebuild_element itself.
+ * tv_rebuild_element itself.  Written once, instantiated per instruction path:
+ * ACCUM_CODES(acc, t, i, n) adds one CODES term over one row.
  */
-TV_CLONES static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len)
-{
-    const uint32_t n = (uint32_t)s->n;
-    const uint32_t end = start + len;
-    const int stream = s->out_dtype == TV_F32 && ((uintptr_t)s->out & 15u) == 0;
-    const int copy_base = s->base_dtype == TV_F32 && s->base_coef == 1.0f;
-    uint32_t i = start;
-    for (; i + 32u <= end; i += 32u) {
-        float acc[32];
-        if (s->base_coef == 0.0f)
-            memset(acc, 0, sizeof acc);
-        else if (copy_base)
-            memcpy(acc, (const float *)s->base + i, sizeof acc);
-        else
-            for (uint32_t j = 0; j < 32u; ++j)
-                acc[j] = tv_base_term(s, i + j);
-        for (uint32_t k = 0; k < s->term_count; ++k) {
-            const tv_term *t = &terms[s->term_begin + k];
-            switch (t->kind == TV_KIND_CODES ? t->bits : 0u) {
-            case 1: accum32_codes_1(acc, t, i, n); break;
-            case 2: accum32_codes_2(acc, t, i, n); break;
-            case 3: accum32_codes_3(acc, t, i, n); break;
-            case 4: accum32_codes_4(acc, t, i, n); break;
-            case 5: accum32_codes_5(acc, t, i, n); break;
-            case 6: accum32_codes_6(acc, t, i, n); break;
-            case 7: accum32_codes_7(acc, t, i, n); break;
-            case 8: accum32_codes_8(acc, t, i, n); break;
-            default:
-                for (uint32_t j = 0; j < 32u; ++j)
-                    acc[j] = acc[j] + t->weight * tv_term_value(t, i + j);
-            }
-        }
-        if (s->out_dtype == TV_F32)
-            store32_f32((float *)s->out + i, acc, stream);
-        else
-            for (uint32_t j = 0; j < 32u; ++j)
-                tv_store(s->out, s->out_dtype, i + j, acc[j]);
+#define TV_DEFINE_TILE(NAME, ATTR, ACCUM_CODES)                                              \
+    ATTR static void NAME(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len) \
+    {                                                                                        \
+        const uint32_t n = (uint32_t)s->n;                                                   \
+        const uint32_t end = start + len;                                                    \
+        const int stream = s->out_dtype == TV_F32 && ((uintptr_t)s->out & 15u) == 0;         \
+        const int copy_base = s->base_dtype == TV_F32 && s->base_coef == 1.0f;               \
+        uint32_t i = start;                                                                  \
+        for (; i + 32u <= end; i += 32u) {                                                   \
+            float acc[32] __attribute__((aligned(32)));                                      \
+            if (s->base_coef == 0.0f)                                                        \
+                memset(acc, 0, sizeof acc);                                                  \
+            else if (copy_base)                                                              \
+                memcpy(acc, (const float *)s->base + i, sizeof acc);                         \
+            else                                                                             \
+                for (uint32_t j = 0; j < 32u; ++j)                                           \
+                    acc[j] = tv_base_term(s, i + j);                                         \
+            for (uint32_t k = 0; k < s->term_count; ++k) {                                   \
+                const tv_term *t = &terms[s->term_begin + k];                                \
+                if (t->kind == TV_KIND_CODES)                                                \
+                    ACCUM_CODES(acc, t, i, n);                                               \
+                else                                                                         \
+                    accum32_generic(acc, t, i);                                              \
+            }                                                                                \
+            if (s->out_dtype == TV_F32)                                                      \
+                store32_f32((float *)s->out + i, acc, stream);                               \
+            else                                                                             \
+                for (uint32_t j = 0; j < 32u; ++j)                                           \
+                    tv_store(s->out, s->out_dtype, i + j, acc[j]);                           \
+        }                                                                                    \
+        for (; i < end; ++i)                                                                 \
+            tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));              \
     }
-    for (; i < end; ++i)
-        tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));
+
+TV_DEFINE_TILE(rebuild_tile_portable, , accum32_codes)
+#ifdef TV_HAVE_AVX2_PATH
+TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum32_codes_avx2)
+#endif
+
+static int avx2_supported(void)
+{
+#ifdef TV_HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+#else
+    return 0;
+#endif
+}
+
+static int path_in_use = TV_PATH_AUTO;
+
+/*
+ * Choose the instruction path: TV_PATH_AUTO (the fastest this CPU runs), PORTABLE or
+ * AVX2.  Returns the path now in use, or -1 (and changes nothing) for one this CPU or
+ * build lacks.  Not to be called while a rebuild runs.
+ */
+int tv_cpu_set_path(int path)
+{
+    if (path == TV_PATH_AUTO)
+        path = avx2_supported() ? TV_PATH_AVX2 : TV_PATH_PORTABLE;
+    if (path != TV_PATH_PORTABLE && !(path == TV_PATH_AVX2 && avx2_supported()))
+        return -1;
+    path_in_use = path;
+    return path;
+}
+
+int tv_cpu_path(void)
+{
+    if (path_in_use == TV_PATH_AUTO)
+        tv_cpu_set_path(TV_PATH_AUTO);
+    return path_in_use;
+}
+
+static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len)
+{
+#ifdef TV_HAVE_AVX2_PATH
+    if (path_in_use == TV_PATH_AVX2) {
+        rebuild_tile_avx2(s, terms, start, len);
+        return;
+    }
+#endif
+    rebuild_tile_portable(s, terms, start, len);
 }
 
 static uint64_t tiles_of(const tv_segment *s) { return (s->n + TILE - 1) / TILE; }
@@ -207,6 +375,7 @@ int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, 
         const uint64_t nt = (uint64_t)omp_get_num_threads(), id = (uint64_t)omp_get_thread_num();
 #else
         const uint64_t nt = 1, id = 0;
+        (void)threads;
 #endif
         const uint64_t first = total * id / nt, last = total * (id + 1) / nt;
         uint32_t s = 0;

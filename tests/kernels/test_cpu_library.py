@@ -1,15 +1,46 @@
 """The compiled CPU build of decode.h against its numpy transcription, bit for bit."""
+import pathlib
+import platform
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tvswitch.export.packing import pack_codes, pack_mask
 from tvswitch.kernels import abi, cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
+
+
+def _paths():
+    """Every instruction path this CPU runs, each a parameter: each must give the same bits."""
+    if not cpu.available():
+        return ["portable"]
+    names = []
+    for name in ("portable", "avx2"):
+        try:
+            cpu.set_path(name)
+            names.append(name)
+        except ValueError:
+            names.append(pytest.param(name, marks=pytest.mark.skip(reason="this CPU has no %s" % name)))
+    cpu.set_path("auto")
+    return names
+
+
+@pytest.fixture(params=_paths())
+def path(request):
+    cpu.set_path(request.param)
+    yield request.param
+    cpu.set_path("auto")
+
+
+def test_auto_picks_the_fastest_path_this_cpu_has():
+    has_avx2 = "avx2" in open("/proc/cpuinfo").read().split() if pathlib.Path("/proc/cpuinfo").exists() else None
+    if has_avx2 is None:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert cpu.set_path("auto") == ("avx2" if has_avx2 and platform.machine() == "x86_64" else "portable")
 
 
 def _random_tables(rng, n_segments, out_code, base_code):
@@ -55,10 +86,11 @@ def _random_tables(rng, n_segments, out_code, base_code):
     return segs, terms, keep, outs
 
 
-@settings(max_examples=40, deadline=None)
+# The path fixture sets the library's path once; every example runs on it.
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), out_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]),
        base_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]), threads=st.sampled_from([1, 2]))
-def test_compiled_equals_reference_bit_for_bit(seed, out_code, base_code, threads):
+def test_compiled_equals_reference_bit_for_bit(path, seed, out_code, base_code, threads):
     rng = np.random.default_rng(seed)
     segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 5)), out_code, base_code)
     cpu.rebuild(segs, terms, threads=threads)
@@ -70,7 +102,7 @@ def test_compiled_equals_reference_bit_for_bit(seed, out_code, base_code, thread
         assert np.array_equal(g.view(np.uint8), want.view(np.uint8))
 
 
-def test_half_conversion_matches_numpy_everywhere():
+def test_half_conversion_matches_numpy_everywhere(path):
     """Every float16 value, and rounding from float32, as numpy (IEEE, nearest even) does."""
     halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
     finite = halves[np.isfinite(halves)]
