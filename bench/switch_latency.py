@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/tvswitch/text8"))
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime and rebuild threads (default 2)")
     ap.add_argument("--scheme", default="tvq", choices=["tvq", "rtvq", "tswitch"])
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=4, help="TVQ code width (tvq only)")
     ap.add_argument("--rounds", type=int, default=4, help="timed switches = rounds x 8 tasks")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -140,6 +140,10 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     bundle = export_bundle(base, tasks, str(work / "minilm.tvs"), name=args.scheme, bits=args.bits)
     bundle_s = time.perf_counter() - t
+    scheme = bundle.manifest["scheme"]
+    storage = {"tvq": "TVQ %d-bit" % scheme["bits"],
+               "rtvq": "RTVQ %d+%d-bit" % (scheme["base_bits"], scheme["offset_bits"]),
+               "tswitch": "T-Switch keep %g" % scheme["keep"]}[args.scheme]
     weights = onnx_graph.find_weights(graph)
     naive_paths = {}
     for task in names:
@@ -213,8 +217,8 @@ def main(argv=None) -> int:
     print("machine: %s, %d CPUs, load average %.1f; python %s, onnxruntime %s, torch %s; threads=%d" %
           (platform.machine(), os.cpu_count(), load, platform.python_version(), ort.__version__,
            torch.__version__, args.threads))
-    print("bundle: %s %d-bit, %.1f MB on disk (export %.0f s); ONNX export %.0f s" %
-          (args.scheme, args.bits, os.path.getsize(bundle.path) / 1e6, bundle_s, export_s))
+    print("bundle: %s, %.1f MB on disk (export %.0f s); ONNX export %.0f s" %
+          (storage, os.path.getsize(bundle.path) / 1e6, bundle_s, export_s))
     print("switch (rebuild into bound buffers + engine update): median %.1f ms, p99 %.1f ms  [n=%d, %.0f MB moved, "
           "%.2f GB/s]" % (sw["median"], sw["p99"], sw["n"], moved / 1e6, moved / (sw["median"] / 1e3) / 1e9))
     cp = stats(copy_s)
@@ -226,8 +230,8 @@ def main(argv=None) -> int:
     print("switch speed-up over naive: %.1fx at the median, %.1fx at p99" %
           (nv["median"] / sw["median"], nv["p99"] / sw["p99"]))
     print("inference batch %dx%d: switchable weights median %.1f ms, constant weights %.1f ms -> speed ratio %.3f "
-          "(outputs differ from the unquantized fine-tune's by at most %.2e: %d-bit task vectors)"
-          % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff, args.bits))
+          "(outputs differ from the unquantized fine-tune's by at most %.2e: %s task vectors)"
+          % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff, storage))
     print("optimized graph: %d FusedMatMul, %d MatMul, %d Transpose nodes left on weight inputs" %
           (ops.count("FusedMatMul"), ops.count("MatMul"), transposes_on_weights))
     return 0
