@@ -38,6 +38,9 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == "mask+sign"
     assert stats["tensors"]["pool.bn.running_mean"]["stored"] == "raw float16"
     assert 1.9 < stats["bits_per_task_vector_weight"] < 2.6
+    assert main(["inspect", str(bundle)]) == 0
+    scheme_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("scheme"))
+    assert "keep=0.2" in scheme_line and "bits=" not in scheme_line  # only what T-Switch uses
     assert main(["verify", str(bundle), "--base", str(example / "base.safetensors")]) == 0
     out = tmp_path / "gauge.safetensors"
     assert main(["rebuild", str(bundle), "--task", "gauge", "--base", str(example / "base.safetensors"),

@@ -5,6 +5,12 @@ import argparse
 
 from tvswitch.commands._common import human_bytes, print_json
 
+#: The scheme settings that mean something for each scheme (the manifest records them all).
+SETTINGS = {"fq": ("bits", "granularity"), "tvq": ("bits", "granularity", "budget_bits"),
+            "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits"), "tswitch": ("keep",),
+            "emr": ("bits", "granularity")}
+COMMON = ("raw_dtype", "task_specific", "entropy")
+
 NAME = "inspect"
 HELP = "show a bundle's tasks, schemes, per-tensor widths and sizes"
 
@@ -23,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(stats)
         return 0
     scheme = dict(stats["scheme"])
+    shown = ("name",) + SETTINGS.get(scheme.get("name"), tuple(scheme)) + COMMON
     print("bundle   %s" % stats["path"])
-    print("scheme   %s" % ", ".join("%s=%s" % kv for kv in scheme.items() if kv[1] not in ([], None)))
+    print("scheme   %s" % ", ".join("%s=%s" % (k, scheme[k]) for k in shown if scheme.get(k) not in ([], None)))
     print("tasks    %d: %s" % (len(stats["tasks"]), ", ".join(stats["tasks"])))
     print("base     %s%s" % (stats["base_fingerprint"][:23] + "...",
                               " (embedded, %s)" % human_bytes(stats["base_embedded_bytes"])
