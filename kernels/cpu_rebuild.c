@@ -48,23 +48,12 @@ uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
 /*
- * Codes first .. first+count-1 of a row as one field of count*b <= 32 bits, cut through
- * decode.h's 64-bit window (which holds at least 33 bits past any shift).
- */
-static inline TV_ALWAYS_INLINE uint32_t field(const uint32_t *row, uint32_t bits, uint32_t first, uint32_t count)
-{
-    const uint32_t bit = first * bits;
-    const uint64_t window = (uint64_t)row[bit >> 5] | ((uint64_t)row[(bit >> 5) + 1u] << 32);
-    return (uint32_t)((window >> (bit & 31u)) & ((1ull << (count * bits)) - 1ull));
-}
-
-/*
  * (float) of the 32 codes of one row, exactly the values (float)tv_unpack32() gives.
- * Four codes at a time are cut from the row as one field.  NEON then shifts each lane by
- * its own amount.  SSE2 has no per-lane shifts, so there the field is masked in place
- * (code j stays at bit b*j, below 2^28 for b <= 7), converted, and scaled back by 2^-b*j:
- * every step is exact in binary32.  8-bit codes on SSE2, and other CPUs, take decode.h's
- * tv_unpack32.
+ * Four codes at a time are cut from the row as one field (tv_field).  NEON then shifts
+ * each lane by its own amount.  SSE2 has no per-lane shifts, so there the field is masked
+ * in place (code j stays at bit b*j, below 2^28 for b <= 7), converted, and scaled back
+ * by 2^-b*j: every step is exact in binary32.  8-bit codes on SSE2, and other CPUs, take
+ * decode.h's tv_unpack32.
  */
 static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t bits, float *qf)
 {
@@ -73,7 +62,7 @@ static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t
     const int32x4_t right = {0, -b, -2 * b, -3 * b}; /* vshlq by a negative count shifts right */
     const uint32x4_t ones = vdupq_n_u32((1u << bits) - 1u);
     for (uint32_t k = 0; k < 8u; ++k) {
-        const uint32x4_t q = vandq_u32(vshlq_u32(vdupq_n_u32(field(row, bits, 4u * k, 4u)), right), ones);
+        const uint32x4_t q = vandq_u32(vshlq_u32(vdupq_n_u32(tv_field(row, bits, 4u * k, 4u)), right), ones);
         vst1q_f32(qf + 4u * k, vcvtq_f32_u32(q));
     }
     return;
@@ -85,7 +74,7 @@ static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t
         const __m128 back = _mm_setr_ps(1.0f, 1.0f / (float)(1u << bits), 1.0f / (float)(1u << 2 * bits),
                                         1.0f / (float)(1u << 3 * bits));
         for (uint32_t k = 0; k < 8u; ++k) {
-            const __m128i masked = _mm_and_si128(_mm_set1_epi32((int)field(row, bits, 4u * k, 4u)), lanes);
+            const __m128i masked = _mm_and_si128(_mm_set1_epi32((int)tv_field(row, bits, 4u * k, 4u)), lanes);
             _mm_storeu_ps(qf + 4u * k, _mm_mul_ps(_mm_cvtepi32_ps(masked), back));
         }
         return;
@@ -179,7 +168,7 @@ static inline TV_ALWAYS_INLINE void accum32_codes(float *acc, const tv_term *t, 
 /*
  * Codes 8k .. 8k+7 of a row as eight float lanes, exactly (float)tv_unpack32()'s values.
  * Up to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields
- * (field() keeps both within 32 bits); each lane then shifts its code down by its own
+ * (tv_field keeps both within 32 bits); each lane then shifts its code down by its own
  * amount.
  */
 TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
@@ -187,11 +176,11 @@ TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
     const int b = (int)bits;
     __m256i lanes;
     if (bits <= 4u) {
-        lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)field(row, bits, 8u * k, 8u)),
+        lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)tv_field(row, bits, 8u * k, 8u)),
                                   _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b));
     } else {
-        const __m128i lo = _mm_set1_epi32((int)field(row, bits, 8u * k, 4u));
-        const __m128i hi = _mm_set1_epi32((int)field(row, bits, 8u * k + 4u, 4u));
+        const __m128i lo = _mm_set1_epi32((int)tv_field(row, bits, 8u * k, 4u));
+        const __m128i hi = _mm_set1_epi32((int)tv_field(row, bits, 8u * k + 4u, 4u));
         lanes = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
                                   _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b));
     }

@@ -90,31 +90,38 @@ TV_STATIC_ASSERT(sizeof(tv_segment) == 56, tv_segment_is_56_bytes);
 
 /* ---- bit streams ---- */
 
-/* Code i of a b-bit stream (b = 1..8). */
-TV_HD uint32_t tv_code(const uint32_t *words, uint32_t bits, uint32_t i)
+/*
+ * Codes first .. first+count-1 of a b-bit stream as one field of count*b <= 32 bits, code
+ * `first` in the lowest bits: the 64-bit window of words k>>5 and (k>>5)+1 holds at least
+ * 33 bits past any shift.  Every decoder cuts its codes with this window.
+ */
+TV_HD uint32_t tv_field(const uint32_t *words, uint32_t bits, uint64_t first, uint32_t count)
 {
-    uint64_t bit = (uint64_t)i * bits;
+    uint64_t bit = first * bits;
     uint64_t w = bit >> 5;
     uint32_t s = (uint32_t)bit & 31u;
     uint64_t window = (uint64_t)words[w] | ((uint64_t)words[w + 1] << 32);
-    return (uint32_t)(window >> s) & ((1u << bits) - 1u);
+    return (uint32_t)((window >> s) & ((1ull << (count * bits)) - 1ull));
+}
+
+/* Code i of a b-bit stream (b = 1..8). */
+TV_HD uint32_t tv_code(const uint32_t *words, uint32_t bits, uint32_t i)
+{
+    return tv_field(words, bits, i, 1u);
 }
 
 /*
- * Codes 32*r .. 32*r+31 of a b-bit stream, whose b words start at words + r*b.  The same
- * window arithmetic as tv_code(); with b a compile-time constant every shift is one too,
- * which is what the CPU build's inner loop relies on.
+ * Codes 32*r .. 32*r+31 of a b-bit stream, whose b words start at words + r*b.  With b a
+ * compile-time constant every shift is one too, which is what the CPU build's inner loop
+ * relies on.
  */
 TV_HD void tv_unpack32(const uint32_t *words, uint32_t bits, uint32_t *q)
 {
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__clang__)
 #pragma GCC unroll 32
 #endif
-    for (uint32_t j = 0; j < 32u; ++j) {
-        uint32_t bit = j * bits;
-        uint64_t window = (uint64_t)words[bit >> 5] | ((uint64_t)words[(bit >> 5) + 1u] << 32);
-        q[j] = (uint32_t)(window >> (bit & 31u)) & ((1u << bits) - 1u);
-    }
+    for (uint32_t j = 0; j < 32u; ++j)
+        q[j] = tv_field(words, bits, j, 1u);
 }
 
 TV_HD uint32_t tv_mask_bit(const uint32_t *words, uint32_t i)
