@@ -202,7 +202,8 @@ TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, 
         __m256 v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), s), o);
         if (t->mask) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
             const int c = 31 - 8 * (int)k;
-            const __m256i up = _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
+            const __m256i up =
+                _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
             v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_srai_epi32(up, 31)));
         }
         _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), _mm256_mul_ps(w, v)));
