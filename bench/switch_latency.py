@@ -1,39 +1,56 @@
-"""Task switching on the ONNX Runtime CPU engine, MiniLM encoder, 8 tasks (issue 5's figures).
+"""Task switching on MiniLM, 8 tasks: a switch against the naive reload (issue 5's figures).
 
     python bench/switch_latency.py [--cache ~/.cache/tvswitch/text8] [--threads 2] [--scheme tvq --bits 4]
+    python bench/switch_latency.py --provider cuda     # ONNX Runtime's CUDA provider
+    python bench/switch_latency.py --engine torch      # PyTorch, on CUDA where there is a GPU
 
 Prints, from one run on this machine:
-- a switch (CPU rebuild of one task into the engine's bound buffers + engine update)
-  against the naive way (create a new ONNX Runtime session from that task's own
-  constant-weight ONNX file on disk), median and p99, and their ratio;
-- inference with switchable weights (graph inputs bound through IOBinding) against a
-  session of the same task with constant weights, median over interleaved runs, as a
-  speed ratio (constant time / switchable time);
-- whether ONNX Runtime fused the Transpose nodes that keep weights in state_dict layout.
+- a switch (rebuild of one task into the engine's weight buffers + engine update),
+  median and p99 over ``--rounds`` x 8 switches (default 200, so p99 is a real tail);
+- the naive way (ONNX Runtime: a new session from that task's own constant-weight ONNX
+  file; torch: that task's full checkpoint read from disk into the module), *including
+  its first inference* (a new session's first run is slower than the next), twice: with
+  the file evicted from the page cache first (fsync + ``posix_fadvise(DONTNEED)``: a read
+  from disk, as on a device that just booted or serves more tasks than its RAM holds)
+  and with the file in the page cache (the flattering case);
+- ratios within the run: ours to the first answer (switch + one inference) against the
+  naive first answer, cold and warm; and the switch alone against the naive load alone
+  (warm), as earlier versions of this benchmark reported;
+- inference with switchable weights against constant weights (ONNX Runtime: a session
+  of the same task's constant-weight file; torch: the plain module), as a speed ratio;
+- for ONNX Runtime, whether it fused the Transposes that keep weights in state_dict layout.
+
+``--provider cuda`` and ``--engine torch --provider cuda`` exit with status 2 and the
+reason where ONNX Runtime has no CUDA provider or torch sees no GPU.
 
 Task vectors: the 8 fine-tuned checkpoints of bench/text8 when the cache holds them
 (real), otherwise synthetic ones of the same shapes (a rank-8 change plus dense noise at
 0.2% of each tensor's RMS), and the output says which.  Switch time does not depend on
-the values, only on shapes and scheme.  The naive path's ONNX files sit in the page cache
-(they were just written), which flatters it: from flash it would be slower.
+the values, only on shapes and scheme.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import pathlib
 import platform
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
+
+from tvswitch.commands.bench_switch import percentiles
+from tvswitch.errors import TvswitchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SYNTHETIC_TASKS = ["t%d" % i for i in range(8)]
 PREFIX = "bert."
+INPUTS = ["input_ids", "attention_mask"]
+OUTPUT = "last_hidden_state"
 
 
 def load_encoder():
@@ -84,157 +101,336 @@ def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> Tuple[Dict
     return tasks, "synthetic task vectors (fewer than 8 fine-tunes in %s)" % cache
 
 
-def timed(fn, n: int) -> List[float]:
-    out = []
-    for _ in range(n):
+def timed(fn: Callable[[], Any], n: int) -> List[float]:
+    return [elapsed(fn) for _ in range(n)]
+
+
+def elapsed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def drop_from_page_cache(path: str) -> bool:
+    """Evict ``path`` from the page cache so that the next read comes from the disk.
+
+    fsync first (dirty pages are not dropped), then ``POSIX_FADV_DONTNEED``.  False where
+    the OS offers no ``posix_fadvise`` (then "cold" cannot be measured and is not printed).
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+# ---- what each engine needs: a serving engine, a naive load, a constant-weight reference ----
+
+class OrtTarget:
+    """ONNX Runtime on ``provider``: naive = a new session from the task's constant-weight ONNX file."""
+
+    def __init__(self, provider: str, threads: int, module, feeds, work: pathlib.Path):
+        import onnxruntime as ort
+        import torch
+
+        from tvswitch.export.onnx_export import export_onnx
+
+        self.ort, self.threads = ort, threads
+        self.providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"
+                          else ["CPUExecutionProvider"])
+        dynamic = {n: {0: "batch", 1: "seq"} for n in INPUTS + [OUTPUT]}
         t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+        self.graph = export_onnx(module, [torch.from_numpy(feeds[n]) for n in INPUTS], str(work / "minilm.onnx"),
+                                 input_names=INPUTS, output_names=[OUTPUT], dynamic_axes=dynamic)
+        self.export_s = time.perf_counter() - t
+        self.label = "onnxruntime %s (%s)" % (ort.__version__, self.providers[0])
+        self.naive_what = "new session from the task's constant-weight ONNX file"
+
+    def engine(self):
+        from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(self.graph, threads=self.threads, providers=self.providers)
+
+    def write_task(self, path: str, weights: Dict[str, np.ndarray]) -> None:
+        from tvswitch.export.onnx_export import write_model
+        from tvswitch.runtime.engines import onnx_graph
+
+        names = onnx_graph.find_weights(self.graph)
+        write_model(onnx_graph.constant_graph(self.graph, {n: weights[n] for n in names}), path)
+
+    def load(self, path: str):
+        from tvswitch.runtime.engines.onnxruntime import new_session, session_options_for
+
+        return new_session(path, session_options_for(self.threads), self.providers)
+
+    def run(self, session, feeds) -> np.ndarray:
+        return session.run(None, feeds)[0]
+
+    def fusion_line(self, engine, work: pathlib.Path) -> str:
+        """How many layout Transposes ONNX Runtime left on weight inputs in the optimized graph."""
+        import onnx
+
+        from tvswitch.runtime.engines import onnx_graph
+
+        check = self.ort.SessionOptions()
+        check.log_severity_level = 3
+        check.optimized_model_filepath = str(work / "optimized.onnx")
+        serving, _, _ = onnx_graph.serving_graph(self.graph, list(engine.weight_specs))
+        self.ort.InferenceSession(serving.SerializeToString(), sess_options=check, providers=self.providers)
+        optimized = onnx.load(str(work / "optimized.onnx"))
+        ops = [n.op_type for n in optimized.graph.node]
+        left = sum(1 for n in optimized.graph.node if n.op_type == "Transpose" and n.input[0] in engine.weight_specs)
+        return "optimized graph: %d FusedMatMul, %d MatMul, %d Transpose nodes left on weight inputs" % (
+            ops.count("FusedMatMul"), ops.count("MatMul"), left)
 
 
-def stats(seconds: List[float]) -> Dict[str, float]:
-    ms = 1e3 * np.asarray(seconds)
-    return {"median": float(np.median(ms)), "p99": float(np.percentile(ms, 99)), "n": len(ms)}
+class TorchTarget:
+    """PyTorch on ``device``: naive = the task's full checkpoint read from disk into the module."""
+
+    def __init__(self, device: str, threads: int, module, feeds, work: pathlib.Path):
+        import torch
+
+        self.torch, self.device, self.module = torch, device, module
+        self.export_s = None  # serves the module itself: no ONNX export
+        name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "CPU"
+        self.label = "torch %s on %s (%s)" % (torch.__version__, device, name)
+        self.naive_what = "the task's full checkpoint read from disk into the module"
+        self.plain = copy.deepcopy(module).to(device)  # the naive path's module
+        self.full = {n: t.detach().numpy().copy() for n, t in module.state_dict().items()}
+
+    def engine(self):
+        from tvswitch.runtime.engines.torch_engine import TorchEngine
+
+        return TorchEngine(copy.deepcopy(self.module).to(self.device), INPUTS, [OUTPUT])
+
+    def write_task(self, path: str, weights: Dict[str, np.ndarray]) -> None:
+        from tvswitch.runtime.checkpoint import write_safetensors
+
+        write_safetensors(path, dict(self.full, **weights))
+
+    def load(self, path: str):
+        from safetensors.torch import load_file
+
+        self.plain.load_state_dict(load_file(path), strict=True)
+        return self.plain
+
+    def run(self, module, feeds) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            out = module(*[torch.from_numpy(feeds[n]).to(self.device) for n in INPUTS])
+        return out.cpu().numpy()  # a device-to-host copy: synchronizes with the GPU
+
+    def fusion_line(self, engine, work: pathlib.Path) -> str:
+        return ""
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    """``"cpu"`` or ``"cuda"`` for the flags; TvswitchError (exit 2) where that provider or GPU is not there."""
+    if args.engine == "onnxruntime":
+        import onnxruntime as ort
+
+        if args.provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise TvswitchError("onnxruntime %s has no CUDAExecutionProvider (it offers %s)"
+                                % (ort.__version__, ", ".join(ort.get_available_providers())))
+        return args.provider or "cpu"
+    import torch
+
+    if args.provider == "cuda" and not torch.cuda.is_available():
+        raise TvswitchError("torch %s sees no CUDA GPU (built for CUDA %s)" % (torch.__version__, torch.version.cuda))
+    return args.provider or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- the measurements ----
+
+def measure_switches(server, names: List[str], rounds: int) -> List[float]:
+    """Each switch timed: ``rounds`` cycles through the tasks, after one warm-up cycle (one plan per task)."""
+    for task in names:
+        server.switch({task: 1.0})
+    order = [names[i % len(names)] for i in range(1, 1 + rounds * len(names))]
+    return [elapsed(lambda: server.switch({task: 1.0})) for task in order]
+
+
+def measure_first_answers(server, names: List[str], rounds: int, feeds) -> List[float]:
+    """Switch + one inference, timed together: when the first answer on the new task is there."""
+    order = [names[i % len(names)] for i in range(1, 1 + rounds * len(names))]
+    return [elapsed(lambda: (server.switch({task: 1.0}), server.infer(feeds))) for task in order]
+
+
+def measure_naive(target, paths: Dict[str, str], names: List[str], rounds: int, feeds, cold: bool
+                  ) -> Tuple[List[float], List[float]]:
+    """(load alone, load + first inference) per naive reload, the file evicted first if ``cold``."""
+    loads, answers = [], []
+    for i in range(rounds * len(names)):
+        path = paths[names[(i + 1) % len(names)]]
+        if cold:
+            drop_from_page_cache(path)
+        t = time.perf_counter()
+        loaded = target.load(path)
+        loaded_at = time.perf_counter()
+        target.run(loaded, feeds)
+        answers.append(time.perf_counter() - t)
+        loads.append(loaded_at - t)
+        del loaded
+    return loads, answers
+
+
+def measure_inference(server, target, constant, feeds) -> Tuple[List[float], List[float]]:
+    """Switchable-weight and constant-weight inference of one task, interleaved, after warm-up."""
+    for _ in range(3):
+        server.infer(feeds)
+        target.run(constant, feeds)
+    ours, const = [], []
+    for _ in range(15):
+        ours += timed(lambda: server.infer(feeds), 2)
+        const += timed(lambda: target.run(constant, feeds), 2)
+    return ours, const
+
+
+def copy_floor(engine) -> Tuple[List[float], int]:
+    """A plain copy of the engine's host weight buffers (read + write), writing back the values
+    they hold so the task served is unchanged: the bandwidth a rebuild is compared with."""
+    bufs = engine.buffers(0)
+    saved = {n: a.copy() for n, a in bufs.items()}
+    seconds = timed(lambda: [np.copyto(bufs[n], a) for n, a in saved.items()], 10)
+    return seconds, 2 * sum(a.nbytes for a in saved.values())
+
+
+def parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/tvswitch/text8"))
+    ap.add_argument("--engine", choices=["onnxruntime", "torch"], default="onnxruntime")
+    ap.add_argument("--provider", choices=["cpu", "cuda"],
+                    help="onnxruntime: execution provider (default cpu); torch: device (default cuda if there is a "
+                    "GPU, else cpu)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for inference and rebuild (default 2)")
+    ap.add_argument("--scheme", default="tvq", choices=["tvq", "rtvq", "tswitch"])
+    ap.add_argument("--bits", type=int, default=4, help="TVQ code width (tvq only)")
+    ap.add_argument("--rounds", type=int, default=25, help="timed switches = rounds x 8 tasks (default 25: 200)")
+    ap.add_argument("--naive-rounds", type=int, default=2,
+                    help="naive reloads = naive-rounds x 8 tasks, cold and warm each (default 2: 16); also the "
+                    "count of timed switch + first inference")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--workdir", help="where to write the bundle and per-task files (default: a temp folder)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.naive_rounds < 1:
+        ap.exit(2, "switch_latency: --rounds and --naive-rounds must be at least 1\n")
+    return args
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/tvswitch/text8"))
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime and rebuild threads (default 2)")
-    ap.add_argument("--scheme", default="tvq", choices=["tvq", "rtvq", "tswitch"])
-    ap.add_argument("--bits", type=int, default=4, help="TVQ code width (tvq only)")
-    ap.add_argument("--rounds", type=int, default=4, help="timed switches = rounds x 8 tasks")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--workdir", help="where to write the bundle and per-task ONNX files (default: a temp folder)")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
+    try:
+        return benchmark(args)
+    except TvswitchError as exc:
+        print("switch_latency: %s" % exc, file=sys.stderr)
+        return 2
 
-    import onnxruntime as ort
+
+def benchmark(args: argparse.Namespace) -> int:
     import torch
 
     from tvswitch.export.exporter import export_bundle
-    from tvswitch.export.onnx_export import export_onnx, write_model
-    from tvswitch.runtime.engines import onnx_graph
-    from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
     from tvswitch.runtime.server import BundleSource, Server
 
+    device = resolve_device(args)
     torch.set_num_threads(args.threads)
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="tvswitch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     module = load_encoder()
     base = {n: t.detach().numpy().copy() for n, t in module.state_dict().items() if t.is_floating_point()}
-    tasks, origin = task_weights(base, pathlib.Path(args.cache))
-    names = list(tasks)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(args.batch, args.seq)).astype(np.int64)
-    mask = np.ones_like(ids)
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    dynamic = {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask")}
-    dynamic["last_hidden_state"] = {0: "batch", 1: "seq"}
-
-    t = time.perf_counter()
-    graph = export_onnx(module, [torch.from_numpy(ids), torch.from_numpy(mask)], str(work / "minilm.onnx"),
-                        input_names=list(feeds), output_names=["last_hidden_state"], dynamic_axes=dynamic)
-    export_s = time.perf_counter() - t
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    target = (OrtTarget if args.engine == "onnxruntime" else TorchTarget)(device, args.threads, module, feeds, work)
+    tasks, origin = task_weights(base, pathlib.Path(args.cache))
+    names = list(tasks)
     t = time.perf_counter()
     bundle = export_bundle(base, tasks, str(work / "minilm.tvs"), name=args.scheme, bits=args.bits)
-    bundle_s = time.perf_counter() - t
-    scheme = bundle.manifest["scheme"]
-    storage = {"tvq": "TVQ %d-bit" % scheme["bits"],
-               "rtvq": "RTVQ %d+%d-bit" % (scheme["base_bits"], scheme["offset_bits"]),
-               "tswitch": "T-Switch keep %g" % scheme["keep"]}[args.scheme]
-    weights = onnx_graph.find_weights(graph)
-    naive_paths = {}
+    facts: Dict[str, Any] = dict(origin=origin, weights=sum(a.size for a in base.values()), tasks=len(names),
+                                 bundle_s=time.perf_counter() - t, bundle_mb=os.path.getsize(bundle.path) / 1e6,
+                                 storage=storage_label(bundle.manifest["scheme"], args.scheme))
+    paths = {task: str(work / ("%s.naive" % task)) for task in names}
     for task in names:
-        naive_paths[task] = str(work / ("%s.onnx" % task))
-        write_model(onnx_graph.constant_graph(graph, {n: tasks[task][n] for n in weights}), naive_paths[task])
+        target.write_task(paths[task], tasks[task])
 
-    # ---- the switch: rebuild into the engine's bound buffers ----
-    engine = OnnxRuntimeEngine(graph, threads=args.threads)
+    engine = target.engine()
     source = BundleSource(bundle, engine.weight_specs, base, threads=args.threads)
     server = Server(engine, source, {names[0]: 1.0})
-    for task in names:  # warm-up: one plan per task
-        server.switch({task: 1.0})
-    order = [names[i % len(names)] for i in range(1, 1 + args.rounds * len(names))]
-    switch_s = []
-    for task in order:
-        t = time.perf_counter()
-        server.switch({task: 1.0})
-        switch_s.append(time.perf_counter() - t)
-    moved = source.rebuilder.bytes_moved({names[0]: 1.0})
-    # the copy floor, same run: a plain copy of the engine's weights (read + write), writing
-    # back the values they hold, so the task served is unchanged
-    bufs = engine.buffers(0)
-    copies = {n: a.copy() for n, a in bufs.items()}
-    copy_s = timed(lambda: [np.copyto(bufs[n], a) for n, a in copies.items()], 10)
-    copy_bytes = 2 * sum(a.nbytes for a in copies.values())
-    del copies
+    facts.update(mode=server.mode, moved=source.rebuilder.bytes_moved({names[0]: 1.0}))
+    timings: Dict[str, Any] = dict(switch=measure_switches(server, names, args.rounds),
+                                   first=measure_first_answers(server, names, args.naive_rounds, feeds))
+    timings["copy"], facts["copy_bytes"] = copy_floor(engine)
+    can_drop = hasattr(os, "posix_fadvise")
+    timings["cold"] = measure_naive(target, paths, names, args.naive_rounds, feeds, cold=True) if can_drop else None
+    timings["warm"] = measure_naive(target, paths, names, args.naive_rounds, feeds, cold=False)
 
-    # ---- the naive way: a new session from that task's constant-weight ONNX file ----
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    naive_s = []
-    for task in order[: 2 * len(names)]:
-        t = time.perf_counter()
-        sess = ort.InferenceSession(naive_paths[task], sess_options=opts, providers=["CPUExecutionProvider"])
-        naive_s.append(time.perf_counter() - t)
-        del sess
+    server.switch({names[1]: 1.0})
+    constant = target.load(paths[names[1]])
+    facts["max_diff"] = float(np.abs(server.infer(feeds)[OUTPUT] - target.run(constant, feeds)).max())
+    timings["ours"], timings["const"] = measure_inference(server, target, constant, feeds)
+    report(args, target, facts, timings)
+    line = target.fusion_line(engine, work)
+    if line:
+        print(line)
+    return 0
 
-    # ---- inference: switchable weights vs constant weights, same task, interleaved ----
-    task = names[1]
-    server.switch({task: 1.0})
-    constant = ort.InferenceSession(naive_paths[task], sess_options=opts, providers=["CPUExecutionProvider"])
-    ours = server.infer(feeds)["last_hidden_state"]
-    ref = constant.run(None, feeds)[0]
-    max_diff = float(np.abs(ours - ref).max())
-    for _ in range(3):
-        server.infer(feeds)
-        constant.run(None, feeds)
-    inf_ours, inf_const = [], []
-    for _ in range(15):
-        inf_ours += timed(lambda: server.infer(feeds), 2)
-        inf_const += timed(lambda: constant.run(None, feeds), 2)
 
-    # ---- did ONNX Runtime fuse the layout Transposes into the MatMuls? ----
-    check = ort.SessionOptions()
-    check.optimized_model_filepath = str(work / "optimized.onnx")
-    serving, _, _ = onnx_graph.serving_graph(graph, weights)
-    ort.InferenceSession(serving.SerializeToString(), sess_options=check, providers=["CPUExecutionProvider"])
-    import onnx
+def storage_label(scheme: Dict[str, Any], name: str) -> str:
+    return {"tvq": lambda: "TVQ %d-bit" % scheme["bits"],
+            "rtvq": lambda: "RTVQ %d+%d-bit" % (scheme["base_bits"], scheme["offset_bits"]),
+            "tswitch": lambda: "T-Switch keep %g" % scheme["keep"]}[name]()
 
-    optimized = onnx.load(str(work / "optimized.onnx"))
-    ops = [n.op_type for n in optimized.graph.node]
-    weight_inputs = set(engine.weight_specs)
-    transposes_on_weights = sum(1 for n in optimized.graph.node
-                                if n.op_type == "Transpose" and n.input[0] in weight_inputs)
 
-    sw, nv = stats(switch_s), stats(naive_s)
-    io, ic = stats(inf_ours), stats(inf_const)
+def report(args: argparse.Namespace, target, facts: Dict[str, Any], t: Dict[str, Any]) -> None:
+    """Print the figures; every ratio is taken within this run."""
+    import torch
+
+    sw, first, cp = percentiles(t["switch"]), percentiles(t["first"]), percentiles(t["copy"])
+    warm_load, warm = percentiles(t["warm"][0]), percentiles(t["warm"][1])
+    io, ic = percentiles(t["ours"]), percentiles(t["const"])
+    moved = facts["moved"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print("tvswitch switch benchmark: MiniLM-L6 encoder (%.1f M weights), %d tasks, %s" %
-          (sum(a.size for a in base.values()) / 1e6, len(names), origin))
-    print("machine: %s, %d CPUs, load average %.1f; python %s, onnxruntime %s, torch %s; threads=%d" %
-          (platform.machine(), os.cpu_count(), load, platform.python_version(), ort.__version__,
+          (facts["weights"] / 1e6, facts["tasks"], facts["origin"]))
+    print("engine: %s, %s mode; machine: %s, %d CPUs, load average %.1f; python %s, torch %s; threads=%d" %
+          (target.label, facts["mode"], platform.machine(), os.cpu_count(), load, platform.python_version(),
            torch.__version__, args.threads))
-    print("bundle: %s, %.1f MB on disk (export %.0f s); ONNX export %.0f s" %
-          (storage, os.path.getsize(bundle.path) / 1e6, bundle_s, export_s))
-    print("switch (rebuild into bound buffers + engine update): median %.1f ms, p99 %.1f ms  [n=%d, %.0f MB moved, "
-          "%.2f GB/s]" % (sw["median"], sw["p99"], sw["n"], moved / 1e6, moved / (sw["median"] / 1e3) / 1e9))
-    cp = stats(copy_s)
-    print("plain copy of the engine's weights: median %.1f ms (%.2f GB/s read+write); the switch runs at %.2f of "
-          "that bandwidth" % (cp["median"], copy_bytes / (cp["median"] / 1e3) / 1e9,
-                              (moved / (sw["median"] / 1e3)) / (copy_bytes / (cp["median"] / 1e3))))
-    print("naive (new session from the task's ONNX file):     median %.1f ms, p99 %.1f ms  [n=%d]" %
-          (nv["median"], nv["p99"], nv["n"]))
-    print("switch speed-up over naive: %.1fx at the median, %.1fx at p99" %
-          (nv["median"] / sw["median"], nv["p99"] / sw["p99"]))
+    print("bundle: %s, %.1f MB on disk (export %.0f s)%s" %
+          (facts["storage"], facts["bundle_mb"], facts["bundle_s"],
+           "" if target.export_s is None else "; ONNX export %.0f s" % target.export_s))
+    print("switch (rebuild + engine update): median %.1f ms, p99 %.1f ms  [n=%d, %.0f MB moved, %.2f GB/s]" %
+          (sw["median_ms"], sw["p99_ms"], sw["n"], moved / 1e6, moved / (sw["median_ms"] / 1e3) / 1e9))
+    print("plain copy of the engine's host weight buffers: median %.1f ms (%.2f GB/s read+write); the switch runs at "
+          "%.2f of that bandwidth" % (cp["median_ms"], facts["copy_bytes"] / (cp["median_ms"] / 1e3) / 1e9,
+                                      (moved / sw["median_ms"]) / (facts["copy_bytes"] / cp["median_ms"])))
+    print("ours to the first answer (switch + one inference): median %.1f ms, p99 %.1f ms  [n=%d]" %
+          (first["median_ms"], first["p99_ms"], first["n"]))
+    print("naive = %s, + its first inference:" % target.naive_what)
+    naive = []
+    if t["cold"] is not None:
+        cold_load, cold = percentiles(t["cold"][0]), percentiles(t["cold"][1])
+        naive.append(("cold", cold))
+        print("  cold (file evicted from the page cache): median %.1f ms, p99 %.1f ms  [n=%d; load alone median "
+              "%.1f ms]" % (cold["median_ms"], cold["p99_ms"], cold["n"], cold_load["median_ms"]))
+    else:
+        print("  cold: not measured (no posix_fadvise on this OS to evict the file)")
+    naive.append(("warm", warm))
+    print("  warm (file in the page cache):           median %.1f ms, p99 %.1f ms  [n=%d; load alone median %.1f ms]"
+          % (warm["median_ms"], warm["p99_ms"], warm["n"], warm_load["median_ms"]))
+    for what, n in naive:
+        print("switch speed-up over naive, to the first answer (%s): %.1fx at the median, %.1fx at p99" %
+              (what, n["median_ms"] / first["median_ms"], n["p99_ms"] / first["p99_ms"]))
+    print("switch speed-up over naive, switch alone vs load alone (warm): %.1fx at the median, %.1fx at p99" %
+          (warm_load["median_ms"] / sw["median_ms"], warm_load["p99_ms"] / sw["p99_ms"]))
     print("inference batch %dx%d: switchable weights median %.1f ms, constant weights %.1f ms -> speed ratio %.3f "
           "(outputs differ from the unquantized fine-tune's by at most %.2e: %s task vectors)"
-          % (args.batch, args.seq, io["median"], ic["median"], ic["median"] / io["median"], max_diff, storage))
-    print("optimized graph: %d FusedMatMul, %d MatMul, %d Transpose nodes left on weight inputs" %
-          (ops.count("FusedMatMul"), ops.count("MatMul"), transposes_on_weights))
-    return 0
+          % (args.batch, args.seq, io["median_ms"], ic["median_ms"], ic["median_ms"] / io["median_ms"],
+             facts["max_diff"], facts["storage"]))
 
 
 if __name__ == "__main__":

@@ -27,14 +27,17 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines.base import write_atomically
 from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord
-from tvswitch.runtime.engines.torch_engine import flatten_outputs
+from tvswitch.runtime.engines.torch_engine import default_names, flatten_outputs
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Default verification tolerance: |ort - torch| <= ATOL + RTOL * max|torch| per output.
 ATOL = 1e-4
@@ -44,7 +47,7 @@ RTOL = 1e-3
 def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] = None, *,
                 input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
                 dynamic_axes: Optional[Mapping[str, Any]] = None, opset: int = 17, verify: bool = True,
-                seed: int = 0):
+                seed: int = 0) -> "onnx.ModelProto":
     """Export ``module`` for serving; write it to ``out`` (atomically) if given; return the ModelProto.
 
     ``example_inputs`` are tensors or arrays in forward's order.  ``dynamic_axes`` as in
@@ -55,7 +58,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     import torch
 
     inputs = tuple(torch.as_tensor(x) for x in example_inputs)
-    input_names = list(input_names or _default_names("input", len(inputs)))
+    input_names = list(input_names or default_names("input", len(inputs)))
     if len(input_names) != len(inputs):
         raise TvswitchError("%d input names for %d example inputs" % (len(input_names), len(inputs)))
     modes = [(m, m.training) for m in module.modules()]  # submodules may differ: restore each
@@ -63,7 +66,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     try:
         with torch.no_grad():
             reference = flatten_outputs(module(*inputs))
-        output_names = list(output_names or _default_names("output", len(reference)))
+        output_names = list(output_names or default_names("output", len(reference)))
         if dynamic_axes is None:
             dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
         state = module.state_dict()
@@ -87,10 +90,6 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     if out is not None:
         write_model(model, out)
     return model
-
-
-def _default_names(stem: str, n: int) -> List[str]:
-    return [stem] if n == 1 else ["%s_%d" % (stem, i) for i in range(n)]
 
 
 def _alias_groups(state: Mapping[str, Any]) -> Dict[str, List[str]]:
@@ -247,6 +246,6 @@ def _verify(model, input_names: Sequence[str], inputs: Sequence[np.ndarray], ref
                                 % (i, err, bound))
 
 
-def write_model(model, path: str) -> None:
+def write_model(model: "onnx.ModelProto", path: str) -> None:
     """Write ``model`` atomically (temp file, fsync, rename)."""
     write_atomically(path, model.SerializeToString())

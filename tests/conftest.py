@@ -1,8 +1,13 @@
-"""Shared fixtures: small random checkpoints shaped like a network, and bundle factories."""
+"""Shared fixtures: small random checkpoints shaped like a network, bundle factories, test networks."""
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import numpy as np
 import pytest
+
+ENGINE_MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime", "engines", "models.py")
 
 
 def make_checkpoints(seed: int = 0, tasks=("a", "b", "c"), with_head: bool = True):
@@ -46,3 +51,16 @@ def bundle_factory(tmp_path, checkpoints):
         return export_bundle(base, fts, str(tmp_path / filename), name=name, **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def engine_models():
+    """tests/runtime/engines/models.py (small networks, task bundles, the torch reference), loaded once.
+
+    Loaded by path because the tests run with ``--import-mode=importlib``: test folders
+    are not packages to import from.  Its file is ``engine_models.__file__``.
+    """
+    spec = importlib.util.spec_from_file_location("engine_models", ENGINE_MODELS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

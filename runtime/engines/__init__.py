@@ -18,10 +18,25 @@ def load_engine(kind: str, model: Any = None, *, names: Optional[Iterable[str]] 
                 **options: Any) -> Engine:
     """Load an engine of ``kind``.
 
-    ONNX Runtime and TensorRT take ``model`` (an ONNX path, bytes or ModelProto) and
-    ``names`` (the switchable weights, for a graph without the exporter's record); torch
-    takes ``module`` and ``input_names``.  ``options`` go to the engine's constructor
-    (``providers`` for ONNX Runtime; ``fp16``, ``profile``, ``cache_dir`` for TensorRT).
+    Not every argument means something to every engine (``serve_bundle`` passes them all,
+    whatever the engine, because ``threads`` also sizes the rebuild):
+
+    ============  =======================  =========================  ======================
+    argument      onnxruntime              tensorrt                   torch
+    ============  =======================  =========================  ======================
+    model         ONNX path/bytes/proto    ONNX path/bytes/proto      ignored
+    names         weights of a graph       same                       limits the weights
+                  without tvswitch record
+    slots         1 or 2                   1 only (refused else)      1 or 2
+    threads       intra-op threads         ignored (GPU)              ignored (torch's own
+                                                                      ``set_num_threads``)
+    module        ignored                  ignored                    the network
+    input_names   ignored (the graph's)    ignored (the graph's)      forward's arguments
+    ============  =======================  =========================  ======================
+
+    ``options`` go to the engine's constructor (``providers``, ``verbose``,
+    ``weights_device`` for ONNX Runtime; ``fp16``, ``profile``, ``cache_dir``, ``verbose``
+    for TensorRT; ``output_names`` for torch).
     """
     if kind == "onnxruntime":
         from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine

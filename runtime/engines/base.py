@@ -114,6 +114,20 @@ class Engine(abc.ABC):
                                 % (", ".join(self.input_names), ", ".join(inputs) or "none"))
 
 
+def cast_input(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a C-contiguous array of ``dtype``, refusing a cast that is not numpy's same_kind.
+
+    int64 -> int32 or float64 -> float32 is what a caller means; float -> int64 (token ids
+    from a float array) would truncate silently and answer garbage, so it is refused
+    with the input's name.
+    """
+    value = np.asarray(value)
+    if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+        raise TvswitchError("input %r is %s; the network takes %s (cast it if that is meant)"
+                            % (name, value.dtype, np.dtype(dtype)))
+    return np.ascontiguousarray(value, dtype=dtype)
+
+
 def copy_into(dst: np.ndarray, src: np.ndarray, name: str) -> None:
     """Write ``src`` into ``dst`` in place, refusing a shape that differs (a cast is allowed)."""
     src = np.asarray(src)

@@ -20,17 +20,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 
+if TYPE_CHECKING:  # onnx is imported lazily: a device serving with TensorRT alone may lack it
+    import onnx
+
 #: Metadata key of the exporter's record (JSON; see ``WeightRecord``).
 WEIGHTS_KEY = "tvswitch.weights"
 RECORD_VERSION = 1
 
-ModelLike = Union[str, bytes, "onnx.ModelProto"]  # noqa: F821 - onnx is imported lazily
+ModelLike = Union[str, bytes, "onnx.ModelProto"]
+#: Switchable weight name -> (shape, dtype) of its buffers.
+WeightSpecs = Dict[str, Tuple[Tuple[int, ...], np.dtype]]
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ def _onnx():
     return onnx
 
 
-def load_model(model: ModelLike):
+def load_model(model: ModelLike) -> "onnx.ModelProto":
     """A ModelProto from a path, serialized bytes or a ModelProto (returned as is)."""
     onnx = _onnx()
     if isinstance(model, onnx.ModelProto):
@@ -99,7 +104,7 @@ def load_model(model: ModelLike):
                                                             type(exc).__name__)) from None
 
 
-def read_record(model) -> Optional[WeightRecord]:
+def read_record(model: "onnx.ModelProto") -> Optional[WeightRecord]:
     """The exporter's record in ``model``'s metadata, or None for a graph from elsewhere."""
     for prop in model.metadata_props:
         if prop.key == WEIGHTS_KEY:
@@ -107,7 +112,7 @@ def read_record(model) -> Optional[WeightRecord]:
     return None
 
 
-def find_weights(model, names: Optional[Iterable[str]] = None) -> List[str]:
+def find_weights(model: "onnx.ModelProto", names: Optional[Iterable[str]] = None) -> List[str]:
     """The switchable weights of ``model``, in graph order.
 
     The exporter's record wins; else every initializer or input whose name is in
@@ -135,13 +140,15 @@ def _elem_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def input_spec(value_info) -> Tuple[Tuple[Optional[int], ...], np.dtype]:
+def input_spec(value_info: "onnx.ValueInfoProto") -> Tuple[Tuple[Optional[int], ...], np.dtype]:
+    """(dims, dtype) of a graph input; a dynamic or symbolic dim is None."""
     t = value_info.type.tensor_type
     dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     return dims, _elem_dtype(t.elem_type)
 
 
-def serving_graph(model, weights: List[str]):
+def serving_graph(model: "onnx.ModelProto", weights: List[str]
+                  ) -> Tuple["onnx.ModelProto", Dict[str, np.ndarray], WeightSpecs]:
     """(graph with every weight a plain input, the defaults the file held, weight specs).
 
     The defaults (and the record's ``unused`` and ``fixed`` tensors) are returned once and dropped from
@@ -167,7 +174,7 @@ def serving_graph(model, weights: List[str]):
     del graph.initializer[:]
     graph.initializer.extend(keep)
     declared = {i.name: i for i in graph.input}
-    specs: Dict[str, Tuple[Tuple[int, ...], np.dtype]] = {}
+    specs: WeightSpecs = {}
     for name in weights:
         if name in declared:
             shape, dtype = input_spec(declared[name])
@@ -185,7 +192,7 @@ def serving_graph(model, weights: List[str]):
     return model_out, defaults, specs
 
 
-def data_inputs(model, weights: Iterable[str]) -> List[str]:
+def data_inputs(model: "onnx.ModelProto", weights: Iterable[str]) -> List[str]:
     """Graph inputs that are not weights: what a request supplies."""
     skip = set(weights) | {t.name for t in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in skip]
@@ -220,7 +227,7 @@ def derive_batchnorm(bn: FoldedBatchNorm, values: Mapping[str, np.ndarray]) -> T
     return scale.reshape(bn.shape), shift.reshape(bn.shape)
 
 
-def constant_graph(model, values: Mapping[str, np.ndarray]):
+def constant_graph(model: "onnx.ModelProto", values: Mapping[str, np.ndarray]) -> "onnx.ModelProto":
     """A copy of ``model`` where each tensor named in ``values`` is a constant holding that value.
 
     What TensorRT builds from, and what a constant-weight ONNX Runtime session (the
@@ -242,7 +249,8 @@ def constant_graph(model, values: Mapping[str, np.ndarray]):
     return out
 
 
-def tensorrt_graph(model, weights: List[str], values: Mapping[str, np.ndarray]):
+def tensorrt_graph(model: "onnx.ModelProto", weights: List[str], values: Mapping[str, np.ndarray]
+                   ) -> Tuple["onnx.ModelProto", List[FoldedBatchNorm]]:
     """(graph with every weight an initializer and BatchNorms of weights unfolded, the folds).
 
     ``values`` gives each weight's array (the base: TensorRT builds with real numbers, and
@@ -287,7 +295,28 @@ def tensorrt_graph(model, weights: List[str], values: Mapping[str, np.ndarray]):
     return out, folds
 
 
-def _ranks(model) -> Dict[str, int]:
+def unread_weights(model: "onnx.ModelProto", weights: Iterable[str]) -> List[str]:
+    """The ``weights`` no node of ``model`` reads (subgraphs included), in the order given.
+
+    In a ``tensorrt_graph`` these are the parameters of every unfolded BatchNorm (the
+    graph reads their folds) and tensors the network never used: TensorRT has no weight
+    to refit for them, so their absence from its refittable names is expected.
+    """
+    read = _read_names(model.graph)
+    return [n for n in weights if n not in read]
+
+
+def _read_names(graph: "onnx.GraphProto") -> Set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _read_names(sub)
+    return names
+
+
+def _ranks(model: "onnx.ModelProto") -> Dict[str, int]:
     onnx = _onnx()
     inferred = onnx.shape_inference.infer_shapes(model)
     ranks = {}

@@ -1,10 +1,23 @@
 """The ONNX Runtime engine: switchable weights are graph inputs bound to fixed buffers.
 
-Each slot's weights are numpy arrays wrapped once as ``OrtValue``s with
-``OrtValue.ortvalue_from_numpy``, which shares the array's memory on the CPU: a rebuild
-written into the array in place is what the next run reads, with no copy and no new
-session.  The values are bound through ``IOBinding``; a binding carries its outputs, so
-one binding serves one thread at a time: each thread gets its own per slot, made on its
+Host weights (the CPU provider's default): each slot's weights are numpy arrays wrapped
+once as ``OrtValue``s with ``OrtValue.ortvalue_from_numpy``, which shares the array's
+memory: a rebuild written into the array in place is what the next run reads, with no
+copy and no new session.
+
+Device weights (the default with the CUDA provider first; ``weights_device``): host
+arrays bound to a CUDA session would be copied to the GPU on *every run*, all of them.
+Instead each weight is an ``OrtValue`` that ONNX Runtime allocates on the device once
+(``ortvalue_from_shape_and_type``); the numpy slot is a host staging area the rebuild
+writes, and ``publish`` copies it up with ``update_inplace``, which keeps each value's
+address, so the bindings stay valid.  The engine is then *staged* (``publish_copies``):
+the server lets requests run during the rebuild and holds them only for the upload.
+Memory: the weights twice (host staging + device).  The staging logic runs on the CPU
+in the tests (``weights_device="cpu"``: ONNX Runtime-owned host memory); the CUDA device
+itself has not been run here.
+
+The values are bound through ``IOBinding``; a binding carries its outputs, so one
+binding serves one thread at a time: each thread gets its own per slot, made on its
 first request and kept for its life.
 
 Weights as inputs cost some speed: ONNX Runtime neither folds nor pre-packs what it
@@ -15,13 +28,16 @@ path this project replaces.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines import onnx_graph
-from tvswitch.runtime.engines.base import Engine
+from tvswitch.runtime.engines.base import Engine, cast_input
+
+#: ONNX Runtime's log severities: 2 = warnings (its default), 3 = errors only.
+WARNINGS, ERRORS = 2, 3
 
 
 def _ort():
@@ -32,25 +48,54 @@ def _ort():
     return onnxruntime
 
 
+def _provider_name(provider: Any) -> str:
+    """The name of a ``providers`` entry: a name, or a (name, options) pair as ONNX Runtime takes."""
+    return provider[0] if isinstance(provider, (tuple, list)) else str(provider)
+
+
+def _weights_device(providers: Sequence[Any], asked: Optional[str] = None) -> Optional[Tuple[str, int]]:
+    """(device type, id) where the weights live in ONNX Runtime's memory, or None for shared host arrays.
+
+    ``asked`` ("cuda", "cpu") wins; otherwise CUDA when it is the first provider (its
+    ``device_id`` option, default 0), because host weights would be uploaded every run.
+    """
+    first = providers[0]
+    options = first[1] if isinstance(first, (tuple, list)) and len(first) > 1 else {}
+    device_id = int(options.get("device_id", 0))
+    if asked is not None:
+        return asked, device_id
+    return ("cuda", device_id) if _provider_name(first) == "CUDAExecutionProvider" else None
+
+
 class OnnxRuntimeEngine(Engine):
     """An ONNX Runtime session whose weights are bound from slot buffers."""
 
     kind = "onnxruntime"
 
     def __init__(self, model: onnx_graph.ModelLike, *, names: Optional[Iterable[str]] = None, slots: int = 1,
-                 providers: Optional[Sequence[str]] = None, threads: int = 0,
-                 session_options: Optional[object] = None):
+                 providers: Optional[Sequence[Any]] = None, threads: int = 0,
+                 session_options: Optional[object] = None, verbose: bool = False,
+                 weights_device: Optional[str] = None):
         """Load ``model`` (path, bytes or ModelProto) and allocate ``slots`` weight sets.
 
         ``names`` picks the switchable weights of a graph without the exporter's record
         (normally a bundle's tensor names).  ``threads`` > 0 sets ONNX Runtime's
-        intra-op threads.  The values the file holds for its weights are bound into
-        every slot and kept in ``defaults`` (the base it was exported with, which a
+        intra-op threads.  ONNX Runtime logs errors only unless ``verbose`` (its warnings
+        would otherwise land on the CLI's stderr); ``session_options``, where given,
+        replace both.  ``weights_device`` puts the weights in ONNX Runtime's memory on
+        that device (see the module docstring; default: CUDA when it is the first
+        provider).  The values the file holds for its weights are bound
+        into every slot and kept in ``defaults`` (the base it was exported with, which a
         rebuild can read; set it to None to free it where another base is used).
         """
         ort = _ort()
         if slots not in (1, 2):
             raise TvswitchError("slots must be 1 (in place) or 2 (double buffer), got %r" % slots)
+        providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self._device = _weights_device(providers, weights_device)
+        if self._device is not None and slots != 1:
+            raise TvswitchError("weights on %s are staged (publish uploads them while requests run): slots must be 1"
+                                % self._device[0])
         proto = onnx_graph.load_model(model)
         weights = onnx_graph.find_weights(proto, names)
         if not weights:
@@ -61,22 +106,28 @@ class OnnxRuntimeEngine(Engine):
         declared = {i.name: i for i in serving.graph.input}
         self._input_dtypes = {n: onnx_graph.input_spec(declared[n])[1] for n in self._inputs}
         if session_options is None:
-            session_options = ort.SessionOptions()
-            if threads > 0:
-                session_options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(serving.SerializeToString(), sess_options=session_options,
-                                            providers=list(providers) if providers else ["CPUExecutionProvider"])
+            session_options = session_options_for(threads, verbose)
+        self.session = new_session(serving.SerializeToString(), session_options, providers)
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.slots = slots
+        self.publish_copies = self._device is not None
         self._arrays: List[Dict[str, np.ndarray]] = []
-        self._values: List[Dict[str, object]] = []
+        self._values: List[Dict[str, Any]] = []
         for _ in range(slots):
             arrays = {n: np.zeros(shape, dtype=dtype) for n, (shape, dtype) in self._specs.items()}
             self._arrays.append(arrays)
-            self._values.append({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
+            self._values.append(self._ort_values(ort, arrays))
         self._local = threading.local()
         if all(n in self.defaults for n in self._specs):
             self.bind(self.defaults)
+
+    def _ort_values(self, ort, arrays: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+        """The values the session is bound to: views of the arrays, or ONNX Runtime's own memory."""
+        if self._device is None:
+            return {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+        kind, device_id = self._device
+        return {n: ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), a.dtype, kind, device_id)
+                for n, a in arrays.items()}
 
     @property
     def input_names(self) -> Sequence[str]:
@@ -94,7 +145,10 @@ class OnnxRuntimeEngine(Engine):
         return self._arrays[slot]
 
     def publish(self, slot: int = 0) -> None:
-        """Nothing to do: the session reads the slot's arrays through their OrtValues."""
+        """Host weights: nothing, the session reads the slot's arrays.  Device weights: upload the slot."""
+        if self._device is not None:
+            for name, value in self._values[slot].items():
+                value.update_inplace(self._arrays[slot][name])
 
     def _binding(self, slot: int):
         bindings = getattr(self._local, "bindings", None)
@@ -112,11 +166,41 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
         self.check_inputs(inputs)
+        arrays = {name: cast_input(name, inputs[name], self._input_dtypes[name]) for name in self._inputs}
         binding = self._binding(slot)
-        for name in self._inputs:
-            binding.bind_cpu_input(name, np.ascontiguousarray(inputs[name], dtype=self._input_dtypes[name]))
+        for name, a in arrays.items():
+            binding.bind_cpu_input(name, a)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own exception types for bad shapes or dtypes
             raise TvswitchError("ONNX Runtime could not run the inputs given (%s)" % str(exc).splitlines()[0]) from None
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
+
+
+def session_options_for(threads: int = 0, verbose: bool = False):
+    """SessionOptions with ``threads`` intra-op threads (0: ONNX Runtime's choice) and errors-only logs
+    unless ``verbose``: shared with the benchmark's constant-weight sessions."""
+    options = _ort().SessionOptions()
+    options.log_severity_level = WARNINGS if verbose else ERRORS
+    if threads > 0:
+        options.intra_op_num_threads = int(threads)
+    return options
+
+
+def new_session(model: Any, options: Any, providers: Sequence[Any]):
+    """An InferenceSession that really runs on ``providers[0]``, or a TvswitchError saying why not.
+
+    ONNX Runtime falls back to the CPU, with a warning, when a provider is missing or
+    fails to load; a benchmark or a server would then report CPU figures as CUDA ones.
+    """
+    ort = _ort()
+    wanted = _provider_name(providers[0])
+    if wanted not in ort.get_available_providers():
+        raise TvswitchError("ONNX Runtime %s has no %s (it offers %s)"
+                            % (ort.__version__, wanted, ", ".join(ort.get_available_providers())))
+    session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
+    active = session.get_providers()
+    if not active or active[0] != wanted:
+        raise TvswitchError("ONNX Runtime could not enable %s (the session runs on %s)"
+                            % (wanted, ", ".join(active) or "nothing"))
+    return session

@@ -32,21 +32,37 @@ Switch (``publish``), two paths:
 The refit copies into the engine's own memory (TensorRT needs the registered memory only
 until the refit completes), so the slot, host or device, is a staging area
 (``publish_copies``): the server writes it while requests run and holds requests only
-for the refit.  Inference uses the ``execute_async_v3`` API (TensorRT
-8.5+); TensorRT 8.2 (JetPack 4) is not covered.  CUDA calls go through cuda-python.
+for the refit.  ``publish`` also takes the engine's lock, the one ``infer`` holds while
+its work is enqueued: TensorRT must not refit an engine with work in flight, whoever
+the caller.
+
+A switchable weight that TensorRT does not keep refittable would silently keep its
+build-time value through every switch: the build refuses a weight that
+``mark_weights_refittable`` rejects, and the load refuses one missing from the
+refitter's names unless no node reads it (``refit_sources``).  A cached plan that does
+not deserialize is rebuilt and replaces the cache file (``load_or_build``).
+
+Inference uses the ``execute_async_v3`` API (TensorRT 8.5+); TensorRT 8.2 (JetPack 4) is
+not covered.  CUDA calls go through cuda-python.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines import onnx_graph
-from tvswitch.runtime.engines.base import Engine, write_atomically
+from tvswitch.runtime.engines.base import Engine, cast_input, write_atomically
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger("tvswitch.tensorrt")
 
 Shape = Tuple[int, ...]
 #: name -> (min, opt, max) shapes of a dynamic data input.
@@ -94,7 +110,7 @@ def strips_weights(version: Tuple[int, ...]) -> bool:
     return version >= (10,)
 
 
-def graph_digest(model, weights: Iterable[str]) -> str:
+def graph_digest(model: "onnx.ModelProto", weights: Iterable[str]) -> str:
     """sha256 of what a plan depends on: the graph, with the *values* of switchable weights left out.
 
     Those are refitted at every load, so a plan serves any base and any task of the same
@@ -150,25 +166,66 @@ class PlanCache:
         return self.path(key)
 
 
-def refit_sources(trt_names: Iterable[str], weights: Iterable[str], folds: Sequence[onnx_graph.FoldedBatchNorm]
-                  ) -> Tuple[List[str], List[str], List[str]]:
-    """Sort the refittable names TensorRT reports: (from the slot, BatchNorm folds, graph constants).
+def load_or_build(cache: Optional[PlanCache], key: str, build: Callable[[], bytes],
+                  deserialize: Callable[[bytes], Any]) -> Any:
+    """The engine of ``key``: from the cached plan if it deserializes, else built (and cached).
 
-    Every fold must be refittable: its BatchNorm is always in the network.  A switchable
-    weight TensorRT does not report is taken to be one the network does not read (REFIT
-    keeps every weight refittable and REFIT_INDIVIDUAL keeps the marked ones); it is left
-    out of the slot.
+    A cached plan that TensorRT cannot load (a file damaged on flash, or from a TensorRT
+    build the key cannot tell apart) is not fatal: a device that can build must not stop
+    serving over a cache.  It is rebuilt, and the new plan replaces the file atomically
+    once it has loaded, so a plan that fails even fresh is never cached.
+    """
+    plan = cache.load(key) if cache else None
+    if plan is not None:
+        engine = deserialize(plan)
+        if engine is not None:
+            return engine
+        log.warning("cached TensorRT plan %s does not load: building it again", cache.path(key))
+    plan = build()
+    engine = deserialize(plan)
+    if engine is None:
+        raise TvswitchError("TensorRT could not load the plan it has just built (see its log above)")
+    if cache:
+        cache.store(key, plan)
+    return engine
+
+
+def mark_refittable(network: Any, names: Iterable[str]) -> None:
+    """``network.mark_weights_refittable`` for each of ``names`` (REFIT_INDIVIDUAL), refusing a False.
+
+    TensorRT answers False for a name that is no weight of the parsed network or that it
+    cannot refit; that weight would keep its build-time value at every switch.
+    """
+    for name in names:
+        if not network.mark_weights_refittable(name):
+            raise TvswitchError("TensorRT cannot make weight %r refittable (not a weight of the parsed network, or "
+                                "not refittable): the engine could not switch it" % name)
+
+
+def refit_sources(trt_names: Iterable[str], weights: Iterable[str], folds: Sequence[onnx_graph.FoldedBatchNorm],
+                  unread: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
+    """Sort the refittable names TensorRT reports: (switchable weights from the slot, graph constants).
+
+    Every fold, and every switchable weight a node reads, must be reported (REFIT keeps
+    every weight refittable, REFIT_INDIVIDUAL the marked ones); one that is not would
+    keep its build-time value through every switch, so it is refused by name.  Absent by
+    design: the parameters of each unfolded BatchNorm (the graph reads its folds
+    instead) and ``unread`` weights, which no node reads (``onnx_graph.unread_weights``).
     """
     trt_set = set(trt_names)
-    weight_set = set(weights)
+    weights = list(weights)
     fold_names = {n for bn in folds for n in (bn.scale, bn.shift)}
     lost = sorted(fold_names - trt_set)
     if lost:
         raise TvswitchError("TensorRT did not keep weight %r refittable; the engine cannot switch it" % lost[0])
+    expected_absent = set(unread) | {p for bn in folds for p in (bn.gamma, bn.beta, bn.mean, bn.var)}
+    lost = [n for n in weights if n not in trt_set and n not in expected_absent]
+    if lost:
+        raise TvswitchError("TensorRT did not keep switchable weight %r refittable (%d such); a switch would leave it "
+                            "at its build-time value" % (lost[0], len(lost)))
     from_slot = [n for n in weights if n in trt_set]
-    from_folds = sorted(fold_names)
-    constants = sorted(trt_set - weight_set - fold_names)
-    return from_slot, from_folds, constants
+    constants = sorted(trt_set - set(weights) - fold_names)
+    return from_slot, constants
 
 
 def device_identity() -> str:
@@ -197,11 +254,13 @@ class TensorRTEngine(Engine):
 
     def __init__(self, model: onnx_graph.ModelLike, *, names: Optional[Iterable[str]] = None,
                  weights: Optional[Mapping[str, np.ndarray]] = None, fp16: bool = False,
-                 profile: Optional[Profile] = None, cache_dir: Optional[str] = None, workspace_mb: int = 1024):
+                 profile: Optional[Profile] = None, cache_dir: Optional[str] = None, workspace_mb: int = 1024,
+                 verbose: bool = False):
         """Build (or load from ``cache_dir``) a plan for ``model`` and refit it with ``weights``.
 
         ``weights`` default to the values the ONNX file holds for its weights.  Dynamic
-        data inputs need a ``profile`` entry (min, opt, max shapes).
+        data inputs need a ``profile`` entry (min, opt, max shapes).  TensorRT logs errors
+        only unless ``verbose`` (then warnings too).
         """
         trt = self._trt = _trt()
         cudart = self._cudart = _cudart()
@@ -214,30 +273,25 @@ class TensorRTEngine(Engine):
         self.defaults = values  # the base a rebuild reads, as for the ONNX Runtime engine
         graph, self._folds = onnx_graph.tensorrt_graph(proto, names_list, values)
         bn_params = [p for bn in self._folds for p in (bn.gamma, bn.beta, bn.mean, bn.var)]
+        unread = onnx_graph.unread_weights(graph, names_list)
         self._graph_bytes = graph.SerializeToString()
         self._inputs = onnx_graph.data_inputs(graph, [])
         self._outputs = [o.name for o in graph.graph.output]
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = trt.Logger(trt.Logger.WARNING if verbose else trt.Logger.ERROR)
         fold_names = [n for bn in self._folds for n in (bn.scale, bn.shift)]
         cache = PlanCache(cache_dir) if cache_dir else None
         key = plan_key(graph_digest(graph, names_list + fold_names), trt.__version__, device_identity(), fp16, profile)
-        plan = cache.load(key) if cache else None
-        if plan is None:
-            marked = [n for n in names_list if n not in set(bn_params)] + fold_names
-            plan = self._build(marked, fp16, profile, workspace_mb)
-            if cache:
-                cache.store(key, plan)
+        marked = [n for n in names_list if n not in set(bn_params) and n not in set(unread)] + fold_names
         self.plan_key = key
         self._runtime = trt.Runtime(self._logger)  # kept alive as long as the engine it made
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
-        if self._engine is None:
-            raise TvswitchError("TensorRT could not load the plan (built by another TensorRT or GPU?)")
+        self._engine = load_or_build(cache, key, lambda: self._build(marked, fp16, profile, workspace_mb),
+                                     self._runtime.deserialize_cuda_engine)
+        self._input_dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in self._inputs}
         self._context = self._engine.create_execution_context()
         err, self._stream = cudart.cudaStreamCreate()
         _check(err, "cudaStreamCreate")
         self._refitter = trt.Refitter(self._engine, self._logger)
-        self._from_slot, _, constants = refit_sources(
-            self._refitter.get_all_weights(), names_list, self._folds)
+        self._from_slot, constants = refit_sources(self._refitter.get_all_weights(), names_list, self._folds, unread)
         # Switchable BatchNorm parameters: no layer reads them (the graph's Mul/Add read the
         # folds), so TensorRT does not report them, but the folds are derived from them.
         self._bn_params = [n for n in names_list if n in set(bn_params) and n not in self._from_slot]
@@ -252,14 +306,17 @@ class TensorRTEngine(Engine):
         self._from_device = False
         self._fold_arrays = {n: np.zeros(bn.shape, dtype=self._weight_dtype(n))
                              for bn in self._folds for n in (bn.scale, bn.shift)}
-        self._lock = threading.Lock()  # one execution context: one request at a time
+        self._lock = threading.Lock()  # one execution context, and no refit while its work is enqueued
         self._device: Dict[str, int] = {}
+        self._onnx_refitter = None
         if strips_weights(self._version):
             if constants:
                 # REFIT (10.0/10.1) strips every weight: the constants come from the graph, once.  This
                 # registers host copies of our weights too, which the device buffers below replace.
-                onnx_refitter = trt.OnnxParserRefitter(self._refitter, self._logger)
-                if not onnx_refitter.refit_from_bytes(self._graph_bytes):
+                # The parser refitter owns the host memory of the weights it set, which TensorRT reads
+                # when it refits: it lives as long as the engine, not just until the first refit.
+                self._onnx_refitter = trt.OnnxParserRefitter(self._refitter, self._logger)
+                if not self._onnx_refitter.refit_from_bytes(self._graph_bytes):
                     raise TvswitchError("TensorRT could not refit the plan's constants from the ONNX graph")
             self._register_device_buffers()
         self.bind({n: values[n] for n in slot_names})
@@ -279,8 +336,7 @@ class TensorRTEngine(Engine):
             config.set_flag(trt.BuilderFlag.FP16)
         if refit_flag(self._version) == "REFIT_INDIVIDUAL":
             config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
-            for name in refittable:
-                network.mark_weights_refittable(name)
+            mark_refittable(network, refittable)
         else:
             config.set_flag(trt.BuilderFlag.REFIT)
         if strips_weights(self._version):
@@ -323,7 +379,7 @@ class TensorRTEngine(Engine):
             self._device[name] = int(ptr)
             if name in self._bn_params:
                 continue
-            w = trt.Weights(_trt_dtype(trt, a.dtype), int(ptr), a.size)
+            w = trt.Weights(trt_weights_dtype(trt, a.dtype, name), int(ptr), a.size)
             if not self._refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
                 raise TvswitchError("TensorRT refused device weights for %r" % name)
             self._registered.append(name)
@@ -370,7 +426,14 @@ class TensorRTEngine(Engine):
         self._staging = {n: self._staging[n] for n in self._fold_inputs}
 
     def publish(self, slot: int = 0) -> None:
-        """Refit the engine with the slot, host or device (folds recomputed); returns when it is done."""
+        """Refit the engine with the slot, host or device (folds recomputed); returns when it is done.
+
+        Holds the engine's lock: no refit while an inference is enqueued (DESIGN.md section 7).
+        """
+        with self._lock:
+            self._refit()
+
+    def _refit(self) -> None:
         cudart = self._cudart
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         stream = self._feed_stream if self._from_device and self._feed_stream is not None else self._stream
@@ -400,7 +463,9 @@ class TensorRTEngine(Engine):
             arrays = {n: a for n, a in self._staging.items() if n in self._from_slot}
             arrays.update(self._fold_arrays)
             for name, a in arrays.items():
-                self._refitter.set_named_weights(name, self._trt.Weights(a))
+                if not self._refitter.set_named_weights(name, self._trt.Weights(a)):
+                    raise TvswitchError("TensorRT refused the weights of %r (shape or dtype differ from the plan's)"
+                                        % name)
             ok = self._refitter.refit_cuda_engine()
         if not ok:
             missing = list(self._refitter.get_missing_weights())
@@ -420,7 +485,7 @@ class TensorRTEngine(Engine):
         allocations = []
         try:
             for name in self._inputs:
-                a = np.ascontiguousarray(inputs[name], dtype=trt.nptype(self._engine.get_tensor_dtype(name)))
+                a = cast_input(name, inputs[name], self._input_dtypes[name])
                 self._context.set_input_shape(name, a.shape)
                 ptr = self._malloc(a.nbytes, allocations)
                 _check(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, h2d, self._stream), "cudaMemcpyAsync")
@@ -457,5 +522,10 @@ def _initializer_arrays(model, names: Iterable[str]) -> Dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
 
 
-def _trt_dtype(trt, dtype: np.dtype):
-    return {np.dtype(np.float32): trt.float32, np.dtype(np.float16): trt.float16}[np.dtype(dtype)]
+def trt_weights_dtype(trt: Any, dtype: np.dtype, name: str) -> Any:
+    """TensorRT's DataType for a weight of numpy ``dtype``: float32 or float16, else a TvswitchError naming it."""
+    attr = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(np.dtype(dtype))
+    if attr is None:
+        raise TvswitchError("weight %r is %s: the tensorrt engine refits float32 and float16 weights only"
+                            % (name, np.dtype(dtype)))
+    return getattr(trt, attr)

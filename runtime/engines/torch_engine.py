@@ -3,13 +3,24 @@
 For development and as the reference the other engines are checked against.  On the CPU
 slot 0 is the parameters and float buffers themselves, seen as numpy arrays that share
 their memory, so a rebuild lands in the module with no copy and no new tensor.  A second
-slot (double buffering) is a set of tensors of the same shapes run through
-``torch.func.functional_call``.  A module on a GPU cannot be written through numpy:
-its slot is host arrays, and ``publish`` copies them into the parameters in place
-(``publish_copies``).  torch is imported only here.
+slot (double buffering) is a second copy of the module, its own parameters written the
+same way.  Not ``torch.func.functional_call`` over a second set of tensors, although it
+would copy nothing but the switchable weights: it swaps them into the module for the
+duration of a call, so a request on the other slot running at that moment reads them
+(torn reads the server's concurrency test caught).  Memory of a second slot: one more
+module.  A module on a GPU cannot be written through numpy: its slot is host arrays, and
+``publish`` copies them into the parameters in place (``publish_copies``).  torch is
+imported only here.
+
+``defaults`` holds a copy of the whole state_dict as the module was given (float and
+non-float tensors: BatchNorm's ``num_batches_tracked`` is part of a bundle's base
+fingerprint), so ``serve_bundle`` can use the module's own weights as the base, as it
+uses an ONNX file's defaults; the copy is needed because the rebuild reads the base
+while it overwrites the parameters.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,7 +39,9 @@ class TorchEngine(Engine):
         """Serve ``module``; ``names`` limits the switchable weights (default: every float tensor).
 
         ``input_names`` name forward's positional arguments; ``output_names`` its flattened
-        outputs (default ``output`` or ``output_i``).
+        outputs (default: ``default_names("output", n)``, as the exporter names them, once
+        the first inference shows how many there are).  ``defaults`` (module docstring)
+        can be set to None to free it where another base is used.
         """
         import torch
 
@@ -39,6 +52,8 @@ class TorchEngine(Engine):
         self._inputs = list(input_names)
         self._outputs = list(output_names) if output_names else None
         state = module.state_dict(keep_vars=True)
+        self.defaults: Optional[Dict[str, np.ndarray]] = {n: t.detach().cpu().numpy().copy()
+                                                          for n, t in state.items()}
         wanted = set(names) if names is not None else None
         self._params: Dict[str, Any] = {n: t for n, t in state.items()
                                         if t.is_floating_point() and (wanted is None or n in wanted)}
@@ -48,13 +63,17 @@ class TorchEngine(Engine):
         self._device = next(iter(self._params.values())).device if self._params else torch.device("cpu")
         self.publish_copies = self._device.type != "cpu"
         self.slots = slots
+        #: the module each slot infers with (on a GPU: the one module, which publish writes)
+        copies = 0 if self.publish_copies else slots - 1
+        self._modules = [self.module] + [copy.deepcopy(self.module) for _ in range(copies)]
         self._slot_tensors: List[Dict[str, Any]] = []
         self._arrays: List[Dict[str, np.ndarray]] = []
         for slot in range(slots):
-            if slot == 0 and not self.publish_copies:
-                tensors = {n: t.detach() for n, t in self._params.items()}
-            else:
+            if self.publish_copies:
                 tensors = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in self._params.items()}
+            else:
+                own = self._modules[slot].state_dict(keep_vars=True)
+                tensors = {n: own[n].detach() for n in self._params}
             for n, t in tensors.items():
                 if not t.is_contiguous():
                     raise TvswitchError("parameter %r is not contiguous: it cannot be written in place" % n)
@@ -67,7 +86,11 @@ class TorchEngine(Engine):
 
     @property
     def output_names(self) -> Sequence[str]:
-        return self._outputs or ["output"]
+        """The names given, else those of the first inference's outputs; empty before it.
+
+        A torch module declares no outputs: how many there are is only known once it ran.
+        """
+        return list(self._outputs or ())
 
     @property
     def weight_specs(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
@@ -88,16 +111,19 @@ class TorchEngine(Engine):
         self.check_inputs(inputs)
         args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self._device) for n in self._inputs]
         with torch.inference_mode():
-            if slot == 0 or self.publish_copies:
-                result = self.module(*args)
-            else:
-                result = torch.func.functional_call(self.module, self._slot_tensors[slot], tuple(args))
+            result = self._modules[0 if self.publish_copies else slot](*args)
         flat = flatten_outputs(result)
         if self._outputs is None:
-            self._outputs = ["output"] if len(flat) == 1 else ["output_%d" % i for i in range(len(flat))]
+            self._outputs = default_names("output", len(flat))
         if len(flat) != len(self._outputs):
             raise TvswitchError("the module returned %d outputs for %d output names" % (len(flat), len(self._outputs)))
         return dict(zip(self._outputs, flat))
+
+
+def default_names(stem: str, n: int) -> List[str]:
+    """``[stem]`` for one tensor, else ``stem_0 .. stem_{n-1}``: how the exporter names a module's
+    inputs and outputs, so the torch engine's outputs are named like the graph's."""
+    return [stem] if n == 1 else ["%s_%d" % (stem, i) for i in range(n)]
 
 
 def flatten_outputs(obj: Any) -> List[np.ndarray]:
@@ -112,43 +138,3 @@ def flatten_outputs(obj: Any) -> List[np.ndarray]:
     if isinstance(obj, (list, tuple)):
         return [a for item in obj for a in flatten_outputs(item)]
     raise TvswitchError("the module returned %s, not tensors (or tuples/dicts of them)" % type(obj).__name__)
-
-
-def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None) -> Any:
-    """The torch module ``spec`` names, ``package.module:factory`` or ``path/file.py:factory``.
-
-    ``factory()`` must return the network (its architecture); ``weights``, if given, are
-    loaded into it (strictly: every name must match).
-    """
-    import importlib
-    import importlib.util
-    import os
-
-    import torch
-
-    where, sep, attr = spec.rpartition(":")
-    if not sep or not where or not attr:
-        raise TvswitchError("--module takes MODULE:FACTORY or FILE.py:FACTORY, got %r" % spec)
-    try:
-        if where.endswith(".py"):
-            if not os.path.isfile(where):
-                raise TvswitchError("%s: no such file" % where)
-            loader_spec = importlib.util.spec_from_file_location("tvswitch_user_module", where)
-            mod = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(where)
-    except ImportError as exc:
-        raise TvswitchError("cannot import %s (%s)" % (where, exc)) from None
-    factory = getattr(mod, attr, None)
-    if not callable(factory):
-        raise TvswitchError("%s has no callable %r" % (where, attr))
-    module = factory()
-    if not isinstance(module, torch.nn.Module):
-        raise TvswitchError("%s returned %s, not a torch.nn.Module" % (spec, type(module).__name__))
-    if weights is not None:
-        try:
-            module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()}, strict=True)
-        except RuntimeError as exc:
-            raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
-    return module.eval()

@@ -7,21 +7,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from tvswitch.cli import main
-
-MODELS = os.path.join(os.path.dirname(__file__), "..", "runtime", "engines", "models.py")
+from tvswitch.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, engine_models):
     """A bundle, its base, an input and a factory file, then ``model.onnx`` made by export-onnx."""
-    import importlib.util
-
     from safetensors.numpy import save_file
 
-    spec = importlib.util.spec_from_file_location("engine_models", MODELS)
-    M = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(M)
+    M = engine_models
     folder = tmp_path_factory.mktemp("run")
     module, inputs, _ = M.conv_case()
     bundle, base = M.make_bundle(folder, module, ("head.",))
@@ -35,7 +29,20 @@ def served(tmp_path_factory):
 
         def build():
             return M.ConvBN()
-    """ % os.path.abspath(MODELS)))
+
+        def base():  # the network with the bundle's base weights: serves with no --base
+            return M.conv_case()[0]
+
+        class TwoOutputs(M.ConvBN):
+            def forward(self, x):
+                y = super().forward(x)
+                return y, 2 * y
+
+        def two_outputs():
+            net = TwoOutputs()
+            net.load_state_dict(base().state_dict())
+            return net
+    """ % os.path.abspath(M.__file__)))
     assert main(["export-onnx", "--module", str(folder / "net.py") + ":build", "--weights",
                  str(folder / "base.safetensors"), "--input", "x=" + str(folder / "x.npy"),
                  "-o", str(folder / "model.onnx")]) == 0
@@ -118,3 +125,87 @@ def test_tensorrt_without_tensorrt_says_what_to_install(served):
     f = served["folder"]
     r = cli("run", f / "model.tvs", "--engine", "tensorrt", "--task", "a", "--input", f / "x.npy", "-o", f / "t.npy")
     assert r.returncode == 2 and "TensorRT" in r.stderr
+
+
+def _reference(served, mix):
+    return served["M"].torch_reference(served["module"], served["bundle"], served["base"], mix, served["inputs"],
+                                       ["x"])
+
+
+def _one_line_exit_2(r):
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_run_with_the_torch_engine_and_no_base_serves_the_modules_own_weights(served):
+    """The conv net has BatchNorm: the base must include num_batches_tracked, which only the module's
+    whole state_dict has (its float parameters alone fail the bundle's fingerprint)."""
+    f = served["folder"]
+    assert main(["run", str(f / "model.tvs"), "--engine", "torch", "--module", str(f / "net.py") + ":base",
+                 "--task", "b", "--input", "x=" + str(f / "x.npy"), "-o", str(f / "nobase.npy")]) == 0
+    np.testing.assert_allclose(np.load(str(f / "nobase.npy")), _reference(served, {"b": 1.0}), rtol=1e-4, atol=1e-5)
+
+
+def test_run_writes_exactly_the_path_given(served):
+    f = served["folder"]
+    assert main(["run", str(f / "model.tvs"), "--task", "a", "--input", str(f / "x.npy"), "-o", str(f / "y.txt")]) == 0
+    assert not (f / "y.txt.npy").exists()
+    np.testing.assert_allclose(np.load(str(f / "y.txt")), _reference(served, {"a": 1.0}), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["missing/z.npy", "."])
+def test_run_refuses_an_output_it_cannot_write_before_running(served, where):
+    f = served["folder"]
+    before = sorted(os.listdir(str(f)))
+    r = cli("run", f / "model.tvs", "--task", "a", "--input", f / "x.npy", "-o", f / where)
+    _one_line_exit_2(r)
+    assert str(f / where) in r.stderr
+    assert sorted(os.listdir(str(f))) == before  # nothing written, not even a temp file
+
+
+def test_run_refuses_several_outputs_into_one_npy_and_writes_them_to_npz(served):
+    f = served["folder"]
+    common = ["--engine", "torch", "--module", str(f / "net.py") + ":two_outputs", "--task", "a",
+              "--input", "x=" + str(f / "x.npy"), "-o"]
+    r = cli("run", f / "model.tvs", *common, f / "two.npy")
+    _one_line_exit_2(r)
+    assert "2 outputs" in r.stderr and not (f / "two.npy").exists()
+    assert main(["run", str(f / "model.tvs"), *common, str(f / "two.npz")]) == 0
+    with np.load(str(f / "two.npz")) as z:
+        assert sorted(z.files) == ["output_0", "output_1"]
+        np.testing.assert_allclose(z["output_1"], 2 * z["output_0"], rtol=1e-6)
+        np.testing.assert_allclose(z["output_0"], _reference(served, {"a": 1.0}), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_bench_switch_refuses_no_switches(served, count):
+    r = cli("bench-switch", served["folder"] / "model.tvs", "--switches", count)
+    _one_line_exit_2(r)
+    assert "--switches" in r.stderr
+
+
+def test_bench_switch_with_tensorrt_needs_inputs_for_its_shapes(served):
+    r = cli("bench-switch", served["folder"] / "model.tvs", "--engine", "tensorrt")
+    _one_line_exit_2(r)
+    assert "needs --input" in r.stderr
+
+
+def test_tensorrt_profile_is_keyed_by_the_graphs_input_name(served):
+    """A bare --input X.npy is called 'input'; the graph's input is 'x', and TensorRT's profile must say 'x'."""
+    from tvswitch.commands._inputs import parse_inputs
+    from tvswitch.commands.run import engine_options
+
+    f = served["folder"]
+    args = build_parser().parse_args(["run", str(f / "model.tvs"), "--engine", "tensorrt", "--task", "a",
+                                      "--input", str(f / "x.npy"), "-o", str(f / "t.npy")])
+    inputs, options = engine_options(args, parse_inputs(args.input))
+    shape = served["inputs"]["x"].shape
+    assert list(inputs) == ["x"] and options["profile"] == {"x": (shape, shape, shape)}
+
+
+def test_export_onnx_refuses_an_output_folder_that_does_not_exist(served):
+    f = served["folder"]
+    r = cli("export-onnx", "--module", str(f / "net.py") + ":build", "--input", "x=" + str(f / "x.npy"),
+            "-o", f / "missing" / "m.onnx")
+    _one_line_exit_2(r)
+    assert str(f / "missing") in r.stderr

@@ -1,13 +1,13 @@
 """Atomic switching: failed switches keep the old task serving; no request sees half-written weights.
 
-The engine is the real ONNX Runtime engine on a small conv net with BatchNorm.  Failures
-in the middle of a rebuild (what a CUDA error or a corrupt payload would cause) are made
-by wrapping the real weight source; the staged path (TensorRT's, which cannot run here)
-is exercised through an ONNX Runtime engine whose publish copies a staging slot, a test
-double of the server's contract, not of TensorRT.
+The engines are the real ONNX Runtime and PyTorch engines on a small conv net with
+BatchNorm.  Failures in the middle of a rebuild (what a CUDA error or a corrupt payload
+would cause) are made by wrapping the real weight source; the staged path with a failing
+refit (TensorRT's, which cannot run here) is exercised through an ONNX Runtime engine
+whose publish copies a staging slot, a test double of the server's contract, not of
+TensorRT.
 """
-import importlib.util
-import os
+import copy
 import threading
 import time
 
@@ -16,21 +16,19 @@ import pytest
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx
+from tvswitch.runtime.engines import load_engine
 from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
 from tvswitch.runtime.server import BundleSource, Server
 
-_spec = importlib.util.spec_from_file_location(
-    "engine_models", os.path.join(os.path.dirname(__file__), "engines", "models.py"))
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
+ENGINES = ["onnxruntime", "torch"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    module, inputs, names = M.conv_case()
-    bundle, base = M.make_bundle(tmp_path_factory.mktemp("server"), module, ("head.",))
+def setup(tmp_path_factory, engine_models):
+    module, inputs, names = engine_models.conv_case()
+    bundle, base = engine_models.make_bundle(tmp_path_factory.mktemp("server"), module, ("head.",))
     graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
-    return dict(bundle=bundle, base=base, graph=graph, inputs=inputs)
+    return dict(bundle=bundle, base=base, graph=graph, inputs=inputs, module=module, names=names)
 
 
 class SlowSource:
@@ -86,9 +84,15 @@ class StagedOrt(OnnxRuntimeEngine):
             time.sleep(1e-4)
 
 
-def _server(setup, mode="lock", pause=2e-4):
-    engine = (StagedOrt if mode == "staged" else OnnxRuntimeEngine)(
-        setup["graph"], slots=2 if mode == "double" else 1, threads=1)
+def _engine(setup, mode, kind):
+    slots = 2 if mode == "double" else 1
+    if kind == "torch":
+        return load_engine("torch", module=copy.deepcopy(setup["module"]), input_names=setup["names"], slots=slots)
+    return (StagedOrt if mode == "staged" else OnnxRuntimeEngine)(setup["graph"], slots=slots, threads=1)
+
+
+def _server(setup, mode="lock", pause=2e-4, kind="onnxruntime"):
+    engine = _engine(setup, mode, kind)
     source = SlowSource(BundleSource(setup["bundle"], engine.weight_specs, setup["base"], threads=1), pause)
     return Server(engine, source, {"a": 1.0})
 
@@ -97,18 +101,20 @@ def _out(server, setup):
     return server.infer(setup["inputs"])["output"]
 
 
-def _reference(setup, mix):
-    server = _server(setup, pause=0)
+def _reference(setup, mix, kind="onnxruntime"):
+    server = _server(setup, pause=0, kind=kind)
     server.switch(mix)
     return _out(server, setup)
 
 
 MODES = ["lock", "double", "staged"]
+#: (mode, engine) pairs that run here; staged is the ONNX Runtime double above.
+MODE_ENGINES = [(m, k) for m in ("lock", "double") for k in ENGINES] + [("staged", "onnxruntime")]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_bad_task_or_weight_is_refused_before_anything_changes(setup, mode):
-    server = _server(setup, mode, pause=0)
+@pytest.mark.parametrize("mode,kind", MODE_ENGINES)
+def test_bad_task_or_weight_is_refused_before_anything_changes(setup, mode, kind):
+    server = _server(setup, mode, pause=0, kind=kind)
     before = _out(server, setup)
     writes = server.source.writes
     for mix in ({"nope": 1.0}, {"a": float("nan")}, {}):
@@ -119,9 +125,9 @@ def test_bad_task_or_weight_is_refused_before_anything_changes(setup, mode):
     np.testing.assert_array_equal(_out(server, setup), before)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_failure_half_way_through_the_write_keeps_the_old_task_serving(setup, mode):
-    server = _server(setup, mode, pause=0)
+@pytest.mark.parametrize("mode,kind", MODE_ENGINES)
+def test_a_failure_half_way_through_the_write_keeps_the_old_task_serving(setup, mode, kind):
+    server = _server(setup, mode, pause=0, kind=kind)
     before = _out(server, setup)
     server.source.failures = 1
     with pytest.raises(RuntimeError, match="simulated"):
@@ -129,7 +135,7 @@ def test_a_failure_half_way_through_the_write_keeps_the_old_task_serving(setup, 
     assert server.mix == {"a": 1.0}
     np.testing.assert_array_equal(_out(server, setup), before)
     assert server.switch({"b": 1.0})
-    np.testing.assert_array_equal(_out(server, setup), _reference(setup, {"b": 1.0}))
+    np.testing.assert_array_equal(_out(server, setup), _reference(setup, {"b": 1.0}, kind))
 
 
 def test_a_failed_refit_is_rolled_back(setup):
@@ -154,8 +160,9 @@ def test_a_failed_refit_whose_rollback_fails_refuses_requests(setup):
     np.testing.assert_array_equal(_out(server, setup), before)
 
 
-def test_when_the_rollback_fails_too_requests_are_refused_until_a_switch_succeeds(setup):
-    server = _server(setup, "lock", pause=0)
+@pytest.mark.parametrize("kind", ENGINES)
+def test_when_the_rollback_fails_too_requests_are_refused_until_a_switch_succeeds(setup, kind):
+    server = _server(setup, "lock", pause=0, kind=kind)
     before = _out(server, setup)
     server.source.failures = 2  # the switch and its rollback
     with pytest.raises(RuntimeError):
@@ -166,11 +173,11 @@ def test_when_the_rollback_fails_too_requests_are_refused_until_a_switch_succeed
     np.testing.assert_array_equal(_out(server, setup), before)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_concurrent_requests_see_one_task_or_the_other_never_a_mix(setup, mode):
-    refs = [_reference(setup, {"a": 1.0}), _reference(setup, {"b": 1.0})]
+@pytest.mark.parametrize("mode,kind", MODE_ENGINES)
+def test_concurrent_requests_see_one_task_or_the_other_never_a_mix(setup, mode, kind):
+    refs = [_reference(setup, {"a": 1.0}, kind), _reference(setup, {"b": 1.0}, kind)]
     assert not np.array_equal(refs[0], refs[1])
-    server = _server(setup, mode)
+    server = _server(setup, mode, kind=kind)
     stop = threading.Event()
     bad, seen = [], [0, 0]
 

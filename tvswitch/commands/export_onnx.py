@@ -5,6 +5,7 @@ import argparse
 from typing import Dict, List
 
 from tvswitch.commands._common import load_base
+from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs
 from tvswitch.errors import TvswitchError
 
 NAME = "export-onnx"
@@ -28,26 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write it; beside a bundle as BUNDLE_STEM.onnx, tvswitch run finds it")
 
 
-def parse_inputs(values: List[str]) -> Dict[str, "object"]:
-    """``NAME=X.npy`` (or a bare ``X.npy`` for a single input named ``input``) -> arrays, in order."""
-    import numpy as np
-
-    arrays = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep:
-            if len(values) != 1:
-                raise TvswitchError("with several --input, name each: --input NAME=X.npy")
-            name, path = "input", v
-        if name in arrays:
-            raise TvswitchError("--input names %r twice" % name)
-        try:
-            arrays[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise TvswitchError("%s: not a readable .npy file (%s)" % (path, exc)) from None
-    return arrays
-
-
 def parse_dynamic(values: List[str]) -> Dict[str, Dict[int, str]]:
     """``NAME=0,1`` -> ``{NAME: {0: "NAME_0", 1: "NAME_1"}}`` (torch's dynamic_axes)."""
     axes: Dict[str, Dict[int, str]] = {}
@@ -62,8 +43,8 @@ def parse_dynamic(values: List[str]) -> Dict[str, Dict[int, str]]:
 def run(args: argparse.Namespace) -> int:
     from tvswitch.export.onnx_export import export_onnx
     from tvswitch.runtime.engines.onnx_graph import read_record
-    from tvswitch.runtime.engines.torch_engine import load_module
 
+    check_output_path(args.output, "-o")
     module = load_module(args.module, load_base(args.weights))
     inputs = parse_inputs(args.input)
     dynamic = parse_dynamic(args.dynamic) if args.dynamic else None

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import time
-from typing import Dict, Mapping
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tvswitch.commands._common import load_base
-from tvswitch.commands.export_onnx import parse_inputs
+from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs
 from tvswitch.errors import TvswitchError
+
+if TYPE_CHECKING:
+    from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.server import Server
 
 NAME = "run"
 HELP = "run a task, a mix or Auto-Switch's choice of a bundle on an engine (onnxruntime, tensorrt, torch)"
@@ -28,6 +34,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="two weight sets: requests never wait for a rebuild (twice the weight memory)")
     p.add_argument("--fp16", action="store_true", help="tensorrt: build an FP16 engine")
     p.add_argument("--plan-cache", metavar="DIR", help="tensorrt: folder of cached plans")
+    p.add_argument("--verbose", action="store_true",
+                   help="let the engine's own warnings through (ONNX Runtime, TensorRT); errors only by default")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,37 +46,73 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--auto", action="store_true",
                        help="Auto-Switch: the bundle's query sets choose the mix for the batch")
     p.add_argument("--input", action="append", required=True, metavar="[NAME=]X.npy",
-                   help="an input array; repeat as NAME=X.npy per input for several")
+                   help="an input array: a bare X.npy for a network with one input, else NAME=X.npy once per "
+                   "input (tensorrt builds its engine for these shapes)")
     p.add_argument("-o", "--output", required=True, metavar="Y.npy",
-                   help="the output (.npz with every output by name where the network has several)")
+                   help="where to write the output, exactly this path (.npz: every output by name, needed where "
+                   "the network has several)")
 
 
-def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray], initial=None):
-    """A ``Server`` for the engine the flags describe; torch modules come from ``--module``."""
+def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
+                initial: Optional[Mapping[str, float]] = None) -> Tuple["Server", Dict[str, np.ndarray]]:
+    """A ``Server`` for the engine the flags describe, and ``inputs`` under the names the network uses.
+
+    A bare ``--input X.npy`` is called ``input``; a network with one data input of another
+    name gets it under that name (``name_inputs``).
+    """
     from tvswitch.runtime.server import serve_bundle
 
     base = load_base(args.base)
-    options: Dict[str, object] = {}
     module = None
     if args.engine == "torch":
-        from tvswitch.runtime.engines.torch_engine import load_module
-
         if not args.module:
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
         module = load_module(args.module, base)
-    elif args.engine == "tensorrt":
-        options = {"fp16": args.fp16, "cache_dir": args.plan_cache,
-                   "profile": {n: (a.shape,) * 3 for n, a in inputs.items()}}
+    inputs, options = engine_options(args, inputs)
     server = serve_bundle(args.bundle, args.engine, model=args.model, base=base, initial=initial,
                           slots=2 if args.double_buffer else 1, threads=args.threads, module=module,
                           input_names=list(inputs), **options)
-    if set(inputs) != set(server.engine.input_names) and list(inputs) == ["input"] \
-            and len(server.engine.input_names) == 1:
-        inputs = {server.engine.input_names[0]: inputs["input"]}
-    return server, dict(inputs)
+    return server, name_inputs(inputs, server.engine.input_names)
 
 
-def auto_route(server, bundle):
+def engine_options(args: argparse.Namespace, inputs: Mapping[str, np.ndarray]
+                   ) -> Tuple[Dict[str, np.ndarray], Dict[str, object]]:
+    """(inputs, the engine's own options) from the flags.
+
+    TensorRT builds its optimization profile from the inputs' shapes, keyed by the
+    graph's input names, so for it a bare ``input`` is renamed from the graph before the
+    engine exists; the other engines learn the names when loaded.
+    """
+    if args.engine == "torch":
+        return dict(inputs), {}
+    options: Dict[str, object] = {"verbose": args.verbose}
+    if args.engine == "tensorrt":
+        inputs = name_inputs(inputs, _graph_inputs(args))
+        options.update(fp16=args.fp16, cache_dir=args.plan_cache,
+                       profile={n: (tuple(a.shape),) * 3 for n, a in inputs.items()})
+    return dict(inputs), options
+
+
+def name_inputs(inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """``inputs`` with a bare ``input`` renamed to the network's single data input (others as given)."""
+    if list(inputs) == ["input"] and len(names) == 1:
+        return {names[0]: inputs["input"]}
+    return dict(inputs)
+
+
+def _graph_inputs(args: argparse.Namespace) -> List[str]:
+    """The data inputs of the graph the flags name (empty if it is missing: serve_bundle says so)."""
+    from tvswitch.runtime.engines import onnx_graph
+    from tvswitch.runtime.server import default_model_path
+
+    path = args.model or default_model_path(args.bundle)
+    if not os.path.isfile(path):
+        return []
+    proto = onnx_graph.load_model(path)
+    return onnx_graph.data_inputs(proto, onnx_graph.find_weights(proto))
+
+
+def auto_route(server: "Server", bundle: "Bundle") -> Callable[[Mapping[str, np.ndarray]], Dict[str, float]]:
     """Auto-Switch's route: features from the router network (the bundle's ``router`` record;
     by default the average of all tasks, as T-Switch does), its first output averaged over
     every axis but the first and the last, then kNN over the stored query sets."""
@@ -82,33 +126,54 @@ def auto_route(server, bundle):
     tasks = bundle.tasks
     net = {t: 0.0 for t in tasks} if record.get("network") == "base" else {t: 1.0 / len(tasks) for t in tasks}
 
-    def route(inputs):
-        first = server.engine.output_names[0]
-        out = np.asarray(server.infer(inputs, net)[first], dtype=np.float32)
+    def route(inputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
+        first = next(iter(server.infer(inputs, net).values()))
+        out = np.asarray(first, dtype=np.float32)
         feats = out.reshape(out.shape[0], -1, out.shape[-1]).mean(axis=1) if out.ndim > 2 else out
         return router.weights(feats)
 
     return route
 
 
+def output_format(path: str, count: int) -> str:
+    """``"npz"`` for a ``.npz`` path, else ``"npy"``, which holds one output only."""
+    if path.endswith(".npz"):
+        return "npz"
+    if count > 1:
+        raise TvswitchError("-o %s: the network has %d outputs; give -o OUT.npz to write them all" % (path, count))
+    return "npy"
+
+
+def write_outputs(path: str, outputs: Mapping[str, np.ndarray]) -> None:
+    """Write ``outputs`` to exactly ``path`` (np.save would add .npy to another name), atomically."""
+    from tvswitch.runtime.engines.base import write_atomically
+
+    buf = io.BytesIO()
+    if output_format(path, len(outputs)) == "npz":
+        np.savez(buf, **outputs)
+    else:
+        np.save(buf, next(iter(outputs.values())))
+    try:
+        write_atomically(path, buf.getvalue())
+    except OSError as exc:
+        raise TvswitchError("-o %s: cannot write it (%s)" % (path, exc.strerror or exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.mix import parse_mix
 
+    check_output_path(args.output, "-o")
     inputs = parse_inputs(args.input)
     mix = None if args.auto else ({args.task: 1.0} if args.task is not None else parse_mix(args.mix))
     server, inputs = open_server(args, inputs, initial=mix)
+    output_format(args.output, len(server.engine.output_names))  # known before inference, except for torch
     start = time.perf_counter()
     if args.auto:
         mix, outputs = server.auto(inputs, auto_route(server, server.source.bundle))
     else:
         outputs = server.infer(inputs)
     seconds = time.perf_counter() - start
-    if len(outputs) == 1:
-        np.save(args.output, next(iter(outputs.values())))
-    elif args.output.endswith(".npz"):
-        np.savez(args.output, **outputs)
-    else:
-        raise TvswitchError("the network has %d outputs (%s): give -o OUT.npz" % (len(outputs), ", ".join(outputs)))
+    write_outputs(args.output, outputs)
     print("wrote %s: %s on %s (%s), %.1f ms" % (args.output, ",".join("%s=%g" % kv for kv in mix.items()),
                                                 args.engine, server.mode, 1e3 * seconds))
     return 0

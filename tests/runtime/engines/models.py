@@ -1,9 +1,11 @@
 """Small networks and bundles for the engine and server tests (random init: fast, no download).
 
-A BertModel-shaped encoder (embeddings, LayerNorm, attention, GELU MLP) stands for the
-MiniLM encoder; a conv net with BatchNorm and a per-task head stands for the vision
-case.  Task checkpoints are the base plus random deltas (and, for the conv net, their
-own BatchNorm statistics and head), exported as a real bundle.
+``bert_case`` is transformers' own BertModel (a tiny random config, nothing downloaded),
+the code the MiniLM benchmark runs; a hand-written BertModel-shaped encoder (embeddings,
+LayerNorm, attention, GELU MLP) covers the same ground without transformers; a conv net
+with BatchNorm and a per-task head stands for the vision case.  Task checkpoints are the
+base plus random deltas (and, for the conv net, their own BatchNorm statistics and
+head), exported as a real bundle.
 """
 from __future__ import annotations
 
@@ -73,6 +75,33 @@ def encoder_case(seed: int = 0) -> Tuple[torch.nn.Module, Dict[str, np.ndarray],
     mask = np.ones((2, 8), dtype=np.int64)
     mask[1, 6:] = 0
     return TinyEncoder().eval(), {"ids": ids, "mask": mask}, ["ids", "mask"]
+
+
+class BertEncoder(torch.nn.Module):
+    """transformers' BertModel taking (input_ids, attention_mask), returning last_hidden_state (as bench/ wraps it)."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def bert_case(seed: int = 0) -> Tuple[torch.nn.Module, Dict[str, np.ndarray], List[str]]:
+    """A 2-layer, d=32 random BertModel (with its pooler, which the graph does not read); skips without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 64, size=(2, 8))
+    mask = np.ones((2, 8), dtype=np.int64)
+    mask[1, 5:] = 0
+    names = ["input_ids", "attention_mask"]
+    return BertEncoder(transformers.BertModel(config)).eval(), dict(zip(names, (ids, mask))), names
 
 
 def conv_case(seed: int = 0) -> Tuple[torch.nn.Module, Dict[str, np.ndarray], List[str]]:

@@ -1,11 +1,11 @@
 """Every engine that runs here (ONNX Runtime CPU, PyTorch CPU) against torch with the rebuilt weights.
 
-For a BertModel-shaped encoder and a conv net with BatchNorm and per-task heads: after
-each switch the outputs equal the torch reference of the rebuilt weights; 1,000 switches
-back and forth leave outputs unchanged, the weight buffers where they were, and memory flat.
+For transformers' BertModel (tiny random config), a BertModel-shaped encoder and a conv net
+with BatchNorm and per-task heads: after each switch the outputs equal the torch reference
+of the rebuilt weights; 1,000 switches back and forth (200 with a double buffer) leave
+outputs unchanged, the weight buffers where they were, and memory flat.
 """
 import copy
-import importlib.util
 import os
 import tracemalloc
 
@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx
 from tvswitch.runtime.engines import load_engine
-from tvswitch.runtime.server import BundleSource, Server
+from tvswitch.runtime.server import BundleSource, Server, serve_bundle
 
-_spec = importlib.util.spec_from_file_location("engine_models", os.path.join(os.path.dirname(__file__), "models.py"))
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
-
-CASES = {"encoder": (M.encoder_case, ()), "convbn": (M.conv_case, ("head.",))}
+# case -> (factory in models.py, tensor-name prefixes of per-task heads)
+CASES = {"bert": ("bert_case", ()), "encoder": ("encoder_case", ()), "convbn": ("conv_case", ("head.",))}
 MIXES = [{"a": 1.0}, {"b": 1.0}, {"a": 0.5, "c": 0.5}, {"a": 0.3, "b": 0.3, "c": 0.3}]
 
 
@@ -35,20 +33,26 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    make, heads = CASES[request.param]
-    module, inputs, names = make()
-    bundle, base = M.make_bundle(tmp_path_factory.mktemp(request.param), module, heads)
-    graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
+def case(request, tmp_path_factory, engine_models):
+    M = engine_models
+    factory, heads = CASES[request.param]
+    module, inputs, names = getattr(M, factory)()
+    folder = tmp_path_factory.mktemp(request.param)
+    bundle, base = M.make_bundle(folder, module, heads)
+    # beside the bundle, where serve_bundle looks for it
+    graph = export_onnx(module, [inputs[n] for n in names], str(folder / "model.onnx"), input_names=names)
     refs = {repr(m): M.torch_reference(module, bundle, base, m, inputs, names) for m in MIXES}
     return dict(module=module, inputs=inputs, names=names, bundle=bundle, base=base, graph=graph, refs=refs)
 
 
-def _server(case, kind, slots=1):
+def _engine(case, kind, slots=1, **options):
     if kind == "torch":
-        engine = load_engine("torch", module=copy.deepcopy(case["module"]), input_names=case["names"], slots=slots)
-    else:
-        engine = load_engine("onnxruntime", case["graph"], slots=slots, threads=1)
+        return load_engine("torch", module=copy.deepcopy(case["module"]), input_names=case["names"], slots=slots)
+    return load_engine("onnxruntime", case["graph"], slots=slots, threads=1, **options)
+
+
+def _server(case, kind, slots=1, **options):
+    engine = _engine(case, kind, slots, **options)
     return Server(engine, BundleSource(case["bundle"], engine.weight_specs, case["base"], threads=1), {"a": 1.0})
 
 
@@ -61,10 +65,7 @@ def _out(server, case):
     return next(iter(server.infer(case["inputs"]).values()))
 
 
-@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("slots", [1, 2])
-def test_outputs_after_each_switch_equal_torch_with_rebuilt_weights(case, kind, slots):
-    server = _server(case, kind, slots)
+def _check_switches_match_torch(server, case):
     for mix in MIXES + MIXES[::-1]:
         server.switch(mix)
         np.testing.assert_allclose(_out(server, case), case["refs"][repr(mix)], rtol=1e-4, atol=1e-5)
@@ -73,10 +74,28 @@ def test_outputs_after_each_switch_equal_torch_with_rebuilt_weights(case, kind, 
 
 
 @pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
-def test_a_thousand_switches_leave_outputs_buffers_and_memory_unchanged(case, kind):
-    server = _server(case, kind)
-    buffers = server.engine.buffers(0)
-    addresses = {n: a.ctypes.data for n, a in buffers.items()}
+@pytest.mark.parametrize("slots", [1, 2])
+def test_outputs_after_each_switch_equal_torch_with_rebuilt_weights(case, kind, slots):
+    _check_switches_match_torch(_server(case, kind, slots), case)
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+def test_serve_bundle_without_a_base_serves_from_the_engines_own_weights(case, kind):
+    """No --base and no embedded base: the rebuild reads the graph's defaults (ONNX Runtime) or the
+    module's whole state_dict (torch: BatchNorm's num_batches_tracked included, which the
+    fingerprint covers), and every switch still equals torch."""
+    assert not case["bundle"].has_embedded_base
+    module = copy.deepcopy(case["module"]) if kind == "torch" else None
+    server = serve_bundle(case["bundle"].path, kind, threads=1, module=module, input_names=case["names"])
+    _check_switches_match_torch(server, case)
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("slots,switches", [(1, 1000), (2, 200)])
+def test_many_switches_leave_outputs_buffers_and_memory_unchanged(case, kind, slots, switches):
+    server = _server(case, kind, slots)
+    buffers = [server.engine.buffers(s) for s in range(slots)]
+    addresses = [{n: a.ctypes.data for n, a in b.items()} for b in buffers]
     first = {}
     for mix in ({"a": 1.0}, {"b": 1.0}):
         server.switch(mix)
@@ -87,7 +106,7 @@ def test_a_thousand_switches_leave_outputs_buffers_and_memory_unchanged(case, ki
     tracemalloc.start()
     rss_before = _rss_kib()
     py_before = tracemalloc.get_traced_memory()[0]
-    for i in range(1000):
+    for i in range(switches):
         mix = {"ab"[i % 2]: 1.0}
         assert server.switch(mix)
         if i % 50 < 2:
@@ -95,8 +114,8 @@ def test_a_thousand_switches_leave_outputs_buffers_and_memory_unchanged(case, ki
     py_growth = tracemalloc.get_traced_memory()[0] - py_before
     tracemalloc.stop()
     rss_growth_kib = _rss_kib() - rss_before
-    assert server.engine.buffers(0) is buffers
-    assert {n: a.ctypes.data for n, a in buffers.items()} == addresses
+    assert [server.engine.buffers(s) for s in range(slots)] == buffers
+    assert [{n: a.ctypes.data for n, a in b.items()} for b in buffers] == addresses
     assert py_growth < 64 * 1024, py_growth
     # one leaked copy of the weights per switch would be > 10 MiB here
     assert rss_growth_kib < 4 * 1024, rss_growth_kib
@@ -117,6 +136,34 @@ def test_onnxruntime_reads_the_buffers_the_rebuild_writes(case):
     assert engine._values[0][name].data_ptr() == buf.ctypes.data
 
 
+def test_onnxruntime_with_weights_in_its_own_memory_is_staged(case):
+    """weights_device: the path the CUDA provider takes, run here on the CPU (ONNX Runtime-owned
+    host memory; the CUDA device itself is not run).  The slot is a staging area: writing it
+    changes nothing until publish uploads it, and the server then runs in staged mode."""
+    server = _server(case, "onnxruntime", weights_device="cpu")
+    engine = server.engine
+    assert engine.publish_copies and server.mode == "staged"
+    name = next(n for n in engine.weight_specs if n in case["bundle"].shared_specs)
+    value = engine._values[0][name]
+    address = value.data_ptr()
+    assert address != engine.buffers(0)[name].ctypes.data
+    before = _out(server, case)
+    engine.buffers(0)[name] += 1.0
+    np.testing.assert_array_equal(_out(server, case), before)  # staged, not yet published
+    engine.publish(0)
+    assert not np.allclose(_out(server, case), before)
+    assert value.data_ptr() == address  # uploaded in place: the bindings stay valid
+    engine.buffers(0)[name] -= 1.0
+    engine.publish(0)
+    np.testing.assert_allclose(_out(server, case), before, rtol=1e-6, atol=1e-6)
+    _check_switches_match_torch(server, case)
+
+
+def test_weights_on_a_device_need_one_slot(case):
+    with pytest.raises(TvswitchError, match="slots must be 1"):
+        _engine(case, "onnxruntime", slots=2, weights_device="cpu")
+
+
 def test_torch_engine_writes_the_parameters_themselves(case):
     server = _server(case, "torch")
     params = dict(server.engine.module.named_parameters())
@@ -126,12 +173,29 @@ def test_torch_engine_writes_the_parameters_themselves(case):
             assert params[name].data_ptr() == a.ctypes.data
 
 
-def test_engines_refuse_bad_inputs_with_a_clear_error(case):
-    from tvswitch.errors import TvswitchError
+def test_torch_engine_names_its_outputs_like_the_graph_once_it_has_run(case):
+    engine = _engine(case, "torch")
+    assert engine.output_names == []  # a module declares no outputs: unknown before it runs
+    assert list(engine.infer(case["inputs"])) == engine.output_names == _engine(case, "onnxruntime").output_names
 
+
+def test_engines_refuse_bad_inputs_with_a_clear_error(case):
     server = _server(case, "onnxruntime")
     with pytest.raises(TvswitchError, match="takes inputs"):
         server.infer({"nope": np.zeros(3)})
+
+
+def test_onnxruntime_refuses_an_input_cast_that_is_not_same_kind(case):
+    """Token ids from a float array would be truncated silently; float64 -> float32 is fine."""
+    engine = _engine(case, "onnxruntime")
+    name = case["names"][0]
+    value = case["inputs"][name]
+    wrong = value.astype(np.float32) if np.issubdtype(value.dtype, np.integer) else value.astype(np.complex64)
+    with pytest.raises(TvswitchError, match="input %r is %s" % (name, wrong.dtype)):
+        engine.infer(dict(case["inputs"], **{name: wrong}))
+    if value.dtype == np.float32:
+        widened = dict(case["inputs"], **{name: value.astype(np.float64)})
+        np.testing.assert_array_equal(engine.infer(widened)["output"], engine.infer(case["inputs"])["output"])
 
 
 def test_a_fresh_engine_serves_the_weights_the_graph_was_exported_with(case):
@@ -142,9 +206,32 @@ def test_a_fresh_engine_serves_the_weights_the_graph_was_exported_with(case):
 
 
 def test_load_engine_names_what_is_missing():
-    from tvswitch.errors import TvswitchError
-
     with pytest.raises(TvswitchError, match="needs a torch module"):
         load_engine("torch")
     with pytest.raises(TvswitchError, match="unknown engine"):
         load_engine("tflite")
+
+
+def test_onnxruntime_refuses_a_provider_it_does_not_have(case):
+    """ONNX Runtime itself would fall back to the CPU with a warning, and CPU figures pass for CUDA ones."""
+    with pytest.raises(TvswitchError, match="NoSuchExecutionProvider"):
+        _engine(case, "onnxruntime", providers=["NoSuchExecutionProvider"])
+
+
+def _user_graph_with_a_stray_initializer():
+    """A user's graph (no tvswitch record) with an initializer no node reads: ONNX Runtime warns about it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((2, 3), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"])], "user",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(w, "fc.weight"), numpy_helper.from_array(w, "stray")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_onnxruntime_writes_its_own_warnings_to_stderr_only_when_asked(capfd, verbose):
+    load_engine("onnxruntime", _user_graph_with_a_stray_initializer(), names=["fc.weight"], verbose=verbose)
+    assert ("Removing initializer 'stray'" in capfd.readouterr().err) == verbose

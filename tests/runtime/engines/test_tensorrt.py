@@ -1,8 +1,13 @@
 """What surrounds the TensorRT engine, tested without TensorRT: the graph it parses (weights as
-initializers, BatchNorm unfolded into named constants), plan cache keys, and which refit name
-comes from where.  The engine itself runs only where TensorRT and a GPU are present."""
+initializers, BatchNorm unfolded into named constants), plan cache keys and their recovery from
+a bad plan, which refit name comes from where and which absence is refused, and the checks on
+TensorRT's answers.  Where a test needs one of TensorRT's objects it gets a stand-in with that one
+method, to test our handling of the answer, not TensorRT.  The engine itself runs only where
+TensorRT and a GPU are present."""
 import importlib.util
 import os
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -11,17 +16,13 @@ import pytest
 from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx
 from tvswitch.runtime.engines import onnx_graph
-from tvswitch.runtime.engines.tensorrt import (PlanCache, graph_digest, parse_version, plan_key, refit_flag,
-                                               refit_sources, strips_weights)
-
-_spec = importlib.util.spec_from_file_location("engine_models", os.path.join(os.path.dirname(__file__), "models.py"))
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
+from tvswitch.runtime.engines.tensorrt import (PlanCache, graph_digest, load_or_build, mark_refittable, parse_version,
+                                               plan_key, refit_flag, refit_sources, strips_weights, trt_weights_dtype)
 
 
 @pytest.fixture(scope="module")
-def conv():
-    module, inputs, names = M.conv_case()
+def conv(engine_models):
+    module, inputs, names = engine_models.conv_case()
     graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
     weights = onnx_graph.find_weights(graph)
     _, defaults, _ = onnx_graph.serving_graph(graph, weights)
@@ -113,14 +114,105 @@ def test_refit_mode_and_stripping_follow_the_tensorrt_version():
 
 def test_refit_sources_sort_names_and_refuse_a_lost_fold(conv):
     _, _, graph, weights, defaults = conv
-    _, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
+    trt_graph, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
     fold_names = [n for bn in folds for n in (bn.scale, bn.shift)]
+    bn_params = {p for bn in folds for p in (bn.gamma, bn.beta, bn.mean, bn.var)}
+    read = [n for n in weights if n not in bn_params]
     # REFIT (TensorRT < 10.2): every weight is refittable, graph constants too
-    reported = weights[2:] + fold_names + ["some_constant"]
-    slot, derived, constants = refit_sources(reported, weights, folds)
-    assert slot == weights[2:] and sorted(derived) == sorted(fold_names) and constants == ["some_constant"]
+    reported = read + fold_names + ["some_constant"]
+    slot, constants = refit_sources(reported, weights, folds, onnx_graph.unread_weights(trt_graph, weights))
+    assert slot == read and constants == ["some_constant"]
     with pytest.raises(TvswitchError, match="refittable"):
         refit_sources(weights, weights, folds)
+
+
+def test_refit_sources_refuse_a_switchable_weight_tensorrt_dropped(conv):
+    """A weight a node reads but TensorRT does not report would keep its build-time value at every
+    switch: refused by name.  BatchNorm parameters and weights no node reads are expected absent."""
+    _, _, graph, weights, defaults = conv
+    trt_graph, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
+    unread = onnx_graph.unread_weights(trt_graph, weights)
+    fold_names = [n for bn in folds for n in (bn.scale, bn.shift)]
+    reported = [n for n in weights if n not in unread] + fold_names
+    dropped = next(n for n in reported if n in weights)  # c1.weight: a conv reads it
+    with pytest.raises(TvswitchError, match="switchable weight %r" % dropped):
+        refit_sources([n for n in reported if n != dropped], weights, folds, unread)
+    # a tensor no node reads (say a pooler in a graph without tvswitch's record) is left out, not refused
+    slot, _ = refit_sources(reported, weights + ["pooler.weight"], folds, unread + ["pooler.weight"])
+    assert "pooler.weight" not in slot
+
+
+def test_unread_weights_are_the_unfolded_batchnorm_parameters(conv):
+    _, _, graph, weights, defaults = conv
+    trt_graph, folds = onnx_graph.tensorrt_graph(graph, weights, defaults)
+    bn_params = [p for bn in folds for p in (bn.gamma, bn.beta, bn.mean, bn.var)]
+    assert sorted(onnx_graph.unread_weights(trt_graph, weights)) == sorted(bn_params)
+    assert onnx_graph.unread_weights(graph, weights) == []  # before unfolding, BatchNorm reads them
+
+
+class Network:
+    """Stand-in for INetworkDefinition's mark_weights_refittable: False for the names it lacks."""
+
+    def __init__(self, names):
+        self.names, self.marked = set(names), []
+
+    def mark_weights_refittable(self, name):
+        self.marked.append(name)
+        return name in self.names
+
+
+def test_a_weight_tensorrt_will_not_mark_refittable_is_refused_by_name():
+    network = Network(["c1.weight", "c1.bias"])
+    mark_refittable(network, ["c1.weight", "c1.bias"])
+    assert network.marked == ["c1.weight", "c1.bias"]
+    with pytest.raises(TvswitchError, match="'head.weight' refittable"):
+        mark_refittable(network, ["c1.weight", "head.weight"])
+
+
+def test_a_cached_plan_that_does_not_load_is_rebuilt_and_replaced(tmp_path):
+    cache = PlanCache(str(tmp_path / "plans"))
+    cache.store("k", b"truncated plan")
+    builds = []
+
+    def build():
+        builds.append(1)
+        return b"good plan"
+
+    def deserialize(plan):  # TensorRT's deserialize_cuda_engine answers None for a plan it cannot load
+        return ("engine", plan) if plan == b"good plan" else None
+
+    assert load_or_build(cache, "k", build, deserialize) == ("engine", b"good plan")
+    assert builds == [1] and cache.load("k") == b"good plan"
+    assert os.listdir(str(tmp_path / "plans")) == ["k.plan"]  # replaced atomically: no temp file left
+    assert load_or_build(cache, "k", build, deserialize) == ("engine", b"good plan")
+    assert builds == [1]  # a good cached plan is not rebuilt
+
+
+def test_a_fresh_plan_that_does_not_load_is_refused_and_not_cached(tmp_path):
+    cache = PlanCache(str(tmp_path / "plans"))
+    with pytest.raises(TvswitchError, match="just built"):
+        load_or_build(cache, "k", lambda: b"bad", lambda plan: None)
+    assert cache.load("k") is None
+
+
+def test_weights_of_a_dtype_tensorrt_cannot_refit_are_refused_by_name():
+    trt = SimpleNamespace(float32="FLOAT", float16="HALF")  # the two attributes of the tensorrt module used
+    assert trt_weights_dtype(trt, np.float32, "w") == "FLOAT" and trt_weights_dtype(trt, np.float16, "w") == "HALF"
+    with pytest.raises(TvswitchError, match="weight 'emb.weight' is float64"):
+        trt_weights_dtype(trt, np.float64, "emb.weight")
+
+
+def test_publish_refits_under_the_lock_that_inference_holds():
+    """publish's own code, without TensorRT: an engine object with no plan (its constructor needs
+    TensorRT), whose refit step records whether the engine's lock was held around it."""
+    from tvswitch.runtime.engines.tensorrt import TensorRTEngine
+
+    engine = TensorRTEngine.__new__(TensorRTEngine)
+    engine._lock = threading.Lock()
+    held = []
+    engine._refit = lambda: held.append(engine._lock.locked())
+    engine.publish(0)
+    assert held == [True] and not engine._lock.locked()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,

@@ -1,0 +1,91 @@
+"""What the command line names: input arrays (``--input``), a torch network (``--module``), an output path.
+
+Shared by export-onnx, run and bench-switch.  ``load_module`` runs the user's own code,
+which is why it lives with the CLI and not in ``tvswitch.runtime``: a device serving a
+bundle never imports a factory by name.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from tvswitch.errors import TvswitchError
+
+
+def parse_inputs(values: List[str]) -> Dict[str, np.ndarray]:
+    """``NAME=X.npy`` (or a bare ``X.npy`` for a single input named ``input``) -> arrays, in order."""
+    arrays: Dict[str, np.ndarray] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            if len(values) != 1:
+                raise TvswitchError("with several --input, name each: --input NAME=X.npy")
+            name, path = "input", v
+        if name in arrays:
+            raise TvswitchError("--input names %r twice" % name)
+        try:
+            arrays[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise TvswitchError("%s: not a readable .npy file (%s)" % (path, exc)) from None
+    return arrays
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done for it.
+
+    The write itself is atomic (temp file beside it, then rename), so it needs the
+    folder to exist and be writable; a folder named as the file is refused too.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise TvswitchError("%s %s: is a folder, give a file name" % (flag, path))
+    if not os.path.isdir(folder):
+        raise TvswitchError("%s %s: folder %s does not exist" % (flag, path, folder))
+    if not os.access(folder, os.W_OK):
+        raise TvswitchError("%s %s: folder %s is not writable" % (flag, path, folder))
+
+
+def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None) -> Any:
+    """The torch module ``spec`` names, ``package.module:factory`` or ``path/file.py:factory``.
+
+    ``factory()`` must return the network (its architecture); ``weights``, if given, are
+    loaded into it (strictly: every name must match).
+    """
+    import torch
+
+    module = _factory(spec)()
+    if not isinstance(module, torch.nn.Module):
+        raise TvswitchError("%s returned %s, not a torch.nn.Module" % (spec, type(module).__name__))
+    if weights is not None:
+        try:
+            module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()}, strict=True)
+        except RuntimeError as exc:
+            raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
+    return module.eval()
+
+
+def _factory(spec: str) -> Any:
+    """The callable ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` names (importing, i.e. running, its module)."""
+    import importlib
+    import importlib.util
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise TvswitchError("--module takes MODULE:FACTORY or FILE.py:FACTORY, got %r" % spec)
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise TvswitchError("%s: no such file" % where)
+            loader_spec = importlib.util.spec_from_file_location("tvswitch_user_module", where)
+            mod = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(where)
+    except ImportError as exc:
+        raise TvswitchError("cannot import %s (%s)" % (where, exc)) from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise TvswitchError("%s has no callable %r" % (where, attr))
+    return factory
