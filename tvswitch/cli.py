@@ -12,14 +12,26 @@ import importlib
 import os
 import pkgutil
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from tvswitch import __version__, commands
 from tvswitch.errors import TvswitchError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as every other bad input is reported: one line, exit 2.
+
+    argparse's own error() prints the whole usage first; a script reading stderr, or a
+    user on a small screen, wants the one line that names the flag.  Subparsers take
+    this class from their parent.
+    """
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, "%s: error: %s (see %s --help)\n" % (self.prog, message, self.prog))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tvswitch",
         description="Many fine-tuned variants of one network, stored once as packed task vectors "
                     "and switched in milliseconds.")

@@ -86,6 +86,10 @@ def test_add_and_remove_task(example, tmp_path):
     (["export", "--base", "B", "--task", "a=B", "--bits", "9", "-o", "o.tvs"], "--bits must be 1..8"),
     (["inspect", "missing.tvs"], "missing.tvs: no such bundle file"),
     (["rebuild", "missing.tvs", "--task", "a", "-o", "x.safetensors"], "missing.tvs"),
+    # argparse's own refusals: one line too, not the usage text
+    (["rebuild", "x.tvs", "--task", "a", "--mix", "a=1", "-o", "y"], "--mix: not allowed with argument --task"),
+    (["export", "--base", "B", "--task", "a=B", "--bits", "four", "-o", "o.tvs"], "--bits: invalid int value"),
+    (["no-such-verb"], "invalid choice: 'no-such-verb'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, example, args, message):
     args = [str(example / "base.safetensors") if a == "B" else a for a in args]
