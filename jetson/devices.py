@@ -1,9 +1,12 @@
 """The one table of devices and JetPack lines that the rest of tvswitch consults.
 
-Facts come from DESIGN.md section 8 and NVIDIA's module data sheets: compute capability,
-DRAM and its peak bandwidth, and the last JetPack each module runs. ``plan`` turns them
-into memory and switch-time figures, ``platform`` matches a detected board to a row,
-and docs/jetson.md prints the same table; changing a number here changes all three.
+Facts come from DESIGN.md section 8, NVIDIA's module data sheets and the JetPack
+archive: compute capability, DRAM and its peak bandwidth, the last JetPack each module
+runs, and per JetPack line the software stack and which of tvswitch's paths it allows
+(the support matrix). ``plan`` turns a device row into memory and switch-time figures,
+``platform`` matches a detected board to a row and its L4T release to a line, ``doctor``
+reads a line's support when it describes a captured tree, and docs/jetson.md prints
+both tables (tests/jetson/test_docs_tables.py fails when the docs and this file differ).
 
 Peak bandwidth is the data-sheet figure (bus width x transfer rate). A copy reaches
 perhaps 60-80 % of it in practice, so times computed from it are floors, never promises.
@@ -13,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from tvswitch.errors import TvswitchError
+from tvswitch.jetson.errors import JetsonInputError
 
 GIB = 1 << 30
 
@@ -22,30 +25,68 @@ GIB = 1 << 30
 class JetPackLine:
     """One JetPack release line: the software a device on it has and cannot change.
 
+    A line covers the L4T releases from ``l4t`` (major, minor) up to the next line of the
+    same major; within it CUDA, cuDNN and TensorRT do not change (JetPack 6.1 and 6.2 are
+    both L4T R36.4 with TensorRT 10.3, so they are one line, named after the later).
+
     ``reserve_bytes`` is an assumption, not a measurement: what carve-outs, a headless
     L4T, the CUDA context and the engine's libraries take before tvswitch allocates
     anything. ``tvswitch plan --reserve-mb`` replaces it with a figure measured on the
     user's own image.
+
+    The last four fields are the support matrix: ``cuda_python`` names the pip package
+    that gives Python the driver API ("" where none exists: JetPack 4 has pycuda and
+    prebuilt fatbins only), ``nvrtc`` the NVRTC version Python can compile with ("" for
+    none), ``trt_python`` whether TensorRT's bindings import in the Python tvswitch runs
+    on, ``ort_cuda`` whether an ONNX Runtime CUDA build exists for that Python.
     """
 
     name: str
-    l4t: str
+    l4t: Tuple[int, int]
     ubuntu: str
     python: Tuple[int, int]
     cuda: str
     cudnn: str
     tensorrt: str
     reserve_bytes: int
+    cuda_python: str
+    nvrtc: str
+    trt_python: bool
+    ort_cuda: bool
+
+    @property
+    def l4t_name(self) -> str:
+        return "R%d.%d" % self.l4t
+
+    @property
+    def device_refit(self) -> bool:
+        """TensorRT refits from device memory from 10.0 on (TensorLocation.DEVICE)."""
+        return int(self.tensorrt.split(".")[0]) >= 10
 
 
 JETPACK_LINES: Dict[str, JetPackLine] = {
-    "4.6": JetPackLine("4.6", "R32.7", "18.04", (3, 6), "10.2", "8.2", "8.2", GIB),
-    "5.1": JetPackLine("5.1", "R35", "20.04", (3, 8), "11.4", "8.6", "8.5", GIB + GIB // 4),
-    "6.2": JetPackLine("6.2", "R36.4", "22.04", (3, 10), "12.6", "9.3", "10.3", GIB + GIB // 2),
+    line.name: line
+    for line in [
+        JetPackLine("4.6", (32, 7), "18.04", (3, 6), "10.2", "8.2", "8.2", GIB,
+                    cuda_python="", nvrtc="", trt_python=False, ort_cuda=False),
+        JetPackLine("5.1", (35, 2), "20.04", (3, 8), "11.4", "8.6", "8.5", GIB + GIB // 4,
+                    cuda_python="cuda-python 11.8", nvrtc="11.4", trt_python=True, ort_cuda=True),
+        JetPackLine("6.0", (36, 2), "22.04", (3, 10), "12.2", "8.9", "8.6", GIB + GIB // 2,
+                    cuda_python="cuda-bindings 12", nvrtc="12", trt_python=True, ort_cuda=True),
+        JetPackLine("6.2", (36, 4), "22.04", (3, 10), "12.6", "9.3", "10.3", GIB + GIB // 2,
+                    cuda_python="cuda-bindings 12", nvrtc="12", trt_python=True, ort_cuda=True),
+    ]
 }
 
-#: The L4T major release that each JetPack line ships.
-L4T_MAJOR_TO_LINE: Dict[int, str] = {32: "4.6", 35: "5.1", 36: "6.2"}
+
+def line_for_l4t(major: int, minor: int) -> Optional[JetPackLine]:
+    """The line an L4T release belongs to: the newest of its major that starts at or before it.
+
+    None for a release older than every line of its major (L4T R32.6 is JetPack 4.6.0,
+    with TensorRT 8.0, not the R32.7 stack the 4.6 line describes) or of another major.
+    """
+    candidates = [line for line in JETPACK_LINES.values() if line.l4t[0] == major and line.l4t[1] <= minor]
+    return max(candidates, key=lambda line: line.l4t) if candidates else None
 
 
 @dataclass(frozen=True)
@@ -61,6 +102,7 @@ class DeviceSpec:
     jetpack: str
     #: device-tree module part numbers (``p3448-0000``) that identify this row
     parts: Tuple[str, ...] = ()
+    #: what a user planning for this row should know (``plan`` prints it)
     note: str = ""
     #: True only for ``this``: the figures were measured, not taken from a data sheet
     measured: bool = False
@@ -68,14 +110,6 @@ class DeviceSpec:
     @property
     def line(self) -> Optional[JetPackLine]:
         return JETPACK_LINES.get(self.jetpack)
-
-    @property
-    def sm(self) -> str:
-        return "sm_%d%d" % self.compute_capability
-
-    @property
-    def is_jetson(self) -> bool:
-        return self.soc.startswith("tegra")
 
 
 def _d(
@@ -85,17 +119,25 @@ def _d(
     return DeviceSpec(key, name, soc, cc, int(dram_gib * GIB), bw, jp, tuple(parts), note)
 
 
+# Part numbers: the module's board id and SKU as the device tree names them. Not listed,
+# so that the memory fallback of ``match_board`` decides: p2972-0000 (the AGX Xavier
+# developer kit as a whole, sold with the 16 GB and later the 32 GB module) and
+# p2888-0006 (AGX Xavier 8GB, whose data-sheet bandwidth tvswitch has not checked).
 DEVICES: Dict[str, DeviceSpec] = {
     d.key: d
     for d in [
         _d("nano-2gb", "Jetson Nano 2GB", "tegra210", (5, 3), 2, 25.6, "4.6", ("p3448-0003",)),
         _d("nano-4gb", "Jetson Nano 4GB", "tegra210", (5, 3), 4, 25.6, "4.6", ("p3448-0000", "p3448-0002")),
         _d("tx2-nx", "Jetson TX2 NX", "tegra186", (6, 2), 4, 51.2, "4.6", ("p3636-0001",)),
-        _d("tx2", "Jetson TX2 8GB", "tegra186", (6, 2), 8, 59.7, "4.6", ("p3310-1000", "p3489-0888", "p3489-0000")),
+        _d("tx2-4gb", "Jetson TX2 4GB", "tegra186", (6, 2), 4, 51.2, "4.6", ("p3489-0888",)),
+        # p3489-0000 is the TX2i (8 GB, ECC): its bandwidth is taken as the TX2's, unchecked
+        _d("tx2", "Jetson TX2 8GB", "tegra186", (6, 2), 8, 59.7, "4.6", ("p3310-1000", "p3489-0000")),
         _d("xavier-nx-8gb", "Jetson Xavier NX 8GB", "tegra194", (7, 2), 8, 59.7, "5.1", ("p3668-0000", "p3668-0001")),
         _d("xavier-nx-16gb", "Jetson Xavier NX 16GB", "tegra194", (7, 2), 16, 59.7, "5.1", ("p3668-0003",)),
+        _d("agx-xavier-16gb", "Jetson AGX Xavier 16GB", "tegra194", (7, 2), 16, 136.5, "5.1", ("p2888-0001",)),
+        # p2888-0008 is AGX Xavier Industrial (32 GB)
         _d("agx-xavier-32gb", "Jetson AGX Xavier 32GB", "tegra194", (7, 2), 32, 136.5, "5.1",
-           ("p2888-0001", "p2888-0004", "p2888-0003", "p2972-0000")),
+           ("p2888-0003", "p2888-0004", "p2888-0008")),
         _d("agx-xavier-64gb", "Jetson AGX Xavier 64GB", "tegra194", (7, 2), 64, 136.5, "5.1", ("p2888-0005",)),
         _d("orin-nano-4gb", "Jetson Orin Nano 4GB", "tegra234", (8, 7), 4, 34.0, "6.2", ("p3767-0004",),
            "51 GB/s in JetPack 6.2's MAXN_SUPER mode"),
@@ -105,8 +147,9 @@ DEVICES: Dict[str, DeviceSpec] = {
            note="the same module with JetPack 6.2's faster memory clock"),
         _d("orin-nx-8gb", "Jetson Orin NX 8GB", "tegra234", (8, 7), 8, 102.4, "6.2", ("p3767-0001",)),
         _d("orin-nx-16gb", "Jetson Orin NX 16GB", "tegra234", (8, 7), 16, 102.4, "6.2", ("p3767-0000",)),
-        _d("agx-orin-32gb", "Jetson AGX Orin 32GB", "tegra234", (8, 7), 32, 204.8, "6.2", ("p3701-0004",)),
-        _d("agx-orin-64gb", "Jetson AGX Orin 64GB", "tegra234", (8, 7), 64, 204.8, "6.2", ("p3701-0005", "p3701-0000")),
+        # p3701-0000 is the first AGX Orin developer kit's module: 32 GB with the 64GB's GPU
+        _d("agx-orin-32gb", "Jetson AGX Orin 32GB", "tegra234", (8, 7), 32, 204.8, "6.2", ("p3701-0000", "p3701-0004")),
+        _d("agx-orin-64gb", "Jetson AGX Orin 64GB", "tegra234", (8, 7), 64, 204.8, "6.2", ("p3701-0005",)),
     ]
 }
 
@@ -129,7 +172,7 @@ def lookup(key: str) -> DeviceSpec:
     try:
         return DEVICES[key]
     except KeyError:
-        raise TvswitchError(
+        raise JetsonInputError(
             "unknown device %r; known: %s" % (key, ", ".join(device_keys()))
         ) from None
 
@@ -139,15 +182,18 @@ def match_board(parts: List[str], soc: str, mem_total_bytes: Optional[int]) -> O
 
     The part number is exact; the fallback picks the row of this SoC whose DRAM is the
     smallest that still holds what /proc/meminfo reports (carve-outs make MemTotal a few
-    hundred MB smaller than the DRAM on the data sheet).
+    hundred MB smaller than the DRAM on the data sheet), and only when one row is that
+    size: a 16 GB Xavier is an NX (59.7 GB/s) or an AGX (136.5 GB/s), and guessing would
+    put the wrong bandwidth in every plan.
     """
     for spec in DEVICES.values():
         if any(p in spec.parts for p in parts):
             return spec
     if mem_total_bytes is None:
         return None
-    candidates = sorted(
-        (s for s in DEVICES.values() if s.soc == soc and s.dram_bytes >= mem_total_bytes and s.parts),
-        key=lambda s: s.dram_bytes,
-    )
-    return candidates[0] if candidates else None
+    fitting = [s for s in DEVICES.values() if s.soc == soc and s.dram_bytes >= mem_total_bytes and s.parts]
+    if not fitting:
+        return None
+    smallest = min(s.dram_bytes for s in fitting)
+    rows = [s for s in fitting if s.dram_bytes == smallest]
+    return rows[0] if len(rows) == 1 else None

@@ -1,22 +1,36 @@
-"""``tvswitch doctor``: what this machine can run, and the fastest switch path among it.
+"""``tvswitch doctor``: what a machine can run, and the fastest switch path among it.
 
 The ranking follows DESIGN.md sections 3-7: rebuilding on the GPU beats the CPU (the
 floor is memory bandwidth, and the CPU path also pays a copy), TensorRT refit from a
 device buffer beats a refit from host memory, and ONNX Runtime with weights bound as
 inputs needs no refit at all. ``fastest_path`` is a pure function of the probes, so
 each Jetson line's answer is tested without the hardware.
+
+On this machine (root ``/``) the probes really run. A captured tree of another board
+(``--root``) cannot be probed from here: this host's libraries say nothing about the
+board, so the report lists what the board's JetPack line supports according to the
+support matrix of ``devices.JETPACK_LINES``, says that nothing was run, and ranks those.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tvswitch.jetson import probes as _probes
-from tvswitch.jetson.platform import PlatformReport, detect
+from tvswitch.jetson.devices import JETPACK_LINES, JetPackLine
+from tvswitch.jetson.platform import PlatformReport, detect, is_live_root
 
-#: the oldest Python the device-side code (runtime/, kernels/, jetson/) supports
+#: The oldest Python the device-side code (runtime/, kernels/, jetson/, the CLI) supports;
+#: pyproject.toml's requires-python says the same (tests/test_min_python.py checks).
 MIN_PYTHON = (3, 8)
+
+#: The probe of tvswitch's C rebuild library. The leaf cannot import ``tvswitch.kernels``,
+#: so the caller makes it (``run_doctor``'s ``cpu_rebuild``); ``fastest_path`` ranks the
+#: CPU path by it.
+CPU_REBUILD = "cpu-rebuild"
+
+ProbeFn = Callable[[], Union[_probes.Probe, List[_probes.Probe]]]
 
 
 @dataclass
@@ -32,7 +46,12 @@ class DoctorReport:
     platform: PlatformReport
     probes: List[_probes.Probe]
     fastest: Optional[Path]
-    python_ok: bool
+    #: the Python judged against MIN_PYTHON: this interpreter, or a captured board's system
+    #: Python (None when the tree tells neither)
+    python: Optional[Tuple[int, int]]
+    python_ok: Optional[bool]
+    #: False when ``probes`` come from the board's support matrix and nothing ran here
+    probes_ran: bool
     advice: List[str] = field(default_factory=list)
 
     def probe(self, name: str) -> Optional[_probes.Probe]:
@@ -41,8 +60,9 @@ class DoctorReport:
     def to_dict(self) -> Dict[str, Any]:
         return {
             "platform": self.platform.to_dict(),
-            "python": {"running": "%d.%d.%d" % sys.version_info[:3], "minimum": "%d.%d" % MIN_PYTHON,
+            "python": {"version": "%d.%d" % self.python if self.python else None, "minimum": "%d.%d" % MIN_PYTHON,
                        "ok": self.python_ok},
+            "probes_ran": self.probes_ran,
             "probes": [asdict(p) for p in self.probes],
             "fastest": asdict(self.fastest) if self.fastest else None,
             "advice": self.advice,
@@ -55,12 +75,15 @@ def _ok(probes: Dict[str, _probes.Probe], name: str) -> bool:
 
 
 def fastest_path(probe_list: Iterable[_probes.Probe]) -> Optional[Path]:
-    """The fastest working (rebuild, engine) pair, or None when nothing can serve."""
+    """The fastest working (rebuild, engine) pair, or None when nothing can serve.
+
+    Without a working ``CPU_REBUILD`` probe the CPU path is the numpy reference.
+    """
     probes = {p.name: p for p in probe_list}
     gpu = _ok(probes, "cuda-driver") or _ok(probes, "pycuda")
     cuda_rebuild = _ok(probes, "cuda-driver") and _ok(probes, "nvrtc")
     trt = probes.get("tensorrt")
-    cpu = "tvswitch CPU library (C, OpenMP)" if _ok(probes, "cpu-rebuild") else "numpy reference (slow: build the CPU library)"
+    cpu = "tvswitch CPU library (C, OpenMP)" if _ok(probes, CPU_REBUILD) else "numpy reference (slow: build the CPU library)"
     if trt is not None and trt.ok and gpu:
         if trt.data.get("device_refit") and cuda_rebuild:
             return Path("tensorrt-device-refit", "CUDA kernel via cuda.bindings + NVRTC, into a device buffer",
@@ -80,81 +103,109 @@ def fastest_path(probe_list: Iterable[_probes.Probe]) -> Optional[Path]:
     return None
 
 
-def advice(report: PlatformReport, probe_list: List[_probes.Probe], python_ok: bool) -> List[str]:
+def _board_python(line: JetPackLine) -> Tuple[int, int]:
+    """The Python tvswitch runs on with this line: the system's, or 3.8 where that is older."""
+    return max(line.python, MIN_PYTHON)
+
+
+def _expected(name: str, ok: bool, detail: str, reason: str, version: str = "",
+              data: Optional[Dict[str, Any]] = None) -> _probes.Probe:
+    """A probe that did not run: ``detail`` where the matrix says it works, else ``reason``."""
+    if ok:
+        return _probes.Probe(name, True, version, detail, data=data or {})
+    return _probes.Probe(name, False, reason=reason, data=data or {})
+
+
+def board_probes(line: JetPackLine) -> List[_probes.Probe]:
+    """What a board on ``line`` can run per the support matrix, as probes that did not run.
+
+    JetPack's own Python builds (TensorRT's bindings, the Jetson Zoo's ONNX Runtime CUDA
+    wheels) are for the system Python, so where tvswitch cannot run on that Python they
+    are out of reach.
+    """
+    src = "JetPack %s support matrix" % line.name
+    py = "%d.%d" % _board_python(line)
+    system = "%d.%d" % line.python
+    system_ok = line.python >= MIN_PYTHON
+    refit = "device" if line.device_refit else "host"
+    return [
+        _expected("onnxruntime", True, "%s: PyPI aarch64 wheel for Python %s" % (src, py), ""),
+        _expected("onnxruntime:CPUExecutionProvider", True, src, ""),
+        _expected("onnxruntime:CUDAExecutionProvider", system_ok, "%s: the Jetson Zoo wheel for JetPack %s" % (src, line.name),
+                  "%s: no ONNX Runtime CUDA build for Python %s (the Jetson Zoo's are for %s)" % (src, py, system)),
+        _expected("cuda-driver", bool(line.cuda_python), "%s: %s" % (src, line.cuda_python),
+                  "%s: no cuda-python exists for CUDA %s" % (src, line.cuda)),
+        _expected("nvrtc", bool(line.nvrtc), "%s: NVRTC %s" % (src, line.nvrtc),
+                  "%s: no NVRTC reachable from Python (the kernels are prebuilt fatbins)" % src),
+        _expected("pycuda", not line.cuda_python, "%s: pycuda built against CUDA %s loads the prebuilt fatbins"
+                  % (src, line.cuda), "%s: not needed, %s gives the driver API" % (src, line.cuda_python)),
+        _expected("tensorrt", system_ok, "%s: refit from %s memory" % (src, refit),
+                  "%s: TensorRT %s's Python bindings are built for Python %s, tvswitch runs on %s"
+                  % (src, line.tensorrt, system, py), line.tensorrt, {"device_refit": line.device_refit}),
+        _expected(CPU_REBUILD, True, "%s: the C library builds with the board's gcc" % src, ""),
+    ]
+
+
+def system_python(report: PlatformReport, line: Optional[JetPackLine]) -> Optional[Tuple[int, int]]:
+    """A captured board's python3: from its dpkg database, else what its JetPack line ships."""
+    parts = (report.python_system or "").split(".")
+    if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+        return int(parts[0]), int(parts[1])
+    return line.python if line is not None else None
+
+
+def advice(report: PlatformReport, probe_list: List[_probes.Probe], python: Optional[Tuple[int, int]],
+           live: bool) -> List[str]:
     """The next thing to try, in the user's terms."""
     probes = {p.name: p for p in probe_list}
+    line = JETPACK_LINES.get(report.jetpack_line or "")
     out = []  # type: List[str]
-    if not python_ok:
-        out.append("tvswitch needs Python >= %d.%d; JetPack 4 ships 3.6: install python3.8 from Ubuntu 18.04's "
-                   "archive (apt install python3.8 python3.8-venv python3.8-dev) or use docker/jetson-jp46.Dockerfile"
-                   % MIN_PYTHON)
-    if report.is_jetson and report.jetpack_line == "4.6":
-        out.append("JetPack 4.6: TensorRT 8.2's Python bindings exist for Python 3.6 only, and tvswitch needs 3.8; "
-                   "serve with ONNX Runtime (CPU) and the CPU rebuild, see docs/jetson.md")
-    if report.is_jetson and not _ok(probes, "tensorrt") and report.versions.get("tensorrt"):
-        out.append("TensorRT %s is installed: create the venv with --system-site-packages so it is importable"
-                   % report.versions["tensorrt"])
+    if python is not None and python < MIN_PYTHON:
+        out.append("tvswitch needs Python >= %d.%d and this is %d.%d: on JetPack 4 install python3.8 from Ubuntu "
+                   "18.04's archive (apt install python3.8 python3.8-venv python3.8-dev) or use "
+                   "docker/jetson-jp46.Dockerfile" % (MIN_PYTHON + python))
+    if line is not None and line.python < MIN_PYTHON:
+        out.append("JetPack %s: TensorRT %s's Python bindings exist for the system Python %d.%d only, which "
+                   "tvswitch cannot run on; serve with ONNX Runtime (CPU) and the CPU rebuild, see docs/jetson.md"
+                   % ((line.name, line.tensorrt) + line.python))
+    elif live and report.is_jetson and not _ok(probes, "tensorrt") and report.versions.get("tensorrt") \
+            and python is not None and (report.python_system or "").startswith("%d.%d" % python):
+        out.append("TensorRT %s is installed for this Python: create the venv with --system-site-packages so it "
+                   "is importable" % report.versions["tensorrt"])
     onnx = probes.get("onnxruntime")
-    if onnx is not None and onnx.ok and "CUDAExecutionProvider" not in onnx.data.get("providers", []) and report.is_jetson:
-        out.append("PyPI's onnxruntime has no Jetson GPU build: install the Jetson Zoo onnxruntime-gpu wheel for JetPack %s"
-                   % (report.jetpack or "?"))
+    if live and report.is_jetson and onnx is not None and onnx.ok \
+            and "CUDAExecutionProvider" not in onnx.data.get("providers", []):
+        out.append("PyPI's onnxruntime has no Jetson GPU build: install the Jetson Zoo onnxruntime-gpu wheel for "
+                   "JetPack %s" % (report.jetpack or "?"))
     return out
 
 
-def run_doctor(
-    root: str = "/",
-    extra_probes: Iterable[Callable[[], _probes.Probe]] = (),
-    probe_fns: Optional[List[Callable[[], Any]]] = None,
-) -> DoctorReport:
-    """Detect the platform under ``root``, run every probe, rank the paths.
+def default_probes(report: PlatformReport) -> List[ProbeFn]:
+    """Every probe of this machine; TensorRT's reason names the system Python it was built for."""
+    return list(_probes.ALL_PROBES) + [
+        lambda: _probes.probe_tensorrt(report.python_system, report.versions.get("tensorrt"))]
 
-    The probes always run against this interpreter and this machine's libraries; ``root``
-    only changes where platform facts are read from (tests pass a fixture).
+
+def run_doctor(root: str, cpu_rebuild: ProbeFn, host_probes: Optional[Sequence[ProbeFn]] = None) -> DoctorReport:
+    """Detect the platform under ``root``, probe or look up what it runs, rank the paths.
+
+    With ``root`` ``/`` every probe runs here (``host_probes``, default ``default_probes``,
+    then ``cpu_rebuild``). With any other root the probes are the board's support matrix
+    (``board_probes``) and nothing runs; an x86 tree or an unknown release has none.
     """
     report = detect(root)
+    if not is_live_root(root):
+        line = JETPACK_LINES.get(report.jetpack_line or "")
+        found = board_probes(line) if line is not None else []
+        python = system_python(report, line)
+        return DoctorReport(report, found, fastest_path(found), python,
+                            None if python is None else python >= MIN_PYTHON, False,
+                            advice(report, found, python, live=False))
     found = []  # type: List[_probes.Probe]
-    fns = list(probe_fns) if probe_fns is not None else list(_probes.ALL_PROBES)
-    for fn in fns:
+    fns = list(host_probes) if host_probes is not None else default_probes(report)
+    for fn in fns + [cpu_rebuild]:
         result = fn()
         found.extend(result if isinstance(result, list) else [result])
-    found.append(_probes.probe_tensorrt(report.python_system, report.versions.get("tensorrt")))
-    for fn in extra_probes:
-        found.append(fn())
-    python_ok = sys.version_info[:2] >= MIN_PYTHON
-    return DoctorReport(report, found, fastest_path(found), python_ok, advice(report, found, python_ok))
-
-
-def format_text(r: DoctorReport) -> str:
-    """The report for a terminal: one line per probe, the reason on failures."""
-    p = r.platform
-    lines = ["platform  " + p.summary]
-    if p.is_jetson:
-        v = p.versions
-        lines.append("stack     CUDA %s, cuDNN %s, TensorRT %s, system Python %s" % (
-            v.get("cuda", "?"), v.get("cudnn", "?"), v.get("tensorrt", "?"), v.get("python3", "?")))
-        if p.power_mode:
-            lines.append("power     %s (id %d, from %s)" % (p.power_mode.name, p.power_mode.id, p.power_mode.source))
-    if p.memory:
-        m = p.memory
-        extra = ", NvMap holds %.0f MiB" % (m.nvmap_used_bytes / 2 ** 20) if m.nvmap_used_bytes is not None else ""
-        lines.append("memory    %.2f GiB total, %.2f GiB available%s" % (m.total_bytes / 2 ** 30, m.available_bytes / 2 ** 30, extra))
-    lines.append("python    %d.%d.%d (%s; minimum %d.%d)" % (sys.version_info[:3] + ("ok" if r.python_ok else "TOO OLD",) + MIN_PYTHON))
-    for note in p.notes:
-        lines.append("note      " + note)
-    lines.append("")
-    width = max(len(x.name) for x in r.probes) if r.probes else 10
-    for x in r.probes:
-        mark = "ok " if x.ok else "no "
-        text = " ".join(t for t in (x.version, x.detail) if t) if x.ok else x.reason
-        lines.append("[%s] %-*s  %s" % (mark, width, x.name, text))
-    lines.append("")
-    if r.fastest:
-        lines.append("fastest path: %s" % r.fastest.name)
-        lines.append("  rebuild: %s" % r.fastest.rebuild)
-        lines.append("  engine:  %s" % r.fastest.engine)
-        lines.append("  why:     %s" % r.fastest.why)
-    else:
-        lines.append("fastest path: none: no engine can serve here (pip install 'tvswitch[onnx]')")
-    for a in r.advice:
-        lines.append("advice: " + a)
-    return "\n".join(lines)
+    python = (sys.version_info[0], sys.version_info[1])
+    return DoctorReport(report, found, fastest_path(found), python, python >= MIN_PYTHON, True,
+                        advice(report, found, python, live=True))

@@ -5,14 +5,19 @@ device table, so every figure is tested without a bundle or a board. The switch 
 the floor of DESIGN.md section 9, bytes >= P * (2 s + sum_i b_i / 8): the rebuild reads
 the base and the packed vectors and writes the weights, at the memory's peak bandwidth.
 Real switches take longer; the runtime's benchmarks report them as a fraction of it.
+
+Flash is compared in one dtype on both sides: tvswitch's task data plus the base in FP16
+against one FP16 checkpoint per task (each holding the shared weights and the task's own
+head), so the ratio does not mix an FP32 base with FP16 checkpoints. The task data alone
+against the same checkpoints is the ratio ``tvswitch inspect`` prints.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from tvswitch.errors import TvswitchError
 from tvswitch.jetson.devices import DeviceSpec
+from tvswitch.jetson.errors import JetsonInputError
 
 MIB = 1 << 20
 #: Engine workspace and activations when the user gives none: an assumption, stated as
@@ -32,9 +37,11 @@ class BundleFacts:
     base_nbytes: int
     #: packed task data held resident: all tasks' vectors and task-specific tensors
     packed_nbytes: int
-    file_nbytes: int
+    #: the bundle on flash without an embedded base (``inspect``'s "task data")
+    task_data_nbytes: int
+    #: one FP16 checkpoint per task: shared weights plus that task's own tensors, 2 bytes each
+    fp16_checkpoints_nbytes: int
     query_nbytes: int = 0
-    base_in_bundle: bool = False
     #: packed bytes the largest one-task rebuild reads (RTVQ: the shared base vector too)
     task_read_nbytes: Optional[int] = None
     #: packed bytes a mix of every task reads (each payload once)
@@ -42,7 +49,7 @@ class BundleFacts:
 
     def __post_init__(self) -> None:
         if self.tasks <= 0 or self.num_shared_params <= 0 or self.base_nbytes <= 0:
-            raise TvswitchError("a plan needs at least one task and one shared weight")
+            raise JetsonInputError("a plan needs at least one task and one shared weight")
 
     @property
     def weight_itemsize(self) -> float:
@@ -56,9 +63,11 @@ class BundleFacts:
 
 def facts_from_numbers(params: int, itemsize: int, tasks: int, bits_per_task: float, scheme: str = "what-if",
                        query_nbytes: int = 0) -> BundleFacts:
-    """Facts for a bundle not exported yet: ``params`` shared weights of ``itemsize`` bytes."""
+    """Facts for a bundle not exported yet: ``params`` shared weights of ``itemsize`` bytes, no heads."""
+    if tasks <= 0 or params <= 0 or itemsize <= 0 or bits_per_task <= 0:
+        raise JetsonInputError("a what-if plan needs positive weights, tasks and bits per weight")
     packed = int(round(params * bits_per_task * tasks / 8.0))
-    return BundleFacts(tasks, scheme, params, params * itemsize, packed, packed, query_nbytes,
+    return BundleFacts(tasks, scheme, params, params * itemsize, packed, packed, tasks * params * 2, query_nbytes,
                        task_read_nbytes=packed // tasks, mix_read_nbytes=packed)
 
 
@@ -71,6 +80,7 @@ class Plan:
     total_bytes: int
     budget_bytes: int
     budget_source: str
+    #: tvswitch on flash: the task data plus the base in FP16 (the checkpoints' dtype)
     flash_bytes: int
     fp16_checkpoints_bytes: int
     switch_one_bytes: int
@@ -86,9 +96,18 @@ class Plan:
         return self.budget_bytes - self.total_bytes
 
     @property
+    def base_fp16_bytes(self) -> int:
+        return self.facts.num_shared_params * 2
+
+    @property
     def flash_saving(self) -> float:
-        """How many times smaller than one FP16 checkpoint per task."""
+        """One FP16 checkpoint per task over tvswitch's flash, the base counted in FP16 too."""
         return self.fp16_checkpoints_bytes / float(self.flash_bytes)
+
+    @property
+    def task_data_saving(self) -> float:
+        """One FP16 checkpoint per task over the task data alone: ``tvswitch inspect``'s ratio."""
+        return self.fp16_checkpoints_bytes / float(self.facts.task_data_nbytes)
 
     def _ms(self, nbytes: int) -> float:
         return nbytes / (self.device.bandwidth_gbs * 1e9) * 1e3
@@ -113,9 +132,14 @@ class Plan:
             "memory_budget_source": self.budget_source,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
-            "flash_bytes": self.flash_bytes,
-            "fp16_checkpoints_bytes": self.fp16_checkpoints_bytes,
-            "flash_saving": self.flash_saving,
+            "flash": {
+                "task_data_bytes": self.facts.task_data_nbytes,
+                "base_fp16_bytes": self.base_fp16_bytes,
+                "total_bytes": self.flash_bytes,
+                "fp16_checkpoints_bytes": self.fp16_checkpoints_bytes,
+                "saving_with_base": self.flash_saving,
+                "saving_task_data": self.task_data_saving,
+            },
             "switch_floor": {
                 "bandwidth_gbs": self.device.bandwidth_gbs,
                 "bandwidth_measured": self.device.measured,
@@ -142,7 +166,9 @@ def make_plan(
     table's DRAM minus the JetPack line's assumed reserve.
     """
     if engine not in ENGINES:
-        raise TvswitchError("unknown engine %r; choose one of %s" % (engine, ", ".join(ENGINES)))
+        raise JetsonInputError("unknown engine %r; choose one of %s" % (engine, ", ".join(ENGINES)))
+    if (workspace_bytes or 0) < 0 or (reserve_bytes or 0) < 0:
+        raise JetsonInputError("engine workspace and memory reserve cannot be negative")
     assumptions = []  # type: List[str]
     if workspace_bytes is None:
         workspace_bytes = DEFAULT_WORKSPACE_BYTES
@@ -170,8 +196,7 @@ def make_plan(
         budget = device.dram_bytes - reserve_bytes
         source = "%.2f GiB DRAM - %.2f GiB reserve" % (device.dram_bytes / 2.0 ** 30, reserve_bytes / 2.0 ** 30)
 
-    flash = facts.file_nbytes + (0 if facts.base_in_bundle else facts.base_nbytes)
-    fp16 = facts.tasks * facts.num_shared_params * 2
+    flash = facts.task_data_nbytes + facts.num_shared_params * 2
     one = facts.task_read_nbytes
     if one is None:
         one = facts.packed_nbytes // facts.tasks
@@ -180,40 +205,6 @@ def make_plan(
     rw = 2 * facts.base_nbytes  # read the base, write the weights
     if not device.measured:
         assumptions.append("switch floor at the data sheet's peak bandwidth; a copy reaches 60-80 % of it")
-    return Plan(device, facts, engine, memory, total, budget, source, flash, fp16, rw + one, rw + mix, assumptions)
+    return Plan(device, facts, engine, memory, total, budget, source, flash, facts.fp16_checkpoints_nbytes, rw + one,
+                rw + mix, assumptions)
 
-
-def _mb(n: int) -> str:
-    return "%.1f kB" % (n / 1e3) if abs(n) < 1e6 else "%.1f MB" % (n / 1e6)
-
-
-def format_text(plan: Plan, label: str) -> str:
-    f, d = plan.facts, plan.device
-    lines = [
-        "plan for %s (%s, %d tasks, %s shared weights of %g bytes, %.3f bits/weight/task)"
-        % (label, f.scheme, f.tasks, "{:,}".format(f.num_shared_params), f.weight_itemsize, f.bits_per_weight_per_task),
-        "on %s (%s, %s GB/s %s, engine %s)" % (
-            d.name, ("JetPack " + d.jetpack) if d.jetpack else "no JetPack", "%.1f" % d.bandwidth_gbs,
-            "measured copy" if d.measured else "peak", plan.engine),
-        "",
-        "memory",
-    ]
-    for name, n in plan.memory:
-        lines.append("  %-34s %10s" % (name, _mb(n)))
-    lines.append("  %-34s %10s" % ("total", _mb(plan.total_bytes)))
-    lines.append("  %-34s %10s  (%s)" % ("device budget", _mb(plan.budget_bytes), plan.budget_source))
-    lines.append("  %-34s %10s  -> %s" % ("headroom", _mb(plan.headroom_bytes), "fits" if plan.fits else "DOES NOT FIT"))
-    lines += [
-        "",
-        "flash",
-        "  %-34s %10s" % ("tvswitch (bundle%s)" % ("" if f.base_in_bundle else " + base"), _mb(plan.flash_bytes)),
-        "  %-34s %10s  (%.1fx more)" % ("one FP16 checkpoint per task", _mb(plan.fp16_checkpoints_bytes), plan.flash_saving),
-        "",
-        "switch floor: read base + packed vectors, write weights (DESIGN.md s. 9)",
-        "  %-34s %10s  %7.2f ms" % ("one task", _mb(plan.switch_one_bytes), plan.switch_one_ms),
-        "  %-34s %10s  %7.2f ms" % ("mix of all %d tasks" % f.tasks, _mb(plan.switch_mix_bytes), plan.switch_mix_ms),
-    ]
-    if plan.assumptions:
-        lines.append("")
-        lines += ["assumed: " + a for a in plan.assumptions]
-    return "\n".join(lines)

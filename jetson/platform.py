@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tvswitch.jetson import devicetree, memory, packages, power, release
 from tvswitch.jetson.devices import DEVICES, DeviceSpec, JETPACK_LINES, match_board
+from tvswitch.jetson.errors import JetsonInputError
 
 
 @dataclass
@@ -52,16 +53,27 @@ class PlatformReport:
         return d
 
 
+def is_live_root(root: str) -> bool:
+    """True when ``root`` is this machine's own ``/``, not a captured tree of another board."""
+    return os.path.abspath(root) == "/"
+
+
 def _guess_machine(root: str, is_jetson: bool) -> str:
-    if os.path.abspath(root) == "/":
+    if is_live_root(root):
         return _platform.machine()
     return "aarch64" if is_jetson else ""
 
 
 def detect(root: str = "/", run_commands: Optional[bool] = None) -> PlatformReport:
     """Read everything under ``root``; ``run_commands`` (default: only when root is /)
-    lets it ask ``nvpmodel -q`` when nvpmodel's status file is missing."""
-    live = os.path.abspath(root) == "/"
+    lets it ask ``nvpmodel -q`` when nvpmodel's status file is missing.
+
+    A ``root`` that is not a folder raises: every reader would find nothing there and
+    the report would call a typo "not a Jetson".
+    """
+    if not os.path.isdir(root):
+        raise JetsonInputError("%s: no such folder (the root to read platform files under)" % root)
+    live = is_live_root(root)
     if run_commands is None:
         run_commands = live
     rel = release.read_release(root)
@@ -81,31 +93,16 @@ def detect(root: str = "/", run_commands: Optional[bool] = None) -> PlatformRepo
         report.parts = tree.parts
         report.compute_capability = tree.compute_capability
     if not is_jetson:
-        what = report.machine or "this machine"
+        what = report.machine or ("this machine" if live else "the tree under %s" % root)
         report.summary = "not a Jetson (%s): no %s and no Tegra SoC in %s" % (
             what, release.RELEASE_FILE, devicetree.COMPATIBLE_FILE)
         return report
-    if rel is not None:
-        report.l4t = rel.version
-        report.jetpack, report.jetpack_source = release.jetpack_for(rel, versions.get("jetpack"))
-        report.jetpack_line = rel.line
-    else:
-        report.notes.append("%s is missing: L4T and JetPack unknown" % release.RELEASE_FILE)
     spec = match_board(report.parts, soc, mem.total_bytes if mem else None)
     if spec is not None:
         report.device_key = spec.key
-        if report.jetpack_line is None:
-            report.jetpack_line = spec.jetpack
     else:
         report.notes.append("board %r (%s) is not in tvswitch's device table" % (report.model, soc or "unknown SoC"))
-    line = JETPACK_LINES.get(report.jetpack_line or "")
-    if line is not None:
-        for component, expected in (("cuda", line.cuda), ("tensorrt", line.tensorrt)):
-            have = versions.get(component)
-            if have is None:
-                report.notes.append("%s not found in the dpkg database (JetPack %s ships %s)" % (component, line.name, expected))
-            elif not have.startswith(expected):
-                report.notes.append("%s %s differs from JetPack %s's %s" % (component, have, line.name, expected))
+    _read_line(report, rel, spec)
     report.power_mode = power.read_power_mode(root, run_query=run_commands)
     report.clocks = power.read_clocks(root)
     pm = report.power_mode
@@ -126,6 +123,37 @@ def detect(root: str = "/", run_commands: Optional[bool] = None) -> PlatformRepo
         "%d.%d" % report.compute_capability if report.compute_capability else "?",
     )
     return report
+
+
+def _read_line(report: PlatformReport, rel: Optional[release.L4TRelease], spec: Optional[DeviceSpec]) -> None:
+    """L4T, JetPack and the JetPack line, with a note for each fact that is missing or off.
+
+    Without a release stamp the line is the board's last one, said to be a guess. The
+    stack of the line is compared with the dpkg database, so a board whose CUDA, cuDNN
+    or TensorRT was changed by hand says so.
+    """
+    if rel is None:
+        report.notes.append("%s is missing: L4T and JetPack unknown" % release.RELEASE_FILE)
+        if spec is not None:
+            report.jetpack_line = spec.jetpack
+            report.notes.append("JetPack line taken as %s, the last this board runs (a guess)" % spec.jetpack)
+    else:
+        report.l4t = rel.version
+        report.jetpack, report.jetpack_source = release.jetpack_for(rel, report.versions.get("jetpack"))
+        if rel.line is None:
+            report.notes.append("L4T %s is in none of the JetPack lines tvswitch describes (%s)" % (
+                rel.version, ", ".join("%s: L4T %s+" % (n, line.l4t_name) for n, line in JETPACK_LINES.items())))
+        else:
+            report.jetpack_line = rel.line.name
+    line = JETPACK_LINES.get(report.jetpack_line or "")
+    if line is None:
+        return
+    for component, expected in (("cuda", line.cuda), ("cudnn", line.cudnn), ("tensorrt", line.tensorrt)):
+        have = report.versions.get(component)
+        if have is None:
+            report.notes.append("%s not found in the dpkg database (JetPack %s ships %s)" % (component, line.name, expected))
+        elif not have.startswith(expected):
+            report.notes.append("%s %s differs from JetPack %s's %s" % (component, have, line.name, expected))
 
 
 def this_device(report: PlatformReport, bandwidth_gbs: float, matched: Optional[DeviceSpec] = None) -> DeviceSpec:

@@ -5,7 +5,11 @@ measured there is not the MAXN one. nvpmodel keeps its state in files, which we 
 under a root folder: /etc/nvpmodel.conf names the modes (``< POWER_MODEL ID=0
 NAME=MAXN >``) and /var/lib/nvpmodel/status holds the current one (``pmode:0000``).
 ``nvpmodel -q`` prints the same (``NV Power Mode: MAXN`` then the id); we parse that too
-for images that lack the status file. Clocks come from cpufreq and devfreq in sysfs.
+for images that lack the status file. Clocks come from cpufreq and devfreq in sysfs:
+a power mode caps each CPU's ``scaling_max_freq`` below the silicon's
+``cpuinfo_max_freq`` (a Xavier NX in MODE_20W_6CORE caps its CPUs at about 1.4 of 1.9 GHz),
+and the GPU's devfreq ``max_freq`` the same way, so "at max" means at the mode's caps,
+which is what ``jetson_clocks`` pins the clocks to.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ _DEFAULT = re.compile(r"<\s*PM_CONFIG\s+DEFAULT=(\d+)\s*>")
 _PMODE = re.compile(r"pmode:(\d+)")
 _QUERY = re.compile(r"NV Power Mode:\s*(\S+)\s*\n\s*(\d+)")
 
-#: devfreq node names of the integrated GPU (Nano, TX2, Xavier, Orin on R35 / R36)
-GPU_DEVFREQ_HINTS = ("57000000.gpu", "17000000.gp10b", "17000000.gv11b", "17000000.ga10b", "17000000.gpu")
+#: how the integrated GPU's devfreq node name ends: 57000000.gpu (Nano), 17000000.gp10b
+#: (TX2), 17000000.gv11b (Xavier), 17000000.ga10b (Orin on R35), 17000000.gpu (Orin on R36)
+GPU_DEVFREQ_SUFFIXES = (".gpu", ".gp10b", ".gv11b", ".ga10b")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class PowerMode:
 
 @dataclass(frozen=True)
 class Clocks:
+    """Current clocks against the power mode's caps (``scaling_max_freq``, devfreq ``max_freq``)."""
+
     cpu_cur_khz: List[int] = field(default_factory=list)
     cpu_max_khz: List[int] = field(default_factory=list)
     gpu_cur_hz: Optional[int] = None
@@ -47,7 +54,7 @@ class Clocks:
 
     @property
     def at_max(self) -> Optional[bool]:
-        """Whether every clock sits at its maximum (what ``jetson_clocks`` does)."""
+        """Whether every clock sits at its mode's cap (what ``jetson_clocks`` does)."""
         if not self.cpu_cur_khz or self.gpu_cur_hz is None or self.gpu_max_hz is None:
             return None
         cpus = all(c >= m for c, m in zip(self.cpu_cur_khz, self.cpu_max_khz))
@@ -99,19 +106,20 @@ def read_power_mode(root: str = "/", run_query: bool = False) -> Optional[PowerM
 
 
 def read_clocks(root: str = "/") -> Clocks:
+    """Each online CPU's clock and cap, and the GPU's, from sysfs under ``root``."""
     cpu_cur, cpu_max = [], []  # type: List[int], List[int]
     for name in list_dir(root, "/sys/devices/system/cpu"):
         if not re.match(r"cpu\d+$", name):
             continue
         base = "/sys/devices/system/cpu/%s/cpufreq/" % name
-        cur, mx = read_int(root, base + "scaling_cur_freq"), read_int(root, base + "cpuinfo_max_freq")
+        cur, mx = read_int(root, base + "scaling_cur_freq"), read_int(root, base + "scaling_max_freq")
         if cur is not None and mx is not None:
             cpu_cur.append(cur)
             cpu_max.append(mx)
     gpu_cur = gpu_max = None
     node = ""
     for name in list_dir(root, "/sys/class/devfreq"):
-        if name in GPU_DEVFREQ_HINTS or name.endswith((".gpu", ".gv11b", ".ga10b", ".gp10b")):
+        if name.endswith(GPU_DEVFREQ_SUFFIXES):
             node = name
             gpu_cur = read_int(root, "/sys/class/devfreq/%s/cur_freq" % name)
             gpu_max = read_int(root, "/sys/class/devfreq/%s/max_freq" % name)

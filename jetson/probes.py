@@ -61,6 +61,9 @@ REMOTE_PROVIDERS = ("AzureExecutionProvider",)
 def tiny_model_bytes() -> bytes:
     """Y = X @ W + B with W a graph input: the weights-as-inputs shape tvswitch serves.
 
+    The probe feeds W in ``run``'s feed dict; the runtime binds the same kind of input to
+    a buffer through IOBinding. Either way W is an input, not a constant to fold.
+
     IR version 8 / opset 13 so that every ONNX Runtime from 1.14 (JetPack 5 builds)
     loads it.
     """
@@ -134,7 +137,7 @@ def _run_provider(ort: Any, model: bytes, provider: str, x: Any, w: Any, expecte
                      "for this GPU are missing)" % (served[0] if served else "nothing"))
     if not np.allclose(y, expected, atol=1e-5):
         return Probe(name, False, reason="ran but returned a wrong answer")
-    return Probe(name, True, detail="ran X @ W + B with W bound as an input (%.1f ms incl. session)" % ms)
+    return Probe(name, True, detail="ran X @ W + B with W fed as a graph input (%.1f ms incl. session)" % ms)
 
 
 # ---------------------------------------------------------------- TensorRT

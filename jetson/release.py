@@ -3,6 +3,9 @@
 The device records only the L4T release (``# R32 (release), REVISION: 7.1, ...``);
 people quote JetPack numbers, so the map lives here. Where the ``nvidia-jetpack``
 package is installed its version is the better answer and ``platform`` prefers it.
+The file has one line on L4T R32 and R35 (older R28-era files followed it with sha1
+sums of the Tegra libraries) and, from R36, ``# KERNEL_VARIANT: oot`` and two
+``TARGET_USERSPACE_LIB_DIR`` lines; only the first line is parsed.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from tvswitch.jetson._files import read_text
-from tvswitch.jetson.devices import L4T_MAJOR_TO_LINE
+from tvswitch.jetson.devices import JetPackLine, line_for_l4t
 
 RELEASE_FILE = "/etc/nv_tegra_release"
 
@@ -19,7 +22,7 @@ _HEAD = re.compile(r"#\s*R(\d+)\s*\(release\)\s*,\s*REVISION:\s*([\d.]+)", re.IG
 _FIELD = re.compile(r"(GCID|BOARD|EABI|DATE):\s*([^,\n]+)")
 
 #: L4T release -> JetPack release (NVIDIA's JetPack archive). Unknown patch levels fall
-#: back to the line (4.6, 5.1, 6.2) in ``jetpack_for``.
+#: back to their line (4.6, 5.1, 6.0, 6.2) in ``jetpack_for``.
 L4T_TO_JETPACK: Dict[str, str] = {
     "32.4.3": "4.4", "32.4.4": "4.4.1", "32.5.0": "4.5", "32.5.1": "4.5.1", "32.5.2": "4.5.1",
     "32.6.1": "4.6", "32.7.1": "4.6.1", "32.7.2": "4.6.2", "32.7.3": "4.6.3", "32.7.4": "4.6.4",
@@ -44,20 +47,29 @@ class L4TRelease:
         return "%d.%s" % (self.major, rev)
 
     @property
-    def line(self) -> Optional[str]:
-        return L4T_MAJOR_TO_LINE.get(self.major)
+    def minor(self) -> int:
+        head = self.revision.split(".")[0]
+        return int(head) if head.isdigit() else 0
+
+    @property
+    def line(self) -> Optional[JetPackLine]:
+        """The JetPack line of this release (R36.3 is 6.0, R36.4 is 6.1/6.2), or None."""
+        return line_for_l4t(self.major, self.minor)
 
 
 def parse_release(text: str) -> Optional[L4TRelease]:
-    """Parse the file's first lines; None when they are not an L4T release stamp."""
-    m = _HEAD.search(text)
+    """Parse the file's first line; None when it is not an L4T release stamp."""
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    m = _HEAD.search(first)
     if m is None:
         return None
-    fields = {k.upper(): v.strip() for k, v in _FIELD.findall(text)}
+    fields = {k.upper(): v.strip() for k, v in _FIELD.findall(first)}
     return L4TRelease(int(m.group(1)), m.group(2).strip("."), fields.get("BOARD", ""), fields.get("DATE", ""))
 
 
 def read_release(root: str = "/") -> Optional[L4TRelease]:
+    """The release stamp under ``root``, or None where there is none (x86, a bare container)."""
     text = read_text(root, RELEASE_FILE)
     return parse_release(text) if text else None
 
@@ -70,5 +82,5 @@ def jetpack_for(release: L4TRelease, jetpack_package: Optional[str] = None) -> T
     if release.version in L4T_TO_JETPACK:
         return L4T_TO_JETPACK[release.version], "L4T %s" % release.version
     if release.line:
-        return release.line + ".x", "L4T R%d line" % release.major
+        return release.line.name + ".x", "L4T %s line" % release.line.l4t_name
     return "unknown", "L4T %s is not in tvswitch's table" % release.version

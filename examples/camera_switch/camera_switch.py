@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def build_demo(folder: str) -> Dict[str, str]:
     return paths
 
 
-def camera(seed: int = 1):
+def camera(seed: int = 1) -> Iterator[np.ndarray]:
     """Camera-like frames: a moving gradient plus sensor noise, uint8 scaled to [0, 1]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:FRAME[2], 0:FRAME[3]]
@@ -76,8 +76,13 @@ def camera(seed: int = 1):
         t += 1
 
 
-def command_source(port: Optional[int]) -> "queue.Queue[str]":
-    """Lines from stdin, or from clients of a localhost TCP port, onto one queue."""
+def command_source(port: Optional[int]) -> Tuple["queue.Queue[str]", Callable[[], None]]:
+    """Lines from stdin, or from clients of a localhost TCP port, onto one queue, and a stop.
+
+    The port is bound before this returns, so a client may connect as soon as the
+    "listening" line is printed; calling stop frees it (shutdown wakes the accept that
+    the reader thread is blocked in, which a bare close does not).
+    """
     q = queue.Queue()  # type: queue.Queue[str]
 
     def stdin_reader() -> None:
@@ -85,29 +90,53 @@ def command_source(port: Optional[int]) -> "queue.Queue[str]":
             q.put(line.strip())
         q.put("quit")
 
+    if not port:
+        threading.Thread(target=stdin_reader, daemon=True).start()
+        return q, lambda: None
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(1)
+
     def socket_reader() -> None:
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", port))
-        srv.listen(1)
-        print("listening on 127.0.0.1:%d (send 'task NAME' lines)" % port, flush=True)
         while True:
-            conn, _ = srv.accept()
+            try:
+                conn, _ = srv.accept()
+            except OSError:  # stopped
+                return
             with conn, conn.makefile("r") as f:
                 for line in f:
                     q.put(line.strip())
 
-    threading.Thread(target=socket_reader if port else stdin_reader, daemon=True).start()
-    return q
+    def stop() -> None:
+        try:
+            srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        srv.close()
+
+    threading.Thread(target=socket_reader, daemon=True).start()
+    print("listening on 127.0.0.1:%d (send 'task NAME' lines)" % port, flush=True)
+    return q, stop
 
 
 def parse_mix(text: str) -> Dict[str, float]:
+    """``NAME`` (that task alone) or ``A=0.5,B=0.5``; ValueError naming the bad part."""
     if "=" not in text:
         return {text.strip(): 1.0}
-    return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    mix = {}  # type: Dict[str, float]
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            if not name.strip():
+                raise ValueError
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError("mix takes NAME=WEIGHT[,NAME=WEIGHT...], got %r" % part.strip()) from None
+    return mix
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle"), ap.add_argument("--model"), ap.add_argument("--base")
     ap.add_argument("--port", type=int, help="read commands from this localhost TCP port instead of stdin")
@@ -137,30 +166,42 @@ def main(argv: Optional[list] = None) -> int:
     engine.publish()
     print("tasks: %s; serving %s (first rebuild %.2f ms)" % (", ".join(bundle.tasks), task,
                                                              (time.perf_counter() - t0) * 1e3), flush=True)
-    commands = command_source(args.port)
+    commands, stop = command_source(args.port)
+    try:
+        return serve(bundle, rebuilder, engine, weights, task, commands, args)
+    finally:
+        stop()
+
+
+def switch(cmd: str, bundle: Any, rebuilder: Any, engine: Any, weights: Dict[str, np.ndarray], task: str) -> str:
+    """Carry out one command; returns the task now serving (the old one if the switch failed)."""
+    if cmd == "tasks":
+        print("tasks: " + ", ".join(bundle.tasks), flush=True)
+    elif cmd.startswith(("task ", "mix ")):
+        what = cmd.split(None, 1)[1]
+        try:
+            t0 = time.perf_counter()
+            rebuilder.rebuild(parse_mix(what), weights)  # a bad mix raises before any write
+            engine.publish()
+            print("switch to %s: %.2f ms" % (what, (time.perf_counter() - t0) * 1e3), flush=True)
+            return what
+        except Exception as exc:  # noqa: BLE001 - keep serving the previous task
+            print("switch refused (%s); still serving %s" % (exc, task), flush=True)
+    elif cmd:
+        print("commands: task NAME | mix A=0.5,B=0.5 | tasks | quit", flush=True)
+    return task
+
+
+def serve(bundle: Any, rebuilder: Any, engine: Any, weights: Dict[str, np.ndarray], task: str,
+          commands: "queue.Queue[str]", args: argparse.Namespace) -> int:
+    """Serve frames, between frames carrying out every command that has arrived."""
     period = 1.0 / args.fps if args.fps > 0 else 0.0
     for n, frame in enumerate(camera(), 1):
-        try:
-            while True:
-                cmd = commands.get_nowait()
-                if cmd == "quit":
-                    return 0
-                if cmd == "tasks":
-                    print("tasks: " + ", ".join(bundle.tasks), flush=True)
-                elif cmd.startswith(("task ", "mix ")):
-                    mix = parse_mix(cmd.split(None, 1)[1])
-                    try:
-                        t0 = time.perf_counter()
-                        rebuilder.rebuild(mix, weights)  # a bad mix raises before any write
-                        engine.publish()
-                        print("switch to %s: %.2f ms" % (cmd.split(None, 1)[1], (time.perf_counter() - t0) * 1e3), flush=True)
-                        task = cmd.split(None, 1)[1]
-                    except Exception as exc:  # noqa: BLE001 - keep serving the previous task
-                        print("switch refused (%s); still serving %s" % (exc, task), flush=True)
-                elif cmd:
-                    print("commands: task NAME | mix A=0.5,B=0.5 | tasks | quit", flush=True)
-        except queue.Empty:
-            pass
+        while not commands.empty():
+            cmd = commands.get_nowait()
+            if cmd == "quit":
+                return 0
+            task = switch(cmd, bundle, rebuilder, engine, weights, task)
         t0 = time.perf_counter()
         logits = engine.infer({"frame": frame})["logits"]
         ms = (time.perf_counter() - t0) * 1e3
@@ -170,7 +211,6 @@ def main(argv: Optional[list] = None) -> int:
             return 0
         time.sleep(period)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

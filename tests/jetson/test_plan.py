@@ -1,9 +1,9 @@
 """The plan's arithmetic against hand-computed figures (DESIGN.md s. 9)."""
 import pytest
 
-from tvswitch.errors import TvswitchError
 from tvswitch.jetson import plan
 from tvswitch.jetson.devices import GIB, lookup
+from tvswitch.jetson.errors import JetsonInputError
 
 P = 22_700_000
 
@@ -46,24 +46,33 @@ def test_memory_budget_engine_and_reserve():
     assert measured.budget_source == "MemAvailable now" and not measured.fits
 
 
-def test_flash_against_fp16_checkpoints():
+def test_flash_counts_the_base_in_fp16_like_the_checkpoints():
     p = plan.make_plan(facts(), lookup("orin-nano-8gb"))
     assert p.fp16_checkpoints_bytes == 8 * P * 2
-    assert p.flash_bytes == p.facts.packed_nbytes + P * 4
-    inside = plan.BundleFacts(8, "rtvq", P, P * 4, 100, 100 + P * 4, base_in_bundle=True)
-    assert plan.make_plan(inside, lookup("orin-nano-8gb")).flash_bytes == 100 + P * 4
+    # the base's own dtype (4 bytes here) does not enter: both sides are FP16
+    assert p.flash_bytes == p.facts.packed_nbytes + P * 2
+    assert p.flash_saving == pytest.approx(8 * 2 / (2.375 + 2), rel=1e-6)
+    assert p.task_data_saving == pytest.approx(8 * 2 * 8 / (2.375 * 8), rel=1e-6)
+    # a bundle with heads: the checkpoints hold them, and so does the task data
+    heads = plan.BundleFacts(8, "rtvq", P, P * 4, 100, 100, 8 * (P + 10) * 2)
+    assert plan.make_plan(heads, lookup("orin-nano-8gb")).flash_saving == pytest.approx(8 * (P + 10) * 2 / (100 + 2 * P))
 
 
 def test_bad_inputs_are_user_errors():
-    with pytest.raises(TvswitchError):
+    with pytest.raises(JetsonInputError):
         plan.make_plan(facts(), lookup("nano-4gb"), engine="tflite")
-    with pytest.raises(TvswitchError):
-        plan.BundleFacts(0, "x", 1, 1, 1, 1)
+    with pytest.raises(JetsonInputError):
+        plan.make_plan(facts(), lookup("nano-4gb"), reserve_bytes=-1)
+    with pytest.raises(JetsonInputError):
+        plan.BundleFacts(0, "x", 1, 1, 1, 1, 1)
+    with pytest.raises(JetsonInputError):
+        plan.facts_from_numbers(P, 4, 0, 2.375)  # was a ZeroDivisionError
+    with pytest.raises(JetsonInputError):
+        plan.facts_from_numbers(P, 4, 8, 0.0)
 
 
-def test_json_and_text_carry_the_same_figures():
+def test_json_carries_the_figures():
     p = plan.make_plan(facts(), lookup("nano-4gb"))
     d = p.to_dict()
     assert d["fits"] is True and d["switch_floor"]["one_task_ms"] == p.switch_one_ms
-    text = plan.format_text(p, "x")
-    assert "%.2f ms" % p.switch_one_ms in text and "assumed" in text
+    assert d["flash"]["total_bytes"] == p.flash_bytes and d["flash"]["saving_with_base"] == p.flash_saving

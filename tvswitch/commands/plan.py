@@ -1,17 +1,22 @@
 """``tvswitch plan``: memory, flash and switch-time figures of a bundle on a device.
 
 A thin adapter: it reads the numbers off ``Bundle`` (or takes them from flags for a
-bundle not exported yet) and hands them to ``tvswitch.jetson.plan``.
+bundle not exported yet), hands them to ``tvswitch.jetson.plan`` and prints the plan.
+Values argparse cannot judge (a zero task count, a negative reserve, --root without
+--device this) are checked here, so that each is one line naming its flag, as argparse's
+own refusals are; the leaf's ``JetsonInputError`` becomes the CLI's ``TvswitchError``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Iterable, Optional, Set
+from typing import Any, Iterable, Optional, Set, Tuple
 
+from tvswitch.commands._common import human_bytes
 from tvswitch.errors import TvswitchError
 from tvswitch.jetson import plan as _plan
-from tvswitch.jetson.devices import device_keys, lookup
+from tvswitch.jetson.devices import DeviceSpec, device_keys, lookup
+from tvswitch.jetson.errors import JetsonInputError
 
 NAME = "plan"
 HELP = "memory, flash and switch-time floor of a bundle on a Jetson (or this machine)"
@@ -22,15 +27,16 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="a bundle file; or give --params/--tasks/--bits instead")
     parser.add_argument("--device", default="this", choices=device_keys(), metavar="DEVICE",
-                        help="a row of the device table (%s) or 'this' (measured here)" % ", ".join(device_keys()))
+                        help="a row of the device table (%s), or 'this': measured here, or the board "
+                             "captured under --root" % ", ".join(device_keys()))
     parser.add_argument("--engine", default="onnxruntime", choices=_plan.ENGINES)
-    parser.add_argument("--workspace-mb", type=float, help="engine workspace and activations (default 256, assumed)")
-    parser.add_argument("--reserve-mb", type=float, help="memory the OS and CUDA take (default: the JetPack line's)")
+    parser.add_argument("--workspace-mb", type=float, help="engine workspace and activations in MiB (default 256, assumed)")
+    parser.add_argument("--reserve-mb", type=float, help="MiB the OS and CUDA take (default: the JetPack line's)")
     parser.add_argument("--params", type=float, help="what-if: shared weights (e.g. 22.7e6)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_ITEMSIZE), help="what-if: base dtype")
     parser.add_argument("--tasks", type=int, help="what-if: number of tasks")
     parser.add_argument("--bits", type=float, help="what-if: bits per weight per task (RTVQ 8 tasks: 2.375)")
-    parser.add_argument("--root", default="/", help="platform files for --device this (a captured tree)")
+    parser.add_argument("--root", help="with --device this: plan for the board whose files are under this folder")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -44,47 +50,123 @@ def _payload_keys(bundle: Any, tasks: Iterable[str]) -> Set[str]:
 
 
 def facts_from_bundle(path: str) -> _plan.BundleFacts:
+    """The plan's numbers of a bundle; flash sizes as ``tvswitch inspect`` counts them."""
     from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.stats import bundle_stats
 
     b = Bundle.open(path, verify=False)
+    stats = bundle_stats(b)
     size = lambda keys: sum(b.payload(k).nbytes for k in keys)  # noqa: E731
     one = max(size(_payload_keys(b, [t])) for t in b.tasks) if b.tasks else 0
     return _plan.BundleFacts(
         tasks=len(b.tasks), scheme=b.scheme, num_shared_params=b.num_shared_params,
-        base_nbytes=b.base_nbytes, packed_nbytes=b.packed_nbytes, file_nbytes=b.file_nbytes,
-        query_nbytes=b.query_nbytes, base_in_bundle=bool(getattr(b, "has_embedded_base", False)),
-        task_read_nbytes=one, mix_read_nbytes=size(_payload_keys(b, b.tasks)),
+        base_nbytes=b.base_nbytes, packed_nbytes=b.packed_nbytes,
+        task_data_nbytes=int(stats["task_bytes_on_disk"]), fp16_checkpoints_nbytes=int(stats["fp16_checkpoints_bytes"]),
+        query_nbytes=b.query_nbytes, task_read_nbytes=one, mix_read_nbytes=size(_payload_keys(b, b.tasks)),
     )
 
 
-def _mb(value: Optional[float]) -> Optional[int]:
-    return None if value is None else int(value * _plan.MIB)
+def _what_if(args: argparse.Namespace) -> _plan.BundleFacts:
+    for flag, value in (("--params", args.params), ("--tasks", args.tasks), ("--bits", args.bits)):
+        if not value > 0:
+            raise TvswitchError("%s must be positive, got %g" % (flag, value))
+    return _plan.facts_from_numbers(int(args.params), _ITEMSIZE[args.dtype], args.tasks, args.bits)
+
+
+def _mib(flag: str, value: Optional[float]) -> Optional[int]:
+    if value is None:
+        return None
+    if value < 0:
+        raise TvswitchError("%s cannot be negative, got %g" % (flag, value))
+    return int(value * _plan.MIB)
+
+
+def _device(args: argparse.Namespace) -> Tuple[DeviceSpec, Optional[int], str]:
+    """(device, MemAvailable to budget against or None, where the figures come from).
+
+    ``this`` on this machine is measured; ``this`` with a captured tree is the device
+    table's row for the board found there, since this host's bandwidth and free memory
+    say nothing about that board.
+    """
+    if args.device != "this":
+        if args.root is not None:
+            raise TvswitchError("--root names the board for --device this; with --device %s it has no effect"
+                                % args.device)
+        return lookup(args.device), None, "the device table"
+    from tvswitch.jetson import bandwidth, platform
+
+    root = "/" if args.root is None else args.root
+    report = platform.detect(root)
+    matched = lookup(report.device_key) if report.device_key else None
+    if not platform.is_live_root(root):
+        if matched is None:
+            raise TvswitchError("--device this --root %s: the files there match no row of the device table (%s); "
+                                "give --device KEY" % (root, report.summary))
+        return matched, None, "the device table's %s row, the board found under %s" % (matched.key, root)
+    device = platform.this_device(report, bandwidth.measure_copy_gbs(), matched)
+    return device, report.memory.available_bytes if report.memory else None, "measured on this machine"
+
+
+def format_text(plan: _plan.Plan, label: str, source: str) -> str:
+    """The plan for a terminal; every byte figure in binary units, as ``inspect`` prints them."""
+    f, d = plan.facts, plan.device
+    lines = [
+        "plan for %s (%s, %d tasks, %s shared weights of %g bytes, %.3f bits/weight/task resident)"
+        % (label, f.scheme, f.tasks, "{:,}".format(f.num_shared_params), f.weight_itemsize, f.bits_per_weight_per_task),
+        "on %s (%s, %.1f GB/s %s, engine %s; from %s)" % (
+            d.name, ("JetPack " + d.jetpack) if d.jetpack else "no JetPack", d.bandwidth_gbs,
+            "measured copy" if d.measured else "peak", plan.engine, source),
+    ]
+    if d.note:
+        lines.append("note: " + d.note)
+    lines += ["", "memory"]
+    for name, n in plan.memory:
+        lines.append("  %-34s %11s" % (name, human_bytes(n)))
+    lines.append("  %-34s %11s" % ("total", human_bytes(plan.total_bytes)))
+    lines.append("  %-34s %11s  (%s)" % ("device budget", human_bytes(plan.budget_bytes), plan.budget_source))
+    lines.append("  %-34s %11s  -> %s" % ("headroom", human_bytes(plan.headroom_bytes),
+                                         "fits" if plan.fits else "DOES NOT FIT"))
+    lines += [
+        "",
+        "flash, in FP16 on both sides",
+        "  %-34s %11s" % ("task data (the bundle)", human_bytes(f.task_data_nbytes)),
+        "  %-34s %11s" % ("base weights in FP16", human_bytes(plan.base_fp16_bytes)),
+        "  %-34s %11s" % ("tvswitch total", human_bytes(plan.flash_bytes)),
+        "  %-34s %11s  %.1fx the tvswitch total; %.1fx the task data alone (inspect's ratio)" % (
+            "one FP16 checkpoint per task", human_bytes(plan.fp16_checkpoints_bytes), plan.flash_saving,
+            plan.task_data_saving),
+    ]
+    if f.weight_itemsize != 2:
+        lines.append("  (the base given here is %g bytes a weight: %s on flash if shipped as it is)"
+                     % (f.weight_itemsize, human_bytes(f.base_nbytes)))
+    lines += [
+        "",
+        "switch floor: read base + packed vectors, write weights (DESIGN.md s. 9)",
+        "  %-34s %11s  %7.2f ms" % ("one task", human_bytes(plan.switch_one_bytes), plan.switch_one_ms),
+        "  %-34s %11s  %7.2f ms" % ("mix of all %d tasks" % f.tasks, human_bytes(plan.switch_mix_bytes),
+                                    plan.switch_mix_ms),
+    ]
+    if plan.assumptions:
+        lines.append("")
+        lines += ["assumed: " + a for a in plan.assumptions]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     what_if = (args.params, args.tasks, args.bits)
     if args.bundle and any(v is not None for v in what_if):
         raise TvswitchError("give a bundle or --params/--tasks/--bits, not both")
-    if args.bundle:
-        facts, label = facts_from_bundle(args.bundle), args.bundle
-    elif all(v is not None for v in what_if):
-        facts = _plan.facts_from_numbers(int(args.params), _ITEMSIZE[args.dtype], args.tasks, args.bits)
-        label = "a what-if bundle"
-    else:
+    if not args.bundle and not all(v is not None for v in what_if):
         raise TvswitchError("give a bundle file, or all of --params, --tasks and --bits")
-    available = None
-    if args.device == "this":
-        from tvswitch.jetson import bandwidth, platform
-
-        report = platform.detect(args.root)
-        matched = lookup(report.device_key) if report.device_key else None
-        device = platform.this_device(report, bandwidth.measure_copy_gbs(), matched)
-        available = report.memory.available_bytes if report.memory else None
-    else:
-        device = lookup(args.device)
-    p = _plan.make_plan(facts, device, args.engine, _mb(args.workspace_mb), _mb(args.reserve_mb), available)
+    try:
+        facts = facts_from_bundle(args.bundle) if args.bundle else _what_if(args)
+        device, available, source = _device(args)
+        p = _plan.make_plan(facts, device, args.engine, _mib("--workspace-mb", args.workspace_mb),
+                            _mib("--reserve-mb", args.reserve_mb), available)
+    except JetsonInputError as exc:
+        raise TvswitchError(str(exc)) from None
     if args.json:
-        print(json.dumps(p.to_dict(), indent=2, default=str))
+        print(json.dumps(dict(p.to_dict(), source=source), indent=2, default=str))
     else:
-        print(_plan.format_text(p, label))
+        print(format_text(p, args.bundle or "a what-if bundle", source))
     return 0
