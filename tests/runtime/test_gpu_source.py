@@ -275,14 +275,14 @@ def test_serve_bundle_falls_back_to_the_cpu_rebuild_and_says_why(case, monkeypat
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="TensorRT is not installed (no GPU here); the GPU-fed TensorRT engine runs only on a device")
-def test_tensorrt_engine_fed_by_the_cuda_kernels_answers_like_onnxruntime(tmp_path):
+def test_tensorrt_engine_fed_by_the_cuda_kernels_answers_like_onnxruntime(tmp_path, engine_models):
     from tvswitch.export.onnx_export import export_onnx
     from tvswitch.kernels.cuda import has_gpu
 
     why = has_gpu()
     if why:
         pytest.skip("no GPU: %s" % why)
-    M = _load("engine_models", "engines", "models.py")
+    M = engine_models
     module, inputs, names = M.conv_case()
     bundle, base = M.make_bundle(tmp_path, module, ("head.",))
     graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
