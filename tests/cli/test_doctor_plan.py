@@ -26,6 +26,10 @@ def test_doctor_json_on_this_machine(capsys):
     assert PROBES <= {p["name"] for p in d["probes"]}
     assert d["fastest"] is not None  # onnxruntime's CPU provider runs wherever it is installed
     assert all(p["ok"] or p["reason"] for p in d["probes"])
+    from tvswitch.kernels import cpu
+
+    if cpu.available():  # the instruction path the rebuild takes here is reported
+        assert next(p for p in d["probes"] if p["name"] == "cpu-rebuild")["data"]["path"] == cpu.path()
 
 
 @pytest.mark.parametrize("tree,fastest", [("nano-4gb-jp46", "onnxruntime-cpu"), ("agx-orin-64gb-jp60", "tensorrt-host-refit"),

@@ -36,7 +36,8 @@ def probe_cpu_rebuild() -> Probe:
     except Exception as exc:  # noqa: BLE001 - report, never crash, in doctor
         return Probe(doctor.CPU_REBUILD, False, reason="tvswitch.kernels.cpu not importable: %s" % exc)
     if cpu.available():
-        return Probe(doctor.CPU_REBUILD, True, detail="tvswitch's C rebuild library loads")
+        return Probe(doctor.CPU_REBUILD, True, detail="tvswitch's C rebuild library loads (%s path)" % cpu.path(),
+                     data={"path": cpu.path()})
     return Probe(doctor.CPU_REBUILD, False, reason=cpu.unavailable_reason() or "unavailable")
 
 
