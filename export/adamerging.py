@@ -4,8 +4,17 @@ The merged weights are ``base + sum_t lambda_t * tau_t`` (task-wise: one lambda 
 or ``base_l + sum_t lambda_{t,l} * tau_{t,l}`` (layer-wise: one lambda per task and
 weight tensor). The lambdas minimise the Shannon entropy of each task's predictions on
 unlabelled inputs of that task, summed over tasks: confident predictions are a usable
-proxy for accuracy, and no labels are needed. Lambdas start at ``init`` (0.3, the
-paper's) and are clipped to [0, 1] after each Adam step as the reference code does.
+proxy for accuracy, and no labels are needed. The defaults are the paper's and its
+reference code's: lambdas start at 0.3, Adam at lr 1e-3 (betas 0.9, 0.999) for 500 steps,
+clipped to [0, 1] after each step.
+
+Entropy is only a proxy, and on a small budget it can be minimised by sharpening every
+task's logits while accuracy falls (docs/results/text8-notes.md). Two options guard
+against that: ``normalize`` divides each task's entropy by log(classes), so a 44-class
+task does not outweigh a binary one, and ``validate`` scores the coefficients on labelled
+validation data at step 0 and every ``validate_every`` steps and returns the best ones,
+so starting from a validated task-arithmetic lambda the result is never worse than it
+on validation.
 
 The model is the caller's: ``forward(params, task, batch)`` must return the logits of
 ``task`` on ``batch`` when the shared tensors take the values in ``params`` (typically
@@ -16,39 +25,26 @@ from TVQ/RTVQ bundles). Runs on the CPU; torch is the exporter's tool, never the
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from tvswitch.export.merge import TaskVector, TaskVectors, shared_names
+from tvswitch.export.merge import Coefficients, TaskVectors, shared_names
 
 Forward = Callable[[Dict[str, torch.Tensor], str, Any], torch.Tensor]
+Validate = Callable[[Coefficients], float]
 
 
 @dataclass
-class AdaMergingResult:
-    """Learned coefficients, shape (tasks, 1) task-wise or (tasks, tensors) layer-wise."""
+class AdaMergingResult(Coefficients):
+    """The chosen coefficients (``values``) and how they were found."""
 
-    tasks: List[str]
-    names: List[str]
-    coefficients: np.ndarray
-    entropy: List[float]  # summed entropy at each step, to check it went down
-
-    def coefficient(self, task: str, name: str) -> float:
-        col = 0 if self.coefficients.shape[1] == 1 else self.names.index(name)
-        return float(self.coefficients[self.tasks.index(task), col])
-
-    def delta(self, task_vectors: TaskVectors) -> TaskVector:
-        """sum_t lambda_{t,l} tau_{t,l}: the merged delta to add to the base weights."""
-        out: TaskVector = {}
-        for n in self.names:
-            acc = np.zeros(np.shape(task_vectors[self.tasks[0]][n]), dtype=np.float32)
-            for t in self.tasks:
-                acc += np.float32(self.coefficient(t, n)) * np.asarray(task_vectors[t][n], dtype=np.float32)
-            out[n] = acc
-        return out
+    entropy: List[float] = field(default_factory=list)  # objective at each step, to check it went down
+    validation: List[Tuple[int, float]] = field(default_factory=list)  # (step, score) of each check
+    best_step: int = -1  # the step whose coefficients are ``values`` (-1: the last, no validation)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -57,56 +53,124 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+class MergedParams:
+    """The merged weights ``base_l + sum_t lambda_{t,l} tau_{t,l}`` as leaf tensors a forward
+    pass reads, and the coefficients' gradient computed from the leaves' gradients.
+
+    Since d(merged_l)/d(lambda_tl) = tau_tl, dL/dlambda_tl = <dL/dmerged_l, tau_tl>: one
+    dot product per task and tensor, far cheaper than letting autograd differentiate the
+    weighted sum of T full-size task vectors (which dominated a step in a profile on 2 CPU
+    cores). tests/export/test_adamerging.py checks it against autograd.
+    """
+
+    def __init__(self, base: Mapping[str, np.ndarray], task_vectors: TaskVectors, tasks: Sequence[str],
+                 names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.tasks = list(tasks)
+        self._base = {n: torch.as_tensor(np.asarray(base[n], dtype=np.float32)) for n in self.names}
+        self._taus = {n: [torch.as_tensor(np.asarray(task_vectors[t][n], dtype=np.float32)) for t in self.tasks]
+                      for n in self.names}
+        self.params = {n: torch.empty_like(self._base[n], requires_grad=True) for n in self.names}
+
+    def fill(self, lam: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Write the weights of coefficients ``lam`` (tasks x 1 or tasks x tensors) into the
+        leaves and clear their gradients; returns the leaves."""
+        width = lam.shape[1]
+        with torch.no_grad():
+            for j, n in enumerate(self.names):
+                p = self.params[n]
+                p.copy_(self._base[n])
+                for i, tau in enumerate(self._taus[n]):
+                    p.add_(tau, alpha=float(lam[i, 0 if width == 1 else j]))
+                p.grad = None
+        return self.params
+
+    def coefficient_grad(self, width: int) -> torch.Tensor:
+        """dL/dlambda from the leaves' gradients after ``backward`` (tensors no gradient
+        reached contribute nothing)."""
+        grad = torch.zeros((len(self.tasks), width))
+        with torch.no_grad():
+            for j, n in enumerate(self.names):
+                g = self.params[n].grad
+                if g is None:
+                    continue
+                for i, tau in enumerate(self._taus[n]):
+                    grad[i, 0 if width == 1 else j] += torch.dot(g.reshape(-1), tau.reshape(-1))
+        return grad
+
+
+def task_entropy(logits: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """One task's term of the objective: its mean entropy, divided by log(classes) if
+    ``normalize`` (each task's term then lies in [0, 1])."""
+    h = entropy(logits)
+    return h / math.log(logits.shape[-1]) if normalize and logits.shape[-1] > 1 else h
+
+
 def adamerging(base: Mapping[str, np.ndarray], task_vectors: TaskVectors,
                batches: Mapping[str, Iterable[Any]], forward: Forward,
-               granularity: str = "layer", init: float = 0.3, steps: int = 100,
-               lr: float = 1e-3, log: Optional[Callable[[str], None]] = None) -> AdaMergingResult:
+               granularity: str = "layer", init: Union[float, np.ndarray] = 0.3, steps: int = 500,
+               lr: float = 1e-3, normalize: bool = False, validate: Optional[Validate] = None,
+               validate_every: int = 0, log: Optional[Callable[[str], None]] = None) -> AdaMergingResult:
     """Learn task-wise or layer-wise coefficients by entropy minimisation.
 
     ``batches[task]`` yields unlabelled input batches of that task (cycled); use inputs
     the benchmark may look at (validation or unlabelled deployment data), never labels.
+    ``init`` is a scalar or an array broadcastable to (tasks, 1 or tensors), e.g. a
+    validated task-arithmetic lambda or task-wise coefficients to refine layer-wise.
+    ``validate(coefficients) -> score`` (higher is better), if given, runs at step 0,
+    every ``validate_every`` steps (0: only at the start and the end) and after the last,
+    and the best-scoring coefficients are returned (the earliest on ties).
     """
     if granularity not in ("task", "layer"):
         raise ValueError("granularity must be 'task' or 'layer', got %r" % granularity)
+    if steps < 0 or validate_every < 0:
+        raise ValueError("steps and validate_every must be >= 0, got %r and %r" % (steps, validate_every))
     tasks = list(task_vectors)
     missing = [t for t in tasks if t not in batches]
     if missing:
         raise ValueError("no unlabelled inputs for tasks %s" % missing)
     names = shared_names(task_vectors)
-    base_t = {n: torch.as_tensor(np.asarray(base[n], dtype=np.float32)) for n in names}
-    taus = {n: [torch.as_tensor(np.asarray(task_vectors[t][n], dtype=np.float32)) for t in tasks] for n in names}
     width = 1 if granularity == "task" else len(names)
-    lam = torch.full((len(tasks), width), float(init))
-    lam.grad = torch.zeros_like(lam)
+    lam = _initial(init, len(tasks), width)
+    merged = MergedParams(base, task_vectors, tasks, names)
     opt = torch.optim.Adam([lam], lr=lr, betas=(0.9, 0.999))
-    # The merged weights are leaves filled in place each step. Since d(merged_l)/d(lambda_tl)
-    # = tau_tl, the coefficients' gradient is <dL/dmerged_l, tau_tl>: one dot product per
-    # task and tensor, far cheaper than letting autograd differentiate the weighted sum.
-    params = {n: torch.empty_like(base_t[n], requires_grad=True) for n in names}
     streams = {t: itertools.cycle(batches[t]) for t in tasks}
-    history: List[float] = []
-    for step in range(steps):
-        with torch.no_grad():
-            for j, n in enumerate(names):
-                p = params[n]
-                p.copy_(base_t[n])
-                for i in range(len(tasks)):
-                    p.add_(taus[n][i], alpha=float(lam[i, 0 if width == 1 else j]))
-                p.grad = None
-        loss = sum(entropy(forward(params, t, next(streams[t]))) for t in tasks)
-        loss.backward()
-        with torch.no_grad():
-            lam.grad.zero_()
-            for j, n in enumerate(names):
-                g = params[n].grad
-                if g is None:  # the tensor does not reach the logits
-                    continue
-                for i in range(len(tasks)):
-                    lam.grad[i, 0 if width == 1 else j] += torch.dot(g.reshape(-1), taus[n][i].reshape(-1))
+    result = AdaMergingResult(tasks, names, lam.detach().numpy().copy())
+    best = -math.inf
+    for step in range(steps + 1):
+        if validate is not None and (step in (0, steps) or (validate_every and step % validate_every == 0)):
+            score = float(validate(Coefficients(tasks, names, lam.detach().numpy().copy())))
+            result.validation.append((step, score))
+            if score > best:
+                best, result.best_step, result.values = score, step, lam.detach().numpy().copy()
+            if log is not None:
+                log("adamerging[%s] step %d validation %.4f (best %.4f at step %d)"
+                    % (granularity, step, score, best, result.best_step))
+        if step == steps:
+            break
+        params = merged.fill(lam)
+        loss = 0.0
+        for t in tasks:  # backward per task: one task's graph is alive at a time
+            h = task_entropy(forward(params, t, next(streams[t])), normalize)
+            h.backward()
+            loss += float(h.detach())
+        lam.grad = merged.coefficient_grad(width)
         opt.step()
         with torch.no_grad():
             lam.clamp_(0.0, 1.0)
-        history.append(float(loss.detach()))
+        result.entropy.append(loss)
         if log is not None and (step % 10 == 0 or step == steps - 1):
-            log("adamerging[%s] step %d/%d entropy %.4f" % (granularity, step + 1, steps, history[-1]))
-    return AdaMergingResult(tasks, names, lam.numpy().copy(), history)
+            log("adamerging[%s] step %d/%d entropy %.4f" % (granularity, step + 1, steps, loss))
+    if validate is None:
+        result.values = lam.detach().numpy().copy()
+    return result
+
+
+def _initial(init: Union[float, np.ndarray], tasks: int, width: int) -> torch.Tensor:
+    """The starting coefficients as a (tasks, width) leaf, refusing shapes that do not fit."""
+    try:
+        values = np.broadcast_to(np.asarray(init, dtype=np.float32), (tasks, width)).copy()
+    except ValueError:
+        raise ValueError("init of shape %s does not fit (%d tasks, %d coefficients)"
+                         % (list(np.shape(init)), tasks, width)) from None
+    return torch.from_numpy(values).requires_grad_(False)

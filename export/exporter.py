@@ -9,13 +9,14 @@ over byte for byte.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, classify, load_checkpoint, task_vectors
+from tvswitch.export.merge import emr
 from tvswitch.export.packing import pack_codes, pack_mask
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
@@ -23,6 +24,7 @@ from tvswitch.export.rtvq import quantize_residual
 from tvswitch.export.tswitch import binarize
 from tvswitch.export.writer import PayloadStore, write_bundle
 from tvswitch.runtime import format as fmt
+from tvswitch.runtime.autoswitch import RouterSpec
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import fingerprint
 
@@ -66,13 +68,16 @@ class Scheme:
 
 def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optional[Scheme] = None, *,
                   include_base: Optional[str] = None, entropy: str = "none",
-                  query_sets: Optional[Mapping[str, np.ndarray]] = None, router: Optional[dict] = None,
+                  query_sets: Optional[Mapping[str, np.ndarray]] = None,
+                  router: Optional[Union[RouterSpec, dict]] = None,
                   progress: bool = False, **scheme_fields: Any) -> Bundle:
     """Export ``tasks`` (name -> checkpoint) against ``base`` into bundle ``out``.
 
     Checkpoints are paths (safetensors or torch files), state_dicts or torch modules.
     ``include_base`` ("float16"/"float32") embeds the base for a self-contained bundle;
     ``entropy`` ("zlib"/"lzma") compresses payloads on flash (decoded once at load).
+    ``query_sets`` (task -> exemplars x features, e.g. ``autoswitch.build_query_sets``) are
+    stored as fp16 for Auto-Switch, with ``router`` saying how their features were taken.
     Returns the written bundle, opened and verified.
     """
     scheme = scheme or Scheme(**scheme_fields)
@@ -145,7 +150,11 @@ def _embed_base(base: Checkpoint, shared: List[str], fixed: List[str], dtype: Op
 
 
 def _add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mapping[str, np.ndarray]],
-                 router: Optional[dict], tasks: List[str]) -> None:
+                 router: Optional[Union[RouterSpec, dict]], tasks: List[str]) -> None:
+    """Auto-Switch's query sets and the router record that says how their features are
+    taken, validated here so that no bundle carries a record its reader would refuse."""
+    if router is not None and not query_sets:
+        raise TvswitchError("a router record describes query sets: give the query sets too")
     if not query_sets:
         return
     unknown = sorted(set(query_sets) - set(tasks))
@@ -155,8 +164,9 @@ def _add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mappi
     if len(dims) != 1 or -1 in dims:
         raise TvswitchError("query sets must be 2-D (exemplars x features) with one feature size")
     manifest["queries"] = {t: store.add("@query/" + t, np.asarray(q, dtype=np.float16)) for t, q in query_sets.items()}
-    if router:
-        manifest["router"] = dict(router)
+    if router is not None:
+        record = router.record() if isinstance(router, RouterSpec) else router
+        manifest["router"] = RouterSpec.from_record(record, "the router record").record()
 
 
 # ---- per-scheme encoding of one tensor --------------------------------------------------

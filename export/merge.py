@@ -1,12 +1,15 @@
-"""Model merging on task vectors: task arithmetic, TIES-Merging and EMR-Merging.
+"""Model merging on task vectors: task arithmetic, TIES-Merging, EMR-Merging, and the
+coefficients AdaMerging learns (``Coefficients``: applied here, learned in adamerging.py).
 
 Pure numpy on ``{tensor name: float array}`` dicts so the same code merges task vectors
 decoded from any bundle (FP32, TVQ, RTVQ, T-Switch) or taken in full precision. Every
 function returns a *delta* to add to the pretrained weights (``apply_delta``), never the
 weights themselves, because the runtime rebuilds ``base + delta`` in place.
 
-Only tensors present in every task vector are merged; task-specific tensors (heads) are
-the caller's to keep per task. Tasks are keyed by name so EMR's per-task masks and
+Only tensors present in every task vector are merged; task-specific tensors (heads) and
+tensors a bundle stores per task as-is (BatchNorm statistics) are the caller's to keep per
+task: ``task_vectors_from_bundle`` leaves the latter out and ``as_is_tensors`` gives one
+task's own. Tasks are keyed by name so EMR's per-task masks and
 rescalers can be stored next to the task they belong to in a bundle.
 
 References: Ilharco et al. 2023 (task arithmetic), Yadav et al. 2023 (TIES: trim, elect
@@ -14,10 +17,17 @@ sign, disjoint mean), Huang et al. 2024 (EMR: elect, mask, rescale).
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import numpy as np
+
+from tvswitch.runtime.rebuild import CpuRebuilder
+
+if TYPE_CHECKING:
+    from tvswitch.runtime.bundle import Bundle
 
 TaskVector = Dict[str, np.ndarray]
 TaskVectors = Mapping[str, Mapping[str, np.ndarray]]
@@ -82,17 +92,30 @@ def ties(task_vectors: TaskVectors, lam: float, keep: float = 0.2) -> TaskVector
     """TIES-Merging: trim each tau_t to its top-`keep` magnitudes, elect a sign per entry
     by the sign of the trimmed sum (mass), average only the entries that agree with it,
     and scale by lambda.
+
+    An entry whose trimmed sum is exactly zero takes the majority sign, the sign of the
+    sum of all elected signs over the whole vector, as the reference code's
+    ``resolve_zero_signs(..., "majority")`` does; otherwise such an entry would be lost
+    although some tasks moved it. (If that majority is itself zero the entry stays 0.)
     """
     names = shared_names(task_vectors)
     thresholds = {t: magnitude_threshold(tv, names, keep) for t, tv in task_vectors.items()}
+
+    def trimmed(n: str) -> np.ndarray:
+        return np.stack([np.where(np.abs(tv[n]) >= thresholds[t], tv[n], 0.0).astype(np.float32)
+                         for t, tv in task_vectors.items()])
+
+    # Two passes over the tensors: the majority sign needs every elected sign first, and
+    # keeping the trimmed stacks of all tensors in between would cost T times the model.
+    elected = {n: np.sign(trimmed(n).sum(axis=0)).astype(np.int8) for n in names}
+    majority = np.int8(np.sign(sum(int(e.sum(dtype=np.int64)) for e in elected.values())))
     out: TaskVector = {}
     for n in names:
-        trimmed = np.stack([np.where(np.abs(tv[n]) >= thresholds[t], tv[n], 0.0).astype(np.float32)
-                            for t, tv in task_vectors.items()])
-        elected = np.sign(trimmed.sum(axis=0))
-        agree = (np.sign(trimmed) == elected) & (trimmed != 0)
+        stack = trimmed(n)
+        sign = np.where(elected[n] == 0, majority, elected[n])
+        agree = (np.sign(stack) == sign) & (stack != 0)
         count = agree.sum(axis=0)
-        total = np.where(agree, trimmed, 0.0).sum(axis=0)
+        total = np.where(agree, stack, 0.0).sum(axis=0)
         merged = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
         out[n] = merged.astype(np.float32) * np.float32(lam)
     return out
@@ -155,20 +178,124 @@ def average(task_vectors: TaskVectors) -> TaskVector:
     return task_arithmetic(task_vectors, 1.0 / len(task_vectors))
 
 
-def task_vectors_from_bundle(bundle, base: "Mapping[str, np.ndarray] | None" = None,
+def as_is_names(bundle: "Bundle") -> List[str]:
+    """Tensors the bundle stores per task as raw values (BatchNorm statistics, --task-specific
+    globs): every task's entry is ``absolute`` with raw terms only. They are statistics or
+    per-task settings, not task-vector material, so no merging method may mix them."""
+    first = bundle.entries(bundle.tasks[0]) if bundle.tasks else {}
+    return [n for n, e in first.items()
+            if all(_is_as_is(bundle.entries(t).get(n)) for t in bundle.tasks)]
+
+
+def _is_as_is(entry) -> bool:
+    return entry is not None and entry.mode == "absolute" and all(t.kind == "raw" for t in entry.terms)
+
+
+def as_is_tensors(bundle: "Bundle", task: str) -> Dict[str, np.ndarray]:
+    """One task's own values of the tensors stored as-is, in the bundle's tensor dtype."""
+    out = {}
+    for n in as_is_names(bundle):
+        term = bundle.entries(task)[n].terms[0]
+        spec = bundle.shared_specs[n]
+        out[n] = np.asarray(bundle.payload(term.values)).reshape(spec.shape).astype(spec.dtype)
+    return out
+
+
+def task_vectors_from_bundle(bundle: "Bundle", base: Optional[Mapping[str, np.ndarray]] = None,
                              threads: int = 0) -> Dict[str, TaskVector]:
     """Each task's decoded task vector, rebuild({t: 1}) - base, as float32.
 
     Merging methods then see exactly what the device would add for that task, whatever
     the storage scheme (for FQ this includes the error of quantizing the weights).
+    Tensors stored as-is are left out (``as_is_tensors`` gives them per task).
     ``base`` may be None when the bundle embeds it.
     """
-    from tvswitch.runtime.rebuild import CpuRebuilder
-
     rebuilder = CpuRebuilder(bundle, base, threads=threads)
     out = rebuilder.allocate("float32")
+    skip = set(as_is_names(bundle))
     taus: Dict[str, TaskVector] = {}
     for task in bundle.tasks:
         rebuilder.rebuild({task: 1.0}, out)
-        taus[task] = {n: out[n] - rebuilder.base[n].astype(np.float32) for n in out}
+        taus[task] = {n: out[n] - rebuilder.base[n].astype(np.float32) for n in out if n not in skip}
     return taus
+
+
+# ---- learned coefficients (AdaMerging) --------------------------------------------------
+
+@dataclass
+class Coefficients:
+    """Merging coefficients per task, shape (tasks, 1) task-wise or (tasks, tensors)
+    layer-wise: the merged delta is ``sum_t lambda_{t,l} tau_{t,l}``.
+
+    Numpy only, so the CLI applies coefficients learned elsewhere (adamerging.py needs
+    torch) to any bundle's decoded task vectors. Saved as JSON or safetensors.
+    """
+
+    tasks: List[str]
+    names: List[str]
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float32)
+        if self.values.ndim != 2 or self.values.shape[0] != len(self.tasks) \
+                or self.values.shape[1] not in (1, len(self.names)):
+            raise ValueError("coefficients of shape %s do not fit %d tasks x (1 or %d tensors)"
+                             % (list(self.values.shape), len(self.tasks), len(self.names)))
+
+    def coefficient(self, task: str, name: str) -> float:
+        col = 0 if self.values.shape[1] == 1 else self.names.index(name)
+        return float(self.values[self.tasks.index(task), col])
+
+    def delta(self, task_vectors: TaskVectors) -> TaskVector:
+        """sum_t lambda_{t,l} tau_{t,l}: the merged delta to add to the base weights."""
+        self.check(task_vectors)
+        out: TaskVector = {}
+        for n in self.names:
+            acc = np.zeros(np.shape(task_vectors[self.tasks[0]][n]), dtype=np.float32)
+            for t in self.tasks:
+                acc += np.float32(self.coefficient(t, n)) * np.asarray(task_vectors[t][n], dtype=np.float32)
+            out[n] = acc
+        return out
+
+    def check(self, task_vectors: TaskVectors) -> None:
+        """Refuse task vectors whose tasks or merged tensors are not the ones learned on."""
+        if sorted(task_vectors) != sorted(self.tasks):
+            raise ValueError("coefficients are for tasks %s, the task vectors are of %s"
+                             % (", ".join(self.tasks), ", ".join(task_vectors)))
+        have = set(shared_names(task_vectors))
+        missing, extra = [n for n in self.names if n not in have], sorted(have - set(self.names))
+        if missing:
+            raise ValueError("coefficients name tensor %r, which the task vectors lack" % missing[0])
+        if extra:
+            raise ValueError("coefficients have none for tensor %r of the task vectors" % extra[0])
+
+    def save(self, path: str) -> None:
+        """JSON (``.json``) or safetensors (any other suffix): tasks, tensor names, values."""
+        if path.endswith(".json"):
+            with open(path, "w") as f:
+                json.dump({"method": "adamerging", "tasks": self.tasks, "names": self.names,
+                           "coefficients": self.values.tolist()}, f)
+            return
+        from tvswitch.runtime.checkpoint import write_safetensors
+
+        write_safetensors(path, {"coefficients": self.values},
+                          {"tasks": json.dumps(self.tasks), "names": json.dumps(self.names)})
+
+    @classmethod
+    def load(cls, path: str) -> "Coefficients":
+        """Read what ``save`` wrote; ValueError naming the file for anything else."""
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.isfile(path):
+            raise ValueError("%s: no such coefficients file" % path)
+        try:
+            if path.endswith(".json"):
+                with open(path) as f:
+                    raw = json.load(f)
+                return cls(list(raw["tasks"]), list(raw["names"]), np.asarray(raw["coefficients"]))
+            with safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+                return cls(json.loads(meta["tasks"]), json.loads(meta["names"]), f.get_tensor("coefficients"))
+        except (KeyError, TypeError, ValueError, OSError, SafetensorError) as exc:
+            raise ValueError("%s: not a coefficients file (JSON or safetensors with tasks, names and "
+                             "coefficients: %s)" % (path, exc)) from None

@@ -15,7 +15,7 @@ import json
 import pathlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -72,8 +72,11 @@ def _meta_ok(cache: pathlib.Path, task: str, settings: Settings) -> bool:
     return json.loads(meta.read_text()).get("settings") == asdict(settings)
 
 
+Log = Callable[[str], None]
+
+
 def finetune_task(task: str, cache: pathlib.Path, settings: Settings = Settings(),
-                  log=print) -> pathlib.Path:
+                  log: Log = print) -> pathlib.Path:
     """Train (or reuse) the checkpoint of one task; returns its safetensors path."""
     from safetensors.numpy import save_file
 
@@ -115,8 +118,9 @@ def finetune_task(task: str, cache: pathlib.Path, settings: Settings = Settings(
                 log("  %s epoch %d step %d/%d loss %.3f (%.0fs)" % (task, epoch, step, total, loss.item(), time.time() - t0))
     state = _state_np(model.encoder)
     state.update(_state_np(model.head, "head."))
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    val_acc = float((M.predict(model, M.Tokenized(tok, td.val.texts, settings.max_len), head) == td.val.labels).mean())
+    _, head = M.split_state(state)
+    val = M.Tokenized(tok, td.val.texts, settings.max_len)
+    val_acc = float((M.predict(model, val, head) == td.val.labels).mean())
     cache.mkdir(parents=True, exist_ok=True)
     save_file(state, str(task_path(cache, task)))
     meta = {"settings": asdict(settings), "classes": td.classes, "val_acc": val_acc,
@@ -127,7 +131,8 @@ def finetune_task(task: str, cache: pathlib.Path, settings: Settings = Settings(
 
 
 def finetune_all(cache: pathlib.Path, tasks: Optional[List[str]] = None,
-                 settings: Settings = Settings(), log=print) -> Dict[str, pathlib.Path]:
+                 settings: Settings = Settings(), log: Log = print) -> Dict[str, pathlib.Path]:
+    """Every task's checkpoint path, training the ones the cache lacks (the run's first cost)."""
     return {t: finetune_task(t, cache, settings, log) for t in (tasks or list(D.TASKS))}
 
 

