@@ -70,8 +70,8 @@ def test_run_with_the_torch_engine_matches_onnxruntime(served):
     np.testing.assert_allclose(np.load(str(f / "torch.npy")), np.load(str(f / "ort.npy")), rtol=1e-4, atol=1e-5)
 
 
-def test_run_auto_routes_the_batch_to_the_task_its_features_are_near(served, capsys):
-    """Query sets placed so that the batch's router features sit among task b's exemplars."""
+def _auto_bundle(served, name, router):
+    """A bundle whose query sets put the batch's router features among task b's exemplars."""
     import shutil
 
     from tvswitch.runtime.server import serve_bundle
@@ -81,19 +81,32 @@ def test_run_auto_routes_the_batch_to_the_task_its_features_are_near(served, cap
     feats = serve_bundle(str(f / "model.tvs"), initial=router_mix).infer(served["inputs"])["output"]
     # k = 10 neighbours: task b has 12 exemplars around the features, a and c 2 each, far away
     queries = {"a": feats + 50.0, "b": np.concatenate([feats + 0.01 * i for i in range(6)]), "c": feats - 50.0}
-    served["M"].make_bundle(f, served["module"], ("head.",), name="auto.tvs", query_sets=queries)
-    shutil.copy(str(f / "model.onnx"), str(f / "auto.onnx"))
-    assert main(["run", str(f / "auto.tvs"), "--auto", "--input", str(f / "x.npy"), "-o", str(f / "auto.npy")]) == 0
-    assert "wrote %s: b=1 on onnxruntime" % (f / "auto.npy") in capsys.readouterr().out
+    served["M"].make_bundle(f, served["module"], ("head.",), name=name + ".tvs", query_sets=queries, router=router)
+    shutil.copy(str(f / "model.onnx"), str(f / (name + ".onnx")))
+    return f / (name + ".tvs")
+
+
+@pytest.mark.parametrize("per_input", [[], ["--per-input"]])
+def test_run_auto_routes_the_batch_to_the_task_its_features_are_near(served, capsys, per_input):
+    f = served["folder"]
+    bundle = _auto_bundle(served, "auto", {"output": "output", "pool": "none"})
+    out = f / "auto.npy"
+    assert main(["run", str(bundle), "--auto", *per_input, "--input", str(f / "x.npy"), "-o", str(out)]) == 0
+    assert "wrote %s: b=1 on onnxruntime" % out in capsys.readouterr().out  # one mix: every input is near b
     ref = served["M"].torch_reference(served["module"], served["bundle"], served["base"], {"b": 1.0},
                                       served["inputs"], ["x"])
-    np.testing.assert_allclose(np.load(str(f / "auto.npy")), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.load(str(out)), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_run_auto_needs_query_sets(served):
+def test_run_auto_needs_query_sets_and_a_router_record(served):
     f = served["folder"]
     r = cli("run", f / "model.tvs", "--auto", "--input", f / "x.npy", "-o", f / "a.npy")
     assert r.returncode == 2 and "no Auto-Switch query sets" in r.stderr
+    bundle = _auto_bundle(served, "norouter", None)
+    r = cli("run", bundle, "--auto", "--input", f / "x.npy", "-o", f / "a.npy")
+    assert r.returncode == 2 and "no router record" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", f / "model.tvs", "--task", "a", "--per-input", "--input", f / "x.npy", "-o", f / "a.npy")
+    assert r.returncode == 2 and "--per-input" in r.stderr
 
 
 def test_bench_switch_prints_percentiles(served, capsys):

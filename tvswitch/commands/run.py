@@ -5,7 +5,7 @@ import argparse
 import io
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--task", help="one task")
     which.add_argument("--mix", metavar="NAME=W,NAME=W", help="a weighted mix: base + sum_i w_i tau_i")
     which.add_argument("--auto", action="store_true",
-                       help="Auto-Switch: the bundle's query sets choose the mix for the batch")
+                       help="Auto-Switch: the bundle's query sets choose the mix for the batch (features as "
+                       "its router record says)")
+    p.add_argument("--per-input", action="store_true",
+                   help="with --auto: route each input on its own, one rebuild per distinct mix in the batch")
     p.add_argument("--input", action="append", required=True, metavar="[NAME=]X.npy",
                    help="an input array: a bare X.npy for a network with one input, else NAME=X.npy once per "
                    "input (tensorrt builds its engine for these shapes)")
@@ -112,29 +115,6 @@ def _graph_inputs(args: argparse.Namespace) -> List[str]:
     return onnx_graph.data_inputs(proto, onnx_graph.find_weights(proto))
 
 
-def auto_route(server: "Server", bundle: "Bundle") -> Callable[[Mapping[str, np.ndarray]], Dict[str, float]]:
-    """Auto-Switch's route: features from the router network (the bundle's ``router`` record;
-    by default the average of all tasks, as T-Switch does), its first output averaged over
-    every axis but the first and the last, then kNN over the stored query sets."""
-    from tvswitch.runtime.autoswitch import AutoSwitch
-
-    queries = bundle.query_sets()
-    if not queries:
-        raise TvswitchError("%s has no Auto-Switch query sets (export with query sets to use --auto)" % bundle.path)
-    record = bundle.router() or {}
-    router = AutoSwitch(queries, k=int(record.get("k", 10)))
-    tasks = bundle.tasks
-    net = {t: 0.0 for t in tasks} if record.get("network") == "base" else {t: 1.0 / len(tasks) for t in tasks}
-
-    def route(inputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
-        first = next(iter(server.infer(inputs, net).values()))
-        out = np.asarray(first, dtype=np.float32)
-        feats = out.reshape(out.shape[0], -1, out.shape[-1]).mean(axis=1) if out.ndim > 2 else out
-        return router.weights(feats)
-
-    return route
-
-
 def output_format(path: str, count: int) -> str:
     """``"npz"`` for a ``.npz`` path, else ``"npy"``, which holds one output only."""
     if path.endswith(".npz"):
@@ -164,16 +144,35 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, "-o")
     inputs = parse_inputs(args.input)
+    if args.per_input and not args.auto:
+        raise TvswitchError("--per-input routes with Auto-Switch: use it with --auto")
     mix = None if args.auto else ({args.task: 1.0} if args.task is not None else parse_mix(args.mix))
     server, inputs = open_server(args, inputs, initial=mix)
     output_format(args.output, len(server.engine.output_names))  # known before inference, except for torch
     start = time.perf_counter()
     if args.auto:
-        mix, outputs = server.auto(inputs, auto_route(server, server.source.bundle))
+        served, outputs = auto_infer(server, inputs, args.per_input)
     else:
-        outputs = server.infer(inputs)
+        served, outputs = [mix], server.infer(inputs)
     seconds = time.perf_counter() - start
     write_outputs(args.output, outputs)
-    print("wrote %s: %s on %s (%s), %.1f ms" % (args.output, ",".join("%s=%g" % kv for kv in mix.items()),
+    print("wrote %s: %s on %s (%s), %.1f ms" % (args.output, " | ".join(",".join("%s=%g" % kv for kv in m.items())
+                                                                        for m in served),
                                                 args.engine, server.mode, 1e3 * seconds))
     return 0
+
+
+def auto_infer(server: "Server", inputs: Mapping[str, np.ndarray], per_input: bool
+               ) -> Tuple[List[Dict[str, float]], Dict[str, np.ndarray]]:
+    """Auto-Switch through the bundle's router record and query sets: (mixes served, outputs).
+
+    One mix for the batch, or with ``per_input`` the batch split by each input's own mix
+    and answered group by group."""
+    from tvswitch.runtime.autoswitch import Router, serve_groups
+
+    router = Router(server.source.bundle, server.infer)
+    if not per_input:
+        mix, outputs = server.auto(inputs, router)
+        return [mix], outputs
+    groups = router.groups(inputs)
+    return [dict(m) for _, m in groups], serve_groups(server.infer, inputs, groups)

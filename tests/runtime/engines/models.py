@@ -139,9 +139,11 @@ def task_checkpoints(module: torch.nn.Module, heads: Tuple[str, ...] = (), seed:
 
 
 def make_bundle(tmp_path, module: torch.nn.Module, heads: Tuple[str, ...] = (), name: str = "model.tvs",
-                query_sets: Optional[Dict[str, np.ndarray]] = None) -> Tuple[Bundle, Dict[str, np.ndarray]]:
+                query_sets: Optional[Dict[str, np.ndarray]] = None,
+                router: Optional[dict] = None) -> Tuple[Bundle, Dict[str, np.ndarray]]:
     base, tasks = task_checkpoints(module, heads)
-    bundle = export_bundle(base, tasks, os.path.join(str(tmp_path), name), name="tvq", bits=8, query_sets=query_sets)
+    bundle = export_bundle(base, tasks, os.path.join(str(tmp_path), name), name="tvq", bits=8, query_sets=query_sets,
+                           router=router)
     return bundle, base
 
 
