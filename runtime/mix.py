@@ -41,6 +41,16 @@ def check_mix(mix: Mapping[str, float], tasks: Iterable[str], where: str = "bund
     for name, w in mix.items():
         if name not in known:
             raise TvswitchError("%s has no task %r (tasks: %s)" % (where, name, ", ".join(known)))
-        if not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise TvswitchError("weight of task %r must be a finite number, got %r" % (name, w))
+        check_weight(w, "weight of task %r" % name)
     return {t: float(mix[t]) for t in known if t in mix}
+
+
+def check_weight(value: object, what: str) -> float:
+    """``value`` as a float; TvswitchError naming ``what`` unless it is a finite number.
+
+    Every weight that scales a task vector passes here (mix weights, merging lambdas and
+    coefficients): a NaN or infinite one would write NaN into every tensor it touches.
+    """
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TvswitchError("%s must be a finite number, got %r" % (what, value))
+    return float(value)
