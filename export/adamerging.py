@@ -20,7 +20,11 @@ The model is the caller's: ``forward(params, task, batch)`` must return the logi
 ``task`` on ``batch`` when the shared tensors take the values in ``params`` (typically
 ``torch.func.functional_call`` plus the task's own head). This keeps the method
 independent of the network and of where the task vectors came from (FP32 or decoded
-from TVQ/RTVQ bundles). Runs on the CPU; torch is the exporter's tool, never the device's.
+from TVQ/RTVQ bundles). ``learn_from_bundle`` is that wiring for a bundle and a torch
+module whose state_dict the bundle was exported from (what ``tvswitch merge --method
+adamerging --module`` runs): each task's logits come through its own head and its own
+tensors stored as-is, as the device serves the task. Runs on the CPU; torch is the
+exporter's tool, never the device's.
 """
 from __future__ import annotations
 
@@ -32,7 +36,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
-from tvswitch.export.merge import Coefficients, TaskVectors, shared_names
+from tvswitch.errors import TvswitchError
+from tvswitch.export.merge import (Coefficients, TaskVectors, as_is_tensors, shared_names,
+                                   task_vectors_from_bundle)
+from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.mix import check_weight
+from tvswitch.runtime.rebuild import resolve_base
 
 Forward = Callable[[Dict[str, torch.Tensor], str, Any], torch.Tensor]
 Validate = Callable[[Coefficients], float]
@@ -125,6 +134,8 @@ def adamerging(base: Mapping[str, np.ndarray], task_vectors: TaskVectors,
         raise ValueError("granularity must be 'task' or 'layer', got %r" % granularity)
     if steps < 0 or validate_every < 0:
         raise ValueError("steps and validate_every must be >= 0, got %r and %r" % (steps, validate_every))
+    if not check_weight(lr, "the learning rate") > 0:
+        raise ValueError("the learning rate must be > 0, got %r" % lr)
     tasks = list(task_vectors)
     missing = [t for t in tasks if t not in batches]
     if missing:
@@ -167,10 +178,121 @@ def adamerging(base: Mapping[str, np.ndarray], task_vectors: TaskVectors,
 
 
 def _initial(init: Union[float, np.ndarray], tasks: int, width: int) -> torch.Tensor:
-    """The starting coefficients as a (tasks, width) leaf, refusing shapes that do not fit."""
+    """The starting coefficients as a (tasks, width) leaf, refusing shapes that do not fit
+    and values that are not finite numbers."""
     try:
         values = np.broadcast_to(np.asarray(init, dtype=np.float32), (tasks, width)).copy()
     except ValueError:
         raise ValueError("init of shape %s does not fit (%d tasks, %d coefficients)"
                          % (list(np.shape(init)), tasks, width)) from None
+    for value in values.reshape(-1).tolist():
+        check_weight(value, "the initial coefficient")
     return torch.from_numpy(values).requires_grad_(False)
+
+
+# ---- a bundle and a torch module --------------------------------------------------------
+
+Inputs = Sequence[np.ndarray]  # one task's unlabelled inputs, in forward's order, rows along axis 0
+
+
+def unlabelled_batches(arrays: Inputs, size: int, seed: int = 0, task: str = "") -> List[Tuple[torch.Tensor, ...]]:
+    """One task's inputs in seeded random batches of ``size`` rows (one batch of every row
+    where there are fewer); rows left over after the last full batch are not used, so
+    every step sees a batch of the same size."""
+    if size < 1:
+        raise TvswitchError("the batch size must be >= 1, got %d" % size)
+    rows = {len(a) if np.ndim(a) else 0 for a in arrays}
+    if not arrays or len(rows) != 1 or 0 in rows:
+        raise TvswitchError("inputs of task %r: need arrays with one and the same number of rows (>= 1), got shapes %s"
+                            % (task, [list(np.shape(a)) for a in arrays]))
+    n = rows.pop()
+    order = np.random.default_rng(seed).permutation(n)
+    size = min(size, n)
+    return [tuple(torch.from_numpy(np.ascontiguousarray(a[order[s:s + size]])) for a in arrays)
+            for s in range(0, n - size + 1, size)]
+
+
+def bundle_forward(module: torch.nn.Module, bundle: Bundle, names: Sequence[str],
+                   fixed: Mapping[str, np.ndarray]) -> Forward:
+    """``forward(params, task, batch)`` for ``module`` serving ``bundle``'s tasks: the merged
+    tensors ``names`` from ``params``, and from the bundle each task's own tensors (its head,
+    its tensors stored as-is) and the base's ``fixed`` ones (integer buffers), so each task's
+    logits are those the device serves for it. The logits are the module's output, or its
+    first output where it returns several; the module is put in eval mode (BatchNorm reads
+    the task's statistics, dropout is off), as it serves. Refuses a module whose tensors the
+    bundle does not cover exactly (names and shapes), task by task, before anything is run."""
+    module.eval()
+    state = module.state_dict()
+    own: Dict[str, Dict[str, torch.Tensor]] = {}
+    for task in bundle.tasks:
+        arrays = dict(fixed)
+        arrays.update(bundle.task_specific(task))
+        arrays.update(as_is_tensors(bundle, task))
+        have = set(names) | set(arrays)
+        missing = [n for n in state if n not in have]
+        if missing:
+            raise TvswitchError("the module's tensor %r is neither merged nor one of task %r's own in %s"
+                                % (missing[0], task, bundle.path))
+        extra = sorted(have - set(state))
+        if extra:
+            raise TvswitchError("tensor %r of %s (task %r) is not one of the module's" % (extra[0], bundle.path, task))
+        for n, a in arrays.items():
+            if tuple(np.shape(a)) != tuple(state[n].shape):
+                raise TvswitchError("tensor %r of task %r is %s in %s, the module's is %s"
+                                    % (n, task, list(np.shape(a)), bundle.path, list(state[n].shape)))
+        own[task] = {n: torch.as_tensor(np.array(a)).to(state[n].dtype) for n, a in arrays.items()}
+
+    def forward(params: Dict[str, torch.Tensor], task: str, batch: Any) -> torch.Tensor:
+        tensors = dict(own[task])
+        tensors.update(params)
+        try:
+            out = torch.func.functional_call(module, tensors, tuple(batch))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise TvswitchError("the module failed on task %r's inputs: %s"
+                                % (task, (str(exc).strip().splitlines() or [type(exc).__name__])[0])) from None
+        return _first_output(out, task)
+
+    return forward
+
+
+def _first_output(out: Any, task: str) -> torch.Tensor:
+    """The logits: the output tensor, or the first of a tuple, list or dict (HF ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)) and out:
+        return _first_output(out[0], task)
+    raise TvswitchError("the module returned %s on task %r's inputs, not logits (a tensor)"
+                        % (type(out).__name__, task))
+
+
+def learn_from_bundle(bundle: Bundle, module: torch.nn.Module, inputs: Mapping[str, Inputs],
+                      base: Optional[Mapping[str, np.ndarray]] = None,
+                      task_vectors: Optional[TaskVectors] = None, batch: int = 16, seed: int = 0,
+                      **options: Any) -> AdaMergingResult:
+    """AdaMerging of ``bundle``'s decoded task vectors with ``module`` (the network whose
+    state_dict the bundle was exported from; its own weights are not used): what
+    ``tvswitch merge --method adamerging --module`` runs.
+
+    ``inputs[task]`` are that task's unlabelled inputs (arrays in forward's order, rows
+    along the first axis), cut into seeded random batches of ``batch`` rows; ``base`` is
+    the base checkpoint unless the bundle embeds it; ``task_vectors`` saves decoding them
+    again where the caller has them. ``options`` go to ``adamerging`` (granularity, init,
+    steps, lr, normalize, log).
+    """
+    missing = [t for t in bundle.tasks if t not in inputs]
+    if missing:
+        raise TvswitchError("no unlabelled inputs for task %r of %s: AdaMerging needs some for every task"
+                            % (missing[0], bundle.path))
+    unknown = sorted(set(inputs) - set(bundle.tasks))
+    if unknown:
+        raise TvswitchError("inputs for task %r, which %s does not have (tasks: %s)"
+                            % (unknown[0], bundle.path, ", ".join(bundle.tasks)))
+    weights = resolve_base(bundle, base)
+    source = base if base is not None else bundle.embedded_base()
+    fixed = {n: source[n] for n in bundle.manifest["base"].get("other", [])}
+    taus = task_vectors if task_vectors is not None else task_vectors_from_bundle(bundle, base)
+    forward = bundle_forward(module, bundle, shared_names(taus), fixed)
+    batches = {t: unlabelled_batches(inputs[t], batch, seed, t) for t in bundle.tasks}
+    return adamerging(weights, {t: taus[t] for t in bundle.tasks}, batches, forward, **options)

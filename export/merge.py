@@ -8,15 +8,17 @@ weights themselves, because the runtime rebuilds ``base + delta`` in place.
 
 Only tensors present in every task vector are merged; task-specific tensors (heads) and
 tensors a bundle stores per task as-is (BatchNorm statistics) are the caller's to keep per
-task: ``task_vectors_from_bundle`` leaves the latter out and ``as_is_tensors`` gives one
-task's own. Tasks are keyed by name so EMR's per-task masks and
-rescalers can be stored next to the task they belong to in a bundle.
+task: ``task_vectors_from_bundle`` leaves the latter out, ``as_is_tensors`` gives one
+task's own and ``mean_statistics`` the mean over tasks of those that are statistics.
+Tasks are keyed by name so EMR's per-task masks and rescalers can be stored next to the
+task they belong to in a bundle.
 
 References: Ilharco et al. 2023 (task arithmetic), Yadav et al. 2023 (TIES: trim, elect
 sign, disjoint mean), Huang et al. 2024 (EMR: elect, mask, rescale).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from tvswitch.errors import TvswitchError
+from tvswitch.runtime.mix import check_weight
 from tvswitch.runtime.rebuild import CpuRebuilder
 
 if TYPE_CHECKING:
@@ -60,6 +64,7 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
 
 def task_arithmetic(task_vectors: TaskVectors, lam: float) -> TaskVector:
     """lambda * sum_t tau_t (Ilharco et al.): one scaling for all tasks."""
+    lam = check_weight(lam, "lambda")
     names = shared_names(task_vectors)
     out: TaskVector = {}
     for n in names:
@@ -75,6 +80,7 @@ def magnitude_threshold(tv: Mapping[str, np.ndarray], names: List[str], keep: fl
 
     Taken over the whole flattened task vector (all shared tensors together), as the
     TIES reference code trims: a tensor whose entries are all small can lose them all.
+    A ratio so small that it keeps no entry is refused: the merge would be the base.
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError("keep ratio must be in (0, 1], got %r" % keep)
@@ -83,7 +89,8 @@ def magnitude_threshold(tv: Mapping[str, np.ndarray], names: List[str], keep: fl
         return -1.0
     k = int(round(keep * flat.size))
     if k <= 0:
-        return float(np.inf)
+        raise ValueError("keep ratio %g keeps none of the %d entries of a task vector (the merge would be the "
+                         "base); a ratio of %.3g keeps one" % (keep, flat.size, 1.0 / flat.size))
     # k-th largest magnitude; entries strictly above it, plus ties at it, are kept.
     return float(np.partition(flat, flat.size - k)[flat.size - k])
 
@@ -98,6 +105,7 @@ def ties(task_vectors: TaskVectors, lam: float, keep: float = 0.2) -> TaskVector
     ``resolve_zero_signs(..., "majority")`` does; otherwise such an entry would be lost
     although some tasks moved it. (If that majority is itself zero the entry stays 0.)
     """
+    lam = check_weight(lam, "lambda")
     names = shared_names(task_vectors)
     thresholds = {t: magnitude_threshold(tv, names, keep) for t, tv in task_vectors.items()}
 
@@ -191,14 +199,39 @@ def _is_as_is(entry) -> bool:
     return entry is not None and entry.mode == "absolute" and all(t.kind == "raw" for t in entry.terms)
 
 
-def as_is_tensors(bundle: "Bundle", task: str) -> Dict[str, np.ndarray]:
-    """One task's own values of the tensors stored as-is, in the bundle's tensor dtype."""
+def as_is_tensors(bundle: "Bundle", task: str, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+    """One task's own values of the tensors stored as-is (or of ``names`` among them), in
+    the bundle's tensor dtype."""
     out = {}
-    for n in as_is_names(bundle):
+    for n in as_is_names(bundle) if names is None else names:
         term = bundle.entries(task)[n].terms[0]
         spec = bundle.shared_specs[n]
         out[n] = np.asarray(bundle.payload(term.values)).reshape(spec.shape).astype(spec.dtype)
     return out
+
+
+def statistics_names(bundle: "Bundle") -> List[str]:
+    """The tensors stored as-is that are statistics (BatchNorm running mean and variance,
+    other float buffers), i.e. all but those the exporter was told to keep per task with
+    ``--task-specific`` globs (per-task settings, such as heads of one shape)."""
+    patterns = bundle.manifest.get("scheme", {}).get("task_specific", [])
+    return [n for n in as_is_names(bundle) if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def mean_statistics(bundle: "Bundle") -> Dict[str, np.ndarray]:
+    """The mean over tasks of each statistic stored as-is (``statistics_names``).
+
+    A merged model serving no task in particular has no statistics of its own; the mean
+    of the tasks' is what weight averaging of whole checkpoints gives (model soups), an
+    approximation: BatchNorm statistics recomputed on data under the merged weights are
+    exact, and a model meant for one task takes that task's (``as_is_tensors``).
+    """
+    names = statistics_names(bundle)
+    acc = {n: np.zeros(bundle.shared_specs[n].shape, dtype=np.float64) for n in names}
+    for task in bundle.tasks:
+        for n, a in as_is_tensors(bundle, task, names).items():
+            acc[n] += a
+    return {n: (a / len(bundle.tasks)).astype(bundle.shared_specs[n].dtype) for n, a in acc.items()}
 
 
 def task_vectors_from_bundle(bundle: "Bundle", base: Optional[Mapping[str, np.ndarray]] = None,
@@ -228,7 +261,8 @@ class Coefficients:
     layer-wise: the merged delta is ``sum_t lambda_{t,l} tau_{t,l}``.
 
     Numpy only, so the CLI applies coefficients learned elsewhere (adamerging.py needs
-    torch) to any bundle's decoded task vectors. Saved as JSON or safetensors.
+    torch) to any bundle's decoded task vectors. Saved as JSON or safetensors. A value
+    that is not a finite number is refused (TvswitchError naming its task and tensor).
     """
 
     tasks: List[str]
@@ -241,6 +275,11 @@ class Coefficients:
                 or self.values.shape[1] not in (1, len(self.names)):
             raise ValueError("coefficients of shape %s do not fit %d tasks x (1 or %d tensors)"
                              % (list(self.values.shape), len(self.tasks), len(self.names)))
+        layer = self.values.shape[1] > 1
+        for i, task in enumerate(self.tasks):
+            for j, value in enumerate(self.values[i].tolist()):
+                check_weight(value, "the coefficient of task %r%s" % (task, " for tensor %r" % self.names[j]
+                                                                       if layer else ""))
 
     def coefficient(self, task: str, name: str) -> float:
         col = 0 if self.values.shape[1] == 1 else self.names.index(name)
@@ -291,11 +330,18 @@ class Coefficients:
         try:
             if path.endswith(".json"):
                 with open(path) as f:
-                    raw = json.load(f)
-                return cls(list(raw["tasks"]), list(raw["names"]), np.asarray(raw["coefficients"]))
-            with safe_open(path, framework="numpy") as f:
-                meta = f.metadata() or {}
-                return cls(json.loads(meta["tasks"]), json.loads(meta["names"]), f.get_tensor("coefficients"))
+                    raw = json.load(f)  # reads NaN and Infinity too: __post_init__ refuses them
+                tasks, names, values = list(raw["tasks"]), list(raw["names"]), np.asarray(raw["coefficients"],
+                                                                                          dtype=np.float32)
+            else:
+                with safe_open(path, framework="numpy") as f:
+                    meta = f.metadata() or {}
+                    tasks, names, values = json.loads(meta["tasks"]), json.loads(meta["names"]), \
+                        f.get_tensor("coefficients")
         except (KeyError, TypeError, ValueError, OSError, SafetensorError) as exc:
             raise ValueError("%s: not a coefficients file (JSON or safetensors with tasks, names and "
                              "coefficients: %s)" % (path, exc)) from None
+        try:
+            return cls(tasks, names, values)
+        except (ValueError, TvswitchError) as exc:
+            raise ValueError("%s: %s" % (path, exc)) from None

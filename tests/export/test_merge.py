@@ -195,13 +195,59 @@ def test_cli_merge_writes_the_merged_values(tmp_path, method, args, expected):
     _check_merged(load_file(str(out)), want, bundle, base, task)
 
 
-def test_cli_merge_needs_a_task_where_tensors_are_stored_as_is(tmp_path, capsys):
-    bundle, _, _ = _example_bundle(tmp_path, bits=8)
-    assert _cli("merge", bundle.path, "--method", "task_arithmetic", "--base", tmp_path / "base.safetensors",
-                "-o", tmp_path / "m.safetensors") == 2
-    err = capsys.readouterr().err
-    assert "stores 2 tensors per task as-is (e.g. pool.bn.running_mean)" in err and "--task" in err
-    assert not (tmp_path / "m.safetensors").exists()
+def test_cli_merge_without_a_task_averages_statistics_and_leaves_heads_out(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    bundle, base, _ = _example_bundle(tmp_path, bits=8)
+    out = tmp_path / "m.safetensors"
+    assert _cli("merge", bundle.path, "--method", "ties", "--lambda", "0.3", "--base", tmp_path / "base.safetensors",
+                "-o", out) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "left out 2 tensors that each task has its own of (e.g. head.bias)" in err and "--task NAME" in err
+    got = load_file(str(out))
+    assert not [n for n in got if n.startswith("head.")]
+    taus = merge.task_vectors_from_bundle(bundle, base)
+    for n, a in merge.apply_delta({n: base[n] for n in taus["detect"]}, merge.ties(taus, 0.3, 0.2)).items():
+        np.testing.assert_allclose(got[n], a, rtol=1e-5, atol=1e-6, err_msg=n)
+    for n in AS_IS:  # the statistics: each task's own, averaged
+        want = np.mean([merge.as_is_tensors(bundle, t)[n] for t in bundle.tasks], axis=0)
+        np.testing.assert_allclose(got[n], want, rtol=1e-6)
+        assert not np.allclose(got[n], base[n], atol=1e-3)
+    np.testing.assert_array_equal(got["pool.bn.num_batches_tracked"], base["pool.bn.num_batches_tracked"])
+
+
+def test_mean_statistics_leave_out_task_specific_globs(bundle_factory, checkpoints):
+    """A tensor kept per task by a --task-specific glob is a per-task setting, not a statistic:
+    no mean of it is written, only of the BatchNorm statistics."""
+    base, fts = checkpoints
+    bundle = bundle_factory(task_specific=["norm.*"])
+    assert sorted(merge.as_is_names(bundle)) == ["bn.running_mean", "norm.weight"]
+    assert merge.statistics_names(bundle) == ["bn.running_mean"]
+    mean = merge.mean_statistics(bundle)
+    assert list(mean) == ["bn.running_mean"]
+    np.testing.assert_allclose(mean["bn.running_mean"], np.mean([f["bn.running_mean"] for f in fts.values()], axis=0),
+                               atol=2e-3)  # stored as float16
+
+
+def test_ties_refuses_a_keep_ratio_that_keeps_nothing():
+    tvs = {"a": tv(w=[1.0, -2.0, 3.0]), "b": tv(w=[0.5, 0.5, 0.5])}
+    with pytest.raises(ValueError, match="keeps none of the 3 entries"):
+        merge.ties(tvs, 1.0, 0.1)
+    merge.ties(tvs, 1.0, 1 / 3)  # one entry each: fine
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf")])
+def test_non_finite_lambdas_and_coefficients_are_refused(lam):
+    from tvswitch.errors import TvswitchError
+
+    tvs = {"a": tv(w=[1.0]), "b": tv(w=[2.0])}
+    with pytest.raises(TvswitchError, match="lambda must be a finite number"):
+        merge.task_arithmetic(tvs, lam)
+    with pytest.raises(TvswitchError, match="lambda must be a finite number"):
+        merge.ties(tvs, lam)
+    with pytest.raises(TvswitchError, match="coefficient of task 'b' for tensor 'v' must be a finite number"):
+        merge.Coefficients(["a", "b"], ["w", "v"], [[0.1, 0.2], [0.3, lam]])
 
 
 def test_cli_emr_on_an_emr_bundle_is_the_bundles_own_rebuild(tmp_path):
