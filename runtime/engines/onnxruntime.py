@@ -170,6 +170,9 @@ class OnnxRuntimeEngine(Engine):
         binding = self._binding(slot)
         for name, a in arrays.items():
             binding.bind_cpu_input(name, a)
+        binding.clear_binding_outputs()  # else the last run's outputs are reused, sized for its batch
+        for name in self._outputs:
+            binding.bind_output(name)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own exception types for bad shapes or dtypes
