@@ -83,8 +83,9 @@ def nvrtc_module() -> Any:
         try:
             from cuda import nvrtc  # type: ignore[no-redef]
         except ImportError:
-            raise KernelBuildError("NVRTC needs cuda-python: pip install 'tvswitch[cuda,nvrtc12]' "
-                                   "(JetPack 4 has none: use prebuilt kernels, see docs/kernels.md)") from None
+            raise KernelBuildError("NVRTC needs cuda-python: pip install 'tvswitch[cuda,nvrtc12]' (on JetPack 5 "
+                                   "that is cuda-python 11.8, with JetPack's NVRTC 11.4; JetPack 4 has none: use "
+                                   "prebuilt kernels, see docs/jetson.md)") from None
     return nvrtc
 
 
@@ -104,7 +105,8 @@ def nvrtc_version() -> Tuple[int, int]:
     try:
         result = nvrtc.nvrtcVersion()
     except Exception as exc:  # noqa: BLE001 - a missing libnvrtc raises here, with types that vary by version
-        raise KernelBuildError("libnvrtc not found (%s): pip install nvidia-cuda-nvrtc-cu12" % exc) from None
+        raise KernelBuildError("libnvrtc not found (%s): pip install 'tvswitch[nvrtc12]' (JetPack 5: apt install "
+                               "cuda-nvrtc-11-4, not NVRTC 12)" % exc) from None
     major, minor = _check(nvrtc, "nvrtcVersion", result)
     return int(major), int(minor)
 

@@ -42,3 +42,35 @@ def test_doctor_states_the_floor_pip_enforces():
     m = re.fullmatch(r">=\s*(\d+)\.(\d+)", spec.strip())
     assert m, "requires-python %r is not a plain lower bound" % spec
     assert (int(m.group(1)), int(m.group(2))) == MIN_PYTHON
+
+
+def _extra(name, python):
+    """The requirements of pyproject's extra ``name`` that pip installs under ``python``."""
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    out = {}
+    for text in extras[name]:
+        req = requirements.Requirement(text)
+        if req.marker is None or req.marker.evaluate({"python_version": python, "extra": name}):
+            out[req.name] = req.specifier
+    return out
+
+
+@pytest.mark.parametrize("python", ["3.8", "3.9", "3.10", "3.11"])
+def test_the_cuda_extras_install_a_binding_that_exists_for_each_python(python):
+    """cuda-bindings 12 has no Python 3.8 wheels (pip install --dry-run fails under 3.8):
+    there the cuda extra is cuda-python 11.8 (cp38 wheels for x86_64 and aarch64), the one
+    JetPack 5's CUDA 11.4 driver runs, and the nvrtc12 extra adds nothing (cuda-python 11.8
+    loads NVRTC 11 only; JetPack 5's own 11.4 serves). Checked by `pip download
+    --python-version 3.8 --only-binary=:all: --platform manylinux2014_aarch64`, see
+    docs/jetson.md; this test keeps the markers that make it so."""
+    cuda, nvrtc = _extra("cuda", python), _extra("nvrtc12", python)
+    if python == "3.8":
+        assert list(cuda) == ["cuda-python"] and "11.8.2" in cuda["cuda-python"]
+        assert "11.8.6" not in cuda["cuda-python"]  # a shell over cuda-bindings 11.8.6, which has no cp38 wheels
+        assert nvrtc == {}
+    else:
+        assert list(cuda) == ["cuda-bindings"] and "12.9" in cuda["cuda-bindings"]
+        assert "13.0" not in cuda["cuda-bindings"]
+        assert list(nvrtc) == ["nvidia-cuda-nvrtc-cu12"]
