@@ -22,6 +22,20 @@ GIB = 1 << 30
 
 
 @dataclass(frozen=True)
+class KernelInstall:
+    """What to install for the CUDA kernels' Python route: the driver API, then NVRTC.
+
+    One row per JetPack line and one for x86 (``X86_INSTALL``); kernels/ and runtime/,
+    which cannot import this leaf, say the same in shorter words. The ``cuda`` and
+    ``nvrtc12`` extras pick their packages by Python version (pyproject.toml), so the same
+    extra is right on JetPack 5's Python 3.8 and on JetPack 6's 3.10.
+    """
+
+    driver: str
+    nvrtc: str
+
+
+@dataclass(frozen=True)
 class JetPackLine:
     """One JetPack release line: the software a device on it has and cannot change.
 
@@ -34,11 +48,13 @@ class JetPackLine:
     anything. ``tvswitch plan --reserve-mb`` replaces it with a figure measured on the
     user's own image.
 
-    The last four fields are the support matrix: ``cuda_python`` names the pip package
+    The last five fields are the support matrix: ``cuda_python`` names the pip package
     that gives Python the driver API ("" where none exists: JetPack 4 has pycuda and
     prebuilt fatbins only), ``nvrtc`` the NVRTC version Python can compile with ("" for
     none), ``trt_python`` whether TensorRT's bindings import in the Python tvswitch runs
-    on, ``ort_cuda`` whether an ONNX Runtime CUDA build exists for that Python.
+    on, ``ort_cuda`` whether an ONNX Runtime CUDA build exists for that Python, and
+    ``install`` what to install for the driver API and for NVRTC on that line (what
+    doctor advises; docs/jetson.md prints it).
     """
 
     name: str
@@ -53,6 +69,7 @@ class JetPackLine:
     nvrtc: str
     trt_python: bool
     ort_cuda: bool
+    install: KernelInstall
 
     @property
     def l4t_name(self) -> str:
@@ -64,19 +81,51 @@ class JetPackLine:
         return int(self.tensorrt.split(".")[0]) >= 10
 
 
+_PIP_CUDA12 = KernelInstall("pip install 'tvswitch[cuda]' (cuda-bindings 12)", "pip install 'tvswitch[nvrtc12]'")
+
+#: x86 with an NVIDIA driver of CUDA 12 or later
+X86_INSTALL = KernelInstall(
+    "pip install 'tvswitch[cuda]' (cuda-bindings 12 on Python 3.9+; Python 3.8 gets cuda-python 11.8)",
+    "pip install 'tvswitch[nvrtc12]' (Python 3.9+; cuda-python 11.8 on 3.8 loads NVRTC 11 only: "
+    "pip install nvidia-cuda-nvrtc-cu11 and put its lib folder on LD_LIBRARY_PATH)")
+
 JETPACK_LINES: Dict[str, JetPackLine] = {
     line.name: line
     for line in [
         JetPackLine("4.6", (32, 7), "18.04", (3, 6), "10.2", "8.2", "8.2", GIB,
-                    cuda_python="", nvrtc="", trt_python=False, ort_cuda=False),
+                    cuda_python="", nvrtc="", trt_python=False, ort_cuda=False,
+                    install=KernelInstall(
+                        "no cuda-python for CUDA 10.2: pip install pycuda (CUDA 10.2's nvcc on PATH)",
+                        "no NVRTC from Python: prebuilt fatbins (python -m tvswitch.kernels.build_fatbins "
+                        "--compiler nvcc --arch sm_53,sm_62)")),
+        # NVRTC 12's cubins need a CUDA 12 driver and JetPack 5's is 11.4, so NVRTC is
+        # JetPack's own, the CUDA 11 soname (libnvrtc.so.11.2) cuda-python 11.8 loads.
         JetPackLine("5.1", (35, 2), "20.04", (3, 8), "11.4", "8.6", "8.5", GIB + GIB // 4,
-                    cuda_python="cuda-python 11.8", nvrtc="11.4", trt_python=True, ort_cuda=True),
+                    cuda_python="cuda-python 11.8", nvrtc="11.4", trt_python=True, ort_cuda=True,
+                    install=KernelInstall(
+                        "pip install 'tvswitch[cuda]' under the system Python 3.8 (cuda-python 11.8)",
+                        "JetPack's NVRTC 11.4 (apt install cuda-nvrtc-11-4), not the nvrtc12 extra: "
+                        "NVRTC 12's code needs a CUDA 12 driver")),
         JetPackLine("6.0", (36, 2), "22.04", (3, 10), "12.2", "8.9", "8.6", GIB + GIB // 2,
-                    cuda_python="cuda-bindings 12", nvrtc="12", trt_python=True, ort_cuda=True),
+                    cuda_python="cuda-bindings 12", nvrtc="12", trt_python=True, ort_cuda=True, install=_PIP_CUDA12),
         JetPackLine("6.2", (36, 4), "22.04", (3, 10), "12.6", "9.3", "10.3", GIB + GIB // 2,
-                    cuda_python="cuda-bindings 12", nvrtc="12", trt_python=True, ort_cuda=True),
+                    cuda_python="cuda-bindings 12", nvrtc="12", trt_python=True, ort_cuda=True, install=_PIP_CUDA12),
     ]
 }
+
+
+def kernel_install(line: Optional[JetPackLine], is_jetson: bool) -> KernelInstall:
+    """The install advice for the CUDA kernels where ``line`` runs (x86 off Jetson).
+
+    A Jetson on a release no line covers gets the matrix to read, not another line's
+    packages: a wrong CUDA binding fails later and less clearly than no advice.
+    """
+    if line is not None:
+        return line.install
+    if not is_jetson:
+        return X86_INSTALL
+    see = "see the support matrix in docs/jetson.md for this L4T release"
+    return KernelInstall(see, see)
 
 
 def line_for_l4t(major: int, minor: int) -> Optional[JetPackLine]:
@@ -140,7 +189,10 @@ DEVICES: Dict[str, DeviceSpec] = {
            ("p2888-0003", "p2888-0004", "p2888-0008")),
         _d("agx-xavier-64gb", "Jetson AGX Xavier 64GB", "tegra194", (7, 2), 64, 136.5, "5.1", ("p2888-0005",)),
         _d("orin-nano-4gb", "Jetson Orin Nano 4GB", "tegra234", (8, 7), 4, 34.0, "6.2", ("p3767-0004",),
-           "51 GB/s in JetPack 6.2's MAXN_SUPER mode"),
+           "51 GB/s in JetPack 6.2's MAXN_SUPER mode: see orin-nano-4gb-super"),
+        # 64-bit LPDDR5 at 6400 MT/s in MAXN_SUPER (4266 MT/s before): NVIDIA's Super figure, 51 GB/s
+        _d("orin-nano-4gb-super", "Jetson Orin Nano 4GB (MAXN_SUPER)", "tegra234", (8, 7), 4, 51.0, "6.2",
+           note="the same module with JetPack 6.2's faster memory clock"),
         _d("orin-nano-8gb", "Jetson Orin Nano 8GB", "tegra234", (8, 7), 8, 68.0, "6.2", ("p3767-0003", "p3767-0005"),
            "102 GB/s in JetPack 6.2's MAXN_SUPER mode: see orin-nano-8gb-super"),
         _d("orin-nano-8gb-super", "Jetson Orin Nano 8GB (MAXN_SUPER)", "tegra234", (8, 7), 8, 102.0, "6.2",

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tvswitch.jetson import probes as _probes
-from tvswitch.jetson.devices import JETPACK_LINES, JetPackLine
+from tvswitch.jetson.devices import JETPACK_LINES, JetPackLine, kernel_install
 from tvswitch.jetson.platform import PlatformReport, detect, is_live_root
 
 #: The oldest Python the device-side code (runtime/, kernels/, jetson/, the CLI) supports;
@@ -82,25 +82,37 @@ def fastest_path(probe_list: Iterable[_probes.Probe]) -> Optional[Path]:
     probes = {p.name: p for p in probe_list}
     gpu = _ok(probes, "cuda-driver") or _ok(probes, "pycuda")
     cuda_rebuild = _ok(probes, "cuda-driver") and _ok(probes, "nvrtc")
+    via = _kernel_route(probes) if cuda_rebuild else ""
     trt = probes.get("tensorrt")
     cpu = "tvswitch CPU library (C, OpenMP)" if _ok(probes, CPU_REBUILD) else "numpy reference (slow: build the CPU library)"
     if trt is not None and trt.ok and gpu:
         if trt.data.get("device_refit") and cuda_rebuild:
-            return Path("tensorrt-device-refit", "CUDA kernel via cuda.bindings + NVRTC, into a device buffer",
+            return Path("tensorrt-device-refit", "CUDA kernel via %s, into a device buffer" % via,
                         "TensorRT %s, refit from device memory" % trt.version,
                         "no host copy: the kernel writes the buffer TensorRT refits from (DESIGN.md s. 7)")
-        rebuild = "CUDA kernel (cuda.bindings + NVRTC)" if cuda_rebuild else (
+        rebuild = "CUDA kernel via %s" % via if cuda_rebuild else (
             "CUDA kernel from a prebuilt fatbin via pycuda" if _ok(probes, "pycuda") else cpu)
         return Path("tensorrt-host-refit", rebuild, "TensorRT %s, refit from host memory" % trt.version,
                     "TensorRT before 10 refits only from host memory: one copy per switch")
     if _ok(probes, "onnxruntime:CUDAExecutionProvider") and cuda_rebuild:
-        return Path("onnxruntime-cuda", "CUDA kernel via cuda.bindings + NVRTC, into the bound buffers",
+        return Path("onnxruntime-cuda", "CUDA kernel via %s, into the bound buffers" % via,
                     "ONNX Runtime, CUDA provider, weights bound by IOBinding",
                     "weights are inputs: a rebuild is the only work a switch does")
     if _ok(probes, "onnxruntime:CPUExecutionProvider"):
         return Path("onnxruntime-cpu", cpu, "ONNX Runtime, CPU provider, weights bound by IOBinding",
                     "no usable GPU engine here" + ("" if gpu else " and no usable GPU"))
     return None
+
+
+def _kernel_route(probes: Dict[str, _probes.Probe]) -> str:
+    """``cuda-python 11.8.2 + NVRTC 11.4``: the binding and NVRTC the probes found.
+
+    JetPack 5 compiles through cuda-python 11.8 and NVRTC 11.4, JetPack 6 and x86 through
+    cuda-bindings 12 and NVRTC 12; the path names the one this machine (or line) has.
+    """
+    drv, nv = probes["cuda-driver"], probes["nvrtc"]
+    binding = drv.data.get("binding") or nv.data.get("binding") or "cuda-python"
+    return "%s + NVRTC %s" % (binding, nv.version) if nv.version else "%s + NVRTC" % binding
 
 
 def _board_python(line: JetPackLine) -> Tuple[int, int]:
@@ -133,10 +145,10 @@ def board_probes(line: JetPackLine) -> List[_probes.Probe]:
         _expected("onnxruntime:CPUExecutionProvider", True, src, ""),
         _expected("onnxruntime:CUDAExecutionProvider", system_ok, "%s: the Jetson Zoo wheel for JetPack %s" % (src, line.name),
                   "%s: no ONNX Runtime CUDA build for Python %s (the Jetson Zoo's are for %s)" % (src, py, system)),
-        _expected("cuda-driver", bool(line.cuda_python), "%s: %s" % (src, line.cuda_python),
-                  "%s: no cuda-python exists for CUDA %s" % (src, line.cuda)),
-        _expected("nvrtc", bool(line.nvrtc), "%s: NVRTC %s" % (src, line.nvrtc),
-                  "%s: no NVRTC reachable from Python (the kernels are prebuilt fatbins)" % src),
+        _expected("cuda-driver", bool(line.cuda_python), "%s: %s" % (src, line.install.driver),
+                  "%s: %s" % (src, line.install.driver), data={"binding": line.cuda_python}),
+        _expected("nvrtc", bool(line.nvrtc), "%s: %s" % (src, line.install.nvrtc),
+                  "%s: %s" % (src, line.install.nvrtc), line.nvrtc),
         _expected("pycuda", not line.cuda_python, "%s: pycuda built against CUDA %s loads the prebuilt fatbins"
                   % (src, line.cuda), "%s: not needed, %s gives the driver API" % (src, line.cuda_python)),
         _expected("tensorrt", system_ok, "%s: refit from %s memory" % (src, refit),
@@ -181,9 +193,16 @@ def advice(report: PlatformReport, probe_list: List[_probes.Probe], python: Opti
 
 
 def default_probes(report: PlatformReport) -> List[ProbeFn]:
-    """Every probe of this machine; TensorRT's reason names the system Python it was built for."""
-    return list(_probes.ALL_PROBES) + [
-        lambda: _probes.probe_tensorrt(report.python_system, report.versions.get("tensorrt"))]
+    """Every probe of this machine. The CUDA probes' advice is this machine's JetPack line's
+    (or x86's), TensorRT's reason names the system Python its bindings were built for."""
+    install = kernel_install(JETPACK_LINES.get(report.jetpack_line or ""), report.is_jetson)
+    return [
+        _probes.probe_onnxruntime,
+        lambda: _probes.probe_cuda_driver(install),
+        lambda: _probes.probe_nvrtc(install=install),
+        _probes.probe_pycuda,
+        lambda: _probes.probe_tensorrt(report.python_system, report.versions.get("tensorrt")),
+    ]
 
 
 def run_doctor(root: str, cpu_rebuild: ProbeFn, host_probes: Optional[Sequence[ProbeFn]] = None) -> DoctorReport:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from tvswitch.jetson.devices import DeviceSpec
+from tvswitch.jetson.devices import DeviceSpec, JetPackLine
 from tvswitch.jetson.errors import JetsonInputError
 
 MIB = 1 << 20
@@ -62,13 +62,22 @@ class BundleFacts:
 
 
 def facts_from_numbers(params: int, itemsize: int, tasks: int, bits_per_task: float, scheme: str = "what-if",
-                       query_nbytes: int = 0) -> BundleFacts:
-    """Facts for a bundle not exported yet: ``params`` shared weights of ``itemsize`` bytes, no heads."""
+                       query_nbytes: int = 0, shared_bits: float = 0.0) -> BundleFacts:
+    """Facts for a bundle not exported yet: ``params`` shared weights of ``itemsize`` bytes, no heads.
+
+    Each task stores ``bits_per_task`` bits a weight of its own; ``shared_bits`` are those of
+    a vector every task shares (RTVQ's base vector: 3 bits, with 2-bit offsets per task).
+    Every switch reads the shared vector, so a one-task switch reads
+    ``bits_per_task + shared_bits`` bits a weight, not the per-task average.
+    """
     if tasks <= 0 or params <= 0 or itemsize <= 0 or bits_per_task <= 0:
         raise JetsonInputError("a what-if plan needs positive weights, tasks and bits per weight")
-    packed = int(round(params * bits_per_task * tasks / 8.0))
+    if shared_bits < 0:
+        raise JetsonInputError("a what-if plan's shared bits per weight cannot be negative")
+    packed = int(round(params * (bits_per_task * tasks + shared_bits) / 8.0))
+    one = int(round(params * (bits_per_task + shared_bits) / 8.0))
     return BundleFacts(tasks, scheme, params, params * itemsize, packed, packed, tasks * params * 2, query_nbytes,
-                       task_read_nbytes=packed // tasks, mix_read_nbytes=packed)
+                       task_read_nbytes=one, mix_read_nbytes=packed)
 
 
 @dataclass
@@ -86,6 +95,10 @@ class Plan:
     switch_one_bytes: int
     switch_mix_bytes: int
     assumptions: List[str] = field(default_factory=list)
+    #: the engine cannot run on the device's JetPack line as shipped (docs/jetson.md's matrix)
+    warnings: List[str] = field(default_factory=list)
+    #: what the engine costs there beyond these figures
+    notes: List[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -149,7 +162,36 @@ class Plan:
                 "all_tasks_mix_ms": self.switch_mix_ms,
             },
             "assumptions": self.assumptions,
+            "warnings": self.warnings,
+            "notes": self.notes,
         }
+
+
+def engine_support(engine: str, line: Optional[JetPackLine]) -> Tuple[List[str], List[str]]:
+    """(warnings, notes) of ``engine`` on ``line``, from the support matrix of ``devices``.
+
+    A warning means the engine does not run there as shipped; a plan is still printed,
+    since a user may build what is missing (TensorRT's bindings for Python 3.8 on a
+    Nano), but it must not read as a deployment that works.
+    """
+    if line is None:
+        return [], []
+    warnings, notes = [], []  # type: List[str], List[str]
+    py = "%d.%d" % line.python
+    if engine == "tensorrt":
+        if not line.trt_python:
+            warnings.append("TensorRT does not run with tvswitch on JetPack %s: TensorRT %s's Python bindings are "
+                            "built for Python %s, which tvswitch does not run on; serve with --engine onnxruntime "
+                            "(CPU), or build TensorRT's bindings for Python 3.8 yourself (docs/jetson.md)"
+                            % (line.name, line.tensorrt, py))
+        elif not line.device_refit:
+            notes.append("TensorRT %s on JetPack %s refits from host memory only: every switch also copies the "
+                         "rebuilt weights into the engine, which the switch floor below leaves out"
+                         % (line.tensorrt, line.name))
+    elif engine == "onnxruntime" and not line.ort_cuda:
+        notes.append("ONNX Runtime on JetPack %s has no CUDA build for the Python tvswitch runs on: it serves "
+                     "from the CPU" % line.name)
+    return warnings, notes
 
 
 def make_plan(
@@ -159,11 +201,12 @@ def make_plan(
     workspace_bytes: Optional[int] = None,
     reserve_bytes: Optional[int] = None,
     available_bytes: Optional[int] = None,
+    available_source: str = "MemAvailable now",
 ) -> Plan:
     """The plan of ``facts`` on ``device``.
 
-    ``available_bytes`` (``--device this``: MemAvailable measured now) replaces the
-    table's DRAM minus the JetPack line's assumed reserve.
+    ``available_bytes`` (``--device this``: what is free now, ``available_source`` says
+    how it was counted) replaces the table's DRAM minus the JetPack line's assumed reserve.
     """
     if engine not in ENGINES:
         raise JetsonInputError("unknown engine %r; choose one of %s" % (engine, ", ".join(ENGINES)))
@@ -186,7 +229,7 @@ def make_plan(
     total = sum(n for _, n in memory)
 
     if available_bytes is not None:
-        budget, source = available_bytes, "MemAvailable now"
+        budget, source = available_bytes, available_source
     else:
         line = device.line
         if reserve_bytes is None:
@@ -205,6 +248,7 @@ def make_plan(
     rw = 2 * facts.base_nbytes  # read the base, write the weights
     if not device.measured:
         assumptions.append("switch floor at the data sheet's peak bandwidth; a copy reaches 60-80 % of it")
+    warnings, notes = engine_support(engine, device.line)
     return Plan(device, facts, engine, memory, total, budget, source, flash, facts.fp16_checkpoints_nbytes, rw + one,
-                rw + mix, assumptions)
+                rw + mix, assumptions, warnings, notes)
 

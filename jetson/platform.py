@@ -50,6 +50,8 @@ class PlatformReport:
         d["python_system"] = self.python_system
         if self.clocks is not None:
             d["clocks"]["at_max"] = self.clocks.at_max
+        if self.memory is not None:
+            d["memory"]["usable_bytes"] = self.memory.usable_bytes
         return d
 
 

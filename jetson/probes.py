@@ -13,7 +13,9 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from tvswitch.jetson.devices import KernelInstall, kernel_install
 
 #: The Jetson GPU targets (Nano, TX2, Xavier, Orin) that NVRTC must compile for.
 JETSON_TARGETS: Tuple[Tuple[int, int], ...] = ((5, 3), (6, 2), (7, 2), (8, 7))
@@ -178,19 +180,41 @@ def probe_tensorrt(system_python: Optional[str] = None, system_trt: Optional[str
 
 def _cuda_bindings(module: str) -> Tuple[Optional[Any], str]:
     mod, why = _import("cuda.bindings." + module)
-    if mod is None:  # cuda-python before 12.6 named them cuda.cuda / cuda.nvrtc
+    if mod is None:  # cuda-python before 12.6 (11.8 on JetPack 5) named them cuda.cuda / cuda.nvrtc
         legacy, _ = _import("cuda." + ("cuda" if module == "driver" else module))
         if legacy is not None:
             return legacy, ""
     return mod, why
 
 
-def probe_cuda_driver() -> Probe:
-    """cuInit, the device count, and each device's name and compute capability."""
+def binding_name(module: Any) -> str:
+    """``cuda-bindings 12.9.0`` or ``cuda-python 11.8.2``: the package a user would pin.
+
+    The namespace says which: ``cuda.bindings.*`` is cuda-bindings (12.6 on), ``cuda.cuda``
+    the older cuda-python, the one JetPack 5's Python 3.8 can have.
+    """
+    if module.__name__.startswith("cuda.bindings"):
+        pkg, _ = _import("cuda.bindings")
+        return ("cuda-bindings " + getattr(pkg, "__version__", "?")).strip()
+    pkg, _ = _import("cuda")
+    return ("cuda-python " + getattr(pkg, "__version__", "?")).strip()
+
+
+def _default_install() -> KernelInstall:
+    return kernel_install(None, is_jetson=False)
+
+
+def probe_cuda_driver(install: Optional[KernelInstall] = None) -> Probe:
+    """cuInit, the device count, and each device's name and compute capability.
+
+    ``install`` is the advice of the JetPack line (or x86) this runs on, for the reason
+    when the binding is missing.
+    """
     drv, why = _cuda_bindings("driver")
     if drv is None:
-        return Probe("cuda-driver", False, reason="cuda.bindings not importable (%s); pip install "
-                     "'tvswitch[cuda]' (x86, JetPack 5/6; JetPack 4 has no cuda-python: see pycuda)" % why)
+        return Probe("cuda-driver", False, reason="cuda-python not importable (%s); %s"
+                     % (why, (install or _default_install()).driver))
+    binding = binding_name(drv)
     try:
         (err,) = drv.cuInit(0)
         if int(err) != 0:
@@ -211,7 +235,7 @@ def probe_cuda_driver() -> Probe:
         return Probe("cuda-driver", False, reason="the driver loads but reports no CUDA device")
     v = "%d.%d" % (version // 1000, version % 1000 // 10)
     gpus = ", ".join("%s (sm_%d%d)" % (d["name"], d["cc"][0], d["cc"][1]) for d in devices)
-    return Probe("cuda-driver", True, v, gpus, data={"devices": devices})
+    return Probe("cuda-driver", True, v, "%s through %s" % (gpus, binding), data={"devices": devices, "binding": binding})
 
 
 def _err_name(mod: Any, err: Any) -> str:
@@ -221,17 +245,20 @@ def _err_name(mod: Any, err: Any) -> str:
         return str(err)
 
 
-def probe_nvrtc(targets: Tuple[Tuple[int, int], ...] = JETSON_TARGETS) -> Probe:
+def probe_nvrtc(targets: Tuple[Tuple[int, int], ...] = JETSON_TARGETS,
+                install: Optional[KernelInstall] = None) -> Probe:
     """NVRTC's version and a real compile to cubin for each target (no GPU needed)."""
+    install = install or _default_install()
     nvrtc, why = _cuda_bindings("nvrtc")
     if nvrtc is None:
-        return Probe("nvrtc", False, reason="cuda.bindings not importable (%s); pip install 'tvswitch[cuda,nvrtc12]'" % why)
+        return Probe("nvrtc", False, reason="cuda-python not importable (%s); %s, then %s"
+                     % (why, install.driver, install.nvrtc))
     try:
         err, major, minor = nvrtc.nvrtcVersion()
         if int(err) != 0:
             return Probe("nvrtc", False, reason="nvrtcVersion failed: %s" % err)
     except Exception as exc:  # noqa: BLE001 - the library itself is found at first call
-        return Probe("nvrtc", False, reason="libnvrtc not found (%s); pip install nvidia-cuda-nvrtc-cu12" % _why(exc))
+        return Probe("nvrtc", False, reason="libnvrtc not found (%s); %s" % (_why(exc), install.nvrtc))
     compiled, failed = [], {}  # type: List[str], Dict[str, str]
     for cc in targets:
         sm = "sm_%d%d" % cc
@@ -247,7 +274,8 @@ def probe_nvrtc(targets: Tuple[Tuple[int, int], ...] = JETSON_TARGETS) -> Probe:
     if failed:
         detail += "; not for " + " ".join(sorted(failed)) + (
             " (CUDA 13 dropped sm_53/62/72: use the cu12 NVRTC wheel)" if major >= 13 else "")
-    return Probe("nvrtc", True, version, detail, data={"compiled": compiled, "failed": failed})
+    return Probe("nvrtc", True, version, detail, data={"compiled": compiled, "failed": failed,
+                                                       "binding": binding_name(nvrtc)})
 
 
 def _compile(nvrtc: Any, sm: str) -> Tuple[bool, str]:
@@ -285,5 +313,3 @@ def probe_pycuda() -> Probe:
     return Probe("pycuda", count > 0, getattr(ver, "VERSION_TEXT", "?"), detail,
                  reason="" if count else "no CUDA device")
 
-
-ALL_PROBES: List[Callable[[], Any]] = [probe_onnxruntime, probe_cuda_driver, probe_nvrtc, probe_pycuda]

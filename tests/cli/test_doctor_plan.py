@@ -9,7 +9,9 @@ import pytest
 from tvswitch.cli import main
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "jetson", "fixtures")
-WHAT_IF = ["--params", "22.7e6", "--tasks", "8", "--bits", "2.375"]
+#: RTVQ's defaults on 8 tasks: a 3-bit base vector all share, 2-bit offsets each
+WHAT_IF = ["--params", "22.7e6", "--tasks", "8", "--bits", "2", "--base-bits", "3"]
+TREES = ["nano-4gb-jp46", "xavier-nx-jp51", "agx-orin-64gb-jp60", "orin-nano-8gb-jp62"]
 PROBES = {"onnxruntime", "onnxruntime:CPUExecutionProvider", "cuda-driver", "nvrtc", "pycuda", "tensorrt", "cpu-rebuild"}
 
 
@@ -58,7 +60,89 @@ def test_doctor_text_on_a_tree_says_nothing_ran(capsys):
     assert "line      JetPack 4.6 (L4T R32.7+, Ubuntu 18.04): CUDA 10.2, cuDNN 8.2, TensorRT 8.2, Python 3.6" in out
 
 
-@pytest.mark.parametrize("device,ms", [("nano-4gb", 7.36), ("orin-nano-8gb", 2.77)])
+# (tree, clocks line, memory line): the fixtures' sysfs clocks and /proc/meminfo, as text
+DOCTOR_TEXT = {
+    "nano-4gb-jp46": ("CPU 2 cores at 918 MHz (caps 918 MHz), GPU at 76.8 MHz (cap 640 MHz): below the power "
+                      "mode's max",
+                      "3.87 GiB total, 3.01 GiB usable (MemAvailable 2.98 GiB + NvMap's unused page pool 26.77 MiB), "
+                      "2.35 GiB free, NvMap holds 187.37 MiB"),
+    "xavier-nx-jp51": ("CPU 6 cores at 1420.8 MHz (caps 1420.8 MHz), GPU at 1109.25 MHz (cap 1109.25 MHz): at the "
+                       "power mode's max",
+                       "7.41 GiB total, 6.32 GiB usable (MemAvailable 6.32 GiB + NvMap's unused page pool 0 B), "
+                       "5.64 GiB free, NvMap holds 101.28 MiB"),
+    "agx-orin-64gb-jp60": ("CPU 12 cores at 2201.6 MHz (caps 2201.6 MHz), GPU at 1300.5 MHz (cap 1300.5 MHz): at "
+                           "the power mode's max",
+                           "61.01 GiB total, 58.10 GiB usable (MemAvailable), 56.66 GiB free"),
+    "orin-nano-8gb-jp62": ("CPU 6 cores at 729.6 MHz (caps 1728 MHz), GPU at 306 MHz (cap 1020 MHz): below the "
+                           "power mode's max: `sudo jetson_clocks`",
+                           "7.44 GiB total, 5.82 GiB usable (MemAvailable), 4.69 GiB free"),
+}
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_doctor_text_shows_clocks_and_free_memory(capsys, tree):
+    """The text says what --json says: clocks against the mode's caps, and what is free."""
+    clocks, memory = DOCTOR_TEXT[tree]
+    assert main(["doctor", "--root", os.path.join(FIX, tree)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("clocks    " + clocks) for line in lines), lines
+    assert "memory    " + memory in lines
+    assert main(["doctor", "--json", "--root", os.path.join(FIX, tree)]) == 0
+    d = json.loads(capsys.readouterr().out)["platform"]
+    assert d["clocks"]["at_max"] == ("at the power mode's max" in clocks)
+
+
+@pytest.mark.parametrize("tree,fastest,route", [
+    ("nano-4gb-jp46", "onnxruntime-cpu", "tvswitch CPU library"),
+    ("xavier-nx-jp51", "tensorrt-host-refit", "CUDA kernel via cuda-python 11.8 + NVRTC 11.4"),
+    ("agx-orin-64gb-jp60", "tensorrt-host-refit", "CUDA kernel via cuda-bindings 12 + NVRTC 12"),
+    ("orin-nano-8gb-jp62", "tensorrt-device-refit", "CUDA kernel via cuda-bindings 12 + NVRTC 12"),
+])
+def test_doctor_text_names_each_boards_fastest_path(capsys, tree, fastest, route):
+    assert main(["doctor", "--root", os.path.join(FIX, tree)]) == 0
+    out = capsys.readouterr().out
+    assert "fastest path on that board: %s\n  rebuild: %s" % (fastest, route) in out
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_plan_this_on_every_tree_is_its_row_on_the_detected_line(capsys, tree):
+    """The row gives bandwidth and DRAM; the JetPack line (reserve, engine support) is the one
+    detected there, not the row's last line: the AGX Orin tree runs JetPack 6.0."""
+    from tvswitch.jetson.devices import JETPACK_LINES, lookup
+    from tvswitch.jetson.platform import detect
+
+    root = os.path.join(FIX, tree)
+    r = detect(root)
+    assert main(["plan", "--device", "this", "--root", root, "--engine", "tensorrt", "--json"] + WHAT_IF) == 0
+    d = json.loads(capsys.readouterr().out)
+    row, line = lookup(r.device_key), JETPACK_LINES[r.jetpack_line]
+    assert d["device"]["key"] == row.key and d["device"]["jetpack"] == line.name
+    assert d["switch_floor"]["bandwidth_gbs"] == row.bandwidth_gbs
+    assert d["memory_budget_bytes"] == row.dram_bytes - line.reserve_bytes
+    assert bool(d["warnings"]) == (not line.trt_python)
+    assert main(["plan", "--device", "this", "--root", root] + WHAT_IF) == 0
+    assert "JetPack %s, %.1f GB/s peak" % (line.name, row.bandwidth_gbs) in capsys.readouterr().out
+
+
+def test_plan_on_the_jetpack_6_0_orin_says_6_0_and_host_refit(capsys):
+    assert main(["plan", "--device", "this", "--root", os.path.join(FIX, "agx-orin-64gb-jp60"),
+                 "--engine", "tensorrt"] + WHAT_IF) == 0
+    out = capsys.readouterr().out
+    assert "JetPack 6.0" in out and "JetPack 6.2" not in out
+    assert "note: TensorRT 8.6 on JetPack 6.0 refits from host memory only" in out
+
+
+def test_plan_tensorrt_on_a_nano_warns(capsys):
+    assert main(["plan", "--device", "nano-4gb", "--engine", "tensorrt"] + WHAT_IF) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("WARNING: TensorRT does not run with tvswitch on JetPack 4.6")
+    assert main(["plan", "--device", "orin-nano-8gb", "--engine", "tensorrt"] + WHAT_IF) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+# one task reads the base (4 bytes), its 2-bit offsets and the 3-bit base vector, and
+# writes the weights: 22.7e6 * (8 + 5/8) bytes at 25.6 and 68 GB/s
+@pytest.mark.parametrize("device,ms", [("nano-4gb", 7.648), ("orin-nano-8gb", 2.879)])
 def test_plan_what_if(capsys, device, ms):
     assert main(["plan", "--device", device, "--json"] + WHAT_IF) == 0
     d = json.loads(capsys.readouterr().out)
@@ -86,8 +170,11 @@ def test_plan_this_on_a_tree_is_that_boards_table_row(capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["plan", "--device", "nano-4gb", "--params", "22.7e6", "--tasks", "0", "--bits", "2.375"], "--tasks must be positive"),
+    (["plan", "--device", "nano-4gb", "--params", "22.7e6", "--tasks", "0", "--bits", "2"], "--tasks must be positive"),
     (["plan", "--device", "nano-4gb", "--params", "22.7e6", "--tasks", "8", "--bits", "0"], "--bits must be positive"),
+    (["plan", "--device", "nano-4gb", "--params", "22.7e6", "--tasks", "8", "--bits", "2", "--base-bits", "-3"],
+     "--base-bits cannot be negative"),
+    (["plan", "x.tvs", "--device", "nano-4gb", "--base-bits", "3"], "not both"),
     (["plan", "--device", "nano-4gb", "--params", "0", "--tasks", "8", "--bits", "2"], "--params must be positive"),
     (["plan", "--device", "nano-4gb", "--reserve-mb", "-100"] + WHAT_IF, "--reserve-mb cannot be negative"),
     (["plan", "--device", "nano-4gb", "--workspace-mb", "-1"] + WHAT_IF, "--workspace-mb cannot be negative"),
@@ -143,3 +230,31 @@ def _tiny_bundle(tmp_path):
     path = str(tmp_path / "tiny.tvs")
     export_bundle(base, tasks, path, name="rtvq")
     return path
+
+
+def test_what_if_rtvq_plans_what_a_real_rtvq_bundle_plans(capsys, tmp_path):
+    """The what-if of an RTVQ bundle (--bits 2 --base-bits 3) reads what the exported bundle
+    reads on a switch: one task pulls the shared base vector too. The per-task average alone
+    (the old what-if) left that out."""
+    np = pytest.importorskip("numpy")
+    from tvswitch.export.exporter import export_bundle
+
+    rng = np.random.default_rng(1)
+    base = {"w": rng.standard_normal((512, 256)).astype(np.float32), "b": np.zeros(256, np.float32)}
+    tasks = {t: {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+             for t in ("a", "b", "c", "d")}
+    path = str(tmp_path / "rtvq.tvs")
+    export_bundle(base, tasks, path, name="rtvq")
+    assert main(["plan", path, "--device", "nano-4gb", "--json"]) == 0
+    real = json.loads(capsys.readouterr().out)
+    params = real["bundle"]["num_shared_params"]
+    what_if = ["--params", str(params), "--tasks", "4", "--bits", "2"]
+    assert main(["plan", "--device", "nano-4gb", "--json", "--base-bits", "3"] + what_if) == 0
+    planned = json.loads(capsys.readouterr().out)
+    for key in ("one_task_bytes", "all_tasks_mix_bytes"):
+        assert planned["switch_floor"][key] == pytest.approx(real["switch_floor"][key], rel=0.005), key
+    assert planned["bundle"]["packed_nbytes"] == pytest.approx(real["bundle"]["packed_nbytes"], rel=0.01)
+    # the per-task average without the shared vector undercounts one task by more than 3 %
+    assert main(["plan", "--device", "nano-4gb", "--json", "--bits", "2.75"] + what_if[:-2]) == 0
+    average = json.loads(capsys.readouterr().out)
+    assert average["switch_floor"]["one_task_bytes"] < 0.97 * real["switch_floor"]["one_task_bytes"]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tvswitch.jetson.devices import DEVICES, JETPACK_LINES
+from tvswitch.jetson.devices import DEVICES, JETPACK_LINES, X86_INSTALL
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "jetson.md")
 
@@ -56,7 +56,17 @@ def test_the_support_matrix_is_the_codes(name):
     assert (line.cuda_python or "pycuda") in kernels
     assert ("NVRTC %s" % line.nvrtc in kernels) if line.nvrtc else "NVRTC" not in kernels
     refit = cell["TensorRT refit"]
-    if line.python < (3, 8):
+    if not line.trt_python:  # what plan --engine tensorrt warns about
         assert refit.startswith("no")
     else:
         assert ("from device memory (%s)" if line.device_refit else "from host memory (%s)") % line.tensorrt == refit
+
+
+def test_the_install_table_is_the_codes():
+    """The install advice doctor prints is the docs' table, line by line and for x86."""
+    header, *rows = table_after("## Installing the CUDA kernels' bindings")
+    assert header == ["", "driver API", "NVRTC"]
+    got = {r[0]: r[1:] for r in rows}
+    want = {"JetPack " + name: [line.install.driver, line.install.nvrtc] for name, line in JETPACK_LINES.items()}
+    want["x86"] = [X86_INSTALL.driver, X86_INSTALL.nvrtc]
+    assert got == want

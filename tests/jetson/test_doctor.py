@@ -123,3 +123,42 @@ def test_tensorrt_probe_names_the_system_python_it_was_built_for(monkeypatch):
     running = "%d.%d.0" % tuple(__import__("sys").version_info[:2])
     same = probes.probe_tensorrt(running, "10.3.0")
     assert "--system-site-packages" in same.reason
+
+
+@pytest.mark.parametrize("tree,route", [("xavier-nx-jp51", "cuda-python 11.8 + NVRTC 11.4"),
+                                        ("agx-orin-64gb-jp60", "cuda-bindings 12 + NVRTC 12"),
+                                        ("orin-nano-8gb-jp62", "cuda-bindings 12 + NVRTC 12")])
+def test_the_fastest_path_names_the_lines_binding(tree, route):
+    """JetPack 5 compiles through cuda-python 11.8 and NVRTC 11.4, not cuda.bindings + NVRTC 12."""
+    r = doctor.run_doctor(os.path.join(FIX, tree), cpu_rebuild=lambda: CPU)
+    assert r.fastest.rebuild == "CUDA kernel via %s" % route or r.fastest.rebuild.startswith(
+        "CUDA kernel via %s," % route)
+
+
+def test_a_live_route_names_the_binding_package_found():
+    got = doctor.fastest_path([ORT_CPU, CPU, P("cuda-driver", binding="cuda-python 11.8.2"),
+                               P("nvrtc", version="11.4"), P("tensorrt", version="8.5.2", device_refit=False)])
+    assert got.rebuild == "CUDA kernel via cuda-python 11.8.2 + NVRTC 11.4"
+
+
+@pytest.mark.parametrize("name", sorted(JETPACK_LINES))
+def test_board_probes_give_the_lines_install_advice(name):
+    line = JETPACK_LINES[name]
+    found = {p.name: p for p in doctor.board_probes(line)}
+    for probe, advice in (("cuda-driver", line.install.driver), ("nvrtc", line.install.nvrtc)):
+        p = found[probe]
+        assert advice in (p.detail if p.ok else p.reason)
+    if line.nvrtc:  # a line whose NVRTC is CUDA 11 must not be told to install NVRTC 12
+        assert ("install 'tvswitch[nvrtc12]'" in line.install.nvrtc) == line.nvrtc.startswith("12")
+
+
+def test_live_probes_advise_for_the_line_they_run_on(monkeypatch):
+    """On a JetPack 5 board without cuda-python, the advice is cuda-python 11.8 and JetPack's NVRTC."""
+    monkeypatch.setattr(probes, "_import", lambda name: (None, "ModuleNotFoundError: No module named 'cuda'"))
+    jp5 = JETPACK_LINES["5.1"].install
+    drv = probes.probe_cuda_driver(jp5)
+    nv = probes.probe_nvrtc(install=jp5)
+    assert "cuda-python 11.8" in drv.reason and "tvswitch[cuda]" in drv.reason
+    assert "cuda-nvrtc-11-4" in nv.reason and "not the nvrtc12 extra" in nv.reason
+    x86 = probes.probe_cuda_driver()
+    assert "cuda-bindings 12" in x86.reason

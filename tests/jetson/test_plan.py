@@ -2,7 +2,7 @@
 import pytest
 
 from tvswitch.jetson import plan
-from tvswitch.jetson.devices import GIB, lookup
+from tvswitch.jetson.devices import GIB, JETPACK_LINES, lookup
 from tvswitch.jetson.errors import JetsonInputError
 
 P = 22_700_000
@@ -76,3 +76,39 @@ def test_json_carries_the_figures():
     d = p.to_dict()
     assert d["fits"] is True and d["switch_floor"]["one_task_ms"] == p.switch_one_ms
     assert d["flash"]["total_bytes"] == p.flash_bytes and d["flash"]["saving_with_base"] == p.flash_saving
+
+
+def test_a_shared_base_vector_is_read_by_every_switch():
+    """RTVQ: 3-bit base vector shared by all tasks, 2-bit offsets each. One task reads both
+    (5 bits a weight), not the 2.375-bit average; the mix reads every payload once."""
+    rtvq = plan.facts_from_numbers(P, 4, 8, 2.0, shared_bits=3.0)
+    assert rtvq.bits_per_weight_per_task == pytest.approx(2.375, rel=1e-6)
+    assert rtvq.packed_nbytes == pytest.approx(P * (8 * 2 + 3) / 8, abs=1)
+    assert rtvq.task_read_nbytes == pytest.approx(P * 5 / 8, abs=1)
+    assert rtvq.mix_read_nbytes == rtvq.packed_nbytes
+    p = plan.make_plan(rtvq, lookup("nano-4gb"))
+    assert p.switch_one_bytes == pytest.approx(P * (8 + 5 / 8), abs=1)
+    # without a shared vector, one task reads its own share only
+    tvq = plan.facts_from_numbers(P, 4, 8, 2.0)
+    assert tvq.task_read_nbytes == pytest.approx(P * 2 / 8, abs=1)
+    with pytest.raises(JetsonInputError):
+        plan.facts_from_numbers(P, 4, 8, 2.0, shared_bits=-1)
+
+
+@pytest.mark.parametrize("name", sorted(JETPACK_LINES))
+def test_engine_warnings_follow_the_support_matrix(name):
+    line = JETPACK_LINES[name]
+    warnings, notes = plan.engine_support("tensorrt", line)
+    assert bool(warnings) == (not line.trt_python)
+    host_refit_note = any("refits from host memory" in n for n in notes)
+    assert host_refit_note == (line.trt_python and not line.device_refit)
+    warnings, notes = plan.engine_support("onnxruntime", line)
+    assert warnings == [] and bool(notes) == (not line.ort_cuda)
+    assert plan.engine_support("torch", line) == ([], [])
+
+
+def test_tensorrt_on_a_nano_is_planned_with_a_warning():
+    p = plan.make_plan(facts(), lookup("nano-4gb"), engine="tensorrt")
+    assert p.warnings and "TensorRT 8.2" in p.warnings[0] and "Python 3.6" in p.warnings[0]
+    assert p.to_dict()["warnings"] == p.warnings
+    assert plan.make_plan(facts(), lookup("orin-nano-8gb"), engine="tensorrt").warnings == []

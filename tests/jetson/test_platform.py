@@ -174,3 +174,42 @@ def test_memory_fallback_refuses_to_guess_between_modules():
     # 15.5 GiB on a Xavier: an NX 16GB (59.7 GB/s) or an AGX 16GB (136.5 GB/s)
     assert devices.match_board([], "tegra194", int(15.5 * gib)) is None
     assert devices.match_board([], "tegra194", int(31 * gib)).key == "agx-xavier-32gb"
+
+
+def _orin_nano_4gb(tmp_path, mode):
+    """The Orin Nano 8GB tree with a 4GB module's part number and memory, in power mode ``mode``."""
+    import shutil
+
+    root = tmp_path / "orin-nano-4gb"
+    shutil.copytree(os.path.join(FIX, "orin-nano-8gb-jp62"), str(root))
+    (root / "proc" / "device-tree" / "compatible").write_bytes(
+        b"nvidia,p3768-0000+p3767-0004-super\0nvidia,p3767-0004\0nvidia,tegra234\0")
+    (root / "proc" / "meminfo").write_text("MemTotal:        3735000 kB\nMemFree:   2000000 kB\n"
+                                           "MemAvailable:    2600000 kB\n")
+    (root / "var" / "lib" / "nvpmodel" / "status").write_text("pmode:%04d fmode:quiet\n" % mode)
+    return str(root)
+
+
+@pytest.mark.parametrize("mode,key,gbs", [(2, "orin-nano-4gb-super", 51.0), (0, "orin-nano-4gb", 34.0)])
+def test_orin_nano_4gb_in_maxn_super_gets_the_super_bandwidth(tmp_path, mode, key, gbs):
+    r = detect(_orin_nano_4gb(tmp_path, mode))
+    assert r.device_key == key and devices.lookup(key).bandwidth_gbs == gbs
+    assert devices.lookup(key).dram_bytes == 4 * 2 ** 30
+
+
+def test_every_super_row_is_its_module_faster():
+    for key, spec in devices.DEVICES.items():
+        if key.endswith("-super"):
+            plain = devices.lookup(key[:-len("-super")])
+            assert (spec.soc, spec.dram_bytes, spec.compute_capability) == (plain.soc, plain.dram_bytes,
+                                                                             plain.compute_capability)
+            assert spec.bandwidth_gbs == pytest.approx(plain.bandwidth_gbs * 1.5, rel=0.01)
+            assert "-super" in plain.note
+
+
+@pytest.mark.parametrize("name,usable_kb", [("nano-4gb-jp46", 3128712 + 27408), ("xavier-nx-jp51", 6627520),
+                                            ("orin-nano-8gb-jp62", 6103388), ("agx-orin-64gb-jp60", 60927104)])
+def test_usable_memory_adds_nvmaps_unused_pool(name, usable_kb):
+    m = detect(os.path.join(FIX, name)).memory
+    assert m.usable_bytes == usable_kb * 1024
+    assert detect(os.path.join(FIX, name)).to_dict()["memory"]["usable_bytes"] == usable_kb * 1024

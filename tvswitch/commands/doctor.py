@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List
+from typing import List, Sequence
 
 from tvswitch.commands._common import human_bytes
 from tvswitch.errors import TvswitchError
 from tvswitch.jetson import doctor
 from tvswitch.jetson.devices import JETPACK_LINES
 from tvswitch.jetson.errors import JetsonInputError
+from tvswitch.jetson.memory import MemoryInfo
+from tvswitch.jetson.power import Clocks
 from tvswitch.jetson.probes import Probe
 
 NAME = "doctor"
@@ -50,6 +52,44 @@ def _python_line(r: doctor.DoctorReport) -> str:
     return "python    the board's system Python %d.%d (%s; minimum %d.%d)" % (r.python + (verdict,) + doctor.MIN_PYTHON)
 
 
+def _mhz(values: Sequence[float]) -> str:
+    lo, hi = min(values), max(values)
+    return "%g MHz" % lo if lo == hi else "%g-%g MHz" % (lo, hi)
+
+
+def _clocks_text(c: Clocks) -> str:
+    """CPU and GPU clocks against the power mode's caps, and whether all sit at them.
+
+    A switch or an inference timed below the caps is slower than the board can run, so
+    the verdict names the fix (jetson_clocks pins every clock at its cap).
+    """
+    parts = []
+    if c.cpu_cur_khz:
+        parts.append("CPU %d cores at %s (caps %s)" % (len(c.cpu_cur_khz), _mhz([k / 1e3 for k in c.cpu_cur_khz]),
+                                                       _mhz([k / 1e3 for k in c.cpu_max_khz])))
+    if c.gpu_cur_hz is not None:
+        cap = " (cap %s)" % _mhz([c.gpu_max_hz / 1e6]) if c.gpu_max_hz is not None else ""
+        parts.append("GPU at %s%s" % (_mhz([c.gpu_cur_hz / 1e6]), cap))
+    verdict = {True: "at the power mode's max",
+               False: "below the power mode's max: `sudo jetson_clocks` pins them there before timing",
+               None: "whether at the power mode's max is unknown (a clock or cap was not readable)"}[c.at_max]
+    return "%s: %s" % (", ".join(parts), verdict)
+
+
+def _memory_text(m: MemoryInfo) -> str:
+    """Total, what a deployment can still allocate (and from what), free, and NvMap's share."""
+    text = "%s total, %s usable" % (human_bytes(m.total_bytes), human_bytes(m.usable_bytes))
+    if m.nvmap_free_bytes is not None:
+        text += " (MemAvailable %s + NvMap's unused page pool %s)" % (
+            human_bytes(m.available_bytes), human_bytes(m.nvmap_free_bytes))
+    else:
+        text += " (MemAvailable)"
+    text += ", %s free" % human_bytes(m.free_bytes)
+    if m.nvmap_used_bytes is not None:
+        text += ", NvMap holds %s" % human_bytes(m.nvmap_used_bytes)
+    return text
+
+
 def _platform_lines(r: doctor.DoctorReport) -> List[str]:
     p = r.platform
     lines = ["platform  " + p.summary]
@@ -63,10 +103,10 @@ def _platform_lines(r: doctor.DoctorReport) -> List[str]:
                 (line.name, line.l4t_name, line.ubuntu, line.cuda, line.cudnn, line.tensorrt) + line.python))
         if p.power_mode:
             lines.append("power     %s (id %d, from %s)" % (p.power_mode.name, p.power_mode.id, p.power_mode.source))
+        if p.clocks is not None and (p.clocks.cpu_cur_khz or p.clocks.gpu_cur_hz is not None):
+            lines.append("clocks    " + _clocks_text(p.clocks))
     if p.memory:
-        m = p.memory
-        extra = ", NvMap holds %s" % human_bytes(m.nvmap_used_bytes) if m.nvmap_used_bytes is not None else ""
-        lines.append("memory    %s total, %s available%s" % (human_bytes(m.total_bytes), human_bytes(m.available_bytes), extra))
+        lines.append("memory    " + _memory_text(p.memory))
     lines.append(_python_line(r))
     lines += ["note      " + note for note in p.notes]
     return lines

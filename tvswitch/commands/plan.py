@@ -9,6 +9,7 @@ own refusals are; the leaf's ``JetsonInputError`` becomes the CLI's ``TvswitchEr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any, Iterable, Optional, Set, Tuple
 
@@ -35,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=float, help="what-if: shared weights (e.g. 22.7e6)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_ITEMSIZE), help="what-if: base dtype")
     parser.add_argument("--tasks", type=int, help="what-if: number of tasks")
-    parser.add_argument("--bits", type=float, help="what-if: bits per weight per task (RTVQ 8 tasks: 2.375)")
+    parser.add_argument("--bits", type=float, help="what-if: bits per weight each task stores (TVQ: its code "
+                        "width; RTVQ: the offsets' width, 2 by default)")
+    parser.add_argument("--base-bits", type=float,
+                        help="what-if RTVQ: bits per weight of the base vector all tasks share and every switch "
+                             "reads (RTVQ's default is 3; leave it out for schemes without one)")
     parser.add_argument("--root", help="with --device this: plan for the board whose files are under this folder")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -70,7 +75,11 @@ def _what_if(args: argparse.Namespace) -> _plan.BundleFacts:
     for flag, value in (("--params", args.params), ("--tasks", args.tasks), ("--bits", args.bits)):
         if not value > 0:
             raise TvswitchError("%s must be positive, got %g" % (flag, value))
-    return _plan.facts_from_numbers(int(args.params), _ITEMSIZE[args.dtype], args.tasks, args.bits)
+    shared = args.base_bits or 0.0
+    if shared < 0:
+        raise TvswitchError("--base-bits cannot be negative, got %g" % shared)
+    return _plan.facts_from_numbers(int(args.params), _ITEMSIZE[args.dtype], args.tasks, args.bits,
+                                    scheme="what-if, shared base vector" if shared else "what-if", shared_bits=shared)
 
 
 def _mib(flag: str, value: Optional[float]) -> Optional[int]:
@@ -81,18 +90,21 @@ def _mib(flag: str, value: Optional[float]) -> Optional[int]:
     return int(value * _plan.MIB)
 
 
-def _device(args: argparse.Namespace) -> Tuple[DeviceSpec, Optional[int], str]:
-    """(device, MemAvailable to budget against or None, where the figures come from).
+def _device(args: argparse.Namespace) -> Tuple[DeviceSpec, Optional[int], str, str]:
+    """(device, bytes free to budget against or None, how those were counted, where the
+    figures come from).
 
     ``this`` on this machine is measured; ``this`` with a captured tree is the device
     table's row for the board found there, since this host's bandwidth and free memory
-    say nothing about that board.
+    say nothing about that board, but on the JetPack line detected there: the row names
+    the last line a module runs, and a board may run an older one (an AGX Orin on 6.0 has
+    TensorRT 8.6, not 6.2's 10.3).
     """
     if args.device != "this":
         if args.root is not None:
             raise TvswitchError("--root names the board for --device this; with --device %s it has no effect"
                                 % args.device)
-        return lookup(args.device), None, "the device table"
+        return lookup(args.device), None, "", "the device table"
     from tvswitch.jetson import bandwidth, platform
 
     root = "/" if args.root is None else args.root
@@ -102,9 +114,18 @@ def _device(args: argparse.Namespace) -> Tuple[DeviceSpec, Optional[int], str]:
         if matched is None:
             raise TvswitchError("--device this --root %s: the files there match no row of the device table (%s); "
                                 "give --device KEY" % (root, report.summary))
-        return matched, None, "the device table's %s row, the board found under %s" % (matched.key, root)
+        source = "the device table's %s row, the board found under %s" % (matched.key, root)
+        if report.jetpack_line is None:
+            source += " (its L4T release is in no JetPack line: the row's JetPack %s assumed)" % matched.jetpack
+        elif report.jetpack_line != matched.jetpack:
+            matched = dataclasses.replace(matched, jetpack=report.jetpack_line)
+        return matched, None, "", source
     device = platform.this_device(report, bandwidth.measure_copy_gbs(), matched)
-    return device, report.memory.available_bytes if report.memory else None, "measured on this machine"
+    m = report.memory
+    if m is None:
+        return device, None, "", "measured on this machine"
+    how = "MemAvailable + NvMap's unused page pool, now" if m.nvmap_free_bytes is not None else "MemAvailable now"
+    return device, m.usable_bytes, how, "measured on this machine"
 
 
 def format_text(plan: _plan.Plan, label: str, source: str) -> str:
@@ -117,8 +138,10 @@ def format_text(plan: _plan.Plan, label: str, source: str) -> str:
             d.name, ("JetPack " + d.jetpack) if d.jetpack else "no JetPack", d.bandwidth_gbs,
             "measured copy" if d.measured else "peak", plan.engine, source),
     ]
+    lines += ["WARNING: " + w for w in plan.warnings]
     if d.note:
         lines.append("note: " + d.note)
+    lines += ["note: " + n for n in plan.notes]
     lines += ["", "memory"]
     for name, n in plan.memory:
         lines.append("  %-34s %11s" % (name, human_bytes(n)))
@@ -154,15 +177,15 @@ def format_text(plan: _plan.Plan, label: str, source: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     what_if = (args.params, args.tasks, args.bits)
-    if args.bundle and any(v is not None for v in what_if):
-        raise TvswitchError("give a bundle or --params/--tasks/--bits, not both")
+    if args.bundle and any(v is not None for v in what_if + (args.base_bits,)):
+        raise TvswitchError("give a bundle or --params/--tasks/--bits/--base-bits, not both")
     if not args.bundle and not all(v is not None for v in what_if):
         raise TvswitchError("give a bundle file, or all of --params, --tasks and --bits")
     try:
         facts = facts_from_bundle(args.bundle) if args.bundle else _what_if(args)
-        device, available, source = _device(args)
+        device, available, counted, source = _device(args)
         p = _plan.make_plan(facts, device, args.engine, _mib("--workspace-mb", args.workspace_mb),
-                            _mib("--reserve-mb", args.reserve_mb), available)
+                            _mib("--reserve-mb", args.reserve_mb), available, counted or "MemAvailable now")
     except JetsonInputError as exc:
         raise TvswitchError(str(exc)) from None
     if args.json:
