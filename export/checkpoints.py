@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Sequence, Set, Tuple
 
@@ -63,12 +64,25 @@ def _read_torch_file(path: str) -> Dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable or unsafe files
-        raise TvswitchError("%s: not a loadable torch state_dict (%s)" % (path, str(exc).splitlines()[0])) from None
+        raise TvswitchError(_torch_load_error(path, exc)) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise TvswitchError("%s: holds a %s, not a state_dict" % (path, type(obj).__name__))
     return _to_numpy(obj, path)
+
+
+def _torch_load_error(path: str, exc: Exception) -> str:
+    """One clean line for torch.load's failure: its own message is paragraphs long, with
+    terminal colour codes, and suggests unpickling the file, which tvswitch never does."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return ("%s: holds a pickled %s, and tvswitch loads tensors only (weights_only=True): "
+                "save a plain state_dict or a safetensors file" % (path, unsafe.group(1)))
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = detail.group(1) if detail else (text.splitlines()[0] if text else type(exc).__name__)
+    return "%s: not a loadable torch state_dict (%s)" % (path, reason.strip())
 
 
 def _to_numpy(state: Mapping[str, Any], label: str) -> Dict[str, np.ndarray]:
@@ -98,7 +112,8 @@ class Layout:
 
 
 def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequence[str]) -> Layout:
-    """Sort tensors; refuse missing tensors and shape/dtype mismatches, naming both files."""
+    """Sort tensors; refuse missing tensors, shape/dtype mismatches (naming both files) and
+    NaN/inf in any float tensor (naming its file)."""
     vectors, as_is, fixed = [], [], []
     for name, a in base.tensors.items():
         for task, ck in tasks.items():
@@ -119,10 +134,11 @@ def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequen
         elif a.dtype not in (np.float32, np.float16):
             raise TvswitchError("tensor %r of %s is %s: tvswitch stores float32 and float16 weights"
                                 % (name, base.label, a.dtype))
-        elif _as_is(name, base, patterns):
-            as_is.append(name)
         else:
-            vectors.append(name)
+            _check_finite(name, a, "base " + base.label)
+            for task, ck in tasks.items():
+                _check_finite(name, ck.tensors[name], "task %r (%s)" % (task, ck.label))
+            (as_is if _as_is(name, base, patterns) else vectors).append(name)
     task_only = {}
     for task, ck in tasks.items():
         extra = [n for n in ck.tensors if n not in base.tensors]
@@ -130,8 +146,17 @@ def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequen
             if not np.issubdtype(ck.tensors[n].dtype, np.floating):
                 raise TvswitchError("tensor %r of task %r (%s) is not in base %s and not float"
                                     % (n, task, ck.label, base.label))
+            _check_finite(n, ck.tensors[n], "task %r (%s)" % (task, ck.label))
         task_only[task] = extra
     return Layout(vectors, as_is, task_only, fixed)
+
+
+def _check_finite(name: str, a: np.ndarray, where: str) -> None:
+    """A NaN or inf would quantise to garbage steps (or poison a whole mix): refuse it."""
+    if not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise TvswitchError("tensor %r of %s holds %d NaN/inf value%s: export needs finite weights"
+                            % (name, where, bad, "" if bad == 1 else "s"))
 
 
 def _as_is(name: str, base: Checkpoint, patterns: Sequence[str]) -> bool:

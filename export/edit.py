@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import classify, load_checkpoint, task_vectors
+from tvswitch.export.checkpoints import Checkpoint, classify, load_checkpoint, task_vectors
 from tvswitch.export.exporter import Scheme, _codes_term, _encode
 from tvswitch.export.quantize import quantize
 from tvswitch.export.writer import PayloadStore, write_bundle
@@ -62,11 +62,16 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
     if not fmt.task_name_ok(task):
         raise TvswitchError("task name %r: use letters, digits and _ . + - only" % task)
     if base is None:
-        base = bundle.embedded_base()
-        if base is None:
+        embedded = bundle.embedded_base()  # CRC-checked: the bundle's own base, no fingerprint to match
+        if embedded is None:
             raise TvswitchError("%s holds no base weights: give the base checkpoint (--base)" % path)
-    base_ck = load_checkpoint(base, "base")
-    bundle.check_base(base_ck.tensors, base_ck.label)
+        # A float16 copy (--include-base float16) is widened to the checkpoint's dtype; the new
+        # task vector is then taken against the base that rebuilds from this bundle read.
+        base_ck = Checkpoint({n: a.astype(bundle.shared_specs[n].dtype) if n in bundle.shared_specs else a
+                              for n, a in embedded.items()}, "the base embedded in %s" % path)
+    else:
+        base_ck = load_checkpoint(base, "base")
+        bundle.check_base(base_ck.tensors, base_ck.label)
     record = dict(bundle.manifest["scheme"])
     if record.get("name") == "emr":
         raise TvswitchError("%s: EMR's unified vector depends on every task; re-export to add one" % path)

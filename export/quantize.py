@@ -87,6 +87,8 @@ def quantize(x: np.ndarray, bits: int, group: int) -> Quantized:
     """Quantise ``x`` (any float dtype) to ``bits`` with one (scale, offset) per ``group``."""
     _check_bits(bits)
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    if not np.isfinite(flat).all():  # the steps would be NaN: every code garbage
+        raise TvswitchError("cannot quantise NaN/inf values")
     step, zero = step_and_zero(flat, bits, group)
     g = np.arange(flat.size) // group
     codes = _codes(flat, step[g], zero[g], bits).astype(np.uint8)

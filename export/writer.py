@@ -14,7 +14,7 @@ import numpy as np
 from tvswitch import __version__
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime import format as fmt
-from tvswitch.runtime.checkpoint import write_safetensors
+from tvswitch.runtime.checkpoint import contiguous, write_safetensors
 
 
 class PayloadStore:
@@ -31,7 +31,7 @@ class PayloadStore:
         """Store ``array`` under ``key``, entropy coded when that makes it smaller."""
         if key in self.stored:
             raise ValueError("payload %r added twice" % key)
-        array = np.ascontiguousarray(array)
+        array = contiguous(array)
         stored, codec = array, "none"
         if compress and self.entropy != "none" and array.nbytes >= 256:
             raw = array.reshape(-1).view(np.uint8).tobytes()

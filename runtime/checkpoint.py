@@ -15,8 +15,6 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (no torch, no pickle)."""
@@ -31,18 +29,21 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
         raise TvswitchError("%s: not a readable safetensors file (%s)" % (path, exc)) from None
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, keeping its shape: np.ascontiguousarray turns a 0-d array (a
+    BatchNorm's ``num_batches_tracked``) into shape (1,), which would change what is
+    fingerprinted and what is written."""
+    return np.asarray(a, order="C")
+
+
 def fingerprint(tensors: Mapping[str, np.ndarray], names: Iterable[str]) -> str:
     """sha256 over the named tensors' names, dtypes, shapes and bytes, in sorted order."""
     h = hashlib.sha256()
     for name in sorted(names):
-        a = np.ascontiguousarray(tensors[name])
+        a = contiguous(tensors[name])
         h.update(("%s|%s|%s\n" % (name, a.dtype.str, list(a.shape))).encode())
         h.update(a.reshape(-1).view(np.uint8).data)
     return "sha256:" + h.hexdigest()
-
-
-def is_float(a: np.ndarray) -> bool:
-    return np.issubdtype(a.dtype, np.floating)
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
@@ -50,6 +51,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     """Write a safetensors file atomically: temp file in the same folder, fsync, rename.
 
     A crash or a full disk leaves the previous file (or none), never a half-written one.
+    The file gets the mode a plain ``open(path, "w")`` would give it (the temp file is
+    created 0600), or keeps the mode of the file it replaces.
     """
     from safetensors.numpy import save_file
 
@@ -59,7 +62,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: contiguous(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _file_mode(path))
         _fsync(tmp, strict=True)
         os.replace(tmp, path)
     except BaseException:
@@ -67,6 +71,16 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
             os.unlink(tmp)
         raise
     _fsync(folder, strict=False)  # some filesystems cannot fsync a folder; the rename stands
+
+
+def _file_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync(path: str, strict: bool) -> None:

@@ -49,8 +49,86 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pt"  # any class outside torch's allow-list stands for a payload
     torch.save({"w": torch.zeros(2), "obj": argparse.Namespace(run="code")}, path)
-    with pytest.raises(TvswitchError, match="evil.pt: not a loadable torch state_dict"):
+    with pytest.raises(TvswitchError) as err:
         load_checkpoint(str(path))
+    message = str(err.value)
+    assert "evil.pt: holds a pickled argparse.Namespace" in message
+    assert "\x1b" not in message and "\n" not in message and message.endswith("safetensors file")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(TvswitchError, match="garbage.pt: not a loadable torch state_dict") as err:
+        load_checkpoint(str(garbage))
+    assert "\n" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["base", "task", "head"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused_naming_tensor_and_file(tmp_path, checkpoints, where, bad):
+    from safetensors.numpy import save_file
+
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    base, ft = dict(base), dict(fts["a"])
+    name = {"base": "enc.weight", "task": "bn.running_mean", "head": "head.weight"}[where]
+    target = base if where == "base" else ft
+    target[name] = target[name].copy()
+    target[name].flat[3] = bad
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "a.safetensors"))
+    with pytest.raises(TvswitchError) as err:
+        export_bundle(str(tmp_path / "base.safetensors"), {"a": str(tmp_path / "a.safetensors")},
+                      str(tmp_path / "out.tvs"))
+    file = "base.safetensors" if where == "base" else "a.safetensors"
+    assert "%r" % name in str(err.value) and file in str(err.value) and "NaN/inf" in str(err.value)
+    assert not (tmp_path / "out.tvs").exists()
+
+
+def test_quantize_refuses_non_finite_values():
+    from tvswitch.export.quantize import quantize
+
+    with pytest.raises(TvswitchError, match="NaN/inf"):
+        quantize(np.array([0.0, np.nan, 1.0]), 4, 3)
+
+
+def test_zero_d_tensors_stay_zero_d(tmp_path):
+    """A torch BatchNorm's num_batches_tracked is 0-d: read, fingerprinted (FORMAT.md section 2)
+    and written back with shape (), not (1,)."""
+    torch = pytest.importorskip("torch")
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from tvswitch.cli import main
+    from tvswitch.export.exporter import export_bundle
+    from tvswitch.runtime.checkpoint import read_safetensors
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    assert base["1.num_batches_tracked"].shape == ()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    ft = {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v.clone()) for k, v in base.items()}
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    bundle = export_bundle(str(tmp_path / "base.safetensors"), {"t": str(tmp_path / "ft.safetensors")},
+                           str(tmp_path / "b.tvs"), name="tvq")
+    assert bundle.manifest["base"]["other"] == ["1.num_batches_tracked"]
+    # FORMAT.md section 2, by hand: name|dtype.str|shape as Python's list repr, then the bytes
+    h = hashlib.sha256()
+    names = sorted(list(bundle.manifest["tensors"]) + bundle.manifest["base"]["other"])
+    for name in names:
+        a = base[name].numpy()
+        h.update(("%s|%s|%s\n" % (name, a.dtype.str, list(a.shape))).encode())
+        h.update(a.tobytes())
+    assert "1.num_batches_tracked|<i8|[]\n" in "".join(
+        "%s|%s|%s\n" % (n, base[n].numpy().dtype.str, list(base[n].shape)) for n in names)
+    assert bundle.base_fingerprint == "sha256:" + h.hexdigest()
+    out = tmp_path / "out.safetensors"
+    assert main(["rebuild", str(bundle.path), "--task", "t", "--base", str(tmp_path / "base.safetensors"),
+                 "-o", str(out)]) == 0
+    got = read_safetensors(str(out))
+    assert got["1.num_batches_tracked"].shape == () and int(got["1.num_batches_tracked"]) == 0
+    assert set(got) == set(base)
 
 
 def test_modules_mark_their_buffers(checkpoints):
