@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # tvswitch for JetPack 5.1 (L4T R35: Xavier NX/AGX, and Orin on JetPack 5). See docker/README.md.
 # Python 3.8 (JetPack's own), TensorRT 8.5 (refit from host memory), cuda-python 11.8 for
-# the driver API (cuda-bindings 12 needs a CUDA 12 driver, which JetPack 5 does not have).
+# the driver API: the cuda extra picks it on Python 3.8 (cuda-bindings 12 needs a CUDA 12
+# driver, which JetPack 5 does not have, and has no Python 3.8 wheels). NVRTC is JetPack's
+# 11.4 (cuda-nvrtc-11-4 below), not the nvrtc12 extra.
 # The kernels are compiled here by tvswitch.kernels.build_fatbins with CUDA 11.4's nvcc
 # (sm_72, sm_87) into the folder the runtime's loader reads ($TVSWITCH_KERNELS); NVRTC
 # 11.4 in the runtime stage compiles for any other GPU.
@@ -21,7 +23,7 @@ COPY export/ export/
 # --system-site-packages: JetPack's TensorRT bindings live in the system python3.8
 RUN python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --upgrade "pip<25" \
-    && /opt/venv/bin/pip install --no-cache-dir ".[onnx]" "cuda-python==11.8.*"
+    && /opt/venv/bin/pip install --no-cache-dir ".[onnx,cuda]"
 RUN /opt/venv/bin/python -m tvswitch.kernels.build_fatbins --compiler nvcc --nvcc /usr/local/cuda/bin/nvcc \
         --arch sm_72,sm_87 --out /opt/tvswitch/kernels
 

@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # tvswitch development on an x86 NVIDIA GPU: CUDA 12.6 toolkit, TensorRT 10 and
 # onnxruntime-gpu from PyPI, the package editable. Start with --gpus all.
-FROM nvidia/cuda:12.6.3-devel-ubuntu22.04
+# The cudnn tag, not plain devel: onnxruntime-gpu's CUDA provider (1.19 and later, CUDA 12)
+# links libcudnn.so.9, which the plain devel image lacks; this one has cuDNN 9 for CUDA 12.
+FROM nvidia/cuda:12.6.3-cudnn-devel-ubuntu22.04
 RUN apt-get update && apt-get install -y --no-install-recommends \
         build-essential python3 python3-dev python3-venv git \
     && rm -rf /var/lib/apt/lists/*

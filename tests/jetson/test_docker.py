@@ -219,3 +219,22 @@ def test_cross_build_script_parses():
     script = os.path.join(DOCKER, "build-arm64.sh")
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def test_the_gpu_image_has_the_cudnn_onnxruntime_gpu_links():
+    """onnxruntime-gpu's CUDA provider links libcudnn.so.9: the base must be a cuDNN image
+    (NVIDIA's ``-cudnn-devel-`` tags), or the image must install cuDNN itself."""
+    path = os.path.join(DOCKER, "x86-gpu.Dockerfile")
+    base = [a for op, a in instructions(path) if op == "FROM"][0].split()[0]
+    runs = " ".join(a for op, a in instructions(path) if op == "RUN")
+    assert "onnxruntime-gpu" in runs
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-devel-ubuntu\d+\.\d+", base) or "nvidia-cudnn-cu12" in runs, base
+
+
+def test_the_jetpack_5_image_takes_its_binding_from_the_cuda_extra():
+    """On JetPack 5's Python 3.8 the cuda extra is cuda-python 11.8 (pyproject's markers);
+    the image must not add NVRTC 12, which a CUDA 11.4 driver cannot run."""
+    runs = " ".join(a for op, a in instructions(os.path.join(DOCKER, "jetson-jp51.Dockerfile")) if op == "RUN")
+    installs = [r for reqs, _ in _pip_installs([runs]) for r in reqs]
+    assert ".[onnx,cuda]" in installs and not any("nvrtc12" in r or "cuda-bindings" in r for r in installs)
+    assert "cuda-nvrtc-11-4" in runs
