@@ -32,13 +32,17 @@ class Option:
     label: object = None
 
 
-def allocate(options: Sequence[Sequence[Option]], budget: float) -> List[int]:
-    """Index of the chosen option per tensor, total cost <= ``budget`` bits."""
+def allocate(options: Sequence[Sequence[Option]], budget: float, weights: float = 1.0) -> List[int]:
+    """Index of the chosen option per tensor, total cost <= ``budget`` bits.
+
+    ``weights`` (the number of weights the budget is spread over) only scales the
+    message that refuses an impossible budget, which then speaks in bits per weight.
+    """
     choice = [min(range(len(opts)), key=lambda k: (opts[k].cost, opts[k].error)) for opts in options]
     spent = sum(opts[c].cost for opts, c in zip(options, choice))
     if spent > budget * (1 + 1e-12):
-        raise TvswitchError("--budget-bits is below the cheapest widths on offer (%.4g bits needed)"
-                            % spent)
+        raise TvswitchError("--budget-bits %.4g is below the cheapest widths on offer (%.4g bits needed, "
+                            "scales included)" % (budget / weights, spent / weights))
     while True:
         best = None
         for t, opts in enumerate(options):

@@ -13,9 +13,12 @@ from typing import Dict, List
 
 import numpy as np
 
+from tvswitch.errors import TvswitchError
 from tvswitch.runtime.checkpoint import write_safetensors
 
 TASKS = ("detect", "gauge", "line")
+#: Classes of each task's head (the heads differ: ``export.example_net`` builds the network per task).
+CLASSES = {task: 3 + i for i, task in enumerate(TASKS)}
 
 
 def _base(rng: np.random.Generator, d: int = 128, layers: int = 2, vocab: int = 1000) -> Dict[str, np.ndarray]:
@@ -57,13 +60,18 @@ def _finetune(base: Dict[str, np.ndarray], rng: np.random.Generator, classes: in
 
 def make_example(folder: str, seed: int = 0) -> List[str]:
     """Write base.safetensors and one checkpoint per task into ``folder``; returns the paths."""
-    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise TvswitchError("%s: exists and is not a folder" % folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise TvswitchError("%s: cannot create the folder (%s)" % (folder, exc.strerror or exc)) from None
     rng = np.random.default_rng(seed)
     base = _base(rng)
     paths = [os.path.join(folder, "base.safetensors")]
     write_safetensors(paths[0], base)
-    for i, task in enumerate(TASKS):
+    for task in TASKS:
         path = os.path.join(folder, task + ".safetensors")
-        write_safetensors(path, _finetune(base, rng, classes=3 + i))
+        write_safetensors(path, _finetune(base, rng, classes=CLASSES[task]))
         paths.append(path)
     return paths

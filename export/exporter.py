@@ -16,13 +16,13 @@ import numpy as np
 from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, classify, load_checkpoint, task_vectors
-from tvswitch.export.merge import emr
 from tvswitch.export.packing import pack_codes, pack_mask
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
 from tvswitch.export.tswitch import binarize
 from tvswitch.export.writer import PayloadStore, write_bundle
+from tvswitch.kernels.abi import code_words
 from tvswitch.runtime import format as fmt
 from tvswitch.runtime.autoswitch import RouterSpec
 from tvswitch.runtime.bundle import Bundle
@@ -49,8 +49,8 @@ class Scheme:
     task_specific: List[str] = field(default_factory=list)
 
     def check(self) -> None:
-        if self.name not in ("fq", "tvq", "rtvq", "tswitch", "emr"):
-            raise TvswitchError("--scheme must be fq, tvq, rtvq, tswitch or emr, got %r" % self.name)
+        if self.name not in fmt.SCHEMES:
+            raise TvswitchError("--scheme must be one of %s, got %r" % (", ".join(fmt.SCHEMES), self.name))
         parse_granularity(self.granularity)
         for flag, b in (("--bits", self.bits), ("--base-bits", self.base_bits), ("--offset-bits", self.offset_bits)):
             if not 1 <= b <= 8:
@@ -58,7 +58,7 @@ class Scheme:
         if self.raw_dtype not in fmt.ELEMENT_DTYPES:
             raise TvswitchError("--raw-dtype must be float16 or float32, got %r" % self.raw_dtype)
         if self.budget_bits is not None:
-            if self.name not in ("tvq", "rtvq"):
+            if "budget_bits" not in fmt.SCHEMES[self.name]:
                 raise TvswitchError("--budget-bits applies to --scheme tvq or rtvq")
             if not self.budget_bits > 0:
                 raise TvswitchError("--budget-bits must be positive, got %g" % self.budget_bits)
@@ -139,8 +139,8 @@ def _embed_base(base: Checkpoint, shared: List[str], fixed: List[str], dtype: Op
                 store: PayloadStore) -> Optional[Dict[str, str]]:
     if dtype is None:
         return None
-    # The embedded base is what the bundle's rebuilds read, so the bundle's tensors take
-    # its dtype; the fingerprint keeps describing the checkpoint the vectors came from.
+    # The manifest's tensors keep the checkpoint's dtypes, which the fingerprint hashes and
+    # an outside base must have; a float16 copy only says so in its payload descriptions.
     out = {}
     for n in shared:
         out[n] = store.add("@base/" + n, base.tensors[n].astype(dtype), compress=False)
@@ -233,6 +233,13 @@ def _encode(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.ndarray
 
 # ---- bit allocation under a budget ------------------------------------------------------
 
+def term_bits(n: int, bits: int, group: int) -> int:
+    """Bits one codes term of an ``n``-element tensor stores: its code stream (with the
+    trailing word) and a float32 (scale, offset) pair per group.  What ``--budget-bits``
+    counts: at ``group:32`` the pairs alone are 2 bits per weight."""
+    return 32 * code_words(n, bits) + 64 * (-(-n // group))
+
+
 def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], layout: Layout,
             progress: bool) -> Dict[str, tuple]:
     """Per-tensor widths chosen under ``--budget-bits`` (empty: the scheme's uniform widths)."""
@@ -254,16 +261,17 @@ def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], lay
         if scheme.name == "tvq":
             for b in range(1, 9):
                 err = sum(sampled_error(tau, b, group, idx) for tau in taus)
-                opts.append(alloc.Option(cost=n * b, error=weight * err, label=(b,)))
+                opts.append(alloc.Option(cost=term_bits(n, b, group), error=weight * err, label=(b,)))
         else:
             mean = taus.mean(axis=0, dtype=np.float64).astype(np.float32)
             refs = {bb: dequantize(quantize(mean, bb, group)) for bb in sorted({o[0] for o in RTVQ_OPTIONS})}
             for bb, bo in RTVQ_OPTIONS:
                 ref = refs[bb]
                 err = sum(sampled_error(tau - ref, bo, group, idx) for tau in taus)
-                opts.append(alloc.Option(cost=n * (bb / T + bo), error=weight * err, label=(bb, bo)))
+                cost = term_bits(n, bb, group) / T + term_bits(n, bo, group)
+                opts.append(alloc.Option(cost=cost, error=weight * err, label=(bb, bo)))
         options.append(opts)
-    choice = alloc.allocate(options, scheme.budget_bits * total)
+    choice = alloc.allocate(options, scheme.budget_bits * total, weights=total)
     return {name: opts[c].label for name, opts, c in zip(layout.vectors, options, choice)}
 
 

@@ -21,7 +21,11 @@ VERSION = 1
 MANIFEST_KEY = "tvswitch.manifest"
 DIGEST_KEY = "tvswitch.manifest.sha256"
 CODECS = ("none", "zlib", "lzma")
-SCHEMES = ("fq", "tvq", "rtvq", "tswitch", "emr")
+#: The schemes, each with the settings (Scheme fields, CLI flags) it reads; the manifest
+#: records them all, and the CLI refuses a flag the chosen scheme would ignore.
+SCHEMES = {"fq": ("bits", "granularity"), "tvq": ("bits", "granularity", "budget_bits"),
+           "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits"), "tswitch": ("keep",),
+           "emr": ("bits", "granularity")}
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ELEMENT_DTYPES = ("float32", "float16")
 PAYLOAD_DTYPES = ("uint32", "float32", "float16", "uint8", "int8", "int16", "int32", "int64",
@@ -94,9 +98,6 @@ def check_manifest(path: str, m: Any, stored: Mapping[str, Tuple[str, Tuple[int,
              "bundle format version %r, this tvswitch reads version %d" % (m.get("version"), VERSION))
     for key in ("tasks", "tensors", "payloads", "entries", "task_specific", "base"):
         _require(key in m, path, "manifest has no %r" % key)
-    tasks = m["tasks"]
-    _require(isinstance(tasks, list) and len(set(tasks)) == len(tasks)
-             and all(isinstance(t, str) and task_name_ok(t) for t in tasks), path, "bad task list")
     payloads = m["payloads"]
     _require(isinstance(payloads, dict), path, "bad payload table")
     # Every stored tensor is described, and every description is stored: no hidden bytes.
@@ -106,6 +107,9 @@ def check_manifest(path: str, m: Any, stored: Mapping[str, Tuple[str, Tuple[int,
     _require(not missing, path, "payload %r is missing" % (missing[:1] or [""])[0])
     for key, info in payloads.items():
         _check_payload(path, key, info, stored[key])
+    tasks = m["tasks"]
+    _require(isinstance(tasks, list) and len(set(tasks)) == len(tasks)
+             and all(isinstance(t, str) and task_name_ok(t) for t in tasks), path, "bad task list")
     tensors = m["tensors"]
     _require(isinstance(tensors, dict), path, "bad tensor table")
     for name, spec in tensors.items():

@@ -9,17 +9,17 @@ transcription of decode.h does the same arithmetic, much more slowly.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi, cpu, reference
+from tvswitch.runtime import format as fmt
 from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.checkpoint import contiguous
 from tvswitch.runtime.mix import check_mix
 from tvswitch.runtime.plan import Plan, build_plan, bytes_moved, mix_key
-
-_ELEMENT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def resolve_base(bundle: Bundle, base: Optional[Mapping[str, np.ndarray]], verify: bool = True,
@@ -35,15 +35,35 @@ def resolve_base(bundle: Bundle, base: Optional[Mapping[str, np.ndarray]], verif
     return {name: base[name] for name in bundle.shared_specs}
 
 
+#: Elements per call when a rebuild shows progress: enough to keep every core busy and
+#: make the calls' overhead (microseconds each) vanish.
+PROGRESS_CHUNK = 1 << 22
+
+
+def _runs(sizes: np.ndarray, chunk: int) -> List[Tuple[int, int]]:
+    """Consecutive (begin, end) ranges of segments, each about ``chunk`` elements or one tensor."""
+    runs, begin, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += int(n)
+        if acc >= chunk:
+            runs.append((begin, i + 1))
+            begin, acc = i + 1, 0
+    if begin < len(sizes):
+        runs.append((begin, len(sizes)))
+    return runs
+
+
 class CpuRebuilder:
     """Rebuilds tasks and mixes of one bundle on the CPU into caller-owned buffers."""
 
     def __init__(self, bundle: Bundle, base: Optional[Mapping[str, np.ndarray]] = None,
-                 threads: int = 0, verify_base: bool = True):
+                 threads: int = 0, verify_base: bool = True, base_label: str = "the base"):
+        if int(threads) < 0:
+            raise TvswitchError("threads must be 0 (all cores) or more, got %d" % threads)
         self.bundle = bundle
         self.threads = int(threads)
-        self._base = {name: np.ascontiguousarray(a) for name, a in
-                      resolve_base(bundle, base, verify_base).items()}
+        self._base = {name: contiguous(a) for name, a in
+                      resolve_base(bundle, base, verify_base, base_label).items()}
         self._plans: Dict[tuple, Plan] = {}
         self._compiled = cpu.available()
         if not self._compiled:
@@ -72,19 +92,32 @@ class CpuRebuilder:
             self._plans[key] = plan
         return plan
 
-    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray]) -> None:
-        """Write the weights of ``mix`` into ``out``; a bad mix or buffer raises before any write."""
+    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False) -> None:
+        """Write the weights of ``mix`` into ``out``; a bad mix or buffer raises before any write.
+
+        ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
+        runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
+        """
         plan = self.plan(mix)
         self._check_out(out)
         segments = plan.segments.copy()
         segments["out"] = [out[n].ctypes.data for n in plan.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in plan.names]
         if self._compiled:
-            cpu.rebuild(segments, plan.terms, self.threads)
+            run = lambda part: cpu.rebuild(part, plan.terms, self.threads)  # noqa: E731
         else:
             arrays = [self.bundle.payload(k) for k in plan.keys]
             arrays += list(self._base.values()) + [out[n] for n in plan.names]
-            reference.rebuild_reference(segments, plan.terms, arrays)
+            run = lambda part: reference.rebuild_reference(part, plan.terms, arrays)  # noqa: E731
+        if not progress:
+            run(segments)
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=len(segments), desc="rebuild", unit="tensor", delay=0.5, leave=False) as bar:
+            for begin, end in _runs(segments["n"], PROGRESS_CHUNK):
+                run(segments[begin:end])
+                bar.update(end - begin)
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
         """Bytes one rebuild of ``mix`` reads and writes (the floor of DESIGN.md section 9)."""
@@ -98,7 +131,7 @@ class CpuRebuilder:
             a = out.get(name)
             if a is None:
                 raise TvswitchError("output buffers lack tensor %r" % name)
-            if tuple(a.shape) != spec.shape or a.dtype not in _ELEMENT_DTYPES:
+            if tuple(a.shape) != spec.shape or a.dtype.name not in fmt.ELEMENT_DTYPES:
                 raise TvswitchError("output buffer %r is %s%s, need float32/float16 of shape %s"
                                     % (name, a.dtype, list(a.shape), list(spec.shape)))
             if not (a.flags.c_contiguous and a.flags.writeable):

@@ -29,6 +29,12 @@ def describe_entry(entry: Entry, bundle: Bundle) -> str:
     return label + (" bit" if entry.terms[0].kind == "codes" and "mask+sign" not in label else "")
 
 
+def entry_widths(entry: Entry, bundle: Bundle) -> List[int]:
+    """Bits per element of each term, in order: the code width, or 16/32 for raw values
+    (a mask adds one more bit per element, which ``describe_entry`` names)."""
+    return [t.bits if t.kind == "codes" else 8 * bundle.payload(t.values).dtype.itemsize for t in entry.terms]
+
+
 def bundle_stats(bundle: Bundle) -> Dict[str, object]:
     """Sizes and ratios of a bundle, as plain data for ``--json``."""
     m = bundle.manifest
@@ -48,7 +54,13 @@ def bundle_stats(bundle: Bundle) -> Dict[str, object]:
     for name, spec in bundle.shared_specs.items():
         entry = bundle.entries(first).get(name) if first else None
         tensors[name] = {"shape": list(spec.shape), "dtype": spec.dtype,
-                         "stored": describe_entry(entry, bundle) if entry else "unchanged"}
+                         "stored": describe_entry(entry, bundle) if entry else "unchanged",
+                         "widths": entry_widths(entry, bundle) if entry else []}
+    task_specific = {task: {name: {"shape": list(bundle.payload(key).shape),
+                                   "dtype": bundle.payload(key).dtype.name,
+                                   "bytes": int(bundle.payload(key).nbytes)}
+                            for name, key in per.items()}
+                     for task, per in m["task_specific"].items() if per}
     bits = 8.0 * task_bytes_on_disk / (T * n_shared) if T and n_shared else 0.0
     return {
         "path": bundle.path,
@@ -67,5 +79,6 @@ def bundle_stats(bundle: Bundle) -> Dict[str, object]:
         "resident_packed_bytes": bundle.packed_nbytes,
         "query_bytes": bundle.query_nbytes,
         "tensors": tensors,
+        "task_specific": task_specific,
         "base_fingerprint": bundle.base_fingerprint,
     }

@@ -3,7 +3,9 @@
 Each verb is a module of ``tvswitch.commands`` with ``NAME``, ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``; they are found by listing that
 package, so adding a verb touches nothing here. Bad input (``TvswitchError``) becomes
-one line on stderr and exit code 2, never a traceback.
+one line on stderr and exit code 2, never a traceback; so does an ``OSError`` that no
+check caught first (a file system that refuses a write is the user's environment, not a
+bug in tvswitch).
 """
 from __future__ import annotations
 
@@ -62,6 +64,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # `tvswitch inspect B | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the user's file system said no (a folder, permissions, a full disk)
+        print("tvswitch %s: error: %s" % (args.command, _os_error(exc)), file=sys.stderr)
+        return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line naming the file and the reason, whatever the OSError carries."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    names = [str(exc.filename)] + ([str(exc.filename2)] if exc.filename2 else [])
+    return "%s: %s" % (" -> ".join(names), reason)
 
 
 if __name__ == "__main__":

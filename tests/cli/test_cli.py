@@ -90,6 +90,22 @@ def test_add_and_remove_task(example, tmp_path):
     (["rebuild", "x.tvs", "--task", "a", "--mix", "a=1", "-o", "y"], "--mix: not allowed with argument --task"),
     (["export", "--base", "B", "--task", "a=B", "--bits", "four", "-o", "o.tvs"], "--bits: invalid int value"),
     (["no-such-verb"], "invalid choice: 'no-such-verb'"),
+    # a flag the scheme would ignore is refused, naming the flag and the scheme
+    (["export", "--base", "B", "--task", "a=B", "--keep", "0.1", "-o", "o.tvs"], "--keep does not apply to --scheme tvq"),
+    (["export", "--base", "B", "--task", "a=B", "--scheme", "rtvq", "--bits", "3", "-o", "o.tvs"],
+     "--bits does not apply to --scheme rtvq"),
+    (["export", "--base", "B", "--task", "a=B", "--scheme", "tswitch", "--granularity", "channel", "-o", "o.tvs"],
+     "--granularity does not apply to --scheme tswitch"),
+    (["export", "--base", "B", "--task", "a=B", "--scheme", "tvq", "--base-bits", "3", "-o", "o.tvs"],
+     "--base-bits does not apply to --scheme tvq"),
+    (["rebuild", "x.tvs", "--task", "a", "--threads", "-3", "-o", "y.safetensors"], "--threads must be 0 (all cores) or more"),
+    (["add-task", "x.tvs", "nameonly"], "the task argument takes NAME=PATH, got 'nameonly'"),
+    # outputs that cannot be written are refused before any work
+    (["export", "--base", "B", "--task", "a=B", "-o", "."], "-o .: is a folder"),
+    (["rebuild", "x.tvs", "--task", "a", "-o", "."], "-o .: is a folder"),
+    (["export", "--base", "B", "--task", "a=B", "-o", "no/such/dir/o.tvs"], "does not exist"),
+    (["example", "B"], "exists and is not a folder"),
+    (["example", "/proc/nope/demo"], "/proc/nope/demo: cannot create the folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, example, args, message):
     args = [str(example / "base.safetensors") if a == "B" else a for a in args]
@@ -123,4 +139,48 @@ def test_wrong_base_writes_no_output(example, tmp_path):
     out = tmp_path / "out.safetensors"
     r = cli("rebuild", bundle, "--task", "detect", "--base", example / "line.safetensors", "-o", out)
     assert r.returncode == 2 and "fingerprint" in r.stderr
+    assert str(example / "line.safetensors") in r.stderr  # names the base file given
     assert not out.exists()
+
+
+def test_an_os_error_no_check_caught_is_one_line_and_exit_2(monkeypatch, capsys):
+    import tvswitch.export.example as ex
+
+    def full_disk(folder, seed=0):
+        raise OSError(28, "No space left on device", "/mnt/card/base.safetensors")
+    monkeypatch.setattr(ex, "make_example", full_disk)
+    assert main(["example", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "tvswitch example: error: /mnt/card/base.safetensors: No space left on device\n"
+
+
+def test_outputs_get_the_umask_mode(example, tmp_path):
+    old = os.umask(0o027)
+    try:
+        bundle, out = tmp_path / "m.tvs", tmp_path / "m.safetensors"
+        base = example / "base.safetensors"
+        assert main(["export", "--base", str(base), *_tasks(example), "--no-progress", "-o", str(bundle)]) == 0
+        assert main(["rebuild", str(bundle), "--task", "line", "--base", str(base), "-o", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(bundle).st_mode & 0o777 == 0o640
+    assert os.stat(out).st_mode & 0o777 == 0o640
+    os.chmod(bundle, 0o604)  # a rewrite in place keeps the file's mode
+    assert main(["remove-task", str(bundle), "detect"]) == 0
+    assert os.stat(bundle).st_mode & 0o777 == 0o604
+
+
+def test_inspect_lists_heads_and_numeric_widths(example, tmp_path, capsys):
+    bundle = tmp_path / "i.tvs"
+    assert main(["export", "--base", str(example / "base.safetensors"), *_tasks(example), "--scheme", "rtvq",
+                 "--no-progress", "-o", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(bundle), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["tensors"]["layers.0.mlp.up.weight"]["widths"] == [3, 2]
+    assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == "3+2 bit"
+    assert stats["tensors"]["pool.bn.running_mean"]["widths"] == [16]
+    assert stats["task_specific"]["gauge"]["head.weight"] == {"shape": [4, 128], "dtype": "float16", "bytes": 1024}
+    assert main(["inspect", str(bundle)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("head.weight") and "4x128" in line and "gauge" in line for line in lines)

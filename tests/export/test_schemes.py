@@ -67,3 +67,49 @@ def test_allocator_respects_the_budget_and_spends_bits_where_they_pay():
 def test_allocator_refuses_an_impossible_budget():
     with pytest.raises(TvswitchError, match="--budget-bits"):
         alloc.allocate([[alloc.Option(10, 1.0)]], 5)
+
+
+def _coded_bits_per_weight(bundle):
+    """Stored bits of every codes term's payloads (codes and params; a shared payload once)
+    per task-vector weight of the tensors those terms code."""
+    keys, weights = set(), 0
+    for name, spec in bundle.shared_specs.items():
+        entries = [bundle.entries(t).get(name) for t in bundle.tasks]
+        if entries[0] is None or entries[0].terms[0].kind != "codes":
+            continue
+        weights += spec.numel * len(bundle.tasks)
+        for e in entries:
+            keys.update(k for t in e.terms for k in (t.codes, t.params))
+    return 8.0 * sum(bundle.payload(k).nbytes for k in keys) / weights
+
+
+@pytest.mark.parametrize("scheme,granularity,budget", [
+    ("tvq", "tensor", 3.0), ("tvq", "group:32", 4.0), ("tvq", "channel", 2.5),
+    ("rtvq", "tensor", 2.5), ("rtvq", "group:32", 5.0),
+])
+def test_budget_counts_scales_and_offsets(tmp_path, scheme, granularity, budget):
+    """--budget-bits is what the file stores for the coded tensors, (scale, offset) pairs included:
+    at group:32 the pairs alone cost 2 bits per weight."""
+    from tvswitch.export.exporter import export_bundle
+
+    rng = np.random.default_rng(5)
+    shapes = {"a.weight": (96, 64), "b.weight": (200, 48), "c.bias": (64,), "d.weight": (33, 70)}
+    base = {n: rng.normal(0, 0.05, s).astype(np.float32) for n, s in shapes.items()}
+    fts = {t: {n: (w + rng.laplace(0, 0.002 * (1 + k), w.shape)).astype(np.float32) for k, (n, w) in
+               enumerate(base.items())} for t in "xyz"}
+    bundle = export_bundle(base, fts, str(tmp_path / "b.tvs"), name=scheme, granularity=granularity,
+                           budget_bits=budget)
+    measured = _coded_bits_per_weight(bundle)
+    assert budget - 1.0 < measured <= budget
+    widths = {n: tuple(t.bits for t in bundle.entries("x")[n].terms) for n in shapes}
+    assert len(set(widths.values())) > 1  # the budget was spent unevenly, not one width for all
+
+
+def test_budget_below_the_scales_alone_is_refused(tmp_path):
+    from tvswitch.export.exporter import export_bundle
+
+    rng = np.random.default_rng(6)
+    base = {"w": rng.normal(0, 0.05, (64, 64)).astype(np.float32)}
+    fts = {"a": {"w": base["w"] + np.float32(0.01)}}
+    with pytest.raises(TvswitchError, match=r"--budget-bits 2.5 is below .* \(3.0\d* bits needed, scales included\)"):
+        export_bundle(base, fts, str(tmp_path / "b.tvs"), name="tvq", granularity="group:32", budget_bits=2.5)

@@ -174,3 +174,32 @@ def test_add_and_remove_task_carry_other_payloads_over(tmp_path, checkpoints):
         back = remove_task(three.path, "c", out=str(tmp_path / "back.tvs"))
         assert back.tasks == ["a", "b"]
         assert set(back.manifest["payloads"]) == set(two.manifest["payloads"])
+
+
+@pytest.mark.parametrize("embed", ["float16", "float32"])
+def test_add_task_to_a_bundle_with_an_embedded_base(tmp_path, checkpoints, embed):
+    """tensors[].dtype stays the checkpoint's (what the fingerprint hashes and an outside base
+    must have); the embedded copy's dtype is in its payloads.  add-task then needs no --base."""
+    from tvswitch.cli import main
+    from tvswitch.export.edit import add_task
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    two = export_bundle(base, {"a": fts["a"], "b": fts["b"]}, str(tmp_path / "two.tvs"), name="tvq", bits=8,
+                        include_base=embed)
+    assert two.manifest["tensors"]["enc.weight"]["dtype"] == "float32"
+    assert two.manifest["tensors"]["half.weight"]["dtype"] == "float16"
+    key = two.manifest["base"]["embedded"]["enc.weight"]
+    assert two.manifest["payloads"][key]["dtype"] == embed
+    CpuRebuilder(two, base)  # the checkpoint itself still passes the fingerprint check
+    three = add_task(two.path, "c", fts["c"], out=str(tmp_path / "three.tvs"))
+    r = CpuRebuilder(three)  # rebuilds from the embedded base
+    out = r.allocate()
+    r.rebuild({"c": 1.0}, out)
+    for k, v in out.items():
+        assert v.dtype == base[k].dtype
+        assert np.allclose(v, fts["c"][k], atol=2e-3), k
+    from safetensors.numpy import save_file
+    save_file(fts["c"], str(tmp_path / "c.safetensors"))
+    assert main(["add-task", two.path, "d=%s" % (tmp_path / "c.safetensors"), "-o", str(tmp_path / "four.tvs")]) == 0
+    assert Bundle.open(str(tmp_path / "four.tvs")).tasks == ["a", "b", "d"]

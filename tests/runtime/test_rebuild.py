@@ -162,3 +162,27 @@ def test_scalar_and_empty_tensors(tmp_path, scheme):
     out = r.allocate()
     r.rebuild({"a": 1.0}, out)
     assert out["scalar"].shape == () and abs(float(out["scalar"]) - 2.25) < 0.02
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, 1 << 22])
+def test_rebuild_with_progress_runs_in_chunks_to_the_same_bits(bundle_factory, checkpoints, monkeypatch, chunk):
+    from tvswitch.runtime import rebuild as R
+
+    base, _ = checkpoints
+    r = CpuRebuilder(bundle_factory("rtvq"), base)
+    want, got = r.allocate(), r.allocate()
+    r.rebuild({"a": 0.5, "b": 0.5}, want)
+    monkeypatch.setattr(R, "PROGRESS_CHUNK", chunk)
+    runs = R._runs(r.plan({"a": 0.5, "b": 0.5}).segments["n"], chunk)
+    assert runs[0][0] == 0 and runs[-1][1] == len(want)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    assert len(runs) == {1: len(want), 1000: 3, 1 << 22: 1}[chunk]
+    r.rebuild({"a": 0.5, "b": 0.5}, got, progress=True)
+    for k in want:
+        assert np.array_equal(got[k], want[k])
+
+
+def test_negative_threads_are_refused(bundle_factory, checkpoints):
+    base, _ = checkpoints
+    with pytest.raises(TvswitchError, match="threads must be 0"):
+        CpuRebuilder(bundle_factory("tvq"), base, threads=-3)

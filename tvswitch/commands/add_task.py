@@ -16,9 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tvswitch.commands._common import parse_task_args
+    from tvswitch.commands._inputs import check_output_path
     from tvswitch.export.edit import add_task
 
-    (name, path), = parse_task_args([args.task], "NAME=PATH").items()
+    (name, path), = parse_task_args([args.task], "the task argument").items()
+    check_output_path(args.output or args.bundle, "-o" if args.output else "BUNDLE")
     bundle = add_task(args.bundle, name, path, args.base, args.output)
     print("wrote %s: %d tasks" % (args.output or args.bundle, len(bundle.tasks)))
     return 0

@@ -4,25 +4,36 @@ from __future__ import annotations
 import argparse
 
 from tvswitch.commands._common import human_bytes, parse_task_args, print_json
+from tvswitch.commands._inputs import check_output_path
+from tvswitch.errors import TvswitchError
+from tvswitch.runtime.format import SCHEMES
 
 NAME = "export"
 HELP = "pack the task vectors of fine-tuned checkpoints into a bundle"
+
+#: The scheme settings and their flags: a flag the chosen scheme does not read is refused,
+#: not silently ignored (``--keep`` with tvq would otherwise look like it did something).
+FLAGS = {"bits": "--bits", "granularity": "--granularity", "base_bits": "--base-bits",
+         "offset_bits": "--offset-bits", "budget_bits": "--budget-bits", "keep": "--keep"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="pretrained checkpoint (safetensors, or torch state_dict file)")
     p.add_argument("--task", action="append", required=True, metavar="NAME=PATH",
                    help="a fine-tuned checkpoint; repeat per task")
-    p.add_argument("--scheme", choices=["fq", "tvq", "rtvq", "tswitch", "emr"], default="tvq",
+    p.add_argument("--scheme", choices=list(SCHEMES), default="tvq",
                    help="tvq (default), rtvq, tswitch, fq (baseline), or emr (EMR-Merging: unified "
                         "vector at --bits, per-task masks and rescalers)")
-    p.add_argument("--bits", type=int, default=4, help="code width of fq/tvq/emr (1..8; default 4)")
-    p.add_argument("--granularity", default="tensor", help="tensor | channel | group:G (default tensor)")
-    p.add_argument("--base-bits", type=int, default=3, help="rtvq: width of the shared base vector (default 3)")
-    p.add_argument("--offset-bits", type=int, default=2, help="rtvq: width of the per-task offsets (default 2)")
-    p.add_argument("--budget-bits", type=float, help="tvq/rtvq: choose per-tensor widths under this average "
-                   "bits per task-vector weight")
-    p.add_argument("--keep", type=float, default=0.3, help="tswitch: share of entries kept (default 0.3)")
+    p.add_argument("--bits", type=int, help="fq/tvq/emr: code width, 1..8 (default 4)")
+    p.add_argument("--granularity", help="fq/tvq/rtvq/emr: tensor | channel | group:G (default tensor)")
+    p.add_argument("--base-bits", type=int, help="rtvq: width of the shared base vector (default 3)")
+    p.add_argument("--offset-bits", type=int, help="rtvq: width of the per-task offsets (default 2)")
+    p.add_argument("--budget-bits", type=float,
+                   help="tvq/rtvq: choose per-tensor widths so that the task vectors' stored bits (codes, "
+                        "the (scale, offset) pairs of every group, RTVQ's shared base split over the tasks) "
+                        "average at most X per weight; tensors stored as-is (norm statistics, "
+                        "--task-specific, heads) and the file header are outside it")
+    p.add_argument("--keep", type=float, help="tswitch: share of entries kept (default 0.3)")
     p.add_argument("--task-specific", action="append", default=[], metavar="PATTERN",
                    help="glob of tensors stored per task as-is (e.g. 'classifier.*'); repeatable")
     p.add_argument("--raw-dtype", choices=["float16", "float32"], default="float16",
@@ -36,17 +47,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE")
 
 
+def scheme_settings(args: argparse.Namespace) -> dict:
+    """The scheme flags given, refusing one the chosen scheme does not read."""
+    reads = SCHEMES[args.scheme]
+    given = {field: getattr(args, field) for field in FLAGS if getattr(args, field) is not None}
+    for field in given:
+        if field not in reads:
+            raise TvswitchError("%s does not apply to --scheme %s (it reads %s)"
+                                % (FLAGS[field], args.scheme, ", ".join(FLAGS[f] for f in reads)))
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     from tvswitch.export.exporter import export_bundle
     from tvswitch.runtime.stats import bundle_stats
 
+    settings = scheme_settings(args)
+    tasks = parse_task_args(args.task)
+    check_output_path(args.output, "-o")
     bundle = export_bundle(
-        args.base, parse_task_args(args.task), args.output,
-        name=args.scheme, bits=args.bits, granularity=args.granularity, base_bits=args.base_bits,
-        offset_bits=args.offset_bits, budget_bits=args.budget_bits, keep=args.keep,
-        task_specific=list(args.task_specific), raw_dtype=args.raw_dtype,
-        include_base=args.include_base, entropy=args.entropy, progress=not args.no_progress,
-    )
+        args.base, tasks, args.output, name=args.scheme, task_specific=list(args.task_specific),
+        raw_dtype=args.raw_dtype, include_base=args.include_base, entropy=args.entropy,
+        progress=not args.no_progress, **settings)
     stats = bundle_stats(bundle)
     if args.json:
         print_json(stats)

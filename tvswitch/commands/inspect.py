@@ -5,10 +5,6 @@ import argparse
 
 from tvswitch.commands._common import human_bytes, print_json
 
-#: The scheme settings that mean something for each scheme (the manifest records them all).
-SETTINGS = {"fq": ("bits", "granularity"), "tvq": ("bits", "granularity", "budget_bits"),
-            "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits"), "tswitch": ("keep",),
-            "emr": ("bits", "granularity")}
 COMMON = ("raw_dtype", "task_specific", "entropy")
 
 NAME = "inspect"
@@ -22,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.format import SCHEMES
     from tvswitch.runtime.stats import bundle_stats
 
     stats = bundle_stats(Bundle.open(args.bundle))
@@ -29,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(stats)
         return 0
     scheme = dict(stats["scheme"])
-    shown = ("name",) + SETTINGS.get(scheme.get("name"), tuple(scheme)) + COMMON
+    shown = ("name",) + SCHEMES.get(scheme.get("name"), tuple(scheme)) + COMMON
     print("bundle   %s" % stats["path"])
     print("scheme   %s" % ", ".join("%s=%s" % (k, scheme[k]) for k in shown if scheme.get(k) not in ([], None)))
     print("tasks    %d: %s" % (len(stats["tasks"]), ", ".join(stats["tasks"])))
@@ -46,5 +43,14 @@ def run(args: argparse.Namespace) -> int:
                                                  human_bytes(stats["query_bytes"])))
     print("\n%-60s %-16s %s" % ("tensor", "shape", "stored as"))
     for name, t in stats["tensors"].items():
-        print("%-60s %-16s %s" % (name, "x".join(map(str, t["shape"])) or "scalar", t["stored"]))
+        print("%-60s %-16s %s" % (name, _shape(t["shape"]), t["stored"]))
+    if stats["task_specific"]:
+        print("\n%-60s %-16s %s" % ("task-specific tensor (stored as-is)", "shape", "task"))
+        for task, per in stats["task_specific"].items():
+            for name, t in per.items():
+                print("%-60s %-16s %s (%s)" % (name, _shape(t["shape"]), task, t["dtype"]))
     return 0
+
+
+def _shape(shape: list) -> str:
+    return "x".join(map(str, shape)) or "scalar"

@@ -5,6 +5,8 @@ import argparse
 import time
 
 from tvswitch.commands._common import load_base, print_json
+from tvswitch.commands._inputs import check_output_path
+from tvswitch.errors import TvswitchError
 
 NAME = "rebuild"
 HELP = "write the full weights of a task or a mix of tasks"
@@ -19,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="task arithmetic: every task at weight LAMBDA")
     p.add_argument("--base", help="base checkpoint (needed unless the bundle embeds it)")
     p.add_argument("--dtype", choices=["float32", "float16"], help="output dtype (default: the base's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (one shows over the tensors when a rebuild takes over half a second)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
 
@@ -30,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.mix import parse_mix, task_arithmetic
     from tvswitch.runtime.rebuild import CpuRebuilder
 
+    if args.threads < 0:
+        raise TvswitchError("--threads must be 0 (all cores) or more, got %d" % args.threads)
+    check_output_path(args.output, "-o")
     bundle = Bundle.open(args.bundle)
     if args.task is not None:
         mix = {args.task: 1.0}
@@ -38,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         mix = task_arithmetic(bundle.tasks, args.arithmetic)
     base = load_base(args.base)
-    rebuilder = CpuRebuilder(bundle, base, threads=args.threads)
+    rebuilder = CpuRebuilder(bundle, base, threads=args.threads, base_label=args.base or "the base")
     out = rebuilder.allocate(args.dtype)
     rebuilder.plan(mix)  # refuses a bad mix before any work
     start = time.perf_counter()
-    rebuilder.rebuild(mix, out)
+    rebuilder.rebuild(mix, out, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     tensors = dict(out)
     source = base if base is not None else bundle.embedded_base()

@@ -14,8 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tvswitch.commands._inputs import check_output_path
     from tvswitch.export.edit import remove_task
 
+    check_output_path(args.output or args.bundle, "-o" if args.output else "BUNDLE")
     bundle = remove_task(args.bundle, args.task, args.output)
     print("wrote %s: %d tasks" % (args.output or args.bundle, len(bundle.tasks)))
     return 0
