@@ -9,7 +9,8 @@ three fine-tuned "jobs" exported to a bundle in a temp folder), so one command s
 whole path: open bundle -> ONNX Runtime engine with weights bound as inputs -> serve
 frames -> on ``task NAME`` rebuild that task's weights in place and go on serving.
 Commands (one per line): ``task NAME``, ``mix A=0.5,B=0.5``, ``tasks``, ``quit``.
-Every switch and every inference prints its time in milliseconds.
+Every switch prints its time in milliseconds; every ``--print-every``-th frame (default:
+once a second of camera time) prints its inference time and the mean since the last line.
 """
 from __future__ import annotations
 
@@ -142,7 +143,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--port", type=int, help="read commands from this localhost TCP port instead of stdin")
     ap.add_argument("--fps", type=float, default=30.0, help="frames per second the camera delivers")
     ap.add_argument("--frames", type=int, default=0, help="stop after this many frames (0: until 'quit')")
+    ap.add_argument("--print-every", type=int, default=0, metavar="N",
+                    help="print every Nth frame's inference time (default: once a second, N = --fps; 1: every frame)")
     args = ap.parse_args(argv)
+    if args.print_every < 0:
+        ap.error("--print-every must be 0 (once a second) or positive, got %d" % args.print_every)
 
     from safetensors.numpy import load_file
 
@@ -196,6 +201,8 @@ def serve(bundle: Any, rebuilder: Any, engine: Any, weights: Dict[str, np.ndarra
           commands: "queue.Queue[str]", args: argparse.Namespace) -> int:
     """Serve frames, between frames carrying out every command that has arrived."""
     period = 1.0 / args.fps if args.fps > 0 else 0.0
+    every = args.print_every or max(1, int(round(args.fps)))
+    since = []  # type: List[float]
     for n, frame in enumerate(camera(), 1):
         while not commands.empty():
             cmd = commands.get_nowait()
@@ -205,8 +212,11 @@ def serve(bundle: Any, rebuilder: Any, engine: Any, weights: Dict[str, np.ndarra
         t0 = time.perf_counter()
         logits = engine.infer({"frame": frame})["logits"]
         ms = (time.perf_counter() - t0) * 1e3
-        if n % max(1, int(args.fps)) == 0 or args.frames:
-            print("frame %d  task %-14s class %d  infer %.2f ms" % (n, task, int(np.argmax(logits)), ms), flush=True)
+        since.append(ms)
+        if n % every == 0:
+            print("frame %d  task %-14s class %d  infer %.2f ms (mean of last %d: %.2f ms)"
+                  % (n, task, int(np.argmax(logits)), ms, len(since), sum(since) / len(since)), flush=True)
+            since = []
         if args.frames and n >= args.frames:
             return 0
         time.sleep(period)

@@ -70,3 +70,20 @@ def test_commands_over_a_localhost_socket(example, capsys):
     assert "listening on 127.0.0.1:%d" % port in out and "switch to follow_line:" in out
     with pytest.raises(OSError):  # main closed its port on the way out
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.parametrize("argv,printed", [(["--print-every", "10"], [10, 20, 30]), (["--print-every", "1"], list(range(1, 31))),
+                                          (["--fps", "0"], list(range(1, 31)))])
+def test_the_frames_it_prints_are_the_ones_the_readme_says(example, monkeypatch, capsys, argv, printed):
+    """Every Nth frame prints its inference time and the mean since the last line (N: --print-every,
+    by default the frame rate: once a second); stdin stays open, so the run ends at --frames."""
+    r, w = os.pipe()
+    monkeypatch.setattr("sys.stdin", os.fdopen(r))
+    try:
+        assert example.main(["--fps", "1000", "--frames", "30"] + argv) == 0
+    finally:
+        os.close(w)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("frame ")]
+    assert [int(line.split()[1]) for line in lines] == printed
+    gap = printed[1] - printed[0]
+    assert all(" infer " in line and "(mean of last %d: " % gap in line for line in lines[1:])
