@@ -44,6 +44,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.tv_cpu_set_path.argtypes = [ctypes.c_int]
     lib.tv_cpu_set_path.restype = ctypes.c_int
     lib.tv_cpu_path.restype = ctypes.c_int
+    lib.tv_cpu_accum_row.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+    lib.tv_cpu_accum_row.restype = ctypes.c_int
     if (lib.tv_sizeof_term(), lib.tv_sizeof_segment()) != (abi.TERM_DTYPE.itemsize, abi.SEGMENT_DTYPE.itemsize):
         _ERROR = "%s was built from another decode.h (struct sizes differ); rebuild it" % path
         return None
@@ -61,12 +63,13 @@ def unavailable_reason() -> Optional[str]:
     return _ERROR
 
 
-#: The library's instruction paths (tv_cpu_set_path's codes), fastest last.
-PATHS = {"auto": 0, "portable": 1, "avx2": 2}
+#: The library's instruction paths (tv_cpu_set_path's codes): ``scalar`` is decode.h alone,
+#: the reference the SIMD of ``portable`` (SSE2 or NEON code conversion) and ``avx2`` is held to.
+PATHS = {"auto": 0, "portable": 1, "avx2": 2, "scalar": 3}
 
 
 def path() -> str:
-    """The instruction path rebuilds take: ``avx2`` or ``portable`` (SSE2, NEON or plain C)."""
+    """The instruction path rebuilds take: ``avx2``, ``portable`` (SSE2, NEON or plain C) or ``scalar``."""
     lib = _require()
     code = lib.tv_cpu_path()
     return next(name for name, c in PATHS.items() if c == code)
@@ -83,6 +86,20 @@ def set_path(name: str) -> str:
     if _require().tv_cpu_set_path(PATHS[name]) < 0:
         raise ValueError("this CPU or build has no %s path" % name)
     return path()
+
+
+def accumulate_row(path_name: str, acc: np.ndarray, term: np.ndarray, i: int, n: int) -> None:
+    """Add CODES term ``term`` over elements i..i+31 to ``acc`` the way path ``path_name`` does in a
+    rebuild (i a multiple of 32): what the tests compare the SIMD paths with decode.h by.
+
+    ``acc`` is 32 float32 aligned to 32 bytes; raises ValueError for a path this CPU lacks.
+    """
+    if acc.dtype != np.float32 or acc.shape != (32,) or acc.ctypes.data % 32 or term.dtype != abi.TERM_DTYPE:
+        raise ValueError("accumulate_row needs 32 aligned float32 and one abi.TERM_DTYPE term")
+    if i % 32 or i + 32 > n:
+        raise ValueError("row %d of a %d-element tensor is not a whole row" % (i, n))
+    if _require().tv_cpu_accum_row(PATHS[path_name], acc.ctypes.data, term.ctypes.data, i, n) < 0:
+        raise ValueError("this CPU or build has no %s path" % path_name)
 
 
 def _require() -> ctypes.CDLL:

@@ -41,19 +41,20 @@
 #define TV_ALWAYS_INLINE __attribute__((always_inline))
 
 /* tv_cpu_path() values. */
-enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2 };
+enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3 };
 
 int tv_abi_version(void) { return 1; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
 /*
- * (float) of the 32 codes of one row, exactly the values (float)tv_unpack32() gives.
- * Four codes at a time are cut from the row as one field (tv_field).  NEON then shifts
- * each lane by its own amount.  SSE2 has no per-lane shifts, so there the field is masked
- * in place (code j stays at bit b*j, below 2^28 for b <= 7), converted, and scaled back
- * by 2^-b*j: every step is exact in binary32.  8-bit codes on SSE2, and other CPUs, take
- * decode.h's tv_unpack32.
+ * tv_code_float() of the 32 codes of one row, with SIMD where the CPU has it (these lines
+ * are not decode.h's: tests/kernels/test_cpu_library.py holds them to the scalar path for
+ * every width).  Four codes at a time are cut from the row as one field (tv_field).  NEON
+ * then shifts each lane by its own amount.  SSE2 has no per-lane shifts, so there the field
+ * is masked in place (code j stays at bit b*j, below 2^28 for b <= 7), converted, and
+ * scaled back by 2^-b*j: every step is exact in binary32.  8-bit codes on SSE2, and other
+ * CPUs, take decode.h's tv_unpack32 and tv_code_float.
  */
 static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t bits, float *qf)
 {
@@ -83,7 +84,7 @@ static inline TV_ALWAYS_INLINE void unpack32_float(const uint32_t *row, uint32_t
     uint32_t q[32];
     tv_unpack32(row, bits, q);
     for (uint32_t j = 0; j < 32u; ++j)
-        qf[j] = (float)q[j];
+        qf[j] = tv_code_float(q[j]);
 }
 
 /*
@@ -95,81 +96,119 @@ static inline TV_ALWAYS_INLINE int row_params(const tv_term *t, uint32_t i, uint
                                               float *offset)
 {
     const uint32_t group = (uint32_t)t->group;
-    const uint32_t g = group >= n ? 0u : i / group;
-    if (group < n && (i + 31u) / group != g)
-        return 0;
-    const float *params = (const float *)t->params;
-    *scale = params[2u * g];
-    *offset = params[2u * g + 1u];
+    const float *p = (const float *)t->params;
+    if (group < n) {
+        if (i % group + 32u > group)
+            return 0;
+        p = tv_params(t, i);
+    }
+    *scale = p[0];
+    *offset = p[1];
     return 1;
+}
+
+/* The mask field of elements i .. i+31 (i a multiple of 32: one whole mask word). */
+static inline TV_ALWAYS_INLINE uint32_t row_mask(const tv_term *t, uint32_t i)
+{
+    return tv_mask_field(((const uint32_t *)t->mask)[tv_code_word(i, 1u)], i);
 }
 
 static inline TV_ALWAYS_INLINE void accum32_generic(float *acc, const tv_term *t, uint32_t i)
 {
     for (uint32_t j = 0; j < 32u; ++j)
-        acc[j] = acc[j] + t->weight * tv_term_value(t, i + j);
+        acc[j] = tv_accumulate(acc[j], t->weight, tv_term_value(t, i + j));
 }
 
 /*
- * acc[j] += w * value(i + j), j < 32, for a CODES term whose width B is a constant.  i is
- * a multiple of 32, so the run is one row of B words: unpacked with constant shifts,
- * dequantised and accumulated in loops the compiler vectorises.
+ * acc[j] = tv_accumulate(acc[j], w, tv_keep(tv_affine(qf[j], scale, offset), mask bit j)),
+ * j < 32: decode.h's element step over one row whose codes are already floats, in loops
+ * the compiler vectorises.
  */
-#define TV_DEFINE_ACCUM32(B)                                                                \
-    static inline TV_ALWAYS_INLINE void accum32_codes_##B(float *acc, const tv_term *t,    \
-                                                          uint32_t i, uint32_t n)          \
-    {                                                                                       \
-        float scale, offset;                                                                \
-        if (!row_params(t, i, n, &scale, &offset)) {                                        \
-            accum32_generic(acc, t, i);                                                     \
-            return;                                                                         \
-        }                                                                                   \
-        const float w = t->weight;                                                          \
-        float qf[32];                                                                       \
-        float v[32];                                                                        \
-        unpack32_float((const uint32_t *)t->codes + (uint64_t)(i >> 5) * B, B, qf);         \
-        for (uint32_t j = 0; j < 32u; ++j)                                                  \
-            v[j] = qf[j] * scale + offset; /* tv_dequant, (float)q already taken */         \
-        if (t->mask) {                                                                      \
-            const uint32_t m = ((const uint32_t *)t->mask)[i >> 5];                         \
-            for (uint32_t j = 0; j < 32u; ++j)                                              \
-                v[j] = (m & (1u << j)) ? v[j] : 0.0f; /* constant per lane */              \
-        }                                                                                   \
-        for (uint32_t j = 0; j < 32u; ++j)                                                  \
-            acc[j] = acc[j] + w * v[j];                                                     \
-    }
-TV_DEFINE_ACCUM32(1)
-TV_DEFINE_ACCUM32(2)
-TV_DEFINE_ACCUM32(3)
-TV_DEFINE_ACCUM32(4)
-TV_DEFINE_ACCUM32(5)
-TV_DEFINE_ACCUM32(6)
-TV_DEFINE_ACCUM32(7)
-TV_DEFINE_ACCUM32(8)
-
-/* One CODES term over one row, portable path: the width becomes a constant. */
-static inline TV_ALWAYS_INLINE void accum32_codes(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+static inline TV_ALWAYS_INLINE void finish32(float *acc, const float *qf, const tv_term *t, uint32_t i,
+                                             float scale, float offset)
 {
-    switch (t->bits) {
-    case 1: accum32_codes_1(acc, t, i, n); break;
-    case 2: accum32_codes_2(acc, t, i, n); break;
-    case 3: accum32_codes_3(acc, t, i, n); break;
-    case 4: accum32_codes_4(acc, t, i, n); break;
-    case 5: accum32_codes_5(acc, t, i, n); break;
-    case 6: accum32_codes_6(acc, t, i, n); break;
-    case 7: accum32_codes_7(acc, t, i, n); break;
-    default: accum32_codes_8(acc, t, i, n); break;
+    const float w = t->weight;
+    if (t->mask) {
+        const uint32_t m = row_mask(t, i);
+        uint32_t keep[32]; /* SSE2 has no per-lane shifts: the bits first, then one vector loop */
+        for (uint32_t j = 0; j < 32u; ++j)
+            keep[j] = tv_bit(m, j);
+        for (uint32_t j = 0; j < 32u; ++j)
+            acc[j] = tv_accumulate(acc[j], w, tv_keep(tv_affine(qf[j], scale, offset), keep[j]));
+    } else { /* tv_keep(v, nonzero) is v */
+        for (uint32_t j = 0; j < 32u; ++j)
+            acc[j] = tv_accumulate(acc[j], w, tv_affine(qf[j], scale, offset));
     }
 }
+
+/*
+ * One row (i a multiple of 32) of a CODES term whose width B is a constant, so the
+ * unpacking is unrolled with constant shifts.  Two flavours:
+ * - scalar: decode.h alone (tv_unpack32, tv_code_float, then finish32), the path every
+ *   other one is tested against;
+ * - portable: the same with the codes converted by unpack32_float's SIMD.
+ */
+#define TV_DEFINE_ROWS(B)                                                                     \
+    static inline TV_ALWAYS_INLINE void row_scalar_##B(float *acc, const tv_term *t, uint32_t i, \
+                                                       uint32_t n)                            \
+    {                                                                                         \
+        float scale, offset, qf[32];                                                          \
+        uint32_t q[32];                                                                       \
+        if (!row_params(t, i, n, &scale, &offset)) {                                          \
+            accum32_generic(acc, t, i);                                                       \
+            return;                                                                           \
+        }                                                                                     \
+        tv_unpack32((const uint32_t *)t->codes + tv_code_word(i, B), B, q);                   \
+        for (uint32_t j = 0; j < 32u; ++j)                                                    \
+            qf[j] = tv_code_float(q[j]);                                                      \
+        finish32(acc, qf, t, i, scale, offset);                                               \
+    }                                                                                         \
+    static inline TV_ALWAYS_INLINE void row_portable_##B(float *acc, const tv_term *t, uint32_t i, \
+                                                         uint32_t n)                          \
+    {                                                                                         \
+        float scale, offset, qf[32];                                                          \
+        if (!row_params(t, i, n, &scale, &offset)) {                                          \
+            accum32_generic(acc, t, i);                                                       \
+            return;                                                                           \
+        }                                                                                     \
+        unpack32_float((const uint32_t *)t->codes + tv_code_word(i, B), B, qf);               \
+        finish32(acc, qf, t, i, scale, offset);                                               \
+    }
+TV_DEFINE_ROWS(1)
+TV_DEFINE_ROWS(2)
+TV_DEFINE_ROWS(3)
+TV_DEFINE_ROWS(4)
+TV_DEFINE_ROWS(5)
+TV_DEFINE_ROWS(6)
+TV_DEFINE_ROWS(7)
+TV_DEFINE_ROWS(8)
+
+/* One CODES term over one row: the width becomes a constant. */
+#define TV_DEFINE_ROW_SWITCH(FLAVOUR)                                                         \
+    static inline TV_ALWAYS_INLINE void accum32_##FLAVOUR(float *acc, const tv_term *t, uint32_t i, \
+                                                          uint32_t n)                         \
+    {                                                                                         \
+        switch (t->bits) {                                                                    \
+        case 1: row_##FLAVOUR##_1(acc, t, i, n); break;                                       \
+        case 2: row_##FLAVOUR##_2(acc, t, i, n); break;                                       \
+        case 3: row_##FLAVOUR##_3(acc, t, i, n); break;                                       \
+        case 4: row_##FLAVOUR##_4(acc, t, i, n); break;                                       \
+        case 5: row_##FLAVOUR##_5(acc, t, i, n); break;                                       \
+        case 6: row_##FLAVOUR##_6(acc, t, i, n); break;                                       \
+        case 7: row_##FLAVOUR##_7(acc, t, i, n); break;                                       \
+        default: row_##FLAVOUR##_8(acc, t, i, n); break;                                      \
+        }                                                                                     \
+    }
+TV_DEFINE_ROW_SWITCH(scalar)
+TV_DEFINE_ROW_SWITCH(portable)
 
 #ifdef TV_HAVE_AVX2_PATH
 #define TV_AVX2 __attribute__((target("avx2"))) static inline TV_ALWAYS_INLINE
 
 /*
- * Codes 8k .. 8k+7 of a row as eight float lanes, exactly (float)tv_unpack32()'s values.
- * Up to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields
- * (tv_field keeps both within 32 bits); each lane then shifts its code down by its own
- * amount.
+ * Codes 8k .. 8k+7 of a row as eight float lanes, exactly tv_code_float()'s values.  Up
+ * to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields (tv_field
+ * keeps both within 32 bits); each lane then shifts its code down by its own amount.
  */
 TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
 {
@@ -187,7 +226,8 @@ TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
     return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((int)((1u << bits) - 1u))));
 }
 
-/* accum32_codes_B's arithmetic, eight lanes at a time; acc is 32-byte aligned. */
+/* finish32's arithmetic (tv_affine, tv_keep, tv_accumulate), eight lanes at a time, on
+ * avx2_codes8's floats; acc is 32-byte aligned.  Held to the scalar path by the tests. */
 TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t bits)
 {
     float scale, offset;
@@ -195,9 +235,9 @@ TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, 
         accum32_generic(acc, t, i);
         return;
     }
-    const uint32_t *row = (const uint32_t *)t->codes + (uint64_t)(i >> 5) * bits;
+    const uint32_t *row = (const uint32_t *)t->codes + tv_code_word(i, bits);
     const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset), w = _mm256_set1_ps(t->weight);
-    const __m256i m = _mm256_set1_epi32(t->mask ? (int)((const uint32_t *)t->mask)[i >> 5] : -1);
+    const __m256i m = _mm256_set1_epi32(t->mask ? (int)row_mask(t, i) : -1);
     for (uint32_t k = 0; k < 4u; ++k) {
         __m256 v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), s), o);
         if (t->mask) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
@@ -211,7 +251,7 @@ TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, 
 }
 
 /* One CODES term over one row, AVX2 path: the width becomes a constant. */
-TV_AVX2 void accum32_codes_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+TV_AVX2 void accum32_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n)
 {
     switch (t->bits) {
     case 1: avx2_accum32(acc, t, i, n, 1); break;
@@ -285,9 +325,16 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
             tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));              \
     }
 
-TV_DEFINE_TILE(rebuild_tile_portable, , accum32_codes)
+TV_DEFINE_TILE(rebuild_tile_scalar, , accum32_scalar)
+TV_DEFINE_TILE(rebuild_tile_portable, , accum32_portable)
 #ifdef TV_HAVE_AVX2_PATH
-TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum32_codes_avx2)
+TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum32_avx2)
+
+/* accum32_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
+__attribute__((target("avx2"))) static void accum32_avx2_row(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    accum32_avx2(acc, t, i, n);
+}
 #endif
 
 static int avx2_supported(void)
@@ -303,15 +350,16 @@ static int avx2_supported(void)
 static int path_in_use = TV_PATH_AUTO;
 
 /*
- * Choose the instruction path: TV_PATH_AUTO (the fastest this CPU runs), PORTABLE or
- * AVX2.  Returns the path now in use, or -1 (and changes nothing) for one this CPU or
- * build lacks.  Not to be called while a rebuild runs.
+ * Choose the instruction path: TV_PATH_AUTO (the fastest this CPU runs), PORTABLE, AVX2
+ * or SCALAR (decode.h alone, the others' reference).  Returns the path now in use, or -1
+ * (and changes nothing) for one this CPU or build lacks.  Not to be called while a
+ * rebuild runs.
  */
 int tv_cpu_set_path(int path)
 {
     if (path == TV_PATH_AUTO)
         path = avx2_supported() ? TV_PATH_AVX2 : TV_PATH_PORTABLE;
-    if (path != TV_PATH_PORTABLE && !(path == TV_PATH_AVX2 && avx2_supported()))
+    if (path != TV_PATH_PORTABLE && path != TV_PATH_SCALAR && !(path == TV_PATH_AVX2 && avx2_supported()))
         return -1;
     path_in_use = path;
     return path;
@@ -324,6 +372,26 @@ int tv_cpu_path(void)
     return path_in_use;
 }
 
+/*
+ * Add CODES term t over elements i .. i+31 (i a multiple of 32, i + 32 <= n) to acc
+ * (32 floats, 32-byte aligned) the way instruction path `path` does inside a rebuild;
+ * -1 for a path this CPU or build lacks.  The tests compare the paths row by row.
+ */
+int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    if (path == TV_PATH_SCALAR)
+        accum32_scalar(acc, t, i, n);
+    else if (path == TV_PATH_PORTABLE)
+        accum32_portable(acc, t, i, n);
+#ifdef TV_HAVE_AVX2_PATH
+    else if (path == TV_PATH_AVX2 && avx2_supported())
+        accum32_avx2_row(acc, t, i, n);
+#endif
+    else
+        return -1;
+    return 0;
+}
+
 static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len)
 {
 #ifdef TV_HAVE_AVX2_PATH
@@ -332,7 +400,10 @@ static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t sta
         return;
     }
 #endif
-    rebuild_tile_portable(s, terms, start, len);
+    if (path_in_use == TV_PATH_SCALAR)
+        rebuild_tile_scalar(s, terms, start, len);
+    else
+        rebuild_tile_portable(s, terms, start, len);
 }
 
 static uint64_t tiles_of(const tv_segment *s) { return (s->n + TILE - 1) / TILE; }

@@ -7,6 +7,21 @@
  * says the same in prose; tests/kernels holds both builds to the numpy reference
  * bit for bit.
  *
+ * What each build takes from here (docs/kernels.md has the same list):
+ * - both hot paths: tv_code_word/tv_code_shift (where a code lies), tv_window/tv_cut
+ *   (codes from a loaded pair of words), tv_field_code, tv_mask_field and tv_bit (the mask
+ *   as a 1-bit stream), tv_params (a group's scale and offset), tv_dequant = tv_affine of
+ *   tv_code_float, tv_keep and tv_accumulate: one function per operation of the contract
+ *   below, in its order;
+ * - both slow paths and tails: tv_term_value / tv_rebuild_element, built of the same;
+ * - the CPU's 16-bit conversions (tv_half_to_float, tv_float_to_half, bf16 both ways);
+ *   the GPU uses the bf16 ones and, for fp16, its cvt instructions, which round the same
+ *   way and differ only in NaN payloads (rebuild.cu, tv_h2f/tv_f2h).
+ * Not from here, and held to it bit for bit by tests/kernels (every width 1..8, with and
+ * without masks, row by row against the scalar path, the CPU path made of this header
+ * alone): the CPU's SIMD code conversion (cpu_rebuild.c's unpack32_float: SSE2 on x86-64,
+ * NEON on aarch64, run under qemu) and its AVX2 row (avx2_codes8 + avx2_accum32).
+ *
  * Plain C99 that CUDA 10.2 (JetPack 4) also accepts: no C++ templates, no cuda_fp16.h
  * (half and bfloat16 are converted by bit manipulation, identically on host and device).
  *
@@ -88,20 +103,55 @@ typedef struct tv_segment {
 } tv_segment;
 TV_STATIC_ASSERT(sizeof(tv_segment) == 56, tv_segment_is_56_bytes);
 
-/* ---- bit streams ---- */
+/* ---- bit streams ----
+ *
+ * Every decoder, on the CPU and on the GPU, finds codes with tv_code_word/tv_code_shift,
+ * cuts them from a (lo, hi) pair of words it has loaded with tv_cut and takes code k of the
+ * field with tv_field_code.  A mask is a 1-bit stream: the same three functions with b = 1.
+ */
+
+/* Word holding the first bit of code `first` of a b-bit stream: row first>>5 of 32 codes
+ * starts at word (first>>5)*b.  32-bit arithmetic: first < 2^31 and b <= 8 keep it exact. */
+TV_HD uint32_t tv_code_word(uint32_t first, uint32_t bits)
+{
+    return (first >> 5) * bits + (((first & 31u) * bits) >> 5);
+}
+
+/* Bit of that word at which code `first` starts. */
+TV_HD uint32_t tv_code_shift(uint32_t first, uint32_t bits)
+{
+    return ((first & 31u) * bits) & 31u;
+}
 
 /*
- * Codes first .. first+count-1 of a b-bit stream as one field of count*b <= 32 bits, code
- * `first` in the lowest bits: the 64-bit window of words k>>5 and (k>>5)+1 holds at least
- * 33 bits past any shift.  Every decoder cuts its codes with this window.
+ * The 32 stream bits from bit `shift` of word `lo` on, `hi` being the next word of the
+ * stream: the code starting at `shift` in the lowest bits, the codes after it above (the
+ * 64-bit pair holds at least 33 bits past any shift).  A caller that knows its codes end
+ * inside `lo` may pass hi = 0.
  */
-TV_HD uint32_t tv_field(const uint32_t *words, uint32_t bits, uint64_t first, uint32_t count)
+TV_HD uint32_t tv_window(uint32_t lo, uint32_t hi, uint32_t shift)
 {
-    uint64_t bit = first * bits;
-    uint64_t w = bit >> 5;
-    uint32_t s = (uint32_t)bit & 31u;
-    uint64_t window = (uint64_t)words[w] | ((uint64_t)words[w + 1] << 32);
-    return (uint32_t)((window >> s) & ((1ull << (count * bits)) - 1ull));
+    return (uint32_t)((((uint64_t)hi << 32) | (uint64_t)lo) >> shift);
+}
+
+/* `count` codes of b bits (count*b <= 32) of tv_window, as one field, nothing above them. */
+TV_HD uint32_t tv_cut(uint32_t lo, uint32_t hi, uint32_t shift, uint32_t bits, uint32_t count)
+{
+    const uint32_t window = tv_window(lo, hi, shift);
+    return count * bits >= 32u ? window : window & ((1u << (count * bits)) - 1u);
+}
+
+/* Code k of a field (or window) of b-bit codes. */
+TV_HD uint32_t tv_field_code(uint32_t field, uint32_t bits, uint32_t k)
+{
+    return (field >> (k * bits)) & ((1u << bits) - 1u);
+}
+
+/* Codes first .. first+count-1 of a b-bit stream in memory, as tv_cut's field. */
+TV_HD uint32_t tv_field(const uint32_t *words, uint32_t bits, uint32_t first, uint32_t count)
+{
+    const uint32_t w = tv_code_word(first, bits);
+    return tv_cut(words[w], words[w + 1], tv_code_shift(first, bits), bits, count);
 }
 
 /* Code i of a b-bit stream (b = 1..8). */
@@ -124,16 +174,24 @@ TV_HD void tv_unpack32(const uint32_t *words, uint32_t bits, uint32_t *q)
         q[j] = tv_field(words, bits, j, 1u);
 }
 
-TV_HD uint32_t tv_mask_bit(const uint32_t *words, uint32_t i)
+/* Nonzero when bit k of a mask field is set (element kept).  `word & (1 << k)` rather than
+ * a shift down: with k a constant per lane the CPU's vectoriser turns it into one AND. */
+TV_HD uint32_t tv_bit(uint32_t field, uint32_t k)
 {
-    return (words[i >> 5] >> (i & 31u)) & 1u;
+    return field & (1u << k);
 }
 
-/* Dequantise one code: the TVQ affine map of FORMAT.md. */
-TV_HD float tv_dequant(uint32_t q, float scale, float offset)
+/* The mask bits of elements i, i+1, .. (to the end of their word) in the lowest bits of a
+ * field, from the mask word tv_code_word(i, 1) holds: a 1-bit code never straddles words. */
+TV_HD uint32_t tv_mask_field(uint32_t word, uint32_t i)
 {
-    float scaled = (float)q * scale;
-    return scaled + offset;
+    return word >> tv_code_shift(i, 1u);
+}
+
+/* 1 when element i of a 1-bit mask stream is kept. */
+TV_HD uint32_t tv_mask_bit(const uint32_t *words, uint32_t i)
+{
+    return tv_bit(tv_mask_field(words[tv_code_word(i, 1u)], i), 0u) != 0u;
 }
 
 /* ---- 16-bit floats, round to nearest even, identical on host and device ---- */
@@ -213,6 +271,50 @@ TV_HD uint16_t tv_float_to_bf16(float f)
     return (uint16_t)(x >> 16);
 }
 
+/* ---- values: the arithmetic contract, one operation per function ---- */
+
+/* (float)q for a code q < 2^23, exactly, without an integer-to-float conversion (a
+ * quarter-rate unit on the GPU): 2^23 + q is representable, so subtracting 2^23 again is
+ * exact and gives q itself (+0.0 for q = 0, as (float)0). */
+TV_HD float tv_code_float(uint32_t q)
+{
+    return tv_bits_to_float(0x4b000000u | q) - 8388608.0f;
+}
+
+/* The TVQ affine map of FORMAT.md on a code already converted to float. */
+TV_HD float tv_affine(float qf, float scale, float offset)
+{
+    float scaled = qf * scale;
+    return scaled + offset;
+}
+
+/* Dequantise one code. */
+TV_HD float tv_dequant(uint32_t q, float scale, float offset)
+{
+    return tv_affine(tv_code_float(q), scale, offset);
+}
+
+/* A term's value where its mask says `keep` (nonzero), +0.0 where it does not.  Written as
+ * an AND of the bits rather than `keep ? v : 0`: the same result, and no branch for the
+ * compiler to keep around the arithmetic that computes v (the CPU build vectorises it). */
+TV_HD float tv_keep(float v, uint32_t keep)
+{
+    return tv_bits_to_float(tv_float_to_bits(v) & (keep ? 0xffffffffu : 0u));
+}
+
+/* One step of the sum: acc + weight * value, two roundings, never an FMA. */
+TV_HD float tv_accumulate(float acc, float weight, float v)
+{
+    float term = weight * v;
+    return acc + term;
+}
+
+/* The (scale, offset) pair of element i of a CODES term (32-bit divide, as the tables promise). */
+TV_HD const float *tv_params(const tv_term *t, uint32_t i)
+{
+    return (const float *)t->params + 2u * (i / (uint32_t)t->group);
+}
+
 /* ---- element access by dtype ---- */
 
 TV_HD float tv_load(uint64_t ptr, uint32_t dtype, uint32_t i)
@@ -239,16 +341,14 @@ TV_HD float tv_term_value(const tv_term *t, uint32_t i)
 {
     float v;
     if (t->kind == TV_KIND_CODES) {
-        const float *p = (const float *)t->params + 2u * (uint32_t)(i / (uint32_t)t->group);
+        const float *p = tv_params(t, i);
         v = tv_dequant(tv_code((const uint32_t *)t->codes, t->bits, i), p[0], p[1]);
     } else if (t->kind == TV_KIND_RAW_F32) {
         v = ((const float *)t->codes)[i];
     } else {
         v = tv_half_to_float(((const uint16_t *)t->codes)[i]);
     }
-    if (t->mask && !tv_mask_bit((const uint32_t *)t->mask, i))
-        v = 0.0f;
-    return v;
+    return tv_keep(v, t->mask ? tv_mask_bit((const uint32_t *)t->mask, i) : 1u);
 }
 
 /* The first term of a segment's sum: the (scaled) base, or nothing. */
@@ -265,7 +365,7 @@ TV_HD float tv_rebuild_element(const tv_segment *s, const tv_term *terms, uint32
     float acc = tv_base_term(s, i);
     for (uint32_t j = 0; j < s->term_count; ++j) {
         const tv_term *t = &terms[s->term_begin + j];
-        acc = acc + t->weight * tv_term_value(t, i);
+        acc = tv_accumulate(acc, t->weight, tv_term_value(t, i));
     }
     return acc;
 }

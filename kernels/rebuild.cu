@@ -125,39 +125,31 @@ __device__ __forceinline__ int tv_aligned(uint64_t ptr, uint32_t dtype)
     return (ptr & (dtype == TV_F32 ? 15u : 7u)) == 0;
 }
 
-/* (float)q for a code q < 2^23, exactly, without the (quarter-rate) conversion unit:
- * 2^23 + q is representable, so subtracting 2^23 again is exact. */
-__device__ __forceinline__ float tv_code_float(uint32_t q)
-{
-    return tv_bits_to_float(0x4b000000u | q) - 8388608.0f;
-}
-
-/* Issue the loads of term t for elements i0..i0+cnt-1 (cnt >= 1) of an n-element tensor. */
+/* Issue the loads of term t for elements i0..i0+cnt-1 (cnt >= 1, i0 a multiple of 4) of an
+ * n-element tensor: the words decode.h's tv_cut needs, found with tv_code_word/tv_code_shift. */
 __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t cnt, uint32_t n,
                                          tv_fetched *f)
 {
     f->fast = 0;
     if (t->kind != TV_KIND_CODES || t->bits < 1u || t->bits > 8u)
         return;
-    /* decode.h divides by the group as a 32-bit value; so do we. */
-    const uint32_t group = (uint32_t)t->group;
-    uint32_t g = 0;
-    if (group < n) {
-        g = i0 / group;
-        if (i0 - g * group + cnt > group)
+    /* One (scale, offset) pair for the four elements: per-tensor scales need no divide. */
+    const float *p = (const float *)t->params;
+    if ((uint32_t)t->group < n) {
+        p = tv_params(t, i0);
+        if (i0 % (uint32_t)t->group + cnt > (uint32_t)t->group)
             return; /* a group ends inside these elements: the generic path */
     }
     const uint32_t b = t->bits;
     const uint32_t *codes = (const uint32_t *)t->codes;
-    const uint32_t bit_lo = (i0 & 31u) * b; /* i0 * b would overflow 32 bits */
-    const uint32_t w = (i0 >> 5) * b + (bit_lo >> 5);
-    const uint32_t s = bit_lo & 31u;
+    const uint32_t w = tv_code_word(i0, b);
+    const uint32_t s = tv_code_shift(i0, b);
     f->lo = codes[w];
     /* The four codes span 4b bits; the next word only when they cross into it (the
      * stream's trailing zero word keeps this read inside the stream). */
     f->hi = s + 4u * b > 32u ? codes[w + 1] : 0u;
-    f->mask = t->mask ? ((const uint32_t *)t->mask)[i0 >> 5] : 0xffffffffu;
-    const float *p = (const float *)t->params + 2u * g;
+    /* The four mask bits lie in one word (i0 is a multiple of 4). */
+    f->mask = t->mask ? ((const uint32_t *)t->mask)[tv_code_word(i0, 1u)] : 0xffffffffu;
     f->scale = p[0];
     f->offset = p[1];
     f->fast = 1;
@@ -171,27 +163,23 @@ __device__ __noinline__ float tv_value_slow(const tv_term *t, uint32_t i)
     return tv_term_value(t, i);
 }
 
-/* acc[k] = acc[k] + weight * value(i0 + k): the loop body of tv_rebuild_element(). */
+/* acc[k] = acc[k] + weight * value(i0 + k): tv_rebuild_element()'s loop body, made of
+ * decode.h's functions on the words tv_fetch loaded. */
 __device__ __forceinline__ void tv_apply(const tv_term *t, const tv_fetched *f, uint32_t i0,
                                          uint32_t cnt, float acc[4])
 {
     const float weight = t->weight;
     if (f->fast) {
         const uint32_t b = t->bits;
-        const uint32_t m = (1u << b) - 1u;
-        const uint32_t s = ((i0 & 31u) * b) & 31u;
-        const uint32_t window = (uint32_t)((((uint64_t)f->hi << 32) | f->lo) >> s);
-        const uint32_t keep = f->mask >> (i0 & 31u);
+        const uint32_t codes = tv_window(f->lo, f->hi, tv_code_shift(i0, b));
+        const uint32_t keep = tv_mask_field(f->mask, i0);
         for (uint32_t k = 0; k < 4; ++k) {
-            float scaled = tv_code_float((window >> (k * b)) & m) * f->scale;
-            float v = scaled + f->offset;
-            if (!((keep >> k) & 1u))
-                v = 0.0f;
-            acc[k] = acc[k] + weight * v;
+            const float v = tv_keep(tv_dequant(tv_field_code(codes, b, k), f->scale, f->offset), tv_bit(keep, k));
+            acc[k] = tv_accumulate(acc[k], weight, v);
         }
     } else {
         for (uint32_t k = 0; k < cnt; ++k)
-            acc[k] = acc[k] + weight * tv_value_slow(t, i0 + k);
+            acc[k] = tv_accumulate(acc[k], weight, tv_value_slow(t, i0 + k));
     }
 }
 

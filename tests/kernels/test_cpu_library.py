@@ -19,7 +19,7 @@ def _paths():
     if not cpu.available():
         return ["portable"]
     names = []
-    for name in ("portable", "avx2"):
+    for name in ("scalar", "portable", "avx2"):
         try:
             cpu.set_path(name)
             names.append(name)
@@ -34,6 +34,56 @@ def path(request):
     cpu.set_path(request.param)
     yield request.param
     cpu.set_path("auto")
+
+
+def _aligned_row(values: np.ndarray) -> np.ndarray:
+    """32 float32 at a 32-byte boundary (the tile buffer's alignment, which AVX2 relies on)."""
+    raw = np.empty(32 + 8, dtype=np.float32)
+    start = (-raw.ctypes.data % 32) // 4
+    row = raw[start:start + 32]
+    row[...] = values
+    return row
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("masked", [False, True])
+def test_simd_rows_equal_decode_h_scalar_functions(bits, masked):
+    """Every SIMD row path (SSE2 or NEON code conversion, AVX2) gives the bits of the scalar
+    path, which is decode.h's functions alone: every width, all codes, with and without a mask."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    n = 32 * 40
+    codes = rng.integers(0, 1 << bits, n)
+    codes[:32] = (1 << bits) - 1  # the widest code in every lane of the first row
+    codes[32:64] = np.arange(32) % (1 << bits)  # every code value
+    words = pack_codes(codes, bits)
+    mask = pack_mask(rng.random(n) < 0.5) if masked else None
+    group = int(rng.choice([n, 32, 96]))  # whole rows per group: every row takes the path's own code
+    params = rng.normal(0, 0.1, 2 * -(-n // group)).astype(np.float32)
+    term = np.zeros(1, dtype=abi.TERM_DTYPE)
+    term[0] = (words.ctypes.data, mask.ctypes.data if masked else 0, params.ctypes.data, group,
+               float(rng.normal()), abi.KIND_CODES, bits, 0)
+    for i in range(0, n, 32):
+        start = rng.normal(0, 1, 32).astype(np.float32)
+        want = _aligned_row(start)
+        cpu.accumulate_row("scalar", want, term, i, n)
+        for name in ("portable", "avx2"):
+            got = _aligned_row(start)
+            try:
+                cpu.accumulate_row(name, got, term, i, n)
+            except ValueError:
+                continue  # this CPU lacks the path (the parameters say so)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (name, bits, i, "seed %d" % seed)
+    # and the scalar path is the numpy transcription of decode.h
+    acc = np.zeros(n, np.float32)
+    v = reference.term_value(term[0], n, {words.ctypes.data: words, params.ctypes.data: params,
+                                          **({mask.ctypes.data: mask} if masked else {})})
+    row = _aligned_row(np.zeros(32, np.float32))
+    for i in range(0, n, 32):
+        row[...] = 0
+        cpu.accumulate_row("scalar", row, term, i, n)
+        acc[i:i + 32] = row
+    assert np.array_equal(acc.view(np.uint32), (np.float32(0) + np.float32(term[0]["weight"]) * v).view(np.uint32))
 
 
 def test_auto_picks_the_fastest_path_this_cpu_has():
