@@ -8,13 +8,13 @@ re-centre the base on a new set of tasks.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export.checkpoints import Checkpoint, classify, load_checkpoint, task_vectors
-from tvswitch.export.exporter import Scheme, _codes_term, _encode
+from tvswitch.export.exporter import Scheme, _add_queries, _codes_term, _encode
 from tvswitch.export.quantize import quantize
 from tvswitch.export.writer import PayloadStore, write_bundle
 from tvswitch.kernels.reference import dequantize, unpack_codes
@@ -100,6 +100,18 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
     m["entries"] = dict(m["entries"], **{task: entries})
     m["task_specific"] = dict(m["task_specific"], **{task: {
         n: store.add("%s/%s" % (task, n), ck.tensors[n].astype(scheme.raw_dtype)) for n in layout.task_only[task]}})
+    write_bundle(out or path, m, store)
+    return Bundle.open(out or path)
+
+
+def set_query_sets(path: str, query_sets: Mapping[str, np.ndarray], router: Any, out: Optional[str] = None) -> Bundle:
+    """Store Auto-Switch's query sets (fp16) and ``router`` record (a ``RouterSpec`` or its
+    dict) in the bundle at ``path``, replacing any it had; write to ``out`` (default: in place)."""
+    bundle = Bundle.open(path)
+    old = set((bundle.manifest.get("queries") or {}).values())
+    m = {k: v for k, v in bundle.manifest.items() if k not in ("queries", "router")}
+    store = _carry(bundle, lambda key: key not in old)
+    _add_queries(m, store, query_sets, router, bundle.tasks)
     write_bundle(out or path, m, store)
     return Bundle.open(out or path)
 

@@ -12,8 +12,9 @@ shares, and ``serve_groups`` answers each group with its own mix.
 
 The router's feature extractor is part of the model, not of the caller: ``RouterSpec``
 (the bundle's ``router`` record) names the network, the engine output, the pooling and
-the mask input, and ``RouterSpec.features`` turns engine outputs into features exactly
-as the record says, for the exporter's query sets and at serving time alike.
+the mask input, and ``RouterSpec.network_features`` runs the router network on an engine
+and pools its output exactly as the record says, for the query sets
+(``router_query_sets``, what ``tvswitch router`` stores) and at serving time alike.
 ``Router`` wires a bundle's record and query sets to an engine's ``infer``.
 
 numpy only, no torch and no sklearn, so it runs on the device; Python 3.8 compatible.
@@ -94,6 +95,11 @@ class RouterSpec:
         """The mix the router network is rebuilt from (all zero: the base weights)."""
         w = 1.0 / len(tasks) if self.network == "average" else 0.0
         return {t: w for t in tasks}
+
+    def network_features(self, infer: Infer, tasks: Sequence[str], inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(inputs, features) of a batch: one inference of the router network (the mix
+        ``network_mix(tasks)`` on ``infer``, e.g. ``Server.infer``), pooled by ``features``."""
+        return self.features(infer(inputs, self.network_mix(tasks)), inputs)
 
     def features(self, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """(inputs, features) float32 from the router network's outputs (and inputs, for the mask)."""
@@ -226,6 +232,35 @@ def build_query_sets(features: Callable[[Any], np.ndarray], exemplars: Mapping[s
     return out
 
 
+def router_query_sets(spec: RouterSpec, infer: Infer, tasks: Sequence[str],
+                      exemplars: Mapping[str, Mapping[str, np.ndarray]], n: int = DEFAULT_EXEMPLARS, seed: int = 0,
+                      batch: int = 64) -> Dict[str, np.ndarray]:
+    """Per-task query sets taken as ``spec`` says, from named input arrays.
+
+    ``exemplars[task]`` maps the network's input names to arrays whose rows (first axis)
+    are that task's exemplar inputs; ``n`` rows per task are drawn as ``build_query_sets``
+    draws them and run through the router network (``spec.network_features`` on ``infer``
+    for the bundle's ``tasks``) ``batch`` rows at a time: the computation ``Router`` does at
+    serving time, so stored and served features agree.
+    """
+    if batch < 1:
+        raise TvswitchError("the batch size must be >= 1, got %r" % batch)
+    out: Dict[str, np.ndarray] = {}
+    for task, arrays in exemplars.items():
+        rows = {len(a) if np.ndim(a) else 0 for a in arrays.values()}
+        if not arrays or len(rows) != 1 or 0 in rows:
+            raise TvswitchError("exemplars of task %r: need input arrays with one and the same number of rows "
+                                "(>= 1), got %s" % (task, {k: list(np.shape(a)) for k, a in arrays.items()}))
+
+        def features(idx: np.ndarray, arrays: Mapping[str, np.ndarray] = arrays) -> np.ndarray:
+            return np.concatenate([spec.network_features(infer, tasks, {k: a[idx[s:s + batch]]
+                                                                      for k, a in arrays.items()})
+                                   for s in range(0, len(idx), batch)])
+
+        out.update(build_query_sets(features, {task: np.arange(rows.pop())}, n, seed))
+    return out
+
+
 class Router:
     """A bundle's Auto-Switch wired to an engine: features by the bundle's router record,
     kNN over its query sets. ``Router(bundle, server.infer)`` is a ``Server.auto`` route."""
@@ -239,12 +274,12 @@ class Router:
                                 "(re-export it with router=RouterSpec(...))" % bundle.path)
         self.spec = RouterSpec.from_record(bundle.router(), bundle.path)
         self.switch = AutoSwitch(queries, k=self.spec.k)
-        self._network = self.spec.network_mix(bundle.tasks)
+        self._tasks = list(bundle.tasks)
         self._infer = infer
 
     def features(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The router network's features of a batch (one inference on the router's weights)."""
-        return self.spec.features(self._infer(inputs, self._network), inputs)
+        return self.spec.network_features(self._infer, self._tasks, inputs)
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> Mix:
         """The batch's mix (a ``Server.auto`` route)."""

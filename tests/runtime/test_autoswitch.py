@@ -9,7 +9,7 @@ import pytest
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.autoswitch import (DEFAULT_EXEMPLARS, AutoSwitch, Router, RouterSpec, build_query_sets,
-                                         select_exemplars, serve_groups)
+                                         router_query_sets, select_exemplars, serve_groups)
 
 CENTRES = {"a": [10.0, 0.0, 0.0], "b": [0.0, 10.0, 0.0], "c": [0.0, 0.0, 10.0]}
 
@@ -129,6 +129,31 @@ def test_build_query_sets_draws_n_seeded_exemplars_per_task():
         build_query_sets(features, exemplars, n=0)
     with pytest.raises(ValueError, match="need \\(5, d\\)"):
         build_query_sets(lambda xs: np.zeros((3, 2)), {"a": list(range(5))})
+
+
+def test_router_query_sets_run_the_router_network_in_batches_as_the_record_says():
+    """What `tvswitch router` stores: n exemplars drawn as build_query_sets draws them, run
+    through the router network's mix in batches, mean-pooled over the mask input."""
+    rng = np.random.default_rng(0)
+    exemplars = {t: {"x": rng.normal(size=(n, 4, 3)), "mask": (rng.uniform(size=(n, 4)) > 0.3).astype(np.int64)}
+                 for t, n in (("a", 23), ("b", 9))}
+    calls = []
+
+    def infer(inputs, mix):  # the "network": its output is its input, scaled by the mix's total weight
+        calls.append((len(inputs["x"]), dict(mix)))
+        return {"h": inputs["x"] * sum(mix.values())}
+
+    spec = RouterSpec(output="h", mask_input="mask", network="average")
+    qs = router_query_sets(spec, infer, ["a", "b"], exemplars, n=20, seed=1, batch=8)
+    assert [c[0] for c in calls] == [8, 8, 4, 8, 1]  # a: 20 of 23 in batches of 8; b: all 9
+    assert all(c[1] == {"a": 0.5, "b": 0.5} for c in calls)
+    rows = select_exemplars(np.arange(23), 20, seed=1)
+    x, m = exemplars["a"]["x"][rows], exemplars["a"]["mask"][rows]
+    want = (x * m[:, :, None]).sum(1) / np.maximum(m.sum(1), 1)[:, None]
+    np.testing.assert_allclose(qs["a"], want, rtol=1e-5, atol=1e-6)
+    assert qs["b"].shape == (9, 3)
+    with pytest.raises(TvswitchError, match="exemplars of task 'a': need input arrays with one and the same"):
+        router_query_sets(spec, infer, ["a"], {"a": {"x": np.zeros((3, 4, 3)), "mask": np.ones((2, 4))}})
 
 
 def test_router_features_mean_pool_over_the_mask():

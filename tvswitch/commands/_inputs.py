@@ -32,6 +32,19 @@ def parse_inputs(values: List[str]) -> Dict[str, np.ndarray]:
     return arrays
 
 
+def load_arrays(path: str, flag: str) -> Dict[str, np.ndarray]:
+    """The arrays of a ``.npy`` (one, called ``input``) or a ``.npz`` (by name, in the file's
+    order): one task's inputs where a network takes several (``merge --inputs``, ``router --inputs``)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise TvswitchError("%s %s: not a readable .npy or .npz file (%s)" % (flag, path, exc)) from None
+    if isinstance(loaded, np.ndarray):
+        return {"input": loaded}
+    with loaded:
+        return {k: loaded[k] for k in loaded.files}
+
+
 def check_output_path(path: str, flag: str) -> None:
     """Refuse an output path that cannot be written, before any work is done for it.
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from tvswitch.commands._common import load_base, parse_task_args
-from tvswitch.commands._inputs import check_output_path
+from tvswitch.commands._inputs import check_output_path, load_arrays
 from tvswitch.errors import TvswitchError
 
 NAME = "merge"
@@ -107,7 +107,8 @@ def _check_args(args: argparse.Namespace, bundle) -> None:
         raise TvswitchError("%s has no task %r (tasks: %s)" % (args.bundle, args.task, ", ".join(bundle.tasks)))
     for attr, flag, methods in SCALING:
         if getattr(args, attr) is not None and args.method not in methods:
-            raise TvswitchError("%s does not apply to --method %s (only to %s)" % (flag, args.method, ", ".join(methods)))
+            raise TvswitchError("%s does not apply to --method %s (only to %s)"
+                                % (flag, args.method, ", ".join(methods)))
     learning = [flag for attr, flag in LEARNING if getattr(args, attr) is not None] + \
         (["--normalize"] if args.normalize else [])
     if learning and args.method != "adamerging":
@@ -177,7 +178,8 @@ def _learn(args: argparse.Namespace, bundle, given: Optional[Dict[str, np.ndarra
         raise TvswitchError("learning AdaMerging's coefficients needs torch (pip install 'tvswitch[torch]'): %s"
                             % exc) from None
     settings = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in LEARN_DEFAULTS.items()}
-    inputs = {t: _read_inputs(path) for t, path in parse_task_args(args.inputs, "--inputs").items()}
+    inputs = {t: list(load_arrays(path, "--inputs").values())
+              for t, path in parse_task_args(args.inputs, "--inputs").items()}
     module = load_module(args.module)
     try:
         result = learn_from_bundle(bundle, module, inputs, given, taus, batch=settings["batch"],
@@ -193,18 +195,6 @@ def _learn(args: argparse.Namespace, bundle, given: Optional[Dict[str, np.ndarra
         ", entropy %.4g -> %.4g" % (h[0], h[-1]) if h else "", len(bundle.tasks),
         ", coefficients in %s" % args.coefficients_out if args.coefficients_out else "")
     return result, how
-
-
-def _read_inputs(path: str) -> List[np.ndarray]:
-    """One task's unlabelled inputs: a .npy (one input) or a .npz (several, in the file's order)."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise TvswitchError("--inputs %s: not a readable .npy or .npz file (%s)" % (path, exc)) from None
-    if isinstance(loaded, np.ndarray):
-        return [loaded]
-    with loaded:
-        return [loaded[k] for k in loaded.files]
 
 
 def _as_is(bundle, task: Optional[str]) -> Dict[str, np.ndarray]:
