@@ -1,9 +1,10 @@
 """rebuild.cu run on CPU threads (tests/kernels/emulate) against the CPU library, bit for bit.
 
 No GPU is needed: the kernel source is compiled as host C++ under a small CUDA shim, so
-its segment search, tiling, prefetching, vector and scalar paths and tails run here.  What
-only a GPU can check (its conversion instructions, real concurrency) is in
-test_gpu_rebuild.py.
+its segment search, tiling, prefetching, vector and scalar paths and tails run here, with
+UBSan's alignment check standing in for the GPU's fault on a misaligned vector access.
+Seeds are fresh per run and named in every failure.  What only a GPU can check (its
+conversion instructions, real concurrency) is in test_gpu_rebuild.py.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -21,16 +24,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "kernels")
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def build_emulator(out: str, defines: Tuple[str, ...] = ()) -> str:
+    """Compile harness.cpp (rebuild.cu under shim.h) into a shared library; misaligned vector
+    accesses abort it (UBSan's alignment check, as the GPU faults on them)."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ is not installed: the kernel emulation is compiled as C++20")
-    lib = str(tmp_path_factory.mktemp("emulate") / "emulate.so")
     subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall",
                     "-Wno-unknown-pragmas", "-Werror", "-pthread", "-shared", "-fPIC",
+                    "-fsanitize=alignment", "-fno-sanitize-recover=alignment", *["-D" + d for d in defines],
                     "-I", KERNELS, "-I", os.path.join(HERE, "emulate"),
-                    os.path.join(HERE, "emulate", "harness.cpp"), "-o", lib], check=True)
+                    os.path.join(HERE, "emulate", "harness.cpp"), "-o", out], check=True)
+    return out
+
+
+def load_emulator(lib: str):
+    """A function running (prefetch, segments, terms, tiles_per_block) through the emulated kernel."""
     dll = ctypes.CDLL(lib)
     dll.tv_emulate.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32,
                                ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
@@ -46,24 +55,100 @@ def emulator(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return load_emulator(build_emulator(str(tmp_path_factory.mktemp("emulate") / "emulate.so")))
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**32)
+
+
 @pytest.mark.parametrize("prefetch,tiles", [(2, 1), (4, 3), (10, 2)])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kernel_matches_cpu_library(emulator, kit, prefetch, tiles, seed):
-    case = kit.make_case(seed, kit.SIZES, terms_per_segment=(1, 4), misalign=bool(seed))
+@pytest.mark.parametrize("misalign", [False, True])
+def test_kernel_matches_cpu_library(emulator, kit, prefetch, tiles, misalign):
+    seed = fresh_seed()
+    case = kit.make_case(seed, kit.SIZES, terms_per_segment=(1, 4), misalign=misalign)
     want = case.reference()
     got = case.new_outputs()
     emulator(prefetch, case.with_outputs(got), case.terms, tiles)
-    assert kit.outputs_equal(got, want) == {}
+    assert kit.outputs_equal(got, want) == {}, "seed %d" % seed
+
+
+def test_tiles_no_segment_owns_are_skipped(emulator, kit):
+    """A table whose first segment starts at tile 3 and whose segments leave gaps: the tiles
+    before and between them write nothing.  A decoy launch first leaves its segment in the
+    block's shared memory (the shim keeps it between launches, as a GPU may hold anything
+    there); a kernel that used it for the tiles before the first segment would rewrite the
+    decoy's output from its changed input."""
+    seed = fresh_seed()
+    decoy_in = np.ones(4096, np.float32)
+    decoy_out = np.zeros(4096, np.float32)
+    decoy_terms = np.array([(decoy_in.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
+    decoy = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    decoy[0] = (0, decoy_out.ctypes.data, 4096, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
+    case = kit.make_case(seed, (1500, 17, 4096), terms_per_segment=(1, 3))
+    for tiles in (1, 2, 5):
+        emulator(4, decoy, decoy_terms, 1)
+        assert (decoy_out == 1.0).all()
+        decoy_in[...] = 2.0
+        got = case.new_outputs()
+        segs = case.with_outputs(got)
+        segs["first_block"] = [3, 7, 9]  # 1500 elements: tiles 3-4; 17: tile 7; 4096: tiles 9-12
+        emulator(4, segs, case.terms, tiles)
+        assert kit.outputs_equal(got, case.reference()) == {}, "seed %d, %d tiles per block" % (seed, tiles)
+        assert (decoy_out == 1.0).all(), "a tile before the first segment wrote the previous launch's segment"
+        decoy_in[...] = 1.0
+
+
+_MISALIGNED_RUN = """
+import ctypes, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_rebuild_emulated import load_emulator
+from tvswitch.kernels import abi
+run = load_emulator(sys.argv[1])
+n = 1024
+base = np.ones(n, np.float32)
+out = np.zeros(n + 4, np.float32)  # the output starts one float in: 4-byte, not 16-byte, aligned
+values = np.full(n, 0.5, np.float32)
+terms = np.array([(values.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
+segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+segs[0] = (base.ctypes.data, out.ctypes.data + 4 * int(sys.argv[3]), n, 0, 1.0, abi.F32, abi.F32, 0, 1, 0)
+run(2, segs, terms, 1)
+assert (out[int(sys.argv[3]):][:n] == 1.5).all()
+print("written")
+"""
+
+
+@pytest.mark.parametrize("ignore_alignment", [False, True])
+def test_a_misaligned_vector_access_fails_the_emulation(tmp_path, ignore_alignment):
+    """The shim's float4/uint2 carry the GPU's alignment and the harness is built with UBSan's
+    alignment check: a kernel that skipped tv_aligned() and stored a float4 at a 4-byte
+    aligned output is stopped (run in a child process, since the check aborts)."""
+    defines = ("TV_EMULATE_IGNORE_ALIGNMENT",) if ignore_alignment else ()
+    lib = build_emulator(str(tmp_path / "emulate.so"), defines)
+    results = []
+    for offset in (1, 0):  # misaligned by one float, then aligned
+        results.append(subprocess.run([sys.executable, "-c", _MISALIGNED_RUN, lib, HERE, str(offset)],
+                                      capture_output=True, text=True, timeout=300))
+    misaligned, aligned = results
+    assert aligned.returncode == 0 and "written" in aligned.stdout, aligned.stderr
+    if ignore_alignment:
+        assert misaligned.returncode != 0 and "misaligned address" in misaligned.stderr, misaligned.stderr
+    else:  # the real kernel sees the address and takes the scalar path
+        assert misaligned.returncode == 0 and "written" in misaligned.stdout, misaligned.stderr
 
 
 def test_terms_beyond_prefetch_and_shared_memory(emulator, kit):
     """40 terms: 10 prefetched, the rest one by one, and read from global (> 32 shared)."""
-    case = kit.make_case(7, (1500, 2049, 5), terms_per_segment=(33, 40))
+    seed = fresh_seed()
+    case = kit.make_case(seed, (1500, 2049, 5), terms_per_segment=(33, 40))
     assert case.segments["term_count"].max() > 32
     want = case.reference()
     got = case.new_outputs()
     emulator(10, case.with_outputs(got), case.terms, 2)
-    assert kit.outputs_equal(got, want) == {}
+    assert kit.outputs_equal(got, want) == {}, "seed %d" % seed
 
 
 def test_output_may_alias_its_base(emulator, kit):

@@ -20,10 +20,13 @@ extern thread_local tv_dim3 threadIdx;
 extern thread_local tv_dim3 blockIdx;
 extern std::barrier<> *tv_block_barrier;
 
-struct float4 {
+/* The GPU's alignment of the vector types: built with -fsanitize=alignment, an access
+ * through a pointer that is not 16 (float4) or 8 (uint2) bytes aligned stops the run, as a
+ * misaligned vector access faults on the GPU. */
+struct alignas(16) float4 {
     float x, y, z, w;
 };
-struct uint2 {
+struct alignas(8) uint2 {
     unsigned x, y;
 };
 
