@@ -359,7 +359,7 @@ def benchmark(args: argparse.Namespace) -> int:
         target.write_task(paths[task], tasks[task])
 
     engine = target.engine()
-    source = BundleSource(bundle, engine.weight_specs, base, threads=args.threads)
+    source = BundleSource(bundle, engine, base, threads=args.threads)
     server = Server(engine, source, {names[0]: 1.0})
     facts.update(mode=server.mode, moved=source.rebuilder.bytes_moved({names[0]: 1.0}))
     timings: Dict[str, Any] = dict(switch=measure_switches(server, names, args.rounds),

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.checkpoint import contiguous
 from tvswitch.runtime.engines.base import write_atomically
 from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord
-from tvswitch.runtime.engines.torch_engine import default_names, flatten_outputs
+from tvswitch.runtime.engines.torch_engine import call_module, default_names, flatten_outputs
 
 if TYPE_CHECKING:
     import onnx
@@ -65,7 +66,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     module.eval()
     try:
         with torch.no_grad():
-            reference = flatten_outputs(module(*inputs))
+            reference = flatten_outputs(call_module(module, inputs, dict(zip(input_names, inputs))))
         output_names = list(output_names or default_names("output", len(reference)))
         if dynamic_axes is None:
             dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
@@ -189,13 +190,13 @@ def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
         v = values[name]
         graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype),
                                                          list(v.shape)))
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), name))
+        graph.initializer.append(numpy_helper.from_array(contiguous(v), name))
         weights[name] = (tuple(v.shape), v.dtype.name)
     taken = {t.name for t in graph.initializer}
     fixed = [n for n in others if n not in taken]
     unused = [name for name in groups if name not in used and name not in taken]
     stored = [(n, others[n]) for n in fixed] + [(n, values[n]) for n in unused]
-    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in stored)
+    graph.initializer.extend(numpy_helper.from_array(contiguous(a), n) for n, a in stored)
     record = WeightRecord(
         weights=weights, renamed=renamed,
         aliases={alias: name for name, names in groups.items() for alias in names[1:]},

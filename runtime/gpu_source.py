@@ -46,19 +46,22 @@ class GpuBundleSource:
     """Writes a bundle's tasks and mixes into ``engine.device_buffers()`` with ``GpuRebuilder``.
 
     ``device`` is an open ``kernels.cuda.Device`` (one is opened otherwise); ``base`` as
-    for ``CpuRebuilder`` (it goes to the device once and is not kept on the host).
+    for ``CpuRebuilder`` (it goes to the device once and is not kept on the host);
+    ``allow_unmatched`` as for ``server.BundleSource``.
     """
 
     #: Where the rebuild runs (``Server.rebuild_on``).
     where = "gpu"
 
     def __init__(self, bundle: Bundle, engine: Engine, base: Optional[Mapping[str, np.ndarray]] = None, *,
-                 device: Optional[Device] = None, tiles_per_block: int = 4, verify_base: bool = True):
+                 device: Optional[Device] = None, tiles_per_block: int = 4, verify_base: bool = True,
+                 allow_unmatched: bool = False):
         targets = engine.device_buffers()
         if targets is None:
             raise TvswitchError("the %s engine has no device buffers to rebuild into" % engine.kind)
         specs = engine.weight_specs
-        check_engine_names(bundle, specs)
+        self.unmatched = check_engine_names(bundle, specs, unread=engine.unread_weights,
+                                            allow_unmatched=allow_unmatched)
         self.bundle = bundle
         self.engine = engine
         self._targets: Dict[str, DeviceTensor] = {}

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,42 +54,101 @@ EngineWeights = Mapping[str, Tuple[Tuple[int, ...], Any]]
 log = logging.getLogger("tvswitch.server")
 
 
-def check_engine_names(bundle: Bundle, engine_weights: EngineWeights) -> None:
-    """Refuse a bundle that names none of the engine's weights, or a shared tensor of another shape."""
+def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread: Iterable[str] = (),
+                       allow_unmatched: bool = False, what: str = "the engine") -> List[str]:
+    """Refuse a bundle tensor that the engine would leave unswitched; returns those allowed to stay.
+
+    A tensor a task changes (shared, or a task's own head) but that is no weight of the
+    engine would keep the graph's own value through every switch: the engine would
+    answer with a mixture of the task's weights and the graph's, with no error.  That
+    is what a graph from a plain ``torch.onnx.export`` gives (constant folding renames
+    most weights ``onnx::MatMul_N``), so it is refused, naming a few such tensors.
+    ``unread`` are tensors the graph's record says no node reads (unused, tied
+    aliases): their values change no output.  ``allow_unmatched`` accepts a graph that
+    serves a subset on purpose; the caller warns with the list returned.  A bundle
+    that names none of the engine's weights, or a shared tensor of another shape, is
+    refused either way.
+    """
     shared = bundle.shared_specs
     if engine_weights and not any(n in engine_weights for n in shared):
-        raise TvswitchError("none of the %d tensors of %s is a weight of the engine: names differ (bundle %r, "
-                            "engine %r); export the graph and the bundle from the same state_dict"
-                            % (len(shared), bundle.path, next(iter(shared)), next(iter(engine_weights))))
+        raise TvswitchError("none of the %d tensors of %s is a weight of %s: names differ (bundle %r, "
+                            "engine %r); export the graph with tvswitch export-onnx, which keeps the state_dict "
+                            "names, from the network the bundle's checkpoints belong to"
+                            % (len(shared), bundle.path, what, next(iter(shared)), next(iter(engine_weights))))
     for name, spec in shared.items():
         if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
-            raise TvswitchError("bundle tensor %r is %s, the engine's weight is %s"
-                                % (name, list(spec.shape), list(engine_weights[name][0])))
+            raise TvswitchError("bundle tensor %r is %s, the weight of %s is %s"
+                                % (name, list(spec.shape), what, list(engine_weights[name][0])))
+    skip = set(unread)
+    switched = list(shared) + sorted({n for t in bundle.tasks for n in bundle.task_specific(t)} - set(shared))
+    missing = [n for n in switched if n not in engine_weights and n not in skip]
+    if missing and not allow_unmatched:
+        raise TvswitchError("%d of the %d tensors %s switches are not weights of %s (%s): every switch would "
+                            "leave them at the graph's own values and answer wrong; export the graph with "
+                            "tvswitch export-onnx, which keeps the state_dict names, or allow it "
+                            "(--allow-unmatched) if the graph serves a subset on purpose"
+                            % (len(missing), len(switched), bundle.path, what, _some(missing)))
+    return missing
+
+
+def _some(names: Sequence[str], count: int = 3) -> str:
+    """The first ``count`` of ``names``, quoted, and how many more."""
+    shown = ", ".join(repr(n) for n in names[:count])
+    return shown + (" and %d more" % (len(names) - count) if len(names) > count else "")
+
+
+def head_misfits(bundle: Bundle, engine_weights: EngineWeights) -> Dict[str, str]:
+    """Task -> why this graph cannot serve it: a task-specific tensor of another shape than its weight.
+
+    Tasks of one bundle may have heads of different sizes (3, 4, 5 classes) while a graph
+    has one: the graph serves the tasks whose heads fit, and a switch to another is
+    refused (``check_source_mix``), not the whole bundle at load.
+    """
+    misfits: Dict[str, str] = {}
+    for task in bundle.tasks:
+        for n, a in bundle.task_specific(task).items():
+            if n in engine_weights and tuple(a.shape) != tuple(engine_weights[n][0]):
+                misfits[task] = "its tensor %r is %s, the network's weight is %s" % (
+                    n, list(a.shape), list(engine_weights[n][0]))
+                break
+    return misfits
 
 
 def task_heads(bundle: Bundle, engine_weights: EngineWeights) -> Tuple[Dict[str, Dict[str, np.ndarray]], List[str]]:
-    """Each task's task-specific tensors that the engine serves (shapes checked), and all their names."""
+    """Each task's task-specific tensors that the engine serves and that fit it, and all their names.
+
+    A task with a head that does not fit (``head_misfits``) gets none of its tensors here,
+    so nothing of it is ever copied; ``check_source_mix`` refuses it.
+    """
+    misfits = head_misfits(bundle, engine_weights)
     heads: Dict[str, Dict[str, np.ndarray]] = {}
     names = set()
     for task in bundle.tasks:
-        mine = {n: a for n, a in bundle.task_specific(task).items() if n in engine_weights}
-        for n, a in mine.items():
-            if tuple(a.shape) != tuple(engine_weights[n][0]):
-                raise TvswitchError("task %r's tensor %r is %s, the engine's weight is %s"
-                                    % (task, n, list(a.shape), list(engine_weights[n][0])))
+        mine = {} if task in misfits else {n: a for n, a in bundle.task_specific(task).items() if n in engine_weights}
         heads[task] = mine
         names.update(mine)
     return heads, sorted(names)
 
 
 def check_source_mix(bundle: Bundle, mix: Mapping[str, float], heads: Mapping[str, Mapping[str, Any]],
-                     head_names: Sequence[str]) -> Mix:
-    """The mix, validated (tasks, weights, the heaviest task's heads); raises before anything is written."""
+                     head_names: Sequence[str], shapes: Optional[EngineWeights] = None) -> Mix:
+    """The mix, validated (tasks, weights, the heaviest task's heads); raises before anything is written.
+
+    ``shapes`` (the engine's weight specs) only make the message of a head that does not
+    fit name the graph's shape too.
+    """
     mix = check_mix(mix, bundle.tasks, bundle.path)
     head = head_task(mix)
     lacking = [n for n in head_names if n not in heads[head]]
     if lacking:
-        raise TvswitchError("task %r has no tensor %r, which the engine serves" % (head, lacking[0]))
+        own = bundle.task_specific(head)
+        name = next((n for n in lacking if n in own), None)
+        if name is None:
+            raise TvswitchError("task %r has no tensor %r, which the engine serves" % (head, lacking[0]))
+        graph = "is %s" % list(shapes[name][0]) if shapes is not None and name in shapes else "has another shape"
+        raise TvswitchError("task %r cannot be served by this network: its tensor %r is %s, the network's weight %s "
+                            "(a graph exported for that task's head serves it)"
+                            % (head, name, list(own[name].shape), graph))
     return mix
 
 
@@ -102,22 +161,32 @@ class BundleSource:
     """Writes a bundle's tasks and mixes into an engine's weight buffers with the CPU rebuild.
 
     Shared tensors (task vectors, BatchNorm statistics) are rebuilt by ``CpuRebuilder``;
-    shared tensors the graph does not read go to scratch buffers made once.  A
-    task-specific tensor (a classification head) that the engine serves is copied from
-    the mix's heaviest task: a head answers one task's classes, so a mix of tasks is
-    served with the head of the task it leans on most, as Auto-Switch does.
+    shared tensors the graph does not read (``unread``, or allowed ``unmatched``) go to
+    scratch buffers made once.  A task-specific tensor (a classification head) that the
+    engine serves is copied from the mix's heaviest task: a head answers one task's
+    classes, so a mix of tasks is served with the head of the task it leans on most, as
+    Auto-Switch does.  A task whose head does not fit the graph's (another number of
+    classes) is refused when switched to (``head_misfits``), the previous task serving on.
     """
 
     #: Where the rebuild runs (``Server.rebuild_on``).
     where = "cpu"
 
-    def __init__(self, bundle: Bundle, engine_weights: Mapping[str, Tuple[Tuple[int, ...], np.dtype]],
-                 base: Optional[Mapping[str, np.ndarray]] = None, threads: int = 0, verify_base: bool = True):
+    def __init__(self, bundle: Bundle, engine_weights: Union[Engine, EngineWeights],
+                 base: Optional[Mapping[str, np.ndarray]] = None, threads: int = 0, verify_base: bool = True, *,
+                 unread: Iterable[str] = (), allow_unmatched: bool = False):
+        """Write into the weights of ``engine_weights``: an engine (its ``weight_specs`` and
+        ``unread_weights``), or weight specs alone.  ``unread`` and ``allow_unmatched`` as for
+        ``check_engine_names``; ``unmatched`` then lists the tensors left at the graph's values."""
+        if isinstance(engine_weights, Engine):
+            unread = list(unread) + list(engine_weights.unread_weights)
+            engine_weights = engine_weights.weight_specs
         self.bundle = bundle
-        check_engine_names(bundle, engine_weights)
+        self.unmatched = check_engine_names(bundle, engine_weights, unread=unread, allow_unmatched=allow_unmatched)
         self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
         self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in bundle.shared_specs.items()
                          if n not in engine_weights}
+        self._shapes = dict(engine_weights)
         self._heads, self._head_names = task_heads(bundle, engine_weights)
 
     @property
@@ -126,7 +195,7 @@ class BundleSource:
 
     def check(self, mix: Mapping[str, float]) -> Mix:
         """The mix, validated; raises before any buffer is written."""
-        mix = check_source_mix(self.bundle, mix, self._heads, self._head_names)
+        mix = check_source_mix(self.bundle, mix, self._heads, self._head_names, self._shapes)
         self.rebuilder.plan(mix)
         return mix
 
@@ -153,6 +222,10 @@ class Server:
         self.rebuild_on = getattr(source, "where", "cpu")
         #: Why that path (set by ``serve_bundle``: the GPU's name, or why the GPU path is not used).
         self.rebuild_note = ""
+        #: The tasks this engine can serve (``serve_bundle``: those whose heads fit the graph).
+        self.servable: List[str] = list(getattr(source, "tasks", []))
+        #: Bundle tensors that are no weight of the engine, allowed to keep the graph's values.
+        self.unmatched: List[str] = list(getattr(source, "unmatched", []))
         self.mode = "staged" if engine.publish_copies else ("double" if engine.slots == 2 else "lock")
         self._cond = threading.Condition()
         self._switch_lock = threading.Lock()
@@ -286,8 +359,14 @@ def default_model_path(bundle_path: str) -> str:
 def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
                  base: Optional[Mapping[str, np.ndarray]] = None, initial: Optional[Mapping[str, float]] = None,
                  slots: int = 1, threads: int = 0, module: Any = None, input_names: Optional[Sequence[str]] = None,
-                 gpu: Optional[bool] = None, device: Any = None, **options: Any) -> Server:
-    """Open ``bundle``, load ``engine`` and serve ``initial`` (default: the first task).
+                 gpu: Optional[bool] = None, device: Any = None, allow_unmatched: bool = False,
+                 **options: Any) -> Server:
+    """Open ``bundle``, load ``engine`` and serve ``initial`` (default: the first task the graph serves).
+
+    Every tensor the bundle switches must be a weight of the engine (``check_engine_names``);
+    ``allow_unmatched`` serves a graph that holds a subset on purpose, with a warning on
+    the ``tvswitch.server`` logger naming what keeps the graph's values.  The tasks whose
+    heads fit the graph are ``Server.servable`` (a warning names the others and why).
 
     Where the engine offers device buffers for its weights (TensorRT 10) and a CUDA
     device and the kernels are there, the CUDA kernels rebuild straight into them
@@ -313,8 +392,23 @@ def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
                                 "--model)" % (bundle, model))
     eng = load_engine(engine, model, names=names, slots=slots, threads=threads, module=module,
                       input_names=input_names, **options)
+    what = "the torch module" if engine == "torch" else "the graph %s" % (model if isinstance(model, str) else "given")
+    unmatched = check_engine_names(opened, eng.weight_specs, unread=eng.unread_weights,
+                                   allow_unmatched=allow_unmatched, what=what)
+    if unmatched:
+        log.warning("%d tensors of %s are not weights of %s and keep its own values through every switch "
+                    "(allowed): %s", len(unmatched), bundle, what, ", ".join(unmatched))
+    misfits = head_misfits(opened, eng.weight_specs)
+    servable = [t for t in opened.tasks if t not in misfits]
+    if misfits:
+        log.warning("%s serves task%s %s of %s, not %s", what, "" if len(servable) == 1 else "s",
+                    ", ".join(servable) or "none", bundle, "; ".join("%s (%s)" % kv for kv in misfits.items()))
     if base is None and not opened.has_embedded_base:
         base = getattr(eng, "defaults", None) or {n: np.array(a) for n, a in eng.buffers(0).items()}
+        lacking = [n for n in opened.shared_specs if n not in base]
+        if lacking:
+            raise TvswitchError("%s cannot serve as the base of %s: it does not hold %s; give the base checkpoint "
+                                "(--base)" % (what, bundle, _some(lacking)))
     elif getattr(eng, "defaults", None) is not None:
         eng.defaults = None  # another base serves the rebuild: the graph's copy would only hold memory
     source: Any = None
@@ -326,7 +420,7 @@ def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
         from tvswitch.runtime.gpu_source import GpuBundleSource
 
         try:
-            source = GpuBundleSource(opened, eng, base, device=device)
+            source = GpuBundleSource(opened, eng, base, device=device, allow_unmatched=allow_unmatched)
         except (RuntimeError, ImportError, OSError, TvswitchError) as exc:  # CudaError, KernelBuildError
             note = "no GPU rebuild (%s)" % exc
         else:
@@ -338,8 +432,11 @@ def serve_bundle(bundle: str, engine: str = "onnxruntime", *, model: Any = None,
     if source is None:
         if gpu:
             raise TvswitchError("the GPU rebuild was asked for and cannot run: %s" % note)
-        source = BundleSource(opened, eng.weight_specs, base, threads=threads)
-    log.info("%s on %s: %s rebuild: %s", bundle, engine, source.where.upper(), note)
-    server = Server(eng, source, initial or {opened.tasks[0]: 1.0})
+        source = BundleSource(opened, eng, base, threads=threads, allow_unmatched=allow_unmatched)
+    log.info("%s on %s: %s rebuild: %s; serves %s", bundle, engine, source.where.upper(), note,
+             ", ".join(servable) or "no task")
+    server = Server(eng, source, initial or {(servable or opened.tasks)[0]: 1.0})
     server.rebuild_note = note
+    server.servable = servable
+    server.unmatched = unmatched
     return server

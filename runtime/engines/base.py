@@ -44,6 +44,10 @@ class Engine(abc.ABC):
     slots: int = 1
     #: True where ``publish`` copies the slot into the engine's own weight memory.
     publish_copies: bool = False
+    #: Tensors the network carries but no node reads (the exporter's ``unused`` and tied
+    #: aliases): absent from ``weight_specs`` without changing any output, so a bundle's
+    #: tensor of that name need not be served (``server.check_engine_names``).
+    unread_weights: Sequence[str] = ()
 
     @property
     @abc.abstractmethod
@@ -114,18 +118,43 @@ class Engine(abc.ABC):
                                 % (", ".join(self.input_names), ", ".join(inputs) or "none"))
 
 
-def cast_input(name: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``value`` as a C-contiguous array of ``dtype``, refusing a cast that is not numpy's same_kind.
+def cast_input(name: str, value: np.ndarray, dtype: np.dtype,
+               dims: Optional[Sequence[Any]] = None) -> np.ndarray:
+    """``value`` as a C-contiguous array of ``dtype``, refusing a cast that is not numpy's same_kind
+    and, where ``dims`` (the declared shape) is given, a shape that does not fit it.
 
     int64 -> int32 or float64 -> float32 is what a caller means; float -> int64 (token ids
     from a float array) would truncate silently and answer garbage, so it is refused
-    with the input's name.
+    with the input's name.  In ``dims`` an int is a fixed size; anything else (None, a
+    symbolic name, TensorRT's -1) is a dynamic axis.  Refusing here gives one line with
+    the expected and the given shape, where the engine's own error would be a stack of its
+    internals.
     """
     value = np.asarray(value)
     if not np.can_cast(value.dtype, dtype, casting="same_kind"):
-        raise TvswitchError("input %r is %s; the network takes %s (cast it if that is meant)"
-                            % (name, value.dtype, np.dtype(dtype)))
+        raise TvswitchError("input %r is %s%s; the network takes %s (cast it if that is meant)"
+                            % (name, value.dtype, list(value.shape), np.dtype(dtype)))
+    if dims is not None:
+        fixed = [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in dims]
+        if len(fixed) != value.ndim or any(d is not None and d != v for d, v in zip(fixed, value.shape)):
+            raise TvswitchError("input %r is %s%s; the network takes %s%s" % (
+                name, value.dtype, list(value.shape), np.dtype(dtype),
+                "[%s]" % ", ".join("?" if d is None else str(d) for d in fixed)))
     return np.ascontiguousarray(value, dtype=dtype)
+
+
+def describe_inputs(inputs: Mapping[str, Any]) -> str:
+    """``ids int64[2, 16], mask int64[2, 16]``: what a refusal says was given."""
+    return ", ".join("%s %s%s" % (n, str(getattr(a, "dtype", type(a).__name__)).replace("torch.", ""),
+                                  [int(d) for d in getattr(a, "shape", np.shape(a))])
+                     for n, a in inputs.items())
+
+
+def run_failed(who: str, inputs: Mapping[str, Any], exc: BaseException) -> TvswitchError:
+    """One line for an engine (or module) that raised on the inputs: what was given and the
+    first line of its own message, which says what it expected."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return TvswitchError("%s could not run the inputs given (%s): %s" % (who, describe_inputs(inputs), first))
 
 
 def copy_into(dst: np.ndarray, src: np.ndarray, name: str) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Set, 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.checkpoint import contiguous
 
 if TYPE_CHECKING:  # onnx is imported lazily: a device serving with TensorRT alone may lack it
     import onnx
@@ -133,6 +134,16 @@ def find_weights(model: "onnx.ModelProto", names: Optional[Iterable[str]] = None
         return [n for n in dict.fromkeys(inputs + inits) if n in wanted]
     init_set = set(inits)
     return [n for n in inputs if n in init_set]
+
+
+def recorded_unread(model: "onnx.ModelProto") -> List[str]:
+    """State_dict tensors the exporter's record says no node reads: ``unused`` ones and tied aliases.
+
+    A bundle holds them like any tensor; a graph need not serve them (empty for a graph
+    without the record, which says nothing of the kind).
+    """
+    record = read_record(model)
+    return [] if record is None else list(record.unused) + list(record.aliases)
 
 
 def _elem_dtype(elem_type: int) -> np.dtype:
@@ -245,7 +256,7 @@ def constant_graph(model: "onnx.ModelProto", values: Mapping[str, np.ndarray]) -
     kept_inits = [t for t in graph.initializer if t.name not in values]
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
-    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in values.items())
+    graph.initializer.extend(numpy_helper.from_array(contiguous(a), n) for n, a in values.items())
     return out
 
 

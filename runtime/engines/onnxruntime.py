@@ -34,7 +34,7 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines import onnx_graph
-from tvswitch.runtime.engines.base import Engine, cast_input
+from tvswitch.runtime.engines.base import Engine, cast_input, run_failed
 
 #: ONNX Runtime's log severities: 2 = warnings (its default), 3 = errors only.
 WARNINGS, ERRORS = 2, 3
@@ -102,9 +102,10 @@ class OnnxRuntimeEngine(Engine):
             raise TvswitchError("the graph has no switchable weights: export it with tvswitch export-onnx, "
                                 "or name its weights after the bundle's tensors")
         serving, self.defaults, self._specs = onnx_graph.serving_graph(proto, weights)
+        self.unread_weights = onnx_graph.recorded_unread(proto)
         self._inputs = onnx_graph.data_inputs(serving, weights)
         declared = {i.name: i for i in serving.graph.input}
-        self._input_dtypes = {n: onnx_graph.input_spec(declared[n])[1] for n in self._inputs}
+        self._input_specs = {n: onnx_graph.input_spec(declared[n]) for n in self._inputs}
         if session_options is None:
             session_options = session_options_for(threads, verbose)
         self.session = new_session(serving.SerializeToString(), session_options, providers)
@@ -166,7 +167,8 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
         self.check_inputs(inputs)
-        arrays = {name: cast_input(name, inputs[name], self._input_dtypes[name]) for name in self._inputs}
+        arrays = {name: cast_input(name, inputs[name], self._input_specs[name][1], self._input_specs[name][0])
+                  for name in self._inputs}
         binding = self._binding(slot)
         for name, a in arrays.items():
             binding.bind_cpu_input(name, a)
@@ -175,8 +177,8 @@ class OnnxRuntimeEngine(Engine):
             binding.bind_output(name)
         try:
             self.session.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad shapes or dtypes
-            raise TvswitchError("ONNX Runtime could not run the inputs given (%s)" % str(exc).splitlines()[0]) from None
+        except Exception as exc:  # onnxruntime raises its own exception types (a dynamic axis that does not fit)
+            raise run_failed("ONNX Runtime", arrays, exc) from None
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
 
 

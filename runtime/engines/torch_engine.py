@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.runtime.engines.base import Engine
+from tvswitch.runtime.engines.base import Engine, run_failed
 
 
 class TorchEngine(Engine):
@@ -111,13 +111,30 @@ class TorchEngine(Engine):
         self.check_inputs(inputs)
         args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self._device) for n in self._inputs]
         with torch.inference_mode():
-            result = self._modules[0 if self.publish_copies else slot](*args)
+            result = call_module(self._modules[0 if self.publish_copies else slot], args,
+                                 {n: inputs[n] for n in self._inputs})
         flat = flatten_outputs(result)
         if self._outputs is None:
             self._outputs = default_names("output", len(flat))
         if len(flat) != len(self._outputs):
             raise TvswitchError("the module returned %d outputs for %d output names" % (len(flat), len(self._outputs)))
         return dict(zip(self._outputs, flat))
+
+
+def call_module(module: Any, args: Sequence[Any], named: Mapping[str, Any]) -> Any:
+    """``module(*args)``; an exception becomes one line naming each input's dtype and shape (``named``)
+    and torch's first line, which says what it expected.
+
+    A module declares no input types: what it takes is only known by running it, and a
+    wrong dtype or rank fails deep inside torch (a float token id, a 3-D batch) with a
+    traceback of its internals.  A ``TvswitchError`` of the module's own passes as is.
+    """
+    try:
+        return module(*args)
+    except TvswitchError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, TypeError, ValueError, IndexError... for bad inputs
+        raise run_failed("the torch module", named, exc) from None
 
 
 def default_names(stem: str, n: int) -> List[str]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tvswitch.cli import build_parser, main
+from tvswitch.errors import TvswitchError
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +223,233 @@ def test_export_onnx_refuses_an_output_folder_that_does_not_exist(served):
             "-o", f / "missing" / "m.onnx")
     _one_line_exit_2(r)
     assert str(f / "missing") in r.stderr
+
+
+def main_(capsys, *args):
+    """``tvswitch ARGS`` in this process (no interpreter start-up per call): its exit code and stderr.
+
+    main() turns a TvswitchError into one line and exit 2 as the command does; anything else
+    would raise here and fail the test, as a traceback would."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+
+
+def test_a_plain_torch_onnx_export_is_refused_pointing_to_export_onnx(served, capsys):
+    """torch.onnx.export with constant folding fuses Conv + BatchNorm into new weights: no shared
+    tensor keeps its name (the head does).  Served as is, every switch would change the head alone."""
+    import io
+    import warnings
+
+    import torch
+
+    f = served["folder"]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(served["M"].conv_case()[0], (torch.from_numpy(served["inputs"]["x"]),), buf, dynamo=False,
+                          input_names=["x"], output_names=["output"], do_constant_folding=True)
+    (f / "plain.onnx").write_bytes(buf.getvalue())
+    for allow in ([], ["--allow-unmatched"]):  # a graph that matches nothing is refused either way
+        r = main_(capsys, "run", f / "model.tvs", *allow, "--model", f / "plain.onnx", "--task", "b",
+                  "--input", f / "x.npy", "-o", f / "plain.npy")
+        _one_line_exit_2(r)
+        assert "none of the 11 tensors" in r.stderr and "tvswitch export-onnx" in r.stderr
+        assert not (f / "plain.npy").exists()
+
+
+def test_a_graph_lacking_one_tensor_is_refused_unless_allowed_and_then_keeps_it(served, capsys):
+    """model.onnx with c2.weight renamed as an exporter would (record dropped): refused naming it;
+    with --allow-unmatched served, c2.weight staying at the graph's (base) value through switches."""
+    import copy
+
+    import onnx
+    import torch
+
+    f = served["folder"]
+    model = onnx.load(str(f / "model.onnx"))
+    del model.metadata_props[:]
+    for t in list(model.graph.initializer) + list(model.graph.input):
+        if t.name == "c2.weight":
+            t.name = "onnx::Conv_9"
+    for node in model.graph.node:
+        node.input[:] = ["onnx::Conv_9" if n == "c2.weight" else n for n in node.input]
+    onnx.save(model, str(f / "renamed.onnx"))
+    common = ["--model", f / "renamed.onnx", "--task", "b", "--input", f / "x.npy", "-o", f / "renamed.npy"]
+    r = main_(capsys, "run", f / "model.tvs", *common)
+    _one_line_exit_2(r)
+    assert "1 of the 13 tensors" in r.stderr and "('c2.weight')" in r.stderr and "--allow-unmatched" in r.stderr
+    # a subprocess: the warning is what a user sees on stderr (in-process, pytest captures the log)
+    r = cli("run", f / "model.tvs", "--allow-unmatched", "--base", f / "base.safetensors", *common)
+    assert r.returncode == 0, r.stderr
+    assert "1 tensors" in r.stderr and "c2.weight" in r.stderr and "keep its own values" in r.stderr
+    ref = copy.deepcopy(served["module"])
+    bundle, base = served["bundle"], served["base"]
+    from tvswitch.runtime.rebuild import CpuRebuilder
+
+    rebuilder = CpuRebuilder(bundle, base)
+    weights = rebuilder.allocate()
+    rebuilder.rebuild({"b": 1.0}, weights)
+    weights.update(bundle.task_specific("b"))
+    weights["c2.weight"] = base["c2.weight"]
+    ref.load_state_dict({n: torch.from_numpy(np.asarray(a)) for n, a in weights.items()}, strict=False)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(served["inputs"]["x"])).numpy()
+    np.testing.assert_allclose(np.load(str(f / "renamed.npy")), want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want - _reference(served, {"b": 1.0})).max() > 1e-3  # c2.weight did matter
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_run_refuses_inputs_of_the_wrong_dtype_or_shape_in_one_line(served, engine, capsys):
+    f = served["folder"]
+    x = served["inputs"]["x"]
+    np.save(str(f / "x_complex.npy"), x.astype(np.complex64))
+    np.save(str(f / "x_3d.npy"), x[0])
+    torch_flags = ["--engine", "torch", "--module", str(f / "net.py") + ":base"] if engine == "torch" else []
+    for bad, given in (("x_complex.npy", "complex64[2, 3, 8, 8]"), ("x_3d.npy", "float32[3, 8, 8]")):
+        r = main_(capsys, "run", f / "model.tvs", *torch_flags, "--task", "a", "--input", "x=" + str(f / bad),
+                  "-o", f / "bad.npy")
+        _one_line_exit_2(r)
+        assert ("input 'x' is " + given if engine == "onnxruntime" else "(x %s)" % given) in r.stderr, r.stderr
+        assert not (f / "bad.npy").exists()
+
+
+def test_export_onnx_refuses_an_example_input_the_module_cannot_take_in_one_line(served, capsys):
+    f = served["folder"]
+    np.save(str(f / "x_3d.npy"), served["inputs"]["x"][0])
+    r = main_(capsys, "export-onnx", "--module", str(f / "net.py") + ":build", "--input",
+              "x=" + str(f / "x_3d.npy"), "-o", f / "bad.onnx")
+    _one_line_exit_2(r)
+    assert "x float32[3, 8, 8]" in r.stderr and not (f / "bad.onnx").exists()
+
+
+@pytest.mark.skipif(__import__("onnxruntime").get_device() == "GPU", reason="ONNX Runtime has CUDA here")
+@pytest.mark.parametrize("verb", ["run", "bench-switch"])
+def test_provider_cuda_is_refused_with_the_reason_where_it_cannot_run(served, verb, capsys):
+    f = served["folder"]
+    extra = ["--task", "a", "--input", f / "x.npy", "-o", f / "cuda.npy"] if verb == "run" else ["--switches", "2"]
+    r = main_(capsys, verb, f / "model.tvs", "--provider", "cuda", *extra)
+    _one_line_exit_2(r)
+    assert "CUDAExecutionProvider" in r.stderr and not (f / "cuda.npy").exists()
+    r = main_(capsys, verb, f / "model.tvs", "--provider", "cuda", "--engine", "torch", "--module",
+              str(f / "net.py") + ":base", *(["--input", "x=" + str(f / "x.npy")] if verb == "bench-switch" else extra))
+    _one_line_exit_2(r)
+    assert "--provider cuda: torch" in r.stderr and "no CUDA GPU" in r.stderr
+    r = main_(capsys, verb, f / "model.tvs", "--provider", "cpu", "--engine", "tensorrt", "--input", f / "x.npy",
+              *(extra[:2] + extra[4:] if verb == "run" else []))
+    _one_line_exit_2(r)
+    assert "CUDA GPU only" in r.stderr
+
+
+def test_provider_cpu_serves_like_the_default(served):
+    f = served["folder"]
+    assert main(["run", str(f / "model.tvs"), "--provider", "cpu", "--task", "a", "--input", str(f / "x.npy"),
+                 "-o", str(f / "cpu.npy")]) == 0
+    np.testing.assert_allclose(np.load(str(f / "cpu.npy")), _reference(served, {"a": 1.0}), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """The quick start's built-in example, served: example -> export -> export-onnx per task head."""
+    from tvswitch.export.example import TASKS
+    from tvswitch.export.example_net import example_ids
+
+    d = tmp_path_factory.mktemp("example") / "demo"
+    assert main(["example", str(d)]) == 0
+    assert main(["export", "--base", str(d / "base.safetensors"), "--scheme", "rtvq", "-o", str(d / "tasks.tvs"),
+                 *[a for t in TASKS for a in ("--task", "%s=%s" % (t, d / (t + ".safetensors")))]]) == 0
+    np.save(str(d / "ids.npy"), example_ids())
+    for task in TASKS:
+        assert main(["export-onnx", "--module", "tvswitch.export.example_net:" + task, "--weights",
+                     str(d / (task + ".safetensors")), "--input", "ids=" + str(d / "ids.npy"),
+                     "-o", str(d / (task + ".onnx"))]) == 0
+    return d
+
+
+def _example_reference(d, task):
+    """The example network in torch with the weights the bundle rebuilds for ``task`` (and its head)."""
+    import torch
+
+    from tvswitch.export.example import CLASSES
+    from tvswitch.export.example_net import build
+    from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.checkpoint import read_safetensors
+    from tvswitch.runtime.rebuild import CpuRebuilder
+
+    bundle = Bundle.open(str(d / "tasks.tvs"))
+    base = read_safetensors(str(d / "base.safetensors"))
+    rebuilder = CpuRebuilder(bundle, base)
+    weights = rebuilder.allocate()
+    rebuilder.rebuild({task: 1.0}, weights)
+    weights.update(bundle.task_specific(task))
+    weights["pool.bn.num_batches_tracked"] = base["pool.bn.num_batches_tracked"]
+    net = build(CLASSES[task])
+    net.load_state_dict({n: torch.from_numpy(np.asarray(a)) for n, a in weights.items()}, strict=True)
+    with torch.no_grad():
+        return net(torch.from_numpy(np.load(str(d / "ids.npy")))).numpy()
+
+
+def test_the_built_in_example_is_served_task_by_task_like_torch(example, caplog):
+    from tvswitch.export.example import TASKS
+
+    d = example
+    outs = {}
+    for task in TASKS:
+        with caplog.at_level("WARNING", logger="tvswitch.server"):
+            assert main(["run", str(d / "tasks.tvs"), "--model", str(d / (task + ".onnx")), "--base",
+                         str(d / "base.safetensors"), "--task", task, "--input", str(d / "ids.npy"),
+                         "-o", str(d / (task + ".npy"))]) == 0
+        assert "serves task %s of" % task in caplog.text  # and names the two it cannot serve
+        caplog.clear()
+        outs[task] = np.load(str(d / (task + ".npy")))
+        np.testing.assert_allclose(outs[task], _example_reference(d, task), rtol=1e-4, atol=1e-5)
+    assert [o.shape[1] for o in outs.values()] == [3, 4, 5]
+    assert main(["run", str(d / "tasks.tvs"), "--engine", "torch", "--module", "tvswitch.export.example_net:line",
+                 "--base", str(d / "base.safetensors"), "--task", "line", "--input", "ids=" + str(d / "ids.npy"),
+                 "-o", str(d / "line_torch.npy")]) == 0
+    np.testing.assert_allclose(np.load(str(d / "line_torch.npy")), outs["line"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_task_whose_head_does_not_fit_the_graph_is_refused_at_switch_and_the_old_one_serves(example, capsys):
+    from tvswitch.runtime.checkpoint import read_safetensors
+    from tvswitch.runtime.server import serve_bundle
+
+    d = example
+    r = main_(capsys, "run", d / "tasks.tvs", "--model", d / "detect.onnx", "--base", d / "base.safetensors",
+              "--task", "gauge", "--input", d / "ids.npy", "-o", d / "gauge_on_detect.npy")
+    _one_line_exit_2(r)
+    assert "task 'gauge' cannot be served by this network: its tensor 'head." in r.stderr
+    assert "is [4" in r.stderr and "the network's weight is [3" in r.stderr
+    assert not (d / "gauge_on_detect.npy").exists()
+    server = serve_bundle(str(d / "tasks.tvs"), model=str(d / "detect.onnx"),
+                          base=read_safetensors(str(d / "base.safetensors")), threads=1)
+    assert server.servable == ["detect"] and server.mix == {"detect": 1.0}
+    feeds = {"ids": np.load(str(d / "ids.npy"))}
+    before = server.infer(feeds)["output"]
+    with pytest.raises(TvswitchError, match="'line' cannot be served"):
+        server.switch({"line": 1.0})
+    with pytest.raises(TvswitchError, match="'gauge' cannot be served"):
+        server.switch({"gauge": 0.6, "detect": 0.4})  # a mix is served with its heaviest task's head
+    assert server.mix == {"detect": 1.0}
+    np.testing.assert_array_equal(server.infer(feeds)["output"], before)
+    server.switch({"detect": 0.6, "gauge": 0.4})  # detect's head: fits
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_token_ids_of_the_wrong_dtype_or_rank_are_refused_in_one_line(example, capsys, engine):
+    d = example
+    ids = np.load(str(d / "ids.npy"))
+    np.save(str(d / "ids_float.npy"), ids.astype(np.float32))
+    np.save(str(d / "ids_3d.npy"), ids[None])
+    flags = ["--engine", "torch", "--module", "tvswitch.export.example_net:detect"] if engine == "torch" else []
+    for bad, given in (("ids_float.npy", "float32[2, 16]"), ("ids_3d.npy", "int64[1, 2, 16]")):
+        r = main_(capsys, "run", d / "tasks.tvs", "--model", d / "detect.onnx", "--base", d / "base.safetensors",
+                  *flags, "--task", "detect", "--input", "ids=" + str(d / bad), "-o", d / "bad.npy")
+        _one_line_exit_2(r)
+        assert ("input 'ids' is " if engine == "onnxruntime" else "(ids ") + given in r.stderr, r.stderr
+        if engine == "onnxruntime":
+            assert "the network takes int64" in r.stderr
+    r = main_(capsys, "export-onnx", "--module", "tvswitch.export.example_net:detect", "--input",
+              "ids=" + str(d / "ids_float.npy"), "-o", d / "bad.onnx")
+    _one_line_exit_2(r)
+    assert "(ids float32[2, 16])" in r.stderr and "Long" in r.stderr and not (d / "bad.onnx").exists()

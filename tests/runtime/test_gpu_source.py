@@ -67,6 +67,7 @@ class DeviceFedEngine(Engine):
 
     kind = "device-double"
     publish_copies = True
+    unread_weights = ("unused.weight",)  # the bundle's tensor this network does not read
 
     def __init__(self, device, specs, defaults):
         self.device, self.log, self.specs = device, device.log, dict(specs)

@@ -93,7 +93,7 @@ def _engine(setup, mode, kind):
 
 def _server(setup, mode="lock", pause=2e-4, kind="onnxruntime"):
     engine = _engine(setup, mode, kind)
-    source = SlowSource(BundleSource(setup["bundle"], engine.weight_specs, setup["base"], threads=1), pause)
+    source = SlowSource(BundleSource(setup["bundle"], engine, setup["base"], threads=1), pause)
     return Server(engine, source, {"a": 1.0})
 
 
@@ -225,3 +225,69 @@ def test_a_bundle_whose_names_match_no_weight_of_the_engine_is_refused(setup):
     renamed = {"model." + n: spec for n, spec in engine.weight_specs.items()}
     with pytest.raises(TvswitchError, match="names differ"):
         BundleSource(setup["bundle"], renamed, setup["base"])
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, engine_models):
+    """A bundle of the BERT-shaped encoder and the graph a plain ``torch.onnx.export`` makes of it:
+    constant folding stores most Linear weights as ``onnx::MatMul_N``, so only some names match."""
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    module, inputs, names = engine_models.encoder_case()
+    with torch.no_grad():  # no two tensors equal (fresh LayerNorms are all ones), or the exporter merges them
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("plain")
+    bundle, base = engine_models.make_bundle(folder, module)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(torch.from_numpy(inputs[n]) for n in names), buf, dynamo=False,
+                          input_names=names, output_names=["output"], do_constant_folding=True)
+    onnx.save(onnx.load_from_string(buf.getvalue()), str(folder / "plain.onnx"))
+    return dict(bundle=bundle, base=base, module=module, inputs=inputs, names=names, model=str(folder / "plain.onnx"))
+
+
+def test_a_graph_that_lacks_some_of_the_bundles_tensors_is_refused_naming_them(plain):
+    from tvswitch.runtime.server import serve_bundle
+
+    with pytest.raises(TvswitchError) as info:
+        serve_bundle(plain["bundle"].path, model=plain["model"], threads=1)
+    message = str(info.value)
+    assert "12 of the 36 tensors" in message and "layers.0.q.weight" in message
+    assert "tvswitch export-onnx" in message and "--allow-unmatched" in message
+    assert "\n" not in message
+
+
+def test_allow_unmatched_serves_the_subset_and_warns_what_stays_at_the_graphs_values(plain, caplog):
+    """The matched tensors switch, the others keep the graph's values: exactly the torch module with
+    the rebuilt weights for the matched names and the base for the rest."""
+    import torch
+
+    from tvswitch.runtime.rebuild import CpuRebuilder
+    from tvswitch.runtime.server import serve_bundle
+
+    with pytest.raises(TvswitchError, match="cannot serve as the base .* give the base checkpoint"):
+        serve_bundle(plain["bundle"].path, model=plain["model"], threads=1, allow_unmatched=True)
+    with caplog.at_level("WARNING", logger="tvswitch.server"):
+        server = serve_bundle(plain["bundle"].path, model=plain["model"], base=plain["base"], threads=1,
+                              allow_unmatched=True)
+    unmatched = server.unmatched
+    assert len(unmatched) == 12 and "layers.0.q.weight" in unmatched
+    assert set(unmatched).isdisjoint(server.engine.weight_specs)
+    assert "12 tensors" in caplog.text and all(n in caplog.text for n in unmatched)
+    rebuilder = CpuRebuilder(plain["bundle"], plain["base"])
+    for task in ("b", "a"):
+        server.switch({task: 1.0})
+        rebuilt = rebuilder.allocate()
+        rebuilder.rebuild({task: 1.0}, rebuilt)
+        rebuilt.update((n, plain["base"][n]) for n in unmatched)
+        ref = copy.deepcopy(plain["module"])
+        ref.load_state_dict({n: torch.from_numpy(np.asarray(a)) for n, a in rebuilt.items()}, strict=False)
+        with torch.no_grad():
+            want = ref(*[torch.from_numpy(plain["inputs"][n]) for n in plain["names"]]).numpy()
+        np.testing.assert_allclose(server.infer(plain["inputs"])["output"], want, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ bundle never imports a factory by name.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
@@ -60,11 +60,14 @@ def check_output_path(path: str, flag: str) -> None:
         raise TvswitchError("%s %s: folder %s is not writable" % (flag, path, folder))
 
 
-def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None) -> Any:
+def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
+                may_lack: Iterable[str] = ()) -> Any:
     """The torch module ``spec`` names, ``package.module:factory`` or ``path/file.py:factory``.
 
     ``factory()`` must return the network (its architecture); ``weights``, if given, are
-    loaded into it (strictly: every name must match).
+    loaded into it strictly: every name must match, except that ``weights`` may lack the
+    names in ``may_lack`` (a bundle's task-specific heads, which a base does not hold and
+    every switch writes).
     """
     import torch
 
@@ -73,9 +76,16 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None) -
         raise TvswitchError("%s returned %s, not a torch.nn.Module" % (spec, type(module).__name__))
     if weights is not None:
         try:
-            module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()}, strict=True)
-        except RuntimeError as exc:
+            result = module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()},
+                                            strict=False)
+        except RuntimeError as exc:  # a shape that differs
             raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
+        lacking = set(may_lack)
+        missing = [n for n in result.missing_keys if n not in lacking]
+        if missing or result.unexpected_keys:
+            raise TvswitchError("weights do not fit %s: %s" % (
+                spec, "the weights lack %r (%d such)" % (missing[0], len(missing)) if missing else
+                "the network has no tensor %r (%d such)" % (result.unexpected_keys[0], len(result.unexpected_keys))))
     return module.eval()
 
 

@@ -14,7 +14,6 @@ from tvswitch.commands._inputs import check_output_path, load_module, parse_inpu
 from tvswitch.errors import TvswitchError
 
 if TYPE_CHECKING:
-    from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.server import Server
 
 NAME = "run"
@@ -32,10 +31,17 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for rebuild and inference (default: all)")
     p.add_argument("--double-buffer", action="store_true",
                    help="two weight sets: requests never wait for a rebuild (twice the weight memory)")
+    p.add_argument("--provider", choices=["cpu", "cuda"],
+                   help="where inference runs: onnxruntime's execution provider, torch's device (default cpu); "
+                   "cuda is refused with the reason where it cannot run (no silent CPU fallback). tensorrt: "
+                   "cuda only")
     p.add_argument("--fp16", action="store_true", help="tensorrt: build an FP16 engine")
     p.add_argument("--plan-cache", metavar="DIR", help="tensorrt: folder of cached plans")
     p.add_argument("--verbose", action="store_true",
                    help="let the engine's own warnings through (ONNX Runtime, TensorRT); errors only by default")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="serve a graph that lacks some of the bundle's tensors on purpose: those keep the graph's "
+                   "values through every switch (listed in a warning). Without it such a graph is refused")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,14 +73,15 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
 
     base = load_base(args.base)
     module = None
+    inputs, options = engine_options(args, inputs)
     if args.engine == "torch":
         if not args.module:
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
-        module = load_module(args.module, base)
-    inputs, options = engine_options(args, inputs)
+        device = torch_device(args.provider)
+        module = load_module(args.module, base, may_lack=task_specific_names(args.bundle)).to(device)
     server = serve_bundle(args.bundle, args.engine, model=args.model, base=base, initial=initial,
                           slots=2 if args.double_buffer else 1, threads=args.threads, module=module,
-                          input_names=list(inputs), **options)
+                          input_names=list(inputs), allow_unmatched=args.allow_unmatched, **options)
     return server, name_inputs(inputs, server.engine.input_names)
 
 
@@ -89,11 +96,37 @@ def engine_options(args: argparse.Namespace, inputs: Mapping[str, np.ndarray]
     if args.engine == "torch":
         return dict(inputs), {}
     options: Dict[str, object] = {"verbose": args.verbose}
+    if args.engine == "onnxruntime":
+        options["providers"] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if args.provider == "cuda"
+                                else ["CPUExecutionProvider"])
+    elif args.provider == "cpu":
+        raise TvswitchError("--provider cpu: the tensorrt engine runs on a CUDA GPU only")
     if args.engine == "tensorrt":
         inputs = name_inputs(inputs, _graph_inputs(args))
         options.update(fp16=args.fp16, cache_dir=args.plan_cache,
                        profile={n: (tuple(a.shape),) * 3 for n, a in inputs.items()})
     return dict(inputs), options
+
+
+def task_specific_names(bundle: str) -> List[str]:
+    """Every task-specific tensor (head) of ``bundle``: a ``--base`` need not hold them (``load_module``)."""
+    from tvswitch.runtime.bundle import Bundle
+
+    opened = Bundle.open(bundle, verify=False)  # serve_bundle opens it again, verifying every checksum
+    return sorted({n for t in opened.tasks for n in opened.task_specific(t)})
+
+
+def torch_device(provider: Optional[str]) -> str:
+    """torch's device for ``--provider``: ``cuda`` only where torch sees a GPU, else refused with why."""
+    if provider != "cuda":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TvswitchError("--provider cuda: torch %s sees no CUDA GPU (%s)" % (
+            torch.__version__, "a CPU-only build" if torch.version.cuda is None else "built for CUDA %s; no device "
+            "or driver" % torch.version.cuda))
+    return "cuda"
 
 
 def name_inputs(inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:

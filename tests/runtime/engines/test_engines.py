@@ -53,7 +53,7 @@ def _engine(case, kind, slots=1, **options):
 
 def _server(case, kind, slots=1, **options):
     engine = _engine(case, kind, slots, **options)
-    return Server(engine, BundleSource(case["bundle"], engine.weight_specs, case["base"], threads=1), {"a": 1.0})
+    return Server(engine, BundleSource(case["bundle"], engine, case["base"], threads=1), {"a": 1.0})
 
 
 def _rss_kib() -> int:
