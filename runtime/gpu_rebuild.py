@@ -5,8 +5,14 @@ arena, and the base into another; from then on a switch moves no host data.  A m
 tables (decode.h's segments and terms, with device addresses) are uploaded the first time
 that mix meets a set of output buffers and reused after, so a switch is one kernel launch
 on one stream.  Outputs are device buffers the rebuilder allocates (``allocate``) or the
-engine's own (``DeviceTensor`` or anything with ``__cuda_array_interface__``); every
-check happens before the launch, so a refused rebuild writes nothing.
+engine's own (``DeviceTensor`` or anything with ``__cuda_array_interface__``), in float32,
+float16 or bfloat16; every check happens before the launch, so a refused rebuild writes
+nothing.  The resident base is never an output: every later switch reads it.
+
+What a repeated switch costs on the host is a few dictionary lookups: a mix is checked
+once per distinct weights, a set of ``DeviceTensor`` outputs once per set of objects (they
+are immutable, so the same objects are the same buffers; other objects are read again on
+every switch), and the launch's arguments are kept with the mix's tables.
 """
 from __future__ import annotations
 
@@ -26,25 +32,66 @@ from tvswitch.runtime.rebuild import resolve_base
 
 #: Every tensor and table starts on this boundary (the kernel's vector loads need 16 bytes).
 ALIGN = 256
-_ELEMENT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+#: Element types the kernels read and write (decode.h's codes).
+ELEMENT_CODES = {"float32": abi.F32, "float16": abi.F16, "bfloat16": abi.BF16}
 _MAX_TABLES = 64
+_MAX_OUTPUT_SETS = 16
+_MAX_MIXES = 256
+
+
+def element_code(dtype: Any) -> Optional[int]:
+    """decode.h's code for a float32, float16 or bfloat16 dtype (or its name); None for any other."""
+    if isinstance(dtype, str) and dtype in ELEMENT_CODES:
+        return ELEMENT_CODES[dtype]
+    try:
+        return ELEMENT_CODES.get(np.dtype(dtype).name)
+    except TypeError:
+        return None
+
+
+def _element_dtype(dtype: Any) -> Any:
+    """numpy's dtype, or the name ``"bfloat16"`` where numpy has none (ml_dtypes not installed)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            return np.dtype(dtype)
+        except TypeError:
+            return dtype
+    return np.dtype(dtype)
 
 
 @dataclass(frozen=True)
 class DeviceTensor:
-    """A C-contiguous tensor in device memory: what a rebuild reads or writes."""
+    """A C-contiguous tensor in device memory: what a rebuild reads or writes.
+
+    ``dtype`` is a numpy dtype or a name; a bfloat16 buffer (which numpy cannot name without
+    ml_dtypes, nor torch export through ``__cuda_array_interface__``) is ``"bfloat16"``.
+    """
 
     ptr: int
     shape: Tuple[int, ...]
-    dtype: np.dtype
+    dtype: Any
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ptr", int(self.ptr))
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", _element_dtype(self.dtype))
 
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
     @property
+    def itemsize(self) -> int:
+        return 2 if isinstance(self.dtype, str) else self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * np.dtype(self.dtype).itemsize
+        return self.numel * self.itemsize
+
+    @property
+    def host_dtype(self) -> np.dtype:
+        """The dtype of a host copy: bfloat16 without numpy support comes back as its bits (uint16)."""
+        return np.dtype(np.uint16) if isinstance(self.dtype, str) else self.dtype
 
     @classmethod
     def of(cls, obj: Any) -> "DeviceTensor":
@@ -96,6 +143,11 @@ def check_disjoint(ranges: Sequence[Tuple[int, int, str]]) -> None:
             raise TvswitchError("device buffers overlap: %s and %s" % (a, b))
 
 
+#: What check_out calls the base arena in its refusal.
+RESIDENT_BASE = ("the resident base (every switch reads it, so no rebuild may write it: "
+                 "rebuild into allocate()'s buffers or the engine's)")
+
+
 def check_terms(plan: Plan) -> None:
     """What the kernel relies on and the bundle reader does not promise: groups within 32 bits."""
     codes = plan.terms[plan.terms["kind"] == abi.KIND_CODES]
@@ -107,14 +159,20 @@ def check_terms(plan: Plan) -> None:
 
 @dataclass
 class _Tables:
-    """A plan's tables on the device, with the output signature they were made for."""
+    """A plan's tables on the device and the launch that runs them (None: nothing to write)."""
 
     ptr: int
-    segments: int  # device address of the segment table
-    terms: int  # device address of the term table
-    nseg: int
-    total_tiles: int
     kernel: int  # prefetch width
+    launch: Optional[Tuple[Any, int, int, Tuple[Tuple[str, int], ...]]]  # Device.launch's arguments
+
+
+@dataclass
+class _Outputs:
+    """A checked set of output buffers; ``token`` names their addresses and dtypes in the table cache."""
+
+    token: int
+    tensors: Dict[str, DeviceTensor]
+    objects: Tuple[Any, ...]  # the caller's objects, held so that their ids stay theirs while cached
 
 
 class GpuRebuilder:
@@ -122,7 +180,8 @@ class GpuRebuilder:
 
     ``device`` is an open ``kernels.cuda.Device`` (one is opened on GPU ``ordinal`` through
     ``binding`` otherwise); ``tiles_per_block`` is how many 1024-element tiles one CUDA
-    block rebuilds (it amortises a block's segment search and table load).
+    block rebuilds (it amortises a block's segment search and table load).  Every call
+    makes the device's context current on the calling thread first.
     """
 
     def __init__(self, bundle: Bundle, base: Optional[Mapping[str, np.ndarray]] = None, *,
@@ -134,14 +193,21 @@ class GpuRebuilder:
         self.tiles_per_block = int(tiles_per_block)
         host_base = {n: np.ascontiguousarray(a) for n, a in resolve_base(bundle, base, verify_base).items()}
         for name, a in host_base.items():
-            if a.dtype not in _ELEMENT_DTYPES:
-                raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32/float16" % (name, a.dtype))
+            if element_code(a.dtype) is None:
+                raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32, float16 or bfloat16"
+                                    % (name, a.dtype))
+        self._names = list(bundle.shared_specs)
         self._own_device = device is None
         self.device = device or open_device(ordinal, binding)
         self._owned: List[int] = []
         self._tables: "OrderedDict[tuple, _Tables]" = OrderedDict()
         self._plans: Dict[tuple, Plan] = {}
+        self._mix_keys: Dict[tuple, tuple] = {}
+        self._out_sets: "OrderedDict[tuple, _Outputs]" = OrderedDict()
+        self._tokens: Dict[tuple, int] = {}
+        self._next_token = 0
         try:
+            self.device.make_current()
             self._payload_offsets, self._payload_arena, self._payload_bytes = self._upload_payloads()
             self._base = self._upload_base(host_base)
             image, self.kernel_source = nvrtc.kernel_image(self.device.cc)
@@ -150,7 +216,6 @@ class GpuRebuilder:
         except BaseException:
             self.close()
             raise
-
     # ---- resident data ----
     def _payload_keys(self) -> List[str]:
         keys: "OrderedDict[str, None]" = OrderedDict()
@@ -176,11 +241,11 @@ class GpuRebuilder:
         return dict(zip(keys, offsets)), arena, total
 
     def _upload_base(self, host: Mapping[str, np.ndarray]) -> Dict[str, DeviceTensor]:
-        names = list(self.bundle.shared_specs)
-        offsets, total = arena_layout([host[n].nbytes for n in names])
+        offsets, total = arena_layout([host[n].nbytes for n in self._names])
         arena = self._alloc(total) if total else 0
+        self._base_arena, self._base_bytes = arena, total
         out = {}
-        for name, off in zip(names, offsets):
+        for name, off in zip(self._names, offsets):
             self.device.upload(arena + off, host[name])
             out[name] = DeviceTensor(arena + off, tuple(host[name].shape), host[name].dtype)
         return out
@@ -201,35 +266,54 @@ class GpuRebuilder:
 
     # ---- outputs ----
     def allocate(self, dtype: Optional[str] = None) -> Dict[str, DeviceTensor]:
-        """Device buffers for every tensor a rebuild writes (the base's dtype by default), freed by close()."""
+        """Device buffers for every tensor a rebuild writes (the base's dtype by default;
+        float32, float16 or bfloat16), freed by close()."""
         specs = self.bundle.shared_specs
-        dtypes = {n: np.dtype(dtype or self._base[n].dtype) for n in specs}
-        for n, dt in dtypes.items():
-            if dt not in _ELEMENT_DTYPES:
-                raise TvswitchError("output dtype %s for %r: the GPU rebuild writes float32/float16" % (dt, n))
-        offsets, total = arena_layout([specs[n].numel * dtypes[n].itemsize for n in specs])
+        if dtype is not None and element_code(dtype) is None:
+            raise TvswitchError("output dtype %s: the GPU rebuild writes float32, float16 or bfloat16" % dtype)
+        tensors = {n: DeviceTensor(0, specs[n].shape, dtype or self._base[n].dtype) for n in specs}
+        self.device.make_current()
+        offsets, total = arena_layout([t.nbytes for t in tensors.values()])
         arena = self._alloc(total) if total else 0
-        return {n: DeviceTensor(arena + off, specs[n].shape, dtypes[n]) for n, off in zip(specs, offsets)}
+        return {n: DeviceTensor(arena + off, t.shape, t.dtype) for (n, t), off in zip(tensors.items(), offsets)}
 
     def download(self, tensor: Any) -> np.ndarray:
-        """A host copy of a device tensor (for checks and tests; a switch never needs it)."""
+        """A host copy of a device tensor (for checks and tests; a switch never needs it).
+        bfloat16 comes back as its bits (uint16) where numpy has no bfloat16."""
         t = DeviceTensor.of(tensor)
-        host = np.empty(t.shape, dtype=t.dtype)
+        host = np.empty(t.shape, dtype=t.host_dtype)
         if t.nbytes:
+            self.device.make_current()
             self.device.download(host, t.ptr)
         return host
 
     # ---- switching ----
     def plan(self, mix: Mapping[str, float]) -> Plan:
         """The (cached) tables of a mix with device addresses; out addresses are filled per rebuild."""
-        mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
-        key = mix_key(mix)
+        return self._plan(self._mix_key(mix))
+
+    def _mix_key(self, mix: Mapping[str, float]) -> tuple:
+        """``mix_key`` of the checked mix; each distinct mix is checked once."""
+        try:
+            items: Optional[tuple] = tuple(mix.items())
+            key = self._mix_keys.get(items)  # type: ignore[arg-type]
+        except (AttributeError, TypeError):  # not a mapping, or an unhashable weight: check_mix says which
+            items, key = None, None
+        if key is None:
+            key = mix_key(check_mix(mix, self.bundle.tasks, self.bundle.path))
+            if items is not None:
+                if len(self._mix_keys) >= _MAX_MIXES:
+                    self._mix_keys.clear()
+                self._mix_keys[items] = key
+        return key
+
+    def _plan(self, key: tuple) -> Plan:
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(self.bundle, mix, self.address)
+            plan = build_plan(self.bundle, dict(key), self.address)
             check_terms(plan)
             plan.segments["base"] = [self._base[n].ptr for n in plan.names]
-            plan.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in plan.names]
+            plan.segments["base_dtype"] = [element_code(self._base[n].dtype) for n in plan.names]
             if len(self._plans) > _MAX_TABLES:
                 self._plans.clear()
             self._plans[key] = plan
@@ -242,24 +326,55 @@ class GpuRebuilder:
         written, without, work queued later on the same stream sees them.  A bad mix or
         buffer raises before anything is written.
         """
-        mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
-        plan = self.plan(mix)
-        outs = self._check_out(out)
-        tables = self._device_tables(mix_key(mix), plan, outs)
-        if tables.total_tiles:
-            grid = -(-tables.total_tiles // self.tiles_per_block)
-            self.device.launch(self._functions[tables.kernel], grid, abi.BLOCK_THREADS, [
-                ("ptr", tables.segments), ("u32", tables.nseg), ("ptr", tables.terms),
-                ("u32", tables.total_tiles), ("u32", self.tiles_per_block)])
+        self.device.make_current()
+        launch = self.launch_of(mix, out)
+        if launch is not None:
+            self.device.launch(*launch)
         if sync:
             self.device.synchronize()
 
+    def launch_of(self, mix: Mapping[str, float], out: Mapping[str, Any]) -> Optional[tuple]:
+        """``Device.launch``'s arguments for a rebuild of ``mix`` into ``out`` (None: nothing to
+        write), its tables uploaded: what ``rebuild`` launches, and what a benchmark times alone.
+        The context must be current (``rebuild`` makes it so)."""
+        key = self._mix_key(mix)
+        outs = self._outputs(out)
+        tables = self._tables.get((key, outs.token))
+        if tables is None:
+            tables = self._upload_tables((key, outs.token), self._plan(key), outs.tensors)
+        else:
+            self._tables.move_to_end((key, outs.token))
+        return tables.launch
+
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
-        """Bytes one rebuild of ``mix`` reads and writes (the floor of DESIGN.md section 9)."""
+        """Bytes one rebuild of ``mix`` reads and writes (DESIGN.md section 9's floor, with a
+        payload counted once per term that reads it)."""
         plan = self.plan(mix)
-        base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
-        out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
+        base_size = next(iter(self._base.values())).itemsize if self._base else 4
+        out_size = DeviceTensor(0, (), out_dtype).itemsize if out_dtype else base_size
         return bytes_moved(plan, self.bundle, base_size, out_size)
+
+    def _outputs(self, out: Mapping[str, Any]) -> _Outputs:
+        """The checked outputs; a set of DeviceTensor objects seen before is not checked again."""
+        objects = tuple(out.values())
+        key = (tuple(out), tuple(map(id, objects)))
+        entry = self._out_sets.get(key)
+        if entry is not None:
+            return entry
+        tensors = self._check_out(out)
+        signature = tuple((tensors[n].ptr, element_code(tensors[n].dtype)) for n in self._names)
+        token = self._tokens.get(signature)
+        if token is None:
+            if len(self._tokens) > 4 * _MAX_TABLES:
+                self._tokens.clear()  # forgotten sets get new tokens, and new tables if they come back
+            token = self._tokens[signature] = self._next_token
+            self._next_token += 1
+        entry = _Outputs(token, tensors, objects)
+        if all(type(o) is DeviceTensor for o in objects):  # immutable: the same objects are the same buffers
+            self._out_sets[key] = entry
+            while len(self._out_sets) > _MAX_OUTPUT_SETS:
+                self._out_sets.popitem(last=False)
+        return entry
 
     def _check_out(self, out: Mapping[str, Any]) -> Dict[str, DeviceTensor]:
         outs = {}
@@ -267,41 +382,39 @@ class GpuRebuilder:
             if name not in out:
                 raise TvswitchError("output buffers lack tensor %r" % name)
             t = DeviceTensor.of(out[name])
-            if tuple(t.shape) != spec.shape or np.dtype(t.dtype) not in _ELEMENT_DTYPES:
-                raise TvswitchError("output buffer %r is %s%s, need float32/float16 of shape %s"
-                                    % (name, np.dtype(t.dtype), list(t.shape), list(spec.shape)))
+            if tuple(t.shape) != spec.shape or element_code(t.dtype) is None:
+                raise TvswitchError("output buffer %r is %s%s, need float32/float16/bfloat16 of shape %s"
+                                    % (name, t.dtype, list(t.shape), list(spec.shape)))
             if not t.ptr and t.nbytes:
                 raise TvswitchError("output buffer %r has a null device address" % name)
             outs[name] = t
         ranges = [(t.ptr, t.nbytes, "output %r" % n) for n, t in outs.items()]
         ranges.append((self._payload_arena, self._payload_bytes, "the packed payloads"))
-        # An output may be its own tensor's base (rebuilt in place), never part of another's.
-        ranges += [(b.ptr, b.nbytes, "base %r" % n) for n, b in self._base.items()
-                   if not (outs[n].ptr == b.ptr and outs[n].nbytes == b.nbytes)]
+        ranges.append((self._base_arena, self._base_bytes, RESIDENT_BASE))
         check_disjoint(ranges)
         return outs
 
-    def _device_tables(self, key: tuple, plan: Plan, outs: Dict[str, DeviceTensor]) -> _Tables:
-        signature = (key, tuple((outs[n].ptr, abi.dtype_code(outs[n].dtype)) for n in plan.names))
-        tables = self._tables.get(signature)
-        if tables is not None:
-            self._tables.move_to_end(signature)
-            return tables
+    def _upload_tables(self, cache_key: tuple, plan: Plan, outs: Dict[str, DeviceTensor]) -> _Tables:
         segments = plan.segments.copy()
         segments["out"] = [outs[n].ptr for n in plan.names]
-        segments["out_dtype"] = [abi.dtype_code(outs[n].dtype) for n in plan.names]
+        segments["out_dtype"] = [element_code(outs[n].dtype) for n in plan.names]
+        tiles = total_blocks(plan)
+        if tiles >= 2**32:
+            raise TvswitchError("the bundle has %d tiles of %d elements; one launch takes < 2^32"
+                                % (tiles, abi.BLOCK_ELEMS))
         (seg_off, term_off), total = arena_layout([segments.nbytes, plan.terms.nbytes])
         ptr = self.device.alloc(total)
         self.device.upload(ptr + seg_off, segments)
         if len(plan.terms):
             self.device.upload(ptr + term_off, plan.terms)
-        max_terms = int(segments["term_count"].max()) if len(segments) else 0
-        tiles = total_blocks(plan)
-        if tiles >= 2**32:
-            raise TvswitchError("the bundle has %d tiles of %d elements; one launch takes < 2^32"
-                                % (tiles, abi.BLOCK_ELEMS))
-        tables = _Tables(ptr, ptr + seg_off, ptr + term_off, len(segments), tiles, pick_kernel(max_terms))
-        self._tables[signature] = tables
+        kernel = pick_kernel(int(segments["term_count"].max()) if len(segments) else 0)
+        launch = None
+        if tiles:
+            args = (("ptr", ptr + seg_off), ("u32", len(segments)), ("ptr", ptr + term_off),
+                    ("u32", tiles), ("u32", self.tiles_per_block))
+            launch = (self._functions[kernel], -(-tiles // self.tiles_per_block), abi.BLOCK_THREADS, args)
+        tables = _Tables(ptr, kernel, launch)
+        self._tables[cache_key] = tables
         while len(self._tables) > _MAX_TABLES:
             _, old = self._tables.popitem(last=False)
             self.device.synchronize()  # no launch still reads it
@@ -313,6 +426,7 @@ class GpuRebuilder:
         """Free every device buffer this rebuilder allocated (allocate()'s included)."""
         if not self._owned and not self._tables:
             return
+        self.device.make_current()
         self.device.synchronize()
         for t in self._tables.values():
             self.device.free(t.ptr)

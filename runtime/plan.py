@@ -3,7 +3,9 @@
 Shared by the CPU and GPU rebuilders; they differ only in the addresses the payloads
 have (host arrays or device memory), which ``address`` supplies.  Terms that several
 tasks share (RTVQ's base vector) are merged into one term whose weight is the sum, so a
-mix of eight RTVQ tasks reads the shared base once.
+mix of eight RTVQ tasks reads the shared base once.  Terms that share codes but not masks
+(EMR's unified vector under each task's mask) stay separate terms, so a K-task EMR mix
+reads the shared codes K times, and ``bytes_moved`` counts them K times.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class Plan:
     segments: np.ndarray  # abi.SEGMENT_DTYPE, one per name, in order
     terms: np.ndarray  # abi.TERM_DTYPE
     keys: List[str]  # payloads the terms read, each once
+    reads: List[str]  # payloads the terms read, once per term that reads them (what really moves)
 
 
 def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int]) -> Plan:
@@ -33,6 +36,7 @@ def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str]
     segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
     rows: List[tuple] = []
     keys: "OrderedDict[str, None]" = OrderedDict()
+    reads: List[str] = []
     first_block = 0
     for s, name in enumerate(names):
         spec = bundle.shared_specs[name]
@@ -57,7 +61,9 @@ def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str]
         for t, weight in merged.values():
             if weight != 0.0:
                 rows.append(_term_row(bundle, t, weight, address))
-                keys.update((k, None) for k in (t.codes, t.params, t.values, t.mask) if k)
+                read = [k for k in (t.codes, t.params, t.values, t.mask) if k]
+                keys.update((k, None) for k in read)
+                reads += read
         n = spec.numel
         segments[s]["n"] = n
         segments[s]["first_block"] = first_block
@@ -66,7 +72,7 @@ def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str]
         segments[s]["term_count"] = len(rows) - begin
         first_block += -(-n // abi.BLOCK_ELEMS)
     terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
-    return Plan(names=names, segments=segments, terms=terms, keys=list(keys))
+    return Plan(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads)
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:
@@ -90,8 +96,9 @@ def total_blocks(plan: Plan) -> int:
 
 
 def bytes_moved(plan: Plan, bundle: Bundle, base_itemsize: int, out_itemsize: int) -> int:
-    """Bytes a rebuild of this plan must move: base read, packed read, output write."""
-    total = sum(bundle.payload(k).nbytes for k in plan.keys)
+    """Bytes a rebuild of this plan moves: base read, every term's packed payloads (a payload
+    two terms read counts twice: EMR's shared codes in a mix), output write."""
+    total = sum(bundle.payload(k).nbytes for k in plan.reads)
     for s in plan.segments:
         n = int(s["n"])
         total += n * out_itemsize + (n * base_itemsize if float(s["base_coef"]) != 0.0 else 0)

@@ -1,21 +1,24 @@
-"""GpuRebuilder without a GPU: device memory emulated in host memory, the launch run by the CPU library.
+"""GpuRebuilder without a GPU: device memory emulated in host memory, the launch run on the CPU.
 
 Everything but the kernel runs as on a GPU: the payload and base arenas, the table upload
 with device addresses, the kernel choice and grid, the output checks and the caches.  The
 "launch" reads the uploaded tables back from that memory and runs them with the CPU
 library, so a wrong address or layout shows up as a wrong output, bit for bit against
-CpuRebuilder.  (The kernel itself is held to the CPU library in tests/kernels.)
+CpuRebuilder; one test runs them through rebuild.cu itself, on CPU threads under
+tests/kernels/emulate.  (The kernel is held to the CPU library in tests/kernels.)
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from tvswitch.errors import TvswitchError
-from tvswitch.kernels import abi, cpu, nvrtc
+from tvswitch.kernels import abi, cpu, nvrtc, reference
 from tvswitch.kernels.cuda import CudaError, Device, DriverDevice
 from tvswitch.runtime import gpu_rebuild as G
 from tvswitch.runtime.rebuild import CpuRebuilder
@@ -32,6 +35,7 @@ class HostDevice(Device):
         self.mem = {}
         self.launches = []
         self.uploads = 0
+        self.current = 0  # make_current calls
 
     def alloc(self, nbytes):
         buf = np.full(nbytes + G.ALIGN, 0xA5, dtype=np.uint8)  # poisoned: unwritten outputs show
@@ -73,6 +77,9 @@ class HostDevice(Device):
     def synchronize(self):
         pass
 
+    def make_current(self):
+        self.current += 1
+
 
 @pytest.fixture
 def gpu(monkeypatch, checkpoints):
@@ -87,8 +94,13 @@ def gpu(monkeypatch, checkpoints):
 
 SCHEMES = [("tvq", dict(bits=b)) for b in range(1, 9)] + [
     ("tvq", dict(bits=3, granularity="channel")), ("tvq", dict(bits=2, granularity="group:16")),
-    ("fq", dict(bits=4)), ("rtvq", {}), ("tswitch", dict(keep=0.25)),
+    ("fq", dict(bits=4)), ("rtvq", {}), ("tswitch", dict(keep=0.25)), ("emr", dict(bits=4)),
 ]
+
+
+def bf16_of(a: np.ndarray) -> np.ndarray:
+    """decode.h's rounding of float32 values to bfloat16, as bits (what a bf16 output holds)."""
+    return reference._to_16bit(np.ascontiguousarray(a, np.float32).reshape(-1), abi.BF16).reshape(a.shape)
 
 
 @pytest.mark.parametrize("scheme,kw", SCHEMES)
@@ -106,6 +118,68 @@ def test_matches_the_cpu_rebuilder_bit_for_bit(gpu, bundle_factory, checkpoints,
             for name, t in out.items():
                 got = r.download(t)
                 assert got.tobytes() == want[name].tobytes(), (mix, dtype, name)
+
+
+def _emulation():
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "test_rebuild_emulated.py")
+    spec = importlib.util.spec_from_file_location("rebuild_emulated", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def emulated_kernel(tmp_path_factory):
+    """rebuild.cu's kernels on CPU threads (tests/kernels/emulate), called as tv_rebuild_p<width>."""
+    emulation = _emulation()
+    return emulation.load_emulator(emulation.build_emulator(str(tmp_path_factory.mktemp("emu") / "emulate.so")))
+
+
+class KernelDevice(HostDevice):
+    """HostDevice whose launches run the CUDA kernel source itself (emulated), not the CPU library."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def launch(self, function, grid, block, args):
+        (_, segs), (_, nseg), (_, terms), (_, total), (_, tiles) = args
+        assert block == abi.BLOCK_THREADS and grid == -(-total // tiles)
+        width = next(w for w, name in nvrtc.KERNELS.items() if name == function)
+        seg_table = np.frombuffer((ctypes.c_char * (nseg * abi.SEGMENT_DTYPE.itemsize)).from_address(segs),
+                                  dtype=abi.SEGMENT_DTYPE)
+        term_table = np.frombuffer((ctypes.c_char * max(1, int((seg_table["term_begin"] + seg_table["term_count"])
+                                                               .max()) * abi.TERM_DTYPE.itemsize)).from_address(terms),
+                                   dtype=np.uint8).view(abi.TERM_DTYPE)
+        self.launches.append(SimpleNamespace(function=function, grid=grid, segments=seg_table.copy()))
+        self.kernel(width, seg_table, term_table, tiles)
+
+
+@pytest.mark.parametrize("scheme,kw", [("tvq", dict(bits=3, granularity="channel")), ("rtvq", {}),
+                                       ("tswitch", dict(keep=0.3)), ("emr", dict(bits=2)), ("fq", dict(bits=5))])
+def test_the_kernel_source_behind_the_rebuilder_matches_the_cpu(monkeypatch, emulated_kernel, bundle_factory,
+                                                                checkpoints, scheme, kw):
+    """GpuRebuilder's tables and launches, run by rebuild.cu itself (on CPU threads): fp32, fp16 and
+    bfloat16 outputs of a one-task switch and a three-task mix, bit for bit against CpuRebuilder."""
+    monkeypatch.setattr(nvrtc, "kernel_image", lambda cc: (b"image", "test"))
+    base, _ = checkpoints
+    bundle = bundle_factory(scheme, **kw)
+    r = G.GpuRebuilder(bundle, base, device=KernelDevice(emulated_kernel), tiles_per_block=2)
+    ref = CpuRebuilder(bundle, base)
+    for mix in ({"b": 1.0}, {"a": 0.5, "b": 0.3, "c": -0.2}):
+        want32 = ref.allocate("float32")
+        ref.rebuild(mix, want32)
+        for dtype in ("float32", "float16", "bfloat16"):
+            out = r.allocate(dtype)
+            r.rebuild(mix, out)
+            if dtype == "bfloat16":
+                want = {n: bf16_of(a) for n, a in want32.items()}
+            else:
+                want = ref.allocate(dtype)
+                ref.rebuild(mix, want)
+            for name, t in out.items():
+                assert r.download(t).tobytes() == want[name].tobytes(), (mix, dtype, name)
+    assert {launch.function for launch in r.device.launches} <= set(nvrtc.KERNELS.values())
 
 
 def test_payloads_live_in_one_aligned_arena(gpu, bundle_factory):
@@ -165,16 +239,103 @@ def test_bad_outputs_and_mixes_write_nothing(gpu, bundle_factory):
         assert np.array_equal(r.download(t), before[n])
 
 
-def test_rebuild_in_place_over_the_base(gpu, bundle_factory, checkpoints):
+def test_the_resident_base_is_never_an_output(gpu, bundle_factory, checkpoints):
+    """Every later switch reads the resident base: a rebuild into it (or into part of it) is refused."""
     base, _ = checkpoints
-    bundle = bundle_factory("tvq", bits=4)
+    r = gpu(bundle_factory("tvq", bits=4))
+    before = {n: r.download(t) for n, t in r.base.items()}
+    name = next(iter(r.base))
+    out = dict(r.allocate(), **{name: r.base[name]})
+    for outs in (r.base, out):
+        with pytest.raises(TvswitchError, match="resident base"):
+            r.rebuild({"c": 1.0}, outs)
+    assert r.device.launches == []
+    for n, t in r.base.items():
+        assert r.download(t).tobytes() == before[n].tobytes()
+
+
+def test_bfloat16_outputs_round_the_float32_result(gpu, bundle_factory, checkpoints):
+    """A bfloat16 device buffer (named by its dtype: numpy has none) holds decode.h's rounding of
+    the float32 result, for every tensor; allocate() makes them too."""
+    base, _ = checkpoints
+    bundle = bundle_factory("rtvq")
     r = gpu(bundle)
     ref = CpuRebuilder(bundle, base)
-    want = ref.allocate()
-    ref.rebuild({"c": 1.0}, want)
-    r.rebuild({"c": 1.0}, r.base)
-    for name, t in r.base.items():
-        assert r.download(t).tobytes() == want[name].tobytes()
+    want = ref.allocate("float32")
+    mix = {"a": 0.5, "c": 0.25}
+    ref.rebuild(mix, want)
+    for out in (r.allocate("bfloat16"), {n: G.DeviceTensor(t.ptr, t.shape, "bfloat16")
+                                         for n, t in r.allocate("float16").items()}):
+        assert all(t.dtype == "bfloat16" and t.itemsize == 2 for t in out.values())
+        r.rebuild(mix, out)
+        assert int(r.device.launches[-1].segments["out_dtype"].max()) == abi.BF16
+        for n, t in out.items():
+            got = r.download(t)
+            assert got.dtype == np.uint16 and np.array_equal(got, bf16_of(want[n])), n
+    assert r.bytes_moved(mix, "bfloat16") == r.bytes_moved(mix, "float16")
+    with pytest.raises(TvswitchError, match="bfloat16"):
+        r.allocate("float64")
+
+
+def test_emr_mix_bytes_count_the_shared_codes_once_per_task(gpu, bundle_factory, checkpoints):
+    """A K-task EMR mix is K terms over the same codes, each with its own mask: the kernel reads the
+    codes K times and bytes_moved says so (RTVQ's shared base, merged into one term, counts once)."""
+    bundle = bundle_factory("emr", bits=4)
+    r = gpu(bundle)
+    one, three = r.plan({"a": 0.3}), r.plan({"a": 0.3, "b": 0.3, "c": 0.3})  # both read every base tensor
+    codes = [k for k in three.reads if k.startswith("@shared/")]
+    assert len(codes) == 3 * len(set(codes)) and len(three.terms) == 3 * len(one.terms)
+    shared = sum(bundle.payload(k).nbytes for k in set(codes))
+    own = sum(bundle.payload(k).nbytes for k in set(three.keys) - set(one.keys))  # b's and c's masks and raw tensors
+    assert r.bytes_moved({"a": 0.3, "b": 0.3, "c": 0.3}) - r.bytes_moved({"a": 0.3}) == 2 * shared + own
+    rtvq = gpu(bundle_factory("rtvq", filename="r.tvs"))
+    merged = rtvq.plan({"a": 0.3, "b": 0.3, "c": 0.3})
+    assert len([k for k in merged.reads if k.startswith("@shared/")]) == len({k for k in merged.keys
+                                                                             if k.startswith("@shared/")})
+
+
+def test_a_repeated_switch_checks_nothing_again(gpu, bundle_factory, monkeypatch):
+    """The same DeviceTensor objects and the same weights: no output check, no mix check, no upload,
+    one launch with the arguments kept from the first time; the context made current each time."""
+    r = gpu(bundle_factory("tvq", bits=4))
+    out = r.allocate()
+    r.rebuild({"a": 0.5, "b": 0.5}, out)
+    checks, mixes = [], []
+    real_check, real_mix = r._check_out, G.check_mix
+    monkeypatch.setattr(r, "_check_out", lambda o: checks.append(1) or real_check(o))
+    monkeypatch.setattr(G, "check_mix", lambda *a: mixes.append(1) or real_mix(*a))
+    uploads, current = r.device.uploads, r.device.current
+    for _ in range(3):
+        r.rebuild({"b": 0.5, "a": 0.5}, dict(out))  # another dict and order, the same objects and weights
+    assert (checks, mixes, r.device.uploads) == ([], [1], uploads)  # the reordered mix is checked once
+    assert r.device.current == current + 3 and len(r.device.launches) == 4
+    # New objects for the same buffers are checked, and reuse the tables uploaded for them.
+    r.rebuild({"a": 0.5, "b": 0.5}, {n: G.DeviceTensor(t.ptr, t.shape, t.dtype) for n, t in out.items()})
+    assert len(checks) == 1 and r.device.uploads == uploads
+    # A mutated dict is a new set: a buffer swapped in for another is checked (and refused here).
+    name, other = list(out)[:2]
+    out[name] = G.DeviceTensor(out[other].ptr, out[name].shape, out[name].dtype)
+    with pytest.raises(TvswitchError, match="overlap"):
+        r.rebuild({"a": 0.5, "b": 0.5}, out)
+    # Objects that are not DeviceTensor (a CUDA array's interface may change) are read every time.
+    cai = {n: SimpleNamespace(__cuda_array_interface__={"data": (t.ptr, False), "shape": t.shape,
+                                                        "typestr": t.dtype.str, "version": 3})
+           for n, t in r.allocate().items()}
+    checks.clear()
+    r.rebuild({"a": 1.0}, cai)
+    r.rebuild({"a": 1.0}, cai)
+    assert len(checks) == 2
+
+
+def test_a_bad_mix_is_refused_every_time(gpu, bundle_factory):
+    r = gpu(bundle_factory("tvq", bits=2))
+    out = r.allocate()
+    for _ in range(2):  # a refused mix is never remembered as checked
+        with pytest.raises(TvswitchError, match="finite"):
+            r.rebuild({"a": float("nan")}, out)
+        with pytest.raises(TvswitchError, match="no task"):
+            r.rebuild({"zzz": 1.0}, out)
+    assert r.device.launches == []
 
 
 def test_close_frees_every_buffer(gpu, bundle_factory):
