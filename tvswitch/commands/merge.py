@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         delta, how = _delta(args, bundle, given)
         tensors = merge.apply_delta(resolve_base(bundle, given), delta)
         tensors.update(_as_is(bundle, args.task))
+        if args.task is None and merge.statistics_names(bundle):
+            how += ", %d statistics averaged over the tasks" % len(merge.statistics_names(bundle))
     source = given if given is not None else bundle.embedded_base()
     for name in bundle.manifest["base"].get("other", []):
         tensors[name] = source[name]
@@ -184,7 +186,8 @@ def _learn(args: argparse.Namespace, bundle, given: Optional[Dict[str, np.ndarra
     try:
         result = learn_from_bundle(bundle, module, inputs, given, taus, batch=settings["batch"],
                                    seed=settings["seed"], granularity=settings["granularity"], init=settings["init"],
-                                   steps=settings["steps"], lr=settings["lr"], normalize=args.normalize)
+                                   steps=settings["steps"], lr=settings["lr"], normalize=args.normalize,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as exc:
         raise TvswitchError("AdaMerging: %s" % exc) from None
     if args.coefficients_out is not None:
