@@ -2,8 +2,8 @@
 
 Two bindings stand behind one small ``Device`` interface:
 
-- NVIDIA's cuda-python (``cuda.bindings.driver``; ``cuda.cuda`` before 12.6): the default,
-  on x86 and on JetPack 5/6 (``pip install 'tvswitch[cuda]'``);
+- NVIDIA's cuda-python (``cuda.bindings.driver``; ``cuda.cuda`` before 12.6 and 11.8.4,
+  see ``cuda_python``): the default, on x86 and on JetPack 5/6 (``pip install 'tvswitch[cuda]'``);
 - pycuda: the fallback for JetPack 4 (Nano, TX2), where cuda-python does not exist.  The
   package itself needs Python 3.8, so on JetPack 4 this means a Python 3.8 built for the
   board plus pycuda built against CUDA 10.2 (docs/kernels.md).
@@ -15,7 +15,9 @@ imported until a device is opened, so ``import tvswitch`` needs neither binding.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+import contextlib
+import importlib
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -82,19 +84,42 @@ class Device:
         """Make this device's context current on the calling thread (a switch may come from
         any thread of a server, and the driver API's current context is per thread)."""
 
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """This device's context current on the calling thread for the block: what every
+        caller wraps its device calls in.  cuda-python sets it (nothing to undo); pycuda
+        pushes it on the thread's context stack and pops it again."""
+        self.make_current()
+        yield
+
     def close(self) -> None:
-        """Give back what this object holds (the stream, its modules); memory is the caller's."""
+        """Give back what this object holds (the stream, its modules, its hold on the primary
+        context); memory is the caller's."""
 
 
 # ---------------------------------------------------------------- cuda-python
 
 
-def _driver_module() -> Any:
+#: cuda-python's modules' old homes (``cuda.cuda``, ``cuda.nvrtc``), before ``cuda.bindings``.
+_OLD_NAMES = {"driver": "cuda", "nvrtc": "nvrtc"}
+
+
+def cuda_python(name: str) -> Any:
+    """cuda-python's ``cuda.bindings.<name>`` (``driver`` or ``nvrtc``), else its old home.
+
+    ``cuda.bindings`` exists from cuda-python 12.6 and 11.8.4 on; 11.8.0-11.8.3, which a
+    JetPack 5 board on Python 3.8 may have (cuda-bindings 12 has no cp38 wheels), only
+    has ``from cuda import cuda, nvrtc``.  The calls tvswitch makes are the same in both.
+    Raises ImportError where neither imports.
+    """
     try:
-        from cuda.bindings import driver
+        return importlib.import_module("cuda.bindings." + name)
     except ImportError:
-        from cuda import cuda as driver  # type: ignore[no-redef]  # cuda-python < 12.6
-    return driver
+        return importlib.import_module("cuda." + _OLD_NAMES[name])
+
+
+def _driver_module() -> Any:
+    return cuda_python("driver")
 
 
 class DriverDevice(Device):
@@ -124,6 +149,7 @@ class DriverDevice(Device):
                        attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev)))
         self._stream = self._check("cuStreamCreate", drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING))
         self._modules: list = []
+        self._params: Dict[tuple, tuple] = {}
 
     def _check(self, call: str, result: Any) -> Any:
         err = result[0] if isinstance(result, tuple) else result
@@ -179,11 +205,18 @@ class DriverDevice(Device):
 
     def launch(self, function: Any, grid: int, block: int, args: Sequence[Tuple[str, int]]) -> None:
         # kernelParams: an array of pointers, each to one argument's bytes (the driver copies
-        # them at launch, so the arrays only need to live through this call).
-        values = [np.array([v], dtype=np.uint64 if kind == "ptr" else np.uint32) for kind, v in args]
-        params = np.array([v.ctypes.data for v in values], dtype=np.uint64)
+        # them at launch).  Built once per argument list and kept: a switch launches the same
+        # arguments again and again, and building them costs more than the launch.
+        key = tuple(args)
+        params = self._params.get(key)
+        if params is None:
+            values = [np.array([v], dtype=np.uint64 if kind == "ptr" else np.uint32) for kind, v in key]
+            array = np.array([v.ctypes.data for v in values], dtype=np.uint64)
+            if len(self._params) >= 256:
+                self._params.clear()
+            params = self._params[key] = (int(array.ctypes.data), array, values)
         self._check("cuLaunchKernel", self._drv.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, self._stream,
-                                                               params.ctypes.data, 0))
+                                                               params[0], 0))
 
     def synchronize(self) -> None:
         self._check("cuStreamSynchronize", self._drv.cuStreamSynchronize(self._stream))
@@ -203,6 +236,7 @@ class DriverDevice(Device):
     def close(self) -> None:
         if self._stream is None:
             return
+        self.make_current()
         self.synchronize()
         for module in self._modules:
             self._check("cuModuleUnload", self._drv.cuModuleUnload(module))
@@ -216,7 +250,14 @@ class DriverDevice(Device):
 
 
 class PycudaDevice(Device):
-    """pycuda's driver wrapper: the same interface where cuda-python does not exist."""
+    """pycuda's driver wrapper: the same interface where cuda-python does not exist.
+
+    pycuda keeps a context stack per thread and aborts the process if one is left non-empty
+    when its thread ends, so no call leaves the context pushed: each public call runs inside
+    ``current()``, which pushes the primary context where it is not current and pops it
+    after.  ``close()`` drops the stream and releases the primary context (pycuda's
+    ``detach``), on the thread that opened the device (pycuda refuses other threads).
+    """
 
     binding = "pycuda"
 
@@ -224,16 +265,18 @@ class PycudaDevice(Device):
         import pycuda.driver as drv
 
         self._drv = drv
+        self._ctx: Any = None
+        self._stream: Any = None
         self._call("cuInit", drv.init)
         count = self._call("cuDeviceGetCount", drv.Device.count)
         if ordinal >= count:
             raise CudaError("CUDA device %d requested, the driver sees %d" % (ordinal, count))
         dev = self._call("cuDeviceGet", drv.Device, ordinal)
         self._ctx = self._call("cuDevicePrimaryCtxRetain", dev.retain_primary_context)
-        self._call("cuCtxPushCurrent", self._ctx.push)
         self.name = dev.name()
         self.cc = tuple(dev.compute_capability())  # type: ignore[assignment]
-        self._stream = self._call("cuStreamCreate", drv.Stream)
+        with self.current():
+            self._stream = self._call("cuStreamCreate", drv.Stream)
         self._allocations: Dict[int, Any] = {}  # pycuda frees memory when its object dies
 
     def _call(self, call: str, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -242,63 +285,90 @@ class PycudaDevice(Device):
         except self._drv.Error as exc:
             raise CudaError("%s failed: %s" % (call, exc)) from None
 
+    def _run(self, call: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        with self.current():
+            return self._call(call, fn, *args, **kw)
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        now = self._call("cuCtxGetCurrent", self._drv.Context.get_current)
+        pushed = now is None or now != self._ctx
+        if pushed:
+            self._call("cuCtxPushCurrent", self._ctx.push)
+        try:
+            yield
+        finally:
+            if pushed:
+                self._call("cuCtxPopCurrent", self._drv.Context.pop)
+
+    def make_current(self) -> None:
+        """Nothing to do: every call of this device pushes and pops its context (``current``)."""
+
     @property
     def stream_handle(self) -> Optional[int]:
         return None if self._stream is None else int(self._stream.handle)
 
     def alloc(self, nbytes: int) -> int:
-        mem = self._call("cuMemAlloc", self._drv.mem_alloc, max(int(nbytes), 1))
+        mem = self._run("cuMemAlloc", self._drv.mem_alloc, max(int(nbytes), 1))
         self._allocations[int(mem)] = mem
         return int(mem)
 
     def free(self, ptr: int) -> None:
         mem = self._allocations.pop(ptr)
-        self._call("cuMemFree", mem.free)
+        self._run("cuMemFree", mem.free)
 
     def upload(self, ptr: int, array: np.ndarray) -> None:
         # pycuda's async copies want page-locked memory; loads and table uploads are rare.
-        self._call("cuStreamSynchronize", self._stream.synchronize)
-        self._call("cuMemcpyHtoD", self._drv.memcpy_htod, ptr, np.ascontiguousarray(array))
+        with self.current():
+            self._call("cuStreamSynchronize", self._stream.synchronize)
+            self._call("cuMemcpyHtoD", self._drv.memcpy_htod, ptr, np.ascontiguousarray(array))
 
     def download(self, array: np.ndarray, ptr: int) -> None:
-        self._call("cuStreamSynchronize", self._stream.synchronize)
-        self._call("cuMemcpyDtoH", self._drv.memcpy_dtoh, array, ptr)
+        with self.current():
+            self._call("cuStreamSynchronize", self._stream.synchronize)
+            self._call("cuMemcpyDtoH", self._drv.memcpy_dtoh, array, ptr)
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        self._call("cuMemcpyDtoDAsync", self._drv.memcpy_dtod_async, dst, src, nbytes, self._stream)
+        self._run("cuMemcpyDtoDAsync", self._drv.memcpy_dtod_async, dst, src, nbytes, self._stream)
 
     def memset(self, ptr: int, byte: int, nbytes: int) -> None:
-        self._call("cuStreamSynchronize", self._stream.synchronize)
-        self._call("cuMemsetD8", self._drv.memset_d8, ptr, byte, nbytes)
+        with self.current():
+            self._call("cuStreamSynchronize", self._stream.synchronize)
+            self._call("cuMemsetD8", self._drv.memset_d8, ptr, byte, nbytes)
 
     def load_module(self, image: bytes) -> Any:
-        return self._call("cuModuleLoadData", self._drv.module_from_buffer, image)
+        return self._run("cuModuleLoadData", self._drv.module_from_buffer, image)
 
     def function(self, module: Any, name: str) -> Any:
-        return self._call("cuModuleGetFunction", module.get_function, name)
+        return self._run("cuModuleGetFunction", module.get_function, name)
 
     def launch(self, function: Any, grid: int, block: int, args: Sequence[Tuple[str, int]]) -> None:
         values = [np.uintp(v) if kind == "ptr" else np.uint32(v) for kind, v in args]
-        self._call("cuLaunchKernel", function, *values, block=(block, 1, 1), grid=(grid, 1), stream=self._stream)
+        self._run("cuLaunchKernel", function, *values, block=(block, 1, 1), grid=(grid, 1), stream=self._stream)
 
     def synchronize(self) -> None:
-        self._call("cuStreamSynchronize", self._stream.synchronize)
+        self._run("cuStreamSynchronize", self._stream.synchronize)
 
     def event(self) -> Any:
-        ev = self._call("cuEventCreate", self._drv.Event)
-        self._call("cuEventRecord", ev.record, self._stream)
+        with self.current():
+            ev = self._call("cuEventCreate", self._drv.Event)
+            self._call("cuEventRecord", ev.record, self._stream)
         return ev
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
-        self._call("cuEventSynchronize", end.synchronize)
-        return float(self._call("cuEventElapsedTime", start.time_till, end))
+        with self.current():
+            self._call("cuEventSynchronize", end.synchronize)
+            return float(self._call("cuEventElapsedTime", start.time_till, end))
 
     def close(self) -> None:
         if self._ctx is None:
             return
-        self.synchronize()
-        self._call("cuCtxPopCurrent", self._ctx.pop)
-        self._ctx = None
+        if self._stream is not None:
+            with self.current():
+                self._call("cuStreamSynchronize", self._stream.synchronize)
+                self._stream = None  # pycuda destroys a stream when its object goes, in this context
+        ctx, self._ctx = self._ctx, None
+        self._call("cuDevicePrimaryCtxRelease", ctx.detach)
 
 
 def open_device(ordinal: int = 0, binding: str = "auto") -> Device:

@@ -22,6 +22,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from tvswitch.kernels.cuda import cuda_python
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = "rebuild.cu"
 HEADERS = ("decode.h",)
@@ -76,17 +78,13 @@ def source_digest() -> str:
 
 
 def nvrtc_module() -> Any:
-    """cuda-python's NVRTC binding (``cuda.bindings.nvrtc``; ``cuda.nvrtc`` before 12.6)."""
+    """cuda-python's NVRTC binding (``cuda.bindings.nvrtc``; ``cuda.nvrtc`` before 12.6 and 11.8.4)."""
     try:
-        from cuda.bindings import nvrtc
+        return cuda_python("nvrtc")
     except ImportError:
-        try:
-            from cuda import nvrtc  # type: ignore[no-redef]
-        except ImportError:
-            raise KernelBuildError("NVRTC needs cuda-python: pip install 'tvswitch[cuda,nvrtc12]' (on JetPack 5 "
-                                   "that is cuda-python 11.8, with JetPack's NVRTC 11.4; JetPack 4 has none: use "
-                                   "prebuilt kernels, see docs/jetson.md)") from None
-    return nvrtc
+        raise KernelBuildError("NVRTC needs cuda-python: pip install 'tvswitch[cuda,nvrtc12]' (on JetPack 5 "
+                               "that is cuda-python 11.8, with JetPack's NVRTC 11.4; JetPack 4 has none: use "
+                               "prebuilt kernels, see docs/jetson.md)") from None
 
 
 def _check(nvrtc: Any, call: str, result: Any) -> Any:

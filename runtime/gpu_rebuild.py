@@ -181,7 +181,7 @@ class GpuRebuilder:
     ``device`` is an open ``kernels.cuda.Device`` (one is opened on GPU ``ordinal`` through
     ``binding`` otherwise); ``tiles_per_block`` is how many 1024-element tiles one CUDA
     block rebuilds (it amortises a block's segment search and table load).  Every call
-    makes the device's context current on the calling thread first.
+    runs inside ``device.current()``, so any thread may switch.
     """
 
     def __init__(self, bundle: Bundle, base: Optional[Mapping[str, np.ndarray]] = None, *,
@@ -207,12 +207,12 @@ class GpuRebuilder:
         self._tokens: Dict[tuple, int] = {}
         self._next_token = 0
         try:
-            self.device.make_current()
-            self._payload_offsets, self._payload_arena, self._payload_bytes = self._upload_payloads()
-            self._base = self._upload_base(host_base)
-            image, self.kernel_source = nvrtc.kernel_image(self.device.cc)
-            module = self.device.load_module(image)
-            self._functions = {w: self.device.function(module, name) for w, name in nvrtc.KERNELS.items()}
+            with self.device.current():
+                self._payload_offsets, self._payload_arena, self._payload_bytes = self._upload_payloads()
+                self._base = self._upload_base(host_base)
+                image, self.kernel_source = nvrtc.kernel_image(self.device.cc)
+                module = self.device.load_module(image)
+                self._functions = {w: self.device.function(module, name) for w, name in nvrtc.KERNELS.items()}
         except BaseException:
             self.close()
             raise
@@ -272,9 +272,9 @@ class GpuRebuilder:
         if dtype is not None and element_code(dtype) is None:
             raise TvswitchError("output dtype %s: the GPU rebuild writes float32, float16 or bfloat16" % dtype)
         tensors = {n: DeviceTensor(0, specs[n].shape, dtype or self._base[n].dtype) for n in specs}
-        self.device.make_current()
         offsets, total = arena_layout([t.nbytes for t in tensors.values()])
-        arena = self._alloc(total) if total else 0
+        with self.device.current():
+            arena = self._alloc(total) if total else 0
         return {n: DeviceTensor(arena + off, t.shape, t.dtype) for (n, t), off in zip(tensors.items(), offsets)}
 
     def download(self, tensor: Any) -> np.ndarray:
@@ -283,8 +283,8 @@ class GpuRebuilder:
         t = DeviceTensor.of(tensor)
         host = np.empty(t.shape, dtype=t.host_dtype)
         if t.nbytes:
-            self.device.make_current()
-            self.device.download(host, t.ptr)
+            with self.device.current():
+                self.device.download(host, t.ptr)
         return host
 
     # ---- switching ----
@@ -326,17 +326,17 @@ class GpuRebuilder:
         written, without, work queued later on the same stream sees them.  A bad mix or
         buffer raises before anything is written.
         """
-        self.device.make_current()
-        launch = self.launch_of(mix, out)
-        if launch is not None:
-            self.device.launch(*launch)
-        if sync:
-            self.device.synchronize()
+        with self.device.current():
+            launch = self.launch_of(mix, out)
+            if launch is not None:
+                self.device.launch(*launch)
+            if sync:
+                self.device.synchronize()
 
     def launch_of(self, mix: Mapping[str, float], out: Mapping[str, Any]) -> Optional[tuple]:
         """``Device.launch``'s arguments for a rebuild of ``mix`` into ``out`` (None: nothing to
         write), its tables uploaded: what ``rebuild`` launches, and what a benchmark times alone.
-        The context must be current (``rebuild`` makes it so)."""
+        Call it inside ``device.current()`` (``rebuild`` does)."""
         key = self._mix_key(mix)
         outs = self._outputs(out)
         tables = self._tables.get((key, outs.token))
@@ -425,15 +425,17 @@ class GpuRebuilder:
     def close(self) -> None:
         """Free every device buffer this rebuilder allocated (allocate()'s included)."""
         if not self._owned and not self._tables:
+            if self._own_device:
+                self.device.close()
             return
-        self.device.make_current()
-        self.device.synchronize()
-        for t in self._tables.values():
-            self.device.free(t.ptr)
-        self._tables.clear()
-        for ptr in self._owned:
-            self.device.free(ptr)
-        self._owned = []
+        with self.device.current():
+            self.device.synchronize()
+            for t in self._tables.values():
+                self.device.free(t.ptr)
+            self._tables.clear()
+            for ptr in self._owned:
+                self.device.free(ptr)
+            self._owned = []
         if self._own_device:
             self.device.close()
 

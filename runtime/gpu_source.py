@@ -136,19 +136,21 @@ class GpuBundleSource:
     def write(self, mix: Mix, buffers: Any = None) -> None:
         """Queue the rebuild of ``mix`` into the engine's device buffers (``buffers``, the host slot,
         is not touched).  Ordered before the engine's next ``publish`` by the shared stream."""
-        self.device.make_current()
-        self.rebuilder.rebuild(mix, self._outputs, sync=self.stream is None)
-        for dst, src, nbytes in self._heads[head_task(mix)]:
-            self.device.copy(dst, src, nbytes)
-        if self.stream is None and self._heads[head_task(mix)]:
-            self.device.synchronize()
+        heads = self._heads[head_task(mix)]
+        with self.device.current():
+            self.rebuilder.rebuild(mix, self._outputs, sync=self.stream is None)
+            for dst, src, nbytes in heads:
+                self.device.copy(dst, src, nbytes)
+            if self.stream is None and heads:
+                self.device.synchronize()
         self.writes += 1
 
     def close(self) -> None:
         """Free the scratch and head arenas and the rebuilder's device memory."""
         if self._owned:
-            self.device.synchronize()
-            for ptr in self._owned:
-                self.device.free(ptr)
+            with self.device.current():
+                self.device.synchronize()
+                for ptr in self._owned:
+                    self.device.free(ptr)
             self._owned = []
         self.rebuilder.close()

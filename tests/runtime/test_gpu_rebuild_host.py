@@ -35,7 +35,7 @@ class HostDevice(Device):
         self.mem = {}
         self.launches = []
         self.uploads = 0
-        self.current = 0  # make_current calls
+        self.made_current = 0  # make_current calls
 
     def alloc(self, nbytes):
         buf = np.full(nbytes + G.ALIGN, 0xA5, dtype=np.uint8)  # poisoned: unwritten outputs show
@@ -78,7 +78,7 @@ class HostDevice(Device):
         pass
 
     def make_current(self):
-        self.current += 1
+        self.made_current += 1
 
 
 @pytest.fixture
@@ -304,11 +304,11 @@ def test_a_repeated_switch_checks_nothing_again(gpu, bundle_factory, monkeypatch
     real_check, real_mix = r._check_out, G.check_mix
     monkeypatch.setattr(r, "_check_out", lambda o: checks.append(1) or real_check(o))
     monkeypatch.setattr(G, "check_mix", lambda *a: mixes.append(1) or real_mix(*a))
-    uploads, current = r.device.uploads, r.device.current
+    uploads, current = r.device.uploads, r.device.made_current
     for _ in range(3):
         r.rebuild({"b": 0.5, "a": 0.5}, dict(out))  # another dict and order, the same objects and weights
     assert (checks, mixes, r.device.uploads) == ([], [1], uploads)  # the reordered mix is checked once
-    assert r.device.current == current + 3 and len(r.device.launches) == 4
+    assert r.device.made_current == current + 3 and len(r.device.launches) == 4
     # New objects for the same buffers are checked, and reuse the tables uploaded for them.
     r.rebuild({"a": 0.5, "b": 0.5}, {n: G.DeviceTensor(t.ptr, t.shape, t.dtype) for n, t in out.items()})
     assert len(checks) == 1 and r.device.uploads == uploads
