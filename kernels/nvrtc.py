@@ -3,12 +3,19 @@
 ``kernel_image(cc)`` is what the GPU rebuilder asks for: a module image (cubin, or PTX the
 driver compiles) for a device of compute capability ``cc``.  It takes, in order,
 
-1. a prebuilt image from ``$TVSWITCH_KERNELS`` or ``kernels/prebuilt`` (written by
-   ``python -m tvswitch.kernels.build_fatbins``) whose recorded source digest is this
-   source's: the route for a JetPack 4 board, which has no NVRTC wheel;
-2. a cubin from the disk cache (``$TVSWITCH_CACHE`` or ``~/.cache/tvswitch/kernels``),
-   one file per architecture, source digest, options and NVRTC version;
-3. a fresh NVRTC compile (about a second per architecture), then cached.
+1. a prebuilt cubin for exactly this architecture from ``$TVSWITCH_KERNELS`` or
+   ``kernels/prebuilt`` (written by ``python -m tvswitch.kernels.build_fatbins``) whose
+   recorded source digest is this source's;
+2. NVRTC: a cubin from the disk cache (``$TVSWITCH_CACHE`` or ``~/.cache/tvswitch/kernels``,
+   one file per architecture, source digest, options and NVRTC version), else a fresh
+   compile (about a second per architecture), then cached;
+3. only where NVRTC is unavailable (a JetPack 4 board), a prebuilt image that still fits:
+   a cubin of the same major and a lower minor (cubins run on later minors), else the
+   newest PTX not above the device, for the driver to compile.
+
+So a folder of older images never wins over NVRTC on a newer GPU.  A PTX's ISA version is
+its compiler's: NVRTC 12.9 writes PTX 8.8, which only a CUDA 12.9 driver compiles, so
+images for JetPack 4/5 boards come from the board's own nvcc (docs/kernels.md).
 
 NVRTC compiles without a GPU, which is how CI proves every target builds.  Every image is
 compiled with --fmad=false: the arithmetic contract of decode.h forbids contracted
@@ -20,7 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tvswitch.kernels.cuda import cuda_python
 
@@ -206,26 +213,36 @@ def read_index(folder: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def pick_image(images: Dict[str, str], cc: Tuple[int, int]) -> Optional[str]:
-    """The image name for a device: its own cubin, else a cubin of the same major version
-    and a lower minor (cubins run on later minors), else the newest PTX not above it."""
+def exact_cubin(images: Dict[str, str], cc: Tuple[int, int]) -> Optional[str]:
+    """The name of the cubin built for exactly this device's architecture, if the index has one."""
     number = cc[0] * 10 + cc[1]
-    cubins = sorted((arch_number(a), a) for a in images if a.startswith("sm_"))
-    same = [a for n, a in cubins if n // 10 == cc[0] and n <= number]
-    if same:
-        return same[-1]
+    return next((a for a in images if a.startswith("sm_") and arch_number(a) == number), None)
+
+
+def compatible_cubin(images: Dict[str, str], cc: Tuple[int, int]) -> Optional[str]:
+    """A cubin of the same major version and a lower minor (cubins run on later minors)."""
+    number = cc[0] * 10 + cc[1]
+    same = sorted((arch_number(a), a) for a in images
+                  if a.startswith("sm_") and arch_number(a) // 10 == cc[0] and arch_number(a) <= number)
+    return same[-1][1] if same else None
+
+
+def ptx_not_above(images: Dict[str, str], cc: Tuple[int, int]) -> Optional[str]:
+    """The newest PTX for an architecture not above the device's (the driver compiles it)."""
+    number = cc[0] * 10 + cc[1]
     ptx = sorted((arch_number(a), a) for a in images if a.startswith("compute_") and arch_number(a) <= number)
     return ptx[-1][1] if ptx else None
 
 
-def prebuilt_image(cc: Tuple[int, int]) -> Optional[Tuple[bytes, str]]:
-    """(image, where) from the first prebuilt folder that has one for ``cc`` and this source."""
+def prebuilt_image(cc: Tuple[int, int], pick: Callable[[Dict[str, str], Tuple[int, int]], Optional[str]] = exact_cubin
+                   ) -> Optional[Tuple[bytes, str]]:
+    """(image, where) from the first prebuilt folder of this source where ``pick`` finds one for ``cc``."""
     digest = source_digest()
     for folder in prebuilt_dirs():
         index = read_index(folder)
         if not index or index.get("digest") != digest:
             continue
-        name = pick_image(index.get("images", {}), cc)
+        name = pick(index.get("images", {}), cc)
         if name is None:
             continue
         path = os.path.join(folder, index["images"][name])
@@ -236,14 +253,18 @@ def prebuilt_image(cc: Tuple[int, int]) -> Optional[Tuple[bytes, str]]:
 
 def kernel_image(cc: Tuple[int, int]) -> Tuple[bytes, str]:
     """(image, where it came from) for a device of compute capability ``cc``."""
-    found = prebuilt_image(cc)
+    found = prebuilt_image(cc, exact_cubin)
     if found is not None:
         return found
     number = cc[0] * 10 + cc[1]
     try:
         archs = supported_archs()
     except KernelBuildError as exc:
-        raise KernelBuildError("no prebuilt kernel image for sm_%d and %s" % (number, exc)) from None
+        found = prebuilt_image(cc, compatible_cubin) or prebuilt_image(cc, ptx_not_above)
+        if found is not None:
+            return found
+        raise KernelBuildError("no prebuilt kernel image runs on sm_%d (folders: %s) and %s"
+                               % (number, ", ".join(prebuilt_dirs()), exc)) from None
     if number in archs:
         return cached_compile(number, "cubin"), "NVRTC cubin sm_%d" % number
     lower = [a for a in archs if a <= number]

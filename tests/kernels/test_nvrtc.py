@@ -64,13 +64,71 @@ def test_compiled_images_are_cached_per_arch_and_source(tmp_path, monkeypatch):
 
 def test_images_are_picked_by_compute_capability():
     images = {"sm_53": "a", "sm_80": "b", "sm_87": "c", "compute_53": "p"}
-    assert nvrtc.pick_image(images, (8, 7)) == "sm_87"
-    assert nvrtc.pick_image(images, (8, 6)) == "sm_80"  # an sm_80 cubin runs on 8.6
-    assert nvrtc.pick_image(images, (7, 5)) == "compute_53"  # no 7.x cubin: the driver JITs the PTX
-    assert nvrtc.pick_image(images, (5, 0)) is None
+    assert nvrtc.exact_cubin(images, (8, 7)) == "sm_87"
+    assert nvrtc.exact_cubin(images, (8, 6)) is None  # only the exact architecture beats NVRTC
+    assert nvrtc.compatible_cubin(images, (8, 6)) == "sm_80"  # an sm_80 cubin runs on 8.6
+    assert nvrtc.compatible_cubin(images, (7, 5)) is None
+    assert nvrtc.ptx_not_above(images, (7, 5)) == "compute_53"  # the driver JITs the PTX
+    assert nvrtc.ptx_not_above(images, (5, 0)) is None
     assert nvrtc.arch_number("compute_90") == nvrtc.arch_number((9, 0)) == 90
     with pytest.raises(ValueError):
         nvrtc.arch_number("sm_eighty")
+
+
+def _folder(root, name, images):
+    """A prebuilt folder of this source holding fake images (their bytes name them)."""
+    folder = root / name
+    folder.mkdir()
+    files = {}
+    for arch in images:
+        files[arch] = "%s-%s.img" % (name, arch)
+        (folder / files[arch]).write_bytes(("%s/%s" % (name, arch)).encode())
+    (folder / "index.json").write_text(json.dumps({"digest": nvrtc.source_digest(), "images": files}))
+    return str(folder)
+
+
+@pytest.fixture
+def loader(tmp_path, monkeypatch):
+    """kernel_image over fake prebuilt folders, with NVRTC present (sm_50..sm_90) or absent."""
+    def setup(folders, nvrtc_works):
+        dirs = [_folder(tmp_path, n, imgs) for n, imgs in folders]
+        monkeypatch.setattr(nvrtc, "prebuilt_dirs", lambda: dirs)
+
+        def archs():
+            if not nvrtc_works:
+                raise nvrtc.KernelBuildError("NVRTC needs cuda-python (simulated)")
+            return [50, 53, 60, 62, 70, 72, 75, 80, 86, 87, 89, 90]
+
+        monkeypatch.setattr(nvrtc, "supported_archs", archs)
+        monkeypatch.setattr(nvrtc, "cached_compile", lambda arch, output="cubin": ("nvrtc/%s%d" % (
+            "sm_" if output == "cubin" else "compute_", arch)).encode())
+        monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (12, 9))
+        return lambda cc: nvrtc.kernel_image(cc)[0].decode()
+    return setup
+
+
+def test_older_prebuilt_images_never_win_over_nvrtc(loader):
+    ptx_only = [("old", ["compute_53"])]
+    assert loader(ptx_only, True)((8, 7)) == "nvrtc/sm_87"  # not the sm_53 PTX, JIT-compiled
+    assert loader([("x", ["sm_80"])], True)((8, 6)) == "nvrtc/sm_86"  # nor a lower minor's cubin
+
+
+def test_an_exact_cubin_wins_from_any_folder(loader):
+    pick = loader([("first", ["compute_53", "sm_80"]), ("second", ["sm_87"])], True)
+    assert pick((8, 7)) == "second/sm_87"
+
+
+def test_without_nvrtc_a_compatible_cubin_then_ptx_not_above_the_device(loader):
+    pick = loader([("jp4", ["sm_53", "sm_62", "compute_53"]), ("x86", ["sm_80", "compute_80"])], False)
+    assert pick((6, 2)) == "jp4/sm_62"
+    assert pick((8, 6)) == "x86/sm_80"  # same major, lower minor
+    assert pick((7, 2)) == "jp4/compute_53"  # the newest PTX not above 7.2 (compute_80 is above)
+
+
+def test_without_nvrtc_and_no_fitting_image_the_error_says_both(loader):
+    pick = loader([("new", ["compute_90"])], False)
+    with pytest.raises(nvrtc.KernelBuildError, match="no prebuilt kernel image runs on sm_87.*simulated"):
+        pick((8, 7))
 
 
 def test_build_fatbins_writes_images_an_index_and_is_found(tmp_path, monkeypatch):
