@@ -2,12 +2,14 @@
 
 For transformers' BertModel (tiny random config), a BertModel-shaped encoder and a conv net
 with BatchNorm and per-task heads: after each switch the outputs equal the torch reference
-of the rebuilt weights; 1,000 switches back and forth (200 with a double buffer) leave
-outputs unchanged, the weight buffers where they were, and memory flat.
+of the rebuilt weights; 1,000 switches back and forth (with one slot and with a double
+buffer) leave every switch's outputs unchanged (each one compared), the weight buffers where they were,
+and memory flat.
 """
 import copy
+import gc
 import os
-import tracemalloc
+import sys
 
 import numpy as np
 import pytest
@@ -91,7 +93,7 @@ def test_serve_bundle_without_a_base_serves_from_the_engines_own_weights(case, k
 
 
 @pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("slots,switches", [(1, 1000), (2, 200)])
+@pytest.mark.parametrize("slots,switches", [(1, 1000), (2, 1000)])
 def test_many_switches_leave_outputs_buffers_and_memory_unchanged(case, kind, slots, switches):
     server = _server(case, kind, slots)
     buffers = [server.engine.buffers(s) for s in range(slots)]
@@ -103,20 +105,27 @@ def test_many_switches_leave_outputs_buffers_and_memory_unchanged(case, kind, sl
     for _ in range(50):  # warm up every cache (plans, bindings) before measuring
         server.switch({"a": 1.0})
         server.switch({"b": 1.0})
-    tracemalloc.start()
+    # and what the loop calls for the first time (a lazy import would count as growth)
+    np.testing.assert_array_equal(_out(server, case), first[repr({"b": 1.0})])
+    # what is still reachable counts, not garbage awaiting the cycle collector (transformers'
+    # forward leaves reference cycles behind that gc frees on its own schedule)
+    gc.collect()
     rss_before = _rss_kib()
-    py_before = tracemalloc.get_traced_memory()[0]
-    for i in range(switches):
+    blocks_before = sys.getallocatedblocks()  # Python objects alive (tracemalloc would triple the time)
+    changed = []
+    for i in range(switches):  # every switch's answer compared, bit for bit
         mix = {"ab"[i % 2]: 1.0}
         assert server.switch(mix)
-        if i % 50 < 2:
-            np.testing.assert_array_equal(_out(server, case), first[repr(mix)])
-    py_growth = tracemalloc.get_traced_memory()[0] - py_before
-    tracemalloc.stop()
+        if not np.array_equal(_out(server, case), first[repr(mix)]):
+            changed.append(i)
+    gc.collect()
+    py_growth = sys.getallocatedblocks() - blocks_before
     rss_growth_kib = _rss_kib() - rss_before
+    assert not changed, "%d of %d switches answered differently, first at switch %d" % (
+        len(changed), switches, changed[0])
     assert [server.engine.buffers(s) for s in range(slots)] == buffers
     assert [{n: a.ctypes.data for n, a in b.items()} for b in buffers] == addresses
-    assert py_growth < 64 * 1024, py_growth
+    assert py_growth < 500, py_growth  # up to ~120 here; one object kept per switch would be 1,000 more
     # one leaked copy of the weights per switch would be > 10 MiB here
     assert rss_growth_kib < 4 * 1024, rss_growth_kib
 
