@@ -1,9 +1,12 @@
 """The TensorRT engine: a refittable, weight-stripped plan refitted from registered buffers.
 
 Written against the documented TensorRT Python API (DESIGN.md section 7) and **never
-run here**: no GPU and no TensorRT on the machines this was written on (docs/engines.md
-says what was and was not run).  What surrounds the engine (plan cache keys, the graph
-TensorRT parses, which refit name comes from where) is plain Python and is tested.
+run on TensorRT**: no GPU and no TensorRT on the machines this was written on
+(docs/engines.md says what was and was not run).  The code itself runs in the tests,
+for TensorRT 8.5, 8.6, 10.1 and 10.3, against a fake TensorRT
+(tests/runtime/engines/fake_tensorrt.py) that records the calls, enforces the
+documented contracts and computes with ONNX Runtime from the weights refitted: that
+checks our call sequence against the documentation, not against TensorRT.
 
 Build: the ONNX graph with every switchable weight an initializer and each BatchNorm
 unfolded into named Mul/Add constants (``onnx_graph.tensorrt_graph``), so that every
@@ -27,7 +30,13 @@ Switch (``publish``), two paths:
 * Host (TensorRT 8, or no CUDA kernels): BatchNorm folds are recomputed from the host
   slot, the slot is copied to the registered device buffers (TensorRT 10) and
   ``refit_cuda_engine_async`` runs on the engine's stream; TensorRT 8 refits from host
-  memory with ``refit_cuda_engine``.
+  memory with ``refit_cuda_engine`` (it has no ``OnnxParserRefitter``, no device
+  weights and no asynchronous refit, and this path uses none of them).
+
+Under ``REFIT`` every weight is refittable, the graph's constants too; where TensorRT
+combined a constant with a switchable weight it reports the constant missing
+(``get_missing_weights``) and a refit without it fails.  Before each refit the engine
+supplies such constants from the graph (``_supply_missing``).
 
 The refit copies into the engine's own memory (TensorRT needs the registered memory only
 until the refit completes), so the slot, host or device, is a staging area
@@ -287,17 +296,22 @@ class TensorRTEngine(Engine):
         self._engine = load_or_build(cache, key, lambda: self._build(marked, fp16, profile, workspace_mb),
                                      self._runtime.deserialize_cuda_engine)
         self._input_dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in self._inputs}
+        self._input_dims = {n: tuple(self._engine.get_tensor_shape(n)) for n in self._inputs}
+        self._profile = dict(profile or {})
         self._context = self._engine.create_execution_context()
         err, self._stream = cudart.cudaStreamCreate()
         _check(err, "cudaStreamCreate")
         self._refitter = trt.Refitter(self._engine, self._logger)
         self._from_slot, constants = refit_sources(self._refitter.get_all_weights(), names_list, self._folds, unread)
+        self.unread_weights = onnx_graph.recorded_unread(proto) + [n for n in unread if n not in set(bn_params)]
+        self._constants = constants
+        self._constant_values: Optional[Dict[str, np.ndarray]] = None  # read from the graph when first wanted
         # Switchable BatchNorm parameters: no layer reads them (the graph's Mul/Add read the
         # folds), so TensorRT does not report them, but the folds are derived from them.
         self._bn_params = [n for n in names_list if n in set(bn_params) and n not in self._from_slot]
         slot_names = self._from_slot + self._bn_params
         self._fold_inputs = [n for n in slot_names if n in set(bn_params)]  # what a device publish brings down
-        self._bn_constants = _initializer_arrays(graph, [p for p in bn_params if p not in slot_names])
+        self._bn_constants = graph_arrays(graph, [p for p in bn_params if p not in slot_names])
         self._specs = {n: specs[n] for n in slot_names}
         self._staging = {n: np.zeros(self._specs[n][0], dtype=self._weight_dtype(n)) for n in slot_names}
         self._weight_specs = {n: (tuple(a.shape), a.dtype) for n, a in self._staging.items()}
@@ -457,6 +471,7 @@ class TensorRTEngine(Engine):
             for name, a in arrays.items():
                 _check(cudart.cudaMemcpyAsync(self._device[name], a.ctypes.data, a.nbytes, h2d, stream),
                        "cudaMemcpyAsync")
+            self._supply_missing()
             ok = self._refitter.refit_cuda_engine_async(int(stream))
             _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         else:
@@ -466,11 +481,52 @@ class TensorRTEngine(Engine):
                 if not self._refitter.set_named_weights(name, self._trt.Weights(a)):
                     raise TvswitchError("TensorRT refused the weights of %r (shape or dtype differ from the plan's)"
                                         % name)
+            self._supply_missing()
             ok = self._refitter.refit_cuda_engine()
         if not ok:
             missing = list(self._refitter.get_missing_weights())
             raise TvswitchError("TensorRT refit failed%s" % (" (missing weights: %s)" % ", ".join(missing[:5])
                                                             if missing else ""))
+
+    def _supply_missing(self) -> None:
+        """Set the graph's own values of the constants TensorRT reports missing for the next refit.
+
+        Under ``REFIT`` every weight is refittable, constants too, and where TensorRT has
+        combined a constant with a switchable weight (a scale folded into a MatMul) it
+        wants both for a refit of either (``get_missing_weights``).  Their values never
+        change: they are read from the graph once, the first time one is wanted, and kept
+        (TensorRT reads host weights when it refits).  A missing name that is no constant
+        of the graph is refused by name.
+        """
+        missing = list(self._refitter.get_missing_weights())
+        if not missing:
+            return
+        if self._constant_values is None:
+            from onnx import load_from_string
+
+            graph = load_from_string(self._graph_bytes)
+            self._constant_values = {n: self._host_constant(n, a)
+                                     for n, a in graph_arrays(graph, self._constants).items()}
+        unknown = [n for n in missing if n not in self._constant_values]
+        if unknown:
+            raise TvswitchError("TensorRT wants weight %r for the refit, which is no switchable weight and no "
+                                "constant of the graph (%d such)" % (unknown[0], len(unknown)))
+        trt = self._trt
+        for name in missing:
+            w = trt.Weights(self._constant_values[name])
+            ok = (self._refitter.set_named_weights(name, w, trt.TensorLocation.HOST) if strips_weights(self._version)
+                  else self._refitter.set_named_weights(name, w))
+            if not ok:
+                raise TvswitchError("TensorRT refused the graph's own value of constant %r" % name)
+
+    def _host_constant(self, name: str, a: np.ndarray) -> np.ndarray:
+        """A constant's value in the dtype TensorRT holds it in (TensorRT 10 says; TensorRT 8's parser
+        makes int32 of int64 and float32 of float64)."""
+        if hasattr(self._refitter, "get_weights_prototype"):
+            dtype = self._trt.nptype(self._refitter.get_weights_prototype(name).dtype)
+        else:
+            dtype = {np.dtype(np.int64): np.int32, np.dtype(np.float64): np.float32}.get(a.dtype, a.dtype)
+        return np.ascontiguousarray(a, dtype=dtype)
 
     def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
         """Copy inputs in, ``execute_async_v3`` on the engine's stream, copy outputs out."""
@@ -485,8 +541,11 @@ class TensorRTEngine(Engine):
         allocations = []
         try:
             for name in self._inputs:
-                a = cast_input(name, inputs[name], self._input_dtypes[name])
-                self._context.set_input_shape(name, a.shape)
+                a = cast_input(name, inputs[name], self._input_dtypes[name], self._input_dims[name])
+                if not self._context.set_input_shape(name, a.shape):
+                    low, _, high = self._profile.get(name, (None, None, None))
+                    raise TvswitchError("input %r is %s; the TensorRT engine was built for shapes %s to %s"
+                                        % (name, list(a.shape), list(low or ()), list(high or ())))
                 ptr = self._malloc(a.nbytes, allocations)
                 _check(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, h2d, self._stream), "cudaMemcpyAsync")
                 self._context.set_tensor_address(name, ptr)
@@ -514,12 +573,19 @@ class TensorRTEngine(Engine):
         return int(ptr)
 
 
-def _initializer_arrays(model, names: Iterable[str]) -> Dict[str, np.ndarray]:
-    """The values of the graph's initializers named in ``names``."""
+def graph_arrays(model: "onnx.ModelProto", names: Iterable[str]) -> Dict[str, np.ndarray]:
+    """The values of the graph's initializers and Constant nodes named in ``names``: TensorRT
+    makes a weight of each, named as in the graph."""
     from onnx import numpy_helper
 
     wanted = set(names)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in wanted:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                out[node.output[0]] = numpy_helper.to_array(value)
+    return out
 
 
 def trt_weights_dtype(trt: Any, dtype: np.dtype, name: str) -> Any:

@@ -2,8 +2,9 @@
 initializers, BatchNorm unfolded into named constants), plan cache keys and their recovery from
 a bad plan, which refit name comes from where and which absence is refused, and the checks on
 TensorRT's answers.  Where a test needs one of TensorRT's objects it gets a stand-in with that one
-method, to test our handling of the answer, not TensorRT.  The engine itself runs only where
-TensorRT and a GPU are present."""
+method, to test our handling of the answer, not TensorRT.  The engine's own code runs against a
+fake TensorRT in test_tensorrt_fake.py; on TensorRT itself only where TensorRT and a GPU are
+present (the last test here)."""
 import importlib.util
 import os
 import threading
