@@ -1,17 +1,18 @@
 /*
- * cpu_rebuild.c - the CPU rebuild: decode.h's arithmetic, 32 elements at a time, OpenMP
- * across tiles.
+ * cpu_rebuild.c - the CPU rebuild: decode.h's arithmetic, eight rows of 32 elements at a
+ * time, OpenMP across tiles.
  *
  * This is the reference the CUDA kernels are held to and the fallback on a Jetson's ARM
  * cores, so it computes every element exactly as tv_rebuild_element() does (same
- * operations, same order) but is arranged for a CPU: each run of 32 elements (one row of
- * codes) reads its base, adds every term and is stored in one pass, with the code width
- * a compile-time constant so the unpacking is unrolled.  No full-size temporary.
+ * operations, same order) but is arranged for a CPU: each pass over 8 rows of 32 elements
+ * (a row is one row of codes) reads their base, adds every term and stores them, with the
+ * code width a compile-time constant so the unpacking is unrolled.  No full-size temporary.
  *
- * Two instruction paths compute the same bits: the portable one (SSE2 on x86-64, NEON on
- * aarch64, plain C elsewhere) and, on x86-64 CPUs that have it, AVX2, which cuts eight
- * codes at a time with per-lane shifts.  The path is picked once at first use;
- * tv_cpu_set_path() lets the tests run both on one machine.
+ * Three instruction paths compute the same bits: scalar (decode.h's functions alone, the
+ * reference of the others), portable (scalar plus SSE2 on x86-64 or NEON on aarch64 to
+ * convert codes to float) and, on x86-64 CPUs that have it, AVX2, which cuts eight codes
+ * at a time with per-lane shifts.  The path is picked once at first use (AVX2, else
+ * portable); tv_cpu_set_path() lets the tests run each one on one machine.
  */
 #include "decode.h"
 
@@ -183,20 +184,23 @@ TV_DEFINE_ROWS(6)
 TV_DEFINE_ROWS(7)
 TV_DEFINE_ROWS(8)
 
-/* One CODES term over one row: the width becomes a constant. */
+/*
+ * One CODES term over `rows` consecutive rows (acc + 32r holds row r): the width becomes a
+ * constant once per term and pass, not once per row.
+ */
 #define TV_DEFINE_ROW_SWITCH(FLAVOUR)                                                         \
-    static inline TV_ALWAYS_INLINE void accum32_##FLAVOUR(float *acc, const tv_term *t, uint32_t i, \
-                                                          uint32_t n)                         \
+    static __attribute__((noinline)) void accum_##FLAVOUR(float *acc, const tv_term *t, uint32_t i, \
+                                                          uint32_t n, uint32_t rows)          \
     {                                                                                         \
         switch (t->bits) {                                                                    \
-        case 1: row_##FLAVOUR##_1(acc, t, i, n); break;                                       \
-        case 2: row_##FLAVOUR##_2(acc, t, i, n); break;                                       \
-        case 3: row_##FLAVOUR##_3(acc, t, i, n); break;                                       \
-        case 4: row_##FLAVOUR##_4(acc, t, i, n); break;                                       \
-        case 5: row_##FLAVOUR##_5(acc, t, i, n); break;                                       \
-        case 6: row_##FLAVOUR##_6(acc, t, i, n); break;                                       \
-        case 7: row_##FLAVOUR##_7(acc, t, i, n); break;                                       \
-        default: row_##FLAVOUR##_8(acc, t, i, n); break;                                      \
+        case 1: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_1(acc + 32u * r, t, i + 32u * r, n); break; \
+        case 2: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_2(acc + 32u * r, t, i + 32u * r, n); break; \
+        case 3: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_3(acc + 32u * r, t, i + 32u * r, n); break; \
+        case 4: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_4(acc + 32u * r, t, i + 32u * r, n); break; \
+        case 5: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_5(acc + 32u * r, t, i + 32u * r, n); break; \
+        case 6: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_6(acc + 32u * r, t, i + 32u * r, n); break; \
+        case 7: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_7(acc + 32u * r, t, i + 32u * r, n); break; \
+        default: for (uint32_t r = 0; r < rows; ++r) row_##FLAVOUR##_8(acc + 32u * r, t, i + 32u * r, n); break; \
         }                                                                                     \
     }
 TV_DEFINE_ROW_SWITCH(scalar)
@@ -250,18 +254,18 @@ TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, 
     }
 }
 
-/* One CODES term over one row, AVX2 path: the width becomes a constant. */
-TV_AVX2 void accum32_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+/* One CODES term over `rows` rows, AVX2 path: the width becomes a constant. */
+TV_AVX2 void accum_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
 {
     switch (t->bits) {
-    case 1: avx2_accum32(acc, t, i, n, 1); break;
-    case 2: avx2_accum32(acc, t, i, n, 2); break;
-    case 3: avx2_accum32(acc, t, i, n, 3); break;
-    case 4: avx2_accum32(acc, t, i, n, 4); break;
-    case 5: avx2_accum32(acc, t, i, n, 5); break;
-    case 6: avx2_accum32(acc, t, i, n, 6); break;
-    case 7: avx2_accum32(acc, t, i, n, 7); break;
-    default: avx2_accum32(acc, t, i, n, 8); break;
+    case 1: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 1); break;
+    case 2: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 2); break;
+    case 3: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 3); break;
+    case 4: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 4); break;
+    case 5: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 5); break;
+    case 6: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 6); break;
+    case 7: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 7); break;
+    default: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 8); break;
     }
 }
 #endif
@@ -285,12 +289,14 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
 }
 
 /*
- * Elements [start, start + len) of one segment, 32 at a time: base, every term, store,
- * in one pass, so reading the base, decoding and writing the output overlap the way a
- * memory copy's loads and stores do.  The tail (n not a multiple of 32) is decode.h's
+ * Elements [start, start + len) of one segment, TV_ROWS rows of 32 at a time: base, every
+ * term, store, in one pass, so reading the base, decoding and writing the output overlap
+ * the way a memory copy's loads and stores do, and each term's setup (its width, scale,
+ * mask) is paid once per pass.  The tail (n not a multiple of 32) is decode.h's
  * tv_rebuild_element itself.  Written once, instantiated per instruction path:
- * ACCUM_CODES(acc, t, i, n) adds one CODES term over one row.
+ * ACCUM_CODES(acc, t, i, n, rows) adds one CODES term over `rows` rows.
  */
+#define TV_ROWS 8
 #define TV_DEFINE_TILE(NAME, ATTR, ACCUM_CODES)                                              \
     ATTR static void NAME(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len) \
     {                                                                                        \
@@ -299,41 +305,47 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
         const int stream = s->out_dtype == TV_F32 && ((uintptr_t)s->out & 15u) == 0;         \
         const int copy_base = s->base_dtype == TV_F32 && s->base_coef == 1.0f;               \
         uint32_t i = start;                                                                  \
-        for (; i + 32u <= end; i += 32u) {                                                   \
-            float acc[32] __attribute__((aligned(32)));                                      \
+        while (i + 32u <= end) {                                                             \
+            const uint32_t rows = (end - i) / 32u < TV_ROWS ? (end - i) / 32u : TV_ROWS;     \
+            const uint32_t m = 32u * rows;                                                   \
+            float acc[32 * TV_ROWS] __attribute__((aligned(32)));                            \
             if (s->base_coef == 0.0f)                                                        \
-                memset(acc, 0, sizeof acc);                                                  \
+                memset(acc, 0, m * sizeof(float));                                           \
             else if (copy_base)                                                              \
-                memcpy(acc, (const float *)s->base + i, sizeof acc);                         \
+                memcpy(acc, (const float *)s->base + i, m * sizeof(float));                  \
             else                                                                             \
-                for (uint32_t j = 0; j < 32u; ++j)                                           \
+                for (uint32_t j = 0; j < m; ++j)                                             \
                     acc[j] = tv_base_term(s, i + j);                                         \
             for (uint32_t k = 0; k < s->term_count; ++k) {                                   \
                 const tv_term *t = &terms[s->term_begin + k];                                \
                 if (t->kind == TV_KIND_CODES)                                                \
-                    ACCUM_CODES(acc, t, i, n);                                               \
+                    ACCUM_CODES(acc, t, i, n, rows);                                         \
                 else                                                                         \
-                    accum32_generic(acc, t, i);                                              \
+                    for (uint32_t r = 0; r < rows; ++r)                                      \
+                        accum32_generic(acc + 32u * r, t, i + 32u * r);                      \
             }                                                                                \
-            if (s->out_dtype == TV_F32)                                                      \
-                store32_f32((float *)s->out + i, acc, stream);                               \
-            else                                                                             \
-                for (uint32_t j = 0; j < 32u; ++j)                                           \
-                    tv_store(s->out, s->out_dtype, i + j, acc[j]);                           \
+            for (uint32_t r = 0; r < rows; ++r) {                                            \
+                if (s->out_dtype == TV_F32)                                                  \
+                    store32_f32((float *)s->out + i + 32u * r, acc + 32u * r, stream);       \
+                else                                                                         \
+                    for (uint32_t j = 32u * r; j < 32u * r + 32u; ++j)                       \
+                        tv_store(s->out, s->out_dtype, i + j, acc[j]);                       \
+            }                                                                                \
+            i += m;                                                                          \
         }                                                                                    \
         for (; i < end; ++i)                                                                 \
             tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));              \
     }
 
-TV_DEFINE_TILE(rebuild_tile_scalar, , accum32_scalar)
-TV_DEFINE_TILE(rebuild_tile_portable, , accum32_portable)
+TV_DEFINE_TILE(rebuild_tile_scalar, , accum_scalar)
+TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable)
 #ifdef TV_HAVE_AVX2_PATH
-TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum32_avx2)
+TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum_avx2)
 
-/* accum32_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
-__attribute__((target("avx2"))) static void accum32_avx2_row(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+/* accum_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
+__attribute__((target("avx2"))) static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)
 {
-    accum32_avx2(acc, t, i, n);
+    accum_avx2(acc, t, i, n, 1u);
 }
 #endif
 
@@ -380,12 +392,12 @@ int tv_cpu_path(void)
 int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_t n)
 {
     if (path == TV_PATH_SCALAR)
-        accum32_scalar(acc, t, i, n);
+        accum_scalar(acc, t, i, n, 1u);
     else if (path == TV_PATH_PORTABLE)
-        accum32_portable(acc, t, i, n);
+        accum_portable(acc, t, i, n, 1u);
 #ifdef TV_HAVE_AVX2_PATH
     else if (path == TV_PATH_AVX2 && avx2_supported())
-        accum32_avx2_row(acc, t, i, n);
+        accum_avx2_rows(acc, t, i, n);
 #endif
     else
         return -1;
