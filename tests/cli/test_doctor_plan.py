@@ -258,3 +258,12 @@ def test_what_if_rtvq_plans_what_a_real_rtvq_bundle_plans(capsys, tmp_path):
     assert main(["plan", "--device", "nano-4gb", "--json", "--bits", "2.75"] + what_if[:-2]) == 0
     average = json.loads(capsys.readouterr().out)
     assert average["switch_floor"]["one_task_bytes"] < 0.97 * real["switch_floor"]["one_task_bytes"]
+
+
+def test_doctor_text_on_the_x86_tree_says_it_is_no_jetson(capsys):
+    assert main(["doctor", "--root", os.path.join(FIX, "x86-workstation")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("platform  not a Jetson (the tree under")
+    assert "memory    31.25 GiB total, 26.70 GiB usable (MemAvailable), 19.07 GiB free" in lines
+    assert not any(line.startswith(("clocks", "power", "line ")) for line in lines)
+    assert "fastest path: unknown without a JetPack line; run tvswitch doctor on the board itself" in lines
