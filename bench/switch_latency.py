@@ -17,7 +17,14 @@ Prints, from one run on this machine:
   naive first answer, cold and warm; and the switch alone against the naive load alone
   (warm), as earlier versions of this benchmark reported;
 - inference with switchable weights against constant weights (ONNX Runtime: a session
-  of the same task's constant-weight file; torch: the plain module), as a speed ratio;
+  of the same task's constant-weight file; torch: the plain module), as a speed ratio, at
+  ``--batch`` x ``--seq`` (8 x 64) and at a small batch (``--small``, 1 x 16); for ONNX
+  Runtime also constant weights with its pre-packing switched off, the one optimisation
+  that weights as inputs lose (the graphs are otherwise optimised alike);
+- for ONNX Runtime with ``constant_session`` (a constant-weight session of each task
+  made in the background after its switch, serving once ready): the switch, the time
+  from a switch until that session serves, and inference through it against constant
+  weights, at both batches;
 - for ONNX Runtime, whether it fused the Transposes that keep weights in state_dict layout.
 
 ``--provider cuda`` and ``--engine torch --provider cuda`` exit with status 2 and the
@@ -148,12 +155,14 @@ class OrtTarget:
                                  input_names=INPUTS, output_names=[OUTPUT], dynamic_axes=dynamic)
         self.export_s = time.perf_counter() - t
         self.label = "onnxruntime %s (%s)" % (ort.__version__, self.providers[0])
-        self.naive_what = "new session from the task's constant-weight ONNX file"
+        self.naive_what = ("the task's full fine-tuned weights read from disk (its own constant-weight ONNX file) "
+                           "into a new session")
 
-    def engine(self):
+    def engine(self, constant_session: bool = False):
         from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(self.graph, threads=self.threads, providers=self.providers)
+        return OnnxRuntimeEngine(self.graph, threads=self.threads, providers=self.providers,
+                                 constant_session=constant_session)
 
     def write_task(self, path: str, weights: Dict[str, np.ndarray]) -> None:
         from tvswitch.export.onnx_export import write_model
@@ -162,10 +171,15 @@ class OrtTarget:
         names = onnx_graph.find_weights(self.graph)
         write_model(onnx_graph.constant_graph(self.graph, {n: weights[n] for n in names}), path)
 
-    def load(self, path: str):
+    def load(self, path: str, prepack: bool = True):
+        """A session of the constant-weight file; ``prepack=False`` switches off ONNX Runtime's pre-packing
+        of constant weights (what a session whose weights are inputs cannot do)."""
         from tvswitch.runtime.engines.onnxruntime import new_session, session_options_for
 
-        return new_session(path, session_options_for(self.threads), self.providers)
+        options = session_options_for(self.threads)
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        return new_session(path, options, self.providers)
 
     def run(self, session, feeds) -> np.ndarray:
         return session.run(None, feeds)[0]
@@ -212,7 +226,7 @@ class TorchTarget:
 
         write_safetensors(path, dict(self.full, **weights))
 
-    def load(self, path: str):
+    def load(self, path: str, prepack: bool = True):
         from safetensors.torch import load_file
 
         self.plain.load_state_dict(load_file(path), strict=True)
@@ -278,16 +292,47 @@ def measure_naive(target, paths: Dict[str, str], names: List[str], rounds: int, 
     return loads, answers
 
 
-def measure_inference(server, target, constant, feeds) -> Tuple[List[float], List[float]]:
-    """Switchable-weight and constant-weight inference of one task, interleaved, after warm-up."""
+def measure_inference(server, target, constants: Dict[str, Any], feeds, rounds: int = 15) -> Dict[str, List[float]]:
+    """Switchable-weight inference ("ours") and each constant-weight session of the same task,
+    interleaved two runs at a time (load on the machine shifts all alike), after warm-up."""
+    runs = dict(ours=lambda: server.infer(feeds))
+    runs.update((label, lambda c=c: target.run(c, feeds)) for label, c in constants.items())
     for _ in range(3):
-        server.infer(feeds)
-        target.run(constant, feeds)
-    ours, const = [], []
-    for _ in range(15):
-        ours += timed(lambda: server.infer(feeds), 2)
-        const += timed(lambda: target.run(constant, feeds), 2)
-    return ours, const
+        for run in runs.values():
+            run()
+    out: Dict[str, List[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            out[label] += timed(run, 2)
+    return out
+
+
+def parse_batch(text: str) -> Tuple[int, int]:
+    """``"1x16"`` -> (1, 16)."""
+    b, sep, s = text.partition("x")
+    if not sep or not b.isdigit() or not s.isdigit() or int(b) < 1 or int(s) < 1:
+        raise TvswitchError("--small takes BATCHxSEQ, e.g. 1x16, got %r" % text)
+    return int(b), int(s)
+
+
+def token_feeds(rng: np.random.Generator, batch: int, seq: int) -> Dict[str, np.ndarray]:
+    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def measure_constant_sessions(server, names: List[str], rounds: int) -> Tuple[List[float], List[float]]:
+    """With ``constant_session``: (switch alone, switch start to the constant-weight session ready)."""
+    engine = server.engine
+    engine.wait_constant(0, timeout=600)
+    switches, ready = [], []
+    for i in range(rounds * len(names)):
+        t = time.perf_counter()
+        server.switch({names[(i + 1) % len(names)]: 1.0})
+        switches.append(time.perf_counter() - t)
+        if not engine.wait_constant(0, timeout=600):
+            raise TvswitchError("no constant-weight session was made (see the tvswitch.onnxruntime log)")
+        ready.append(time.perf_counter() - t)
+    return switches, ready
 
 
 def copy_floor(engine) -> Tuple[List[float], int]:
@@ -315,6 +360,8 @@ def parse_args(argv) -> argparse.Namespace:
                     "count of timed switch + first inference")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--small", default="1x16", metavar="BATCHxSEQ",
+                    help="the small batch inference is also measured at (default 1x16)")
     ap.add_argument("--workdir", help="where to write the bundle and per-task files (default: a temp folder)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.naive_rounds < 1:
@@ -344,8 +391,8 @@ def benchmark(args: argparse.Namespace) -> int:
     module = load_encoder()
     base = {n: t.detach().numpy().copy() for n, t in module.state_dict().items() if t.is_floating_point()}
     rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 20000, size=(args.batch, args.seq)).astype(np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds = token_feeds(rng, args.batch, args.seq)
+    small = token_feeds(rng, *parse_batch(args.small))
     target = (OrtTarget if args.engine == "onnxruntime" else TorchTarget)(device, args.threads, module, feeds, work)
     tasks, origin = task_weights(base, pathlib.Path(args.cache))
     names = list(tasks)
@@ -370,9 +417,21 @@ def benchmark(args: argparse.Namespace) -> int:
     timings["warm"] = measure_naive(target, paths, names, args.naive_rounds, feeds, cold=False)
 
     server.switch({names[1]: 1.0})
-    constant = target.load(paths[names[1]])
-    facts["max_diff"] = float(np.abs(server.infer(feeds)[OUTPUT] - target.run(constant, feeds)).max())
-    timings["ours"], timings["const"] = measure_inference(server, target, constant, feeds)
+    constants = {"const": target.load(paths[names[1]])}
+    if args.engine == "onnxruntime":
+        constants["unpacked"] = target.load(paths[names[1]], prepack=False)
+    facts["max_diff"] = float(np.abs(server.infer(feeds)[OUTPUT] - target.run(constants["const"], feeds)).max())
+    timings["infer"] = {"%dx%d" % (args.batch, args.seq): measure_inference(server, target, constants, feeds),
+                        args.small: measure_inference(server, target, constants, small, rounds=30)}
+    if args.engine == "onnxruntime":
+        del server, engine, source  # its memory, before the second engine's
+        engine = target.engine(constant_session=True)
+        server = Server(engine, BundleSource(bundle, engine, base, threads=args.threads), {names[0]: 1.0})
+        timings["hybrid"] = measure_constant_sessions(server, names, args.naive_rounds)
+        del constants["unpacked"]
+        timings["hybrid_infer"] = {
+            "%dx%d" % (args.batch, args.seq): measure_inference(server, target, constants, feeds),
+            args.small: measure_inference(server, target, constants, small, rounds=30)}
     report(args, target, facts, timings)
     line = target.fusion_line(engine, work)
     if line:
@@ -392,7 +451,6 @@ def report(args: argparse.Namespace, target, facts: Dict[str, Any], t: Dict[str,
 
     sw, first, cp = percentiles(t["switch"]), percentiles(t["first"]), percentiles(t["copy"])
     warm_load, warm = percentiles(t["warm"][0]), percentiles(t["warm"][1])
-    io, ic = percentiles(t["ours"]), percentiles(t["const"])
     moved = facts["moved"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print("tvswitch switch benchmark: MiniLM-L6 encoder (%.1f M weights), %d tasks, %s" %
@@ -427,10 +485,28 @@ def report(args: argparse.Namespace, target, facts: Dict[str, Any], t: Dict[str,
               (what, n["median_ms"] / first["median_ms"], n["p99_ms"] / first["p99_ms"]))
     print("switch speed-up over naive, switch alone vs load alone (warm): %.1fx at the median, %.1fx at p99" %
           (warm_load["median_ms"] / sw["median_ms"], warm_load["p99_ms"] / sw["p99_ms"]))
-    print("inference batch %dx%d: switchable weights median %.1f ms, constant weights %.1f ms -> speed ratio %.3f "
-          "(outputs differ from the unquantized fine-tune's by at most %.2e: %s task vectors)"
-          % (args.batch, args.seq, io["median_ms"], ic["median_ms"], ic["median_ms"] / io["median_ms"],
-             facts["max_diff"], facts["storage"]))
+    for batch, runs in t["infer"].items():
+        ours, const = percentiles(runs["ours"]), percentiles(runs["const"])
+        print("inference batch %s: switchable weights median %.2f ms, constant weights %.2f ms -> speed ratio %.3f  "
+              "[n=%d each, interleaved]" % (batch, ours["median_ms"], const["median_ms"],
+                                            const["median_ms"] / ours["median_ms"], ours["n"]))
+        if "unpacked" in runs:
+            unpacked = percentiles(runs["unpacked"])
+            print("  constant weights with ONNX Runtime's pre-packing off: median %.2f ms -> speed ratio %.3f to "
+                  "switchable (near 1: pre-packing is what weights as inputs lose)"
+                  % (unpacked["median_ms"], unpacked["median_ms"] / ours["median_ms"]))
+    if "hybrid" in t:
+        sw2, ready = percentiles(t["hybrid"][0]), percentiles(t["hybrid"][1])
+        print("with constant_session (a constant-weight session of each task made in the background after its "
+              "switch): switch median %.1f ms, p99 %.1f ms; that session serves from median %.0f ms, p99 %.0f ms "
+              "after the switch began  [n=%d]" % (sw2["median_ms"], sw2["p99_ms"], ready["median_ms"],
+                                                 ready["p99_ms"], sw2["n"]))
+        for batch, runs in t["hybrid_infer"].items():
+            ours, const = percentiles(runs["ours"]), percentiles(runs["const"])
+            print("  inference batch %s once it serves: median %.2f ms, constant weights %.2f ms -> speed ratio %.3f"
+                  % (batch, ours["median_ms"], const["median_ms"], const["median_ms"] / ours["median_ms"]))
+    print("outputs differ from the unquantized fine-tune's by at most %.2e (%s task vectors)"
+          % (facts["max_diff"], facts["storage"]))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ binding serves one thread at a time: each thread gets its own per slot, made on 
 first request and kept for its life.
 
 Weights as inputs cost some speed: ONNX Runtime neither folds nor pre-packs what it
-cannot see at session creation (docs/engines.md has the measured ratio).  Constant
-weights would be faster but can only change by making a new session, which is the slow
-path this project replaces.
+cannot see at session creation (docs/engines.md has the measured ratio: little at 8 x 64
+tokens, a third of the time at 1 x 16, nearly all of it pre-packing).  Constant weights
+are faster but can only change by making a new session, which is the slow path this
+project replaces.  ``constant_session=True`` has both: a switch is served at once
+through the bound inputs, and a constant-weight session of the new weights, made in the
+background, takes over once it is ready (``_ConstantSessions``; memory about 2x the
+switchable weights more).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -38,6 +43,8 @@ from tvswitch.runtime.engines.base import Engine, cast_input, run_failed
 
 #: ONNX Runtime's log severities: 2 = warnings (its default), 3 = errors only.
 WARNINGS, ERRORS = 2, 3
+
+log = logging.getLogger("tvswitch.onnxruntime")
 
 
 def _ort():
@@ -75,7 +82,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, model: onnx_graph.ModelLike, *, names: Optional[Iterable[str]] = None, slots: int = 1,
                  providers: Optional[Sequence[Any]] = None, threads: int = 0,
                  session_options: Optional[object] = None, verbose: bool = False,
-                 weights_device: Optional[str] = None):
+                 weights_device: Optional[str] = None, constant_session: bool = False):
         """Load ``model`` (path, bytes or ModelProto) and allocate ``slots`` weight sets.
 
         ``names`` picks the switchable weights of a graph without the exporter's record
@@ -87,6 +94,8 @@ class OnnxRuntimeEngine(Engine):
         provider).  The values the file holds for its weights are bound
         into every slot and kept in ``defaults`` (the base it was exported with, which a
         rebuild can read; set it to None to free it where another base is used).
+        ``constant_session`` keeps a constant-weight session of the weights served, made
+        in the background after each switch (see ``use_constant_sessions``).
         """
         ort = _ort()
         if slots not in (1, 2):
@@ -119,6 +128,11 @@ class OnnxRuntimeEngine(Engine):
             self._arrays.append(arrays)
             self._values.append(self._ort_values(ort, arrays))
         self._local = threading.local()
+        self._constant: Optional[_ConstantSessions] = None
+        if constant_session:
+            if self._device is not None:
+                raise TvswitchError("constant_session serves host weights: not with weights on %s" % self._device[0])
+            self._constant = _ConstantSessions(self, serving, session_options, providers)
         if all(n in self.defaults for n in self._specs):
             self.bind(self.defaults)
 
@@ -143,13 +157,25 @@ class OnnxRuntimeEngine(Engine):
         return self._specs
 
     def buffers(self, slot: int = 0) -> Dict[str, np.ndarray]:
+        """The slot's arrays; with constant sessions, asking for them retires the slot's constant
+        session (whoever asks is about to write them)."""
+        if self._constant is not None:
+            self._constant.retire(slot)
         return self._arrays[slot]
 
     def publish(self, slot: int = 0) -> None:
-        """Host weights: nothing, the session reads the slot's arrays.  Device weights: upload the slot."""
+        """Host weights: nothing, the session reads the slot's arrays.  Device weights: upload the slot.
+        With constant sessions, one of the slot's weights starts being made in the background."""
         if self._device is not None:
             for name, value in self._values[slot].items():
                 value.update_inplace(self._arrays[slot][name])
+        if self._constant is not None:
+            self._constant.renew(slot)
+
+    def wait_constant(self, slot: int = 0, timeout: Optional[float] = None) -> bool:
+        """Wait until the constant-weight session of what ``slot`` holds serves; False on timeout
+        (or without ``constant_session``)."""
+        return self._constant is not None and self._constant.wait(slot, timeout)
 
     def _binding(self, slot: int):
         bindings = getattr(self._local, "bindings", None)
@@ -169,6 +195,12 @@ class OnnxRuntimeEngine(Engine):
         self.check_inputs(inputs)
         arrays = {name: cast_input(name, inputs[name], self._input_specs[name][1], self._input_specs[name][0])
                   for name in self._inputs}
+        constant = self._constant.session(slot) if self._constant is not None else None
+        if constant is not None:
+            try:
+                return dict(zip(self._outputs, constant.run(self._outputs, arrays)))
+            except Exception as exc:  # onnxruntime's own exception types (a dynamic axis that does not fit)
+                raise run_failed("ONNX Runtime", arrays, exc) from None
         binding = self._binding(slot)
         for name, a in arrays.items():
             binding.bind_cpu_input(name, a)
@@ -180,6 +212,91 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types (a dynamic axis that does not fit)
             raise run_failed("ONNX Runtime", arrays, exc) from None
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
+
+
+class _ConstantSessions:
+    """Per slot, a session with the slot's weights as constants, made in the background after a switch.
+
+    Why: weights as inputs cost ONNX Runtime its pre-packing of constant weights (MLAS
+    packs a MatMul's constant B once at session creation; an input B is packed at every
+    run), which is most of a small batch's time (MiniLM, 1 x 16 tokens: ~0.65 of the
+    constant-weight speed; 8 x 64: ~0.93; docs/engines.md section 6).  A switch stays
+    the in-place rebuild, served at once through the bound inputs; meanwhile one worker
+    thread copies the slot into a graph, makes a constant-weight session of it (what the
+    naive way does per switch, here off the request path) and, if the slot was not
+    rewritten in the meantime, requests on that slot use it.  Generations make that
+    safe: asking for a slot's buffers (which a writer does before writing: the server
+    does, and a caller writing them must take them afresh each time) and publishing
+    each move the slot on, and a session is only used for the generation it was made
+    from, so a copy torn by a write that began during it is never served.  Cost: the
+    constant session's memory (its weights and their packed copies, about 2x the
+    switchable weights, plus the graph's copy while one is made) and one session
+    creation of CPU time per switch; a switch that comes before the last one's session
+    is ready supersedes it.  A session that cannot be made is logged (``tvswitch.onnxruntime``)
+    and the bound inputs go on serving.
+    """
+
+    def __init__(self, engine: "OnnxRuntimeEngine", serving: Any, options: Any, providers: Sequence[Any]):
+        self._engine, self._serving, self._options, self._providers = engine, serving, options, list(providers)
+        self._cond = threading.Condition()
+        self._generation = [0] * engine.slots
+        self._sessions: List[Optional[Tuple[int, Any]]] = [None] * engine.slots
+        self._wanted: Dict[int, int] = {}  # slot -> generation to make a session of
+        self._working = False
+        self._retired: List[Any] = []  # freed by the worker: freeing a session takes the switch tens of ms
+
+    def retire(self, slot: int) -> None:
+        with self._cond:
+            self._generation[slot] += 1
+            if self._sessions[slot] is not None:
+                self._retired.append(self._sessions[slot])
+                self._sessions[slot] = None
+
+    def renew(self, slot: int) -> None:
+        self.retire(slot)
+        with self._cond:
+            self._wanted[slot] = self._generation[slot]
+            if not self._working:
+                self._working = True
+                threading.Thread(target=self._work, name="tvswitch-constant-session", daemon=True).start()
+
+    def session(self, slot: int) -> Any:
+        entry = self._sessions[slot]
+        return entry[1] if entry is not None and entry[0] == self._generation[slot] else None
+
+    def wait(self, slot: int, timeout: Optional[float]) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.session(slot) is not None, timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                retired, self._retired = self._retired, []
+                job = self._wanted.popitem() if self._wanted else None
+                if job is None and not retired:
+                    self._working = False
+                    return
+            del retired  # sessions freed here, outside the lock
+            if job is None:
+                continue
+            slot, generation = job
+            try:  # the graph copies the slot's values: no snapshot of them is needed first
+                model = onnx_graph.constant_graph(self._serving, self._engine._arrays[slot])
+            except Exception as exc:  # noqa: BLE001 - the bound inputs keep serving; nothing is lost
+                log.warning("no constant-weight session for slot %d: %s", slot, exc)
+                continue
+            with self._cond:
+                if self._generation[slot] != generation:  # a write began while they were copied: torn
+                    continue
+            try:
+                session = new_session(model.SerializeToString(), self._options, self._providers)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("no constant-weight session for slot %d: %s", slot, exc)
+                continue
+            with self._cond:
+                if self._generation[slot] == generation:
+                    self._sessions[slot] = (generation, session)
+                    self._cond.notify_all()
 
 
 def session_options_for(threads: int = 0, verbose: bool = False):

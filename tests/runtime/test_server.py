@@ -291,3 +291,43 @@ def test_allow_unmatched_serves_the_subset_and_warns_what_stays_at_the_graphs_va
         with torch.no_grad():
             want = ref(*[torch.from_numpy(plain["inputs"][n]) for n in plain["names"]]).numpy()
         np.testing.assert_allclose(server.infer(plain["inputs"])["output"], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_with_constant_sessions_concurrent_requests_see_one_task_or_the_other(setup, slots):
+    """Constant-weight sessions made in the background come and go while a fourth thread switches:
+    every answer is one task's (within float rounding: the constant session sums in another
+    order), never a mix, and both paths answer (bound inputs right after a switch, the
+    constant session once it is ready)."""
+    refs = [_reference(setup, {"a": 1.0}), _reference(setup, {"b": 1.0})]
+    engine = OnnxRuntimeEngine(setup["graph"], slots=slots, threads=1, constant_session=True)
+    server = Server(engine, BundleSource(setup["bundle"], engine, setup["base"], threads=1), {"a": 1.0})
+    constant_runs = []
+    stop = threading.Event()
+    bad, seen = [], [0, 0]
+
+    def reader():
+        while not stop.is_set():
+            constant_runs.append(engine._constant.session(server._active) is not None)
+            out = _out(server, setup)
+            hits = [np.allclose(out, r, rtol=1e-4, atol=1e-5) for r in refs]
+            if hits.count(True) != 1:
+                bad.append(out)
+            else:
+                seen[hits.index(True)] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(16):
+            server.switch({"ba"[i % 2]: 1.0})
+            if i % 4 == 3:
+                engine.wait_constant(server._active, timeout=60)  # let a constant session serve a while
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad, "%d requests saw neither task's answer" % len(bad)
+    assert seen[0] and seen[1] and any(constant_runs) and not all(constant_runs)

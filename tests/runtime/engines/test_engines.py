@@ -244,3 +244,51 @@ def _user_graph_with_a_stray_initializer():
 def test_onnxruntime_writes_its_own_warnings_to_stderr_only_when_asked(capfd, verbose):
     load_engine("onnxruntime", _user_graph_with_a_stray_initializer(), names=["fc.weight"], verbose=verbose)
     assert ("Removing initializer 'stray'" in capfd.readouterr().err) == verbose
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_constant_sessions_take_over_after_each_switch_with_the_same_answers(case, slots):
+    """constant_session: a switch answers at once through the bound inputs; the constant-weight
+    session made in the background then answers, equal to torch on the rebuilt weights too."""
+    engine = _engine(case, "onnxruntime", slots, constant_session=True)
+    server = Server(engine, BundleSource(case["bundle"], engine, case["base"], threads=1), {"a": 1.0})
+    constant = engine._constant
+    for mix in MIXES:
+        server.switch(mix)
+        want = case["refs"][repr(mix)]
+        np.testing.assert_allclose(_out(server, case), want, rtol=1e-4, atol=1e-5)
+        assert engine.wait_constant(server._active, timeout=60)
+        used = []
+        session = constant.session(server._active)
+        run = session.run
+        session.run = lambda *a: used.append(1) or run(*a)
+        np.testing.assert_allclose(_out(server, case), want, rtol=1e-4, atol=1e-5)
+        assert used == [1]
+    engine.buffers(server._active)  # a writer takes the buffers first: the slot's constant session retires
+    assert constant.session(server._active) is None
+
+
+def test_a_constant_session_of_a_slot_rewritten_meanwhile_is_never_served(case):
+    engine = _engine(case, "onnxruntime", constant_session=True)
+    assert engine.wait_constant(0, timeout=60)
+    buffers = engine.buffers(0)  # a write begins: the session of the old weights retires at once
+    assert engine._constant.session(0) is None
+    before = _out_engine(engine, case)
+    name = next(iter(buffers))
+    buffers[name] += 1.0
+    engine.publish(0)
+    assert not np.allclose(_out_engine(engine, case), before)  # the bound inputs serve the new weights
+    assert engine.wait_constant(0, timeout=60)
+    np.testing.assert_allclose(_out_engine(engine, case), _out_engine(_engine(case, "onnxruntime"), case, buffers),
+                               rtol=1e-4, atol=1e-5)
+
+
+def _out_engine(engine, case, weights=None):
+    if weights is not None:
+        engine.bind({n: weights[n] for n in engine.weight_specs})
+    return next(iter(engine.infer(case["inputs"]).values()))
+
+
+def test_constant_sessions_are_refused_with_weights_on_a_device(case):
+    with pytest.raises(TvswitchError, match="constant_session serves host weights"):
+        _engine(case, "onnxruntime", weights_device="cpu", constant_session=True)
