@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.text8 import data as D
 from bench.text8 import model as M
-from tvswitch.export.exporter import export_bundle
+from tvswitch.export.exporter import COHERENT_GAIN, export_bundle
 from tvswitch.runtime.checkpoint import read_safetensors
 from tvswitch.runtime.rebuild import CpuRebuilder
 from tvswitch.runtime.stats import bundle_stats
@@ -85,6 +85,8 @@ def main(argv: List[str] = None) -> int:
                         "- tasks: %s (fine-tuned checkpoints from %s)" % (", ".join(tasks), cache),
                         "- %d validation texts per task; feature error = mean ||f - f_ft|| / ||f_ft|| "
                         "of mean-pooled encoder features" % args.texts,
+                        "- allocator: relative error with the part along the task vector counted "
+                        "COHERENT_GAIN = %g more (docs/allocation.md)" % COHERENT_GAIN,
                         "- command: `python -m bench.allocation`", "", *rows, ""])
     print(report)
     if args.out:

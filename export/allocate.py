@@ -6,14 +6,26 @@ upgrade with the largest error reduction per extra bit that still fits the budge
 greedy solution of the Lagrangian relaxation, exact on the lower convex hull of each
 tensor's options.
 
-The error is sensitivity weighted.  We use the relative squared error of the tensor,
-||tau - tau_hat||^2 / ||theta_ft||^2 (the fine-tuned weights, mean over tasks), summed over
-tasks: for a linear map y = W x the relative output perturbation ||dW x|| / ||W x|| tracks
-||dW||_F / ||W||_F, so every
-tensor's relative error counts once whatever its size.  Small tensors (norms, biases)
-then get wide codes cheaply and large ones (embeddings) give up bits first.  It needs no
-data. docs/results/allocation.md measures it against uniform widths at equal budget on the
-fine-tuned models' outputs (2.5-3.3x lower feature error at 2-2.4 bits, slightly higher at 3).
+The error is sensitivity weighted (the exporter computes it, ``exporter._widths``), per
+tensor and summed over tasks:
+
+    (||e||^2 + G * <e, tau>^2 / ||tau||^2) / ||theta_ft||^2,      e = tau_hat - tau
+
+- dividing by ||theta_ft||^2 (the fine-tuned weights, mean over tasks) makes it a
+  relative error: for a linear map y = W x the relative output perturbation
+  ||dW x|| / ||W x|| tracks ||dW||_F / ||W||_F, so every tensor counts once whatever its
+  size; small tensors (norms, biases) get wide codes cheaply;
+- the second term counts the error's component along the task vector itself G = 100
+  more times.  Rounding noise points in random directions, to which the output is
+  mostly insensitive; a width so coarse that the quantiser zeroes most of a tensor's
+  task vector instead removes what fine-tuning learned, coherently.  Without it the
+  allocator sent MiniLM's word embeddings (half the weights; a few outliers stretch their
+  range) to 1 bit, which zeroes their task vector: that one tensor made all of the
+  allocation's loss to uniform widths at 3 bits.  G is chosen on measurements (two
+  MiniLM fine-tunes, docs/allocation.md), not derived.
+
+It needs no data.  docs/allocation.md compares it with uniform widths at equal budget
+on the fine-tuned models' outputs.
 """
 from __future__ import annotations
 

@@ -32,6 +32,9 @@ from tvswitch.runtime.checkpoint import fingerprint
 RTVQ_OPTIONS = ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (3, 3), (4, 3), (5, 3), (4, 4), (6, 4))
 #: Elements on which the allocator estimates each option's error (the steps use them all).
 ERROR_SAMPLE = 1 << 16
+#: How much more an error along the task vector itself counts than one in a random direction
+#: (export/allocate.py and docs/allocation.md: chosen on MiniLM fine-tunes, not derived).
+COHERENT_GAIN = 100.0
 
 
 @dataclass
@@ -260,14 +263,14 @@ def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], lay
         opts = []
         if scheme.name == "tvq":
             for b in range(1, 9):
-                err = sum(sampled_error(tau, b, group, idx) for tau in taus)
+                err = sum(sampled_error(tau, b, group, idx, along=tau, gain=COHERENT_GAIN) for tau in taus)
                 opts.append(alloc.Option(cost=term_bits(n, b, group), error=weight * err, label=(b,)))
         else:
             mean = taus.mean(axis=0, dtype=np.float64).astype(np.float32)
             refs = {bb: dequantize(quantize(mean, bb, group)) for bb in sorted({o[0] for o in RTVQ_OPTIONS})}
             for bb, bo in RTVQ_OPTIONS:
                 ref = refs[bb]
-                err = sum(sampled_error(tau - ref, bo, group, idx) for tau in taus)
+                err = sum(sampled_error(tau - ref, bo, group, idx, along=tau, gain=COHERENT_GAIN) for tau in taus)
                 cost = term_bits(n, bb, group) / T + term_bits(n, bo, group)
                 opts.append(alloc.Option(cost=cost, error=weight * err, label=(bb, bo)))
         options.append(opts)

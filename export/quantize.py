@@ -105,11 +105,14 @@ def dequantize(qt: Quantized) -> np.ndarray:
     return _deq(qt.codes.astype(np.uint32), qt.params, qt.group)
 
 
-def sampled_error(x: np.ndarray, bits: int, group: int, idx: Optional[np.ndarray]) -> float:
-    """Squared quantisation error of flat ``x``, estimated on elements ``idx`` (all if None).
+def sampled_error(x: np.ndarray, bits: int, group: int, idx: Optional[np.ndarray],
+                  along: Optional[np.ndarray] = None, gain: float = 0.0) -> float:
+    """Squared quantisation error of flat ``x``, estimated on elements ``idx`` (all if None);
+    with ``along`` (a flat vector of x's size), the error's component along it is counted
+    ``1 + gain`` times.
 
     The steps come from the whole tensor, as the real quantiser's do; only the error
-    sum is sampled, which is what lets bit allocation try many widths quickly.
+    sums are sampled, which is what lets bit allocation try many widths quickly.
     """
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
     step, zero = step_and_zero(flat, bits, group)
@@ -117,5 +120,12 @@ def sampled_error(x: np.ndarray, bits: int, group: int, idx: Optional[np.ndarray
     pos = np.arange(flat.size) if idx is None else idx
     g = pos // group
     q = _codes(sel, step[g], zero[g], bits)
-    err = float(np.sum(((q - zero[g]) * step[g] - sel) ** 2))
-    return err if idx is None else err * flat.size / max(len(idx), 1)
+    diff = (q - zero[g]) * step[g] - sel
+    scale = 1.0 if idx is None else flat.size / max(len(idx), 1)
+    err = scale * float(diff @ diff)
+    if along is not None and gain:
+        a = np.asarray(along, dtype=np.float64).reshape(-1)
+        norm = float(a @ a)
+        if norm > 0:
+            err += gain * (scale * float(diff @ (a if idx is None else a[idx]))) ** 2 / norm
+    return err

@@ -1,8 +1,9 @@
 """The ``tvswitch`` command: a thin layer over the public API.
 
-Each verb is a module of ``tvswitch.commands`` with ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``; they are found by listing that
-package, so adding a verb touches nothing here. Bad input (``TvswitchError``) becomes
+Each verb is a module of ``tvswitch.commands`` with ``NAME``, ``HELP`` (one line; an
+optional longer ``DESCRIPTION`` for its own --help), ``add_arguments(parser)`` and
+``run(args) -> int``; they are found by listing that package, so adding a verb touches
+nothing here. Bad input (``TvswitchError``) becomes
 one line on stderr and exit code 2, never a traceback; so does an ``OSError`` that no
 check caught first (a file system that refuses a write is the user's environment, not a
 bug in tvswitch).
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(commands.__name__ + "." + info.name)
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

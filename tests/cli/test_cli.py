@@ -91,14 +91,16 @@ def test_add_and_remove_task(example, tmp_path):
     (["export", "--base", "B", "--task", "a=B", "--bits", "four", "-o", "o.tvs"], "--bits: invalid int value"),
     (["no-such-verb"], "invalid choice: 'no-such-verb'"),
     # a flag the scheme would ignore is refused, naming the flag and the scheme
-    (["export", "--base", "B", "--task", "a=B", "--keep", "0.1", "-o", "o.tvs"], "--keep does not apply to --scheme tvq"),
+    (["export", "--base", "B", "--task", "a=B", "--keep", "0.1", "-o", "o.tvs"],
+     "--keep does not apply to --scheme tvq"),
     (["export", "--base", "B", "--task", "a=B", "--scheme", "rtvq", "--bits", "3", "-o", "o.tvs"],
      "--bits does not apply to --scheme rtvq"),
     (["export", "--base", "B", "--task", "a=B", "--scheme", "tswitch", "--granularity", "channel", "-o", "o.tvs"],
      "--granularity does not apply to --scheme tswitch"),
     (["export", "--base", "B", "--task", "a=B", "--scheme", "tvq", "--base-bits", "3", "-o", "o.tvs"],
      "--base-bits does not apply to --scheme tvq"),
-    (["rebuild", "x.tvs", "--task", "a", "--threads", "-3", "-o", "y.safetensors"], "--threads must be 0 (all cores) or more"),
+    (["rebuild", "x.tvs", "--task", "a", "--threads", "-3", "-o", "y.safetensors"],
+     "--threads must be 0 (all cores) or more"),
     (["add-task", "x.tvs", "nameonly"], "the task argument takes NAME=PATH, got 'nameonly'"),
     # outputs that cannot be written are refused before any work
     (["export", "--base", "B", "--task", "a=B", "-o", "."], "-o .: is a folder"),

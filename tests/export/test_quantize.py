@@ -50,3 +50,21 @@ def test_finer_granularity_lowers_error():
     err = {g: np.mean((dequantize(quantize(x, 3, group_size(x.shape, g))) - x.reshape(-1)) ** 2)
            for g in ("tensor", "channel", "group:32")}
     assert err["group:32"] < err["channel"] < err["tensor"]
+
+
+def test_sampled_error_counts_the_part_along_the_task_vector_extra():
+    from tvswitch.export.quantize import dequantize, quantize, sampled_error
+
+    rng = np.random.default_rng(4)
+    tau = rng.normal(0, 1, 5000)
+    tau[0] = 60.0  # an outlier stretches the range: at 1 bit nearly every entry becomes 0
+    for bits in (1, 8):
+        e = dequantize(quantize(tau, bits, tau.size)).astype(np.float64) - tau
+        plain = sampled_error(tau, bits, tau.size, None)
+        assert np.isclose(plain, e @ e, rtol=1e-6)
+        extra = sampled_error(tau, bits, tau.size, None, along=tau, gain=100.0)
+        assert np.isclose(extra, e @ e + 100.0 * (e @ tau) ** 2 / (tau @ tau), rtol=1e-6)
+        coherent = (e @ tau) ** 2 / (tau @ tau) / (e @ e)
+        assert coherent > 0.4 if bits == 1 else coherent < 0.01  # zeroing is coherent, rounding is not
+        idx = np.sort(rng.choice(tau.size, 2000, replace=False))
+        assert np.isclose(sampled_error(tau, bits, tau.size, idx, along=tau, gain=100.0), extra, rtol=0.3)

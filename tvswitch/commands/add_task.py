@@ -5,6 +5,10 @@ import argparse
 
 NAME = "add-task"
 HELP = "add a fine-tuned checkpoint to a bundle as a new task"
+DESCRIPTION = ("add a fine-tuned checkpoint to a bundle as a new task; the other tasks are carried over "
+               "bit for bit. RTVQ keeps its shared base (the mean of the tasks exported), so the added "
+               "task's error is about T/(T-1) that of a fresh export (x1.15 for the 8th task); re-export "
+               "from the checkpoints to re-centre it")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

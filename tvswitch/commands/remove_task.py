@@ -5,6 +5,8 @@ import argparse
 
 NAME = "remove-task"
 HELP = "remove a task from a bundle"
+DESCRIPTION = ("remove a task from a bundle; the other tasks are carried over bit for bit (RTVQ's shared "
+               "base stays as exported, so they rebuild exactly as before)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
