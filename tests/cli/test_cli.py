@@ -100,7 +100,11 @@ def test_add_and_remove_task(example, tmp_path):
     (["export", "--base", "B", "--task", "a=B", "--scheme", "tvq", "--base-bits", "3", "-o", "o.tvs"],
      "--base-bits does not apply to --scheme tvq"),
     (["rebuild", "x.tvs", "--task", "a", "--threads", "-3", "-o", "y.safetensors"],
-     "--threads must be 0 (all cores) or more"),
+     "argument --threads: must be 0 (all cores) or more, got -3"),
+    (["run", "x.tvs", "--task", "a", "--input", "x.npy", "--threads", "-1", "-o", "y.npy"],
+     "argument --threads: must be 0 (all cores) or more, got -1"),
+    (["router", "x.tvs", "--inputs", "a=x.npy", "--output", "f", "--threads", "two"],
+     "argument --threads: must be a whole number, got 'two'"),
     (["add-task", "x.tvs", "nameonly"], "the task argument takes NAME=PATH, got 'nameonly'"),
     # outputs that cannot be written are refused before any work
     (["export", "--base", "B", "--task", "a=B", "-o", "."], "-o .: is a folder"),

@@ -1,7 +1,6 @@
 """Bundles that are corrupt, of another version, or for another base are refused, by name."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -6,12 +6,24 @@ bundle never imports a factory by name.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+
+
+def threads(text: str) -> int:
+    """argparse type of ``--threads``: 0 (every core) or a count; a negative one is a typo."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number, got %r" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (all cores) or more, got %d" % value)
+    return value
 
 
 def parse_inputs(values: List[str]) -> Dict[str, np.ndarray]:

@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
         tensors.update(bundle.task_specific(args.task))
     else:
         _note_left_out(bundle, tensors)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     write_safetensors(args.output, tensors, {"tvswitch.merge": args.method})
     print("wrote %s: %s, %d tensors" % (args.output, how, len(tensors)))
     return 0

@@ -5,8 +5,7 @@ import argparse
 import time
 
 from tvswitch.commands._common import load_base, print_json
-from tvswitch.commands._inputs import check_output_path
-from tvswitch.errors import TvswitchError
+from tvswitch.commands._inputs import check_output_path, threads
 
 NAME = "rebuild"
 HELP = "write the full weights of a task or a mix of tasks"
@@ -21,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="task arithmetic: every task at weight LAMBDA")
     p.add_argument("--base", help="base checkpoint (needed unless the bundle embeds it)")
     p.add_argument("--dtype", choices=["float32", "float16"], help="output dtype (default: the base's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all)")
+    p.add_argument("--threads", type=threads, default=0, help="CPU threads (default 0: all)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (one shows over the tensors when a rebuild takes over half a second)")
     p.add_argument("--json", action="store_true")
@@ -34,8 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.mix import parse_mix, task_arithmetic
     from tvswitch.runtime.rebuild import CpuRebuilder
 
-    if args.threads < 0:
-        raise TvswitchError("--threads must be 0 (all cores) or more, got %d" % args.threads)
     check_output_path(args.output, "-o")
     bundle = Bundle.open(args.bundle)
     if args.task is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tvswitch.commands._common import load_base, parse_task_args
-from tvswitch.commands._inputs import check_output_path, load_arrays
+from tvswitch.commands._inputs import check_output_path, load_arrays, threads
 from tvswitch.commands.run import name_inputs
 from tvswitch.errors import TvswitchError
 
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="MODEL.onnx",
                    help="the ONNX graph (default: BUNDLE's name with .onnx, as export-onnx suggests)")
     p.add_argument("--base", help="base checkpoint (default: the bundle's embedded base, else the graph's weights)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for rebuild and inference (default: all)")
+    p.add_argument("--threads", type=threads, default=0, help="CPU threads for rebuild and inference (default: all)")
     p.add_argument("-o", "--out", metavar="OUT.tvs",
                    help="write the bundle here (default: rewrite BUNDLE in place); tvswitch run looks for its graph "
                         "beside it, OUT.onnx, unless given --model")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tvswitch.commands._common import load_base
-from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs
+from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs, threads
 from tvswitch.errors import TvswitchError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="the ONNX graph (default: BUNDLE's name with .onnx, as export-onnx suggests)")
     p.add_argument("--base", help="base checkpoint (default: the bundle's embedded base, else the graph's weights)")
     p.add_argument("--module", metavar="MODULE:FACTORY", help="torch engine: callable returning the network")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for rebuild and inference (default: all)")
+    p.add_argument("--threads", type=threads, default=0, help="CPU threads for rebuild and inference (default: all)")
     p.add_argument("--double-buffer", action="store_true",
                    help="two weight sets: requests never wait for a rebuild (twice the weight memory)")
     p.add_argument("--provider", choices=["cpu", "cuda"],
