@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -25,18 +24,13 @@ def conv(tmp_path_factory, engine_models):
     module, _, _ = M.conv_case()
     bundle, base = M.make_bundle(folder, module, ("head.",))
     save_file(base, str(folder / "base.safetensors"))
-    (folder / "net.py").write_text(textwrap.dedent("""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("engine_models", %r)
-        M = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(M)
-
+    M.write_factory_file(folder / "net.py", """
         def build():
             return M.ConvBN()
 
         def wider():  # another head size: the bundle's heads do not fit it
             return M.ConvBN(classes=7)
-    """ % os.path.abspath(M.__file__)))
+    """)
     rng = np.random.default_rng(0)
     inputs = {}
     for i, t in enumerate(bundle.tasks):

@@ -2,11 +2,9 @@
 graph, stored in the bundle with every other payload carried over, then `tvswitch run --auto`
 routing clustered inputs to the right task."""
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -42,15 +40,10 @@ def enc(tmp_path_factory, engine_models):
     save_file(base, str(folder / "base.safetensors"))
     for n in ("ids", "mask"):
         np.save(str(folder / ("%s.npy" % n)), inputs[n])
-    (folder / "net.py").write_text(textwrap.dedent("""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("engine_models", %r)
-        M = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(M)
-
+    M.write_factory_file(folder / "net.py", """
         def build():
             return M.TinyEncoder()
-    """ % os.path.abspath(M.__file__)))
+    """)
     assert main(["export-onnx", "--module", str(folder / "net.py") + ":build", "--weights",
                  str(folder / "base.safetensors"), "--input", "ids=" + str(folder / "ids.npy"),
                  "--input", "mask=" + str(folder / "mask.npy"), "-o", str(folder / "model.onnx")]) == 0

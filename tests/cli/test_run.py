@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,12 +21,7 @@ def served(tmp_path_factory, engine_models):
     bundle, base = M.make_bundle(folder, module, ("head.",))
     save_file({n: t.numpy() for n, t in module.state_dict().items()}, str(folder / "base.safetensors"))
     np.save(str(folder / "x.npy"), inputs["x"])
-    (folder / "net.py").write_text(textwrap.dedent("""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("engine_models", %r)
-        M = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(M)
-
+    M.write_factory_file(folder / "net.py", """
         def build():
             return M.ConvBN()
 
@@ -43,7 +37,7 @@ def served(tmp_path_factory, engine_models):
             net = TwoOutputs()
             net.load_state_dict(base().state_dict())
             return net
-    """ % os.path.abspath(M.__file__)))
+    """)
     assert main(["export-onnx", "--module", str(folder / "net.py") + ":build", "--weights",
                  str(folder / "base.safetensors"), "--input", "x=" + str(folder / "x.npy"),
                  "-o", str(folder / "model.onnx")]) == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import textwrap
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -21,6 +22,19 @@ from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.rebuild import CpuRebuilder
 
 TASKS = ("a", "b", "c")
+
+
+def write_factory_file(path: "os.PathLike[str]", body: str) -> None:
+    """Write a file for the CLI's ``--module FILE:FACTORY``: it loads this file as ``M``
+    (the tests' models are no package to import from), then defines ``body``'s factories."""
+    header = textwrap.dedent("""\
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("engine_models", %r)
+        M = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(M)
+        """) % os.path.abspath(__file__)
+    with open(path, "w") as f:
+        f.write(header + textwrap.dedent(body))
 
 
 class TinyEncoder(torch.nn.Module):
