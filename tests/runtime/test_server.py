@@ -7,6 +7,7 @@ refit (TensorRT's, which cannot run here) is exercised through an ONNX Runtime e
 whose publish copies a staging slot, a test double of the server's contract, not of
 TensorRT.
 """
+import contextlib
 import copy
 import threading
 import time
@@ -101,6 +102,33 @@ def _out(server, setup):
     return server.infer(setup["inputs"])["output"]
 
 
+@contextlib.contextmanager
+def _readers(server, setup, refs, same, count=3):
+    """Threads that keep asking while the body switches; yields (bad, seen): the answers
+    that matched no reference or more than one, and how often each reference was seen."""
+    stop = threading.Event()
+    bad, seen = [], [0] * len(refs)
+
+    def reader():
+        while not stop.is_set():
+            out = _out(server, setup)
+            hits = [same(out, r) for r in refs]
+            if hits.count(True) != 1:
+                bad.append(out)
+            else:
+                seen[hits.index(True)] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield bad, seen
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def _reference(setup, mix, kind="onnxruntime"):
     server = _server(setup, pause=0, kind=kind)
     server.switch(mix)
@@ -178,29 +206,10 @@ def test_concurrent_requests_see_one_task_or_the_other_never_a_mix(setup, mode, 
     refs = [_reference(setup, {"a": 1.0}, kind), _reference(setup, {"b": 1.0}, kind)]
     assert not np.array_equal(refs[0], refs[1])
     server = _server(setup, mode, kind=kind)
-    stop = threading.Event()
-    bad, seen = [], [0, 0]
-
-    def reader():
-        while not stop.is_set():
-            out = _out(server, setup)
-            hits = [np.array_equal(out, r) for r in refs]
-            if not any(hits):
-                bad.append(out)
-            else:
-                seen[hits.index(True)] += 1
-
-    threads = [threading.Thread(target=reader) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    with _readers(server, setup, refs, np.array_equal) as (bad, seen):
         for i in range(30):
             server.switch({"ba"[i % 2]: 1.0})
             time.sleep(0.002)  # switches spaced out, as in service: requests get their turn
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert not bad, "%d requests saw half-written weights" % len(bad)
     assert seen[0] and seen[1]
 
@@ -303,31 +312,16 @@ def test_with_constant_sessions_concurrent_requests_see_one_task_or_the_other(se
     engine = OnnxRuntimeEngine(setup["graph"], slots=slots, threads=1, constant_session=True)
     server = Server(engine, BundleSource(setup["bundle"], engine, setup["base"], threads=1), {"a": 1.0})
     constant_runs = []
-    stop = threading.Event()
-    bad, seen = [], [0, 0]
 
-    def reader():
-        while not stop.is_set():
-            constant_runs.append(engine._constant.session(server._active) is not None)
-            out = _out(server, setup)
-            hits = [np.allclose(out, r, rtol=1e-4, atol=1e-5) for r in refs]
-            if hits.count(True) != 1:
-                bad.append(out)
-            else:
-                seen[hits.index(True)] += 1
+    def close(out, ref):
+        constant_runs.append(engine._constant.session(server._active) is not None)
+        return np.allclose(out, ref, rtol=1e-4, atol=1e-5)
 
-    threads = [threading.Thread(target=reader) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    with _readers(server, setup, refs, close) as (bad, seen):
         for i in range(16):
             server.switch({"ba"[i % 2]: 1.0})
             if i % 4 == 3:
                 engine.wait_constant(server._active, timeout=60)  # let a constant session serve a while
             time.sleep(0.01)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert not bad, "%d requests saw neither task's answer" % len(bad)
     assert seen[0] and seen[1] and any(constant_runs) and not all(constant_runs)
