@@ -24,18 +24,22 @@ The record of all this goes into the model's metadata (``runtime.engines.onnx_gr
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.files import atomic_write
 from tvswitch.runtime.checkpoint import contiguous
-from tvswitch.runtime.engines.base import write_atomically
-from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord
-from tvswitch.runtime.engines.torch_engine import call_module, default_names, flatten_outputs
+from tvswitch.runtime.binding import EngineBinding
+from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord, read_record
+from tvswitch.runtime.engines.torch_engine import call_module, default_names, fit_heads, flatten_outputs, set_tensor
+from tvswitch.runtime.heads import HeadCut, pad
 
 if TYPE_CHECKING:
     import onnx
@@ -48,12 +52,22 @@ RTOL = 1e-3
 def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] = None, *,
                 input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
                 dynamic_axes: Optional[Mapping[str, Any]] = None, opset: int = 17, verify: bool = True,
-                seed: int = 0) -> "onnx.ModelProto":
+                seed: int = 0, heads: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None,
+                strip: bool = False) -> "onnx.ModelProto":
     """Export ``module`` for serving; write it to ``out`` (atomically) if given; return the ModelProto.
 
     ``example_inputs`` are tensors or arrays in forward's order.  ``dynamic_axes`` as in
     ``torch.onnx.export``; by default axis 0 of every input and output is dynamic (batch).
     ``verify`` runs the graph in ONNX Runtime against the module on the example inputs.
+
+    ``heads`` (task -> tensor -> value: a bundle's task-specific tensors, see
+    ``export_onnx_for_bundle``) makes one graph for every task: the module's tensors of
+    those names are laid out at the largest shape any task has, each smaller head's
+    output cut is learnt and checked against the module at that head's own shape
+    (``torch_engine.fit_heads``) and recorded, and the graph is verified with the first
+    task's padded head.  The module is left with its heads padded.  ``strip`` leaves every
+    weight's value out of the graph (they come from the base and the bundle at load),
+    after verification.
     """
     import onnx
     import torch
@@ -65,6 +79,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     modes = [(m, m.training) for m in module.modules()]  # submodules may differ: restore each
     module.eval()
     try:
+        cuts = _lay_out_heads(module, heads, input_names, inputs, output_names) if heads else []
         with torch.no_grad():
             reference = flatten_outputs(call_module(module, inputs, dict(zip(input_names, inputs))))
         output_names = list(output_names or default_names("output", len(reference)))
@@ -82,15 +97,65 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
         model = onnx.load_from_string(buf.getvalue())
         values = {name: state[name].detach().cpu().numpy() for name in groups}
         others = {n: t.detach().cpu().numpy() for n, t in state.items() if not t.is_floating_point()}
-        _rewrite(model, tags, values, groups, others)
+        record = _rewrite(model, tags, values, groups, others)
     finally:
         for m, training in modes:
             m.training = training
     if verify:
         _verify(model, input_names, [x.detach().cpu().numpy() for x in inputs], reference)
+    record = dataclasses.replace(record, heads=cuts, stripped=strip)
+    if strip:
+        _strip(model, set(record.weights) | set(record.unused) | set(record.fixed))
+    prop = model.metadata_props.add()
+    prop.key, prop.value = WEIGHTS_KEY, record.to_json()
     if out is not None:
         write_model(model, out)
     return model
+
+
+def export_onnx_for_bundle(module: Any, bundle: Bundle, example_inputs: Sequence[Any], out: Optional[str] = None, *,
+                           strip: bool = True, **options: Any) -> "onnx.ModelProto":
+    """One graph that serves every task of ``bundle``: ``export_onnx`` with the bundle's heads,
+    weight-stripped by default, and refused before it is written unless every tensor the
+    bundle switches is one of its weights (the check ``tvswitch run`` makes at load).
+
+    ``module`` is the network with any head (its heads are laid out anew; load the base
+    into it first, or not: a stripped graph keeps none of its values).  ``options`` go to
+    ``export_onnx``.
+    """
+    heads = {t: bundle.task_specific(t) for t in bundle.tasks}
+    model = export_onnx(module, example_inputs, None, heads=heads, strip=strip, **options)
+    record = read_record(model)
+    weights = {n: (shape, dtype) for n, (shape, dtype) in record.weights.items()}
+    EngineBinding(bundle, weights, unread=list(record.unused) + list(record.aliases), cuts=record.heads,
+                  what="the exported graph")
+    if out is not None:
+        write_model(model, out)
+    return model
+
+
+def _lay_out_heads(module: Any, heads: Mapping[str, Mapping[str, np.ndarray]], input_names: Sequence[str],
+                   inputs: Sequence[Any], output_names: Optional[Sequence[str]]) -> List[HeadCut]:
+    """Pad the module's heads for every task (``fit_heads``) and load the first task's, padded:
+    the graph is then verified on real head values, not on zeros that would answer zero."""
+    import torch
+
+    named = {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)}
+    cuts = fit_heads(module, heads, input_names, named, output_names)
+    state = module.state_dict()
+    first = next((t for t in heads.values() if any(n in state for n in t)), {})
+    for name, value in first.items():
+        if name in state:
+            padded = pad(np.asarray(value), tuple(state[name].shape))
+            set_tensor(module, name, torch.as_tensor(padded).to(state[name].dtype))
+    return cuts
+
+
+def _strip(model: "onnx.ModelProto", names: Set[str]) -> None:
+    """Drop the initializers of ``names`` (weights and the tensors only the base needs)."""
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def _alias_groups(state: Mapping[str, Any]) -> Dict[str, List[str]]:
@@ -144,10 +209,10 @@ def _digest(a: np.ndarray) -> bytes:
 
 
 def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
-             groups: Mapping[str, List[str]], others: Mapping[str, np.ndarray]) -> None:
+             groups: Mapping[str, List[str]], others: Mapping[str, np.ndarray]) -> WeightRecord:
     """Turn every traced initializer into a named weight input, store the untraced float
-    tensors and ``others`` (non-float state) as initializers no node reads, and write the
-    record into the metadata."""
+    tensors and ``others`` (non-float state) as initializers no node reads, and return the
+    record of it all (``export_onnx`` writes it into the metadata)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -197,13 +262,11 @@ def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
     unused = [name for name in groups if name not in used and name not in taken]
     stored = [(n, others[n]) for n in fixed] + [(n, values[n]) for n in unused]
     graph.initializer.extend(numpy_helper.from_array(contiguous(a), n) for n, a in stored)
-    record = WeightRecord(
+    return WeightRecord(
         weights=weights, renamed=renamed,
         aliases={alias: name for name, names in groups.items() for alias in names[1:]},
         unused=unused, fixed=fixed,
     )
-    prop = model.metadata_props.add()
-    prop.key, prop.value = WEIGHTS_KEY, record.to_json()
 
 
 def _trace(a: np.ndarray, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray]) -> Optional[Tuple[str, str]]:
@@ -249,4 +312,4 @@ def _verify(model, input_names: Sequence[str], inputs: Sequence[np.ndarray], ref
 
 def write_model(model: "onnx.ModelProto", path: str) -> None:
     """Write ``model`` atomically (temp file, fsync, rename)."""
-    write_atomically(path, model.SerializeToString())
+    atomic_write(path, model.SerializeToString())

@@ -1,5 +1,5 @@
 """Writing a bundle: payloads with CRCs, the manifest with its digest, atomically
-(``runtime.checkpoint.write_safetensors``: a crash leaves the old file or the new one)."""
+(``tvswitch.files.atomic_write``: a crash leaves the old file or the new one)."""
 from __future__ import annotations
 
 import hashlib

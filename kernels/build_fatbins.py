@@ -19,6 +19,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
+from tvswitch.files import atomic_write
 from tvswitch.kernels import nvrtc
 
 
@@ -52,22 +53,16 @@ def build(out_dir: str, archs: Sequence[str], compiler: str = "nvrtc", nvcc: Opt
     files: Dict[str, str] = {}
     for n in numbers:
         files["sm_%d" % n] = "tvswitch-rebuild-sm_%d.cubin" % n
-        _write(os.path.join(out_dir, files["sm_%d" % n]), image("sm_%d" % n, "cubin"))
+        atomic_write(os.path.join(out_dir, files["sm_%d" % n]), image("sm_%d" % n, "cubin"))
     lowest = "compute_%d" % numbers[0]
     files[lowest] = "tvswitch-rebuild-%s.ptx" % lowest
-    _write(os.path.join(out_dir, files[lowest]), image(lowest, "ptx"))
+    atomic_write(os.path.join(out_dir, files[lowest]), image(lowest, "ptx"))
     index = {"digest": nvrtc.source_digest(), "compiler": compiler, "options": list(nvrtc.OPTIONS),
              "kernels": sorted(nvrtc.KERNELS.values()), "images": files}
     if compiler == "nvrtc":
         index["nvrtc"] = "%d.%d" % nvrtc.nvrtc_version()
-    _write(os.path.join(out_dir, nvrtc.INDEX), (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(os.path.join(out_dir, nvrtc.INDEX), (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
     return files
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

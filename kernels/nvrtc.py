@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from tvswitch.errors import TvswitchError
+from tvswitch.files import atomic_write
 from tvswitch.kernels.cuda import cuda_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -180,20 +181,16 @@ def cached_compile(arch: Any, output: str = "cubin") -> bytes:
     except OSError:
         pass
     image = compile_kernels(number, output)
-    _write_atomic(path, image)
+    _write_cache(path, image)
     return image
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write through a temporary file and rename, so no reader sees half an image."""
-    folder = os.path.dirname(path)
+def _write_cache(path: str, data: bytes) -> None:
+    """Keep a compiled image for next time (atomically: no reader sees half an image)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, data)
+    except (OSError, TvswitchError):
         pass  # a read-only home only costs a recompile next time
 
 

@@ -22,7 +22,7 @@ numpy only, no torch and no sklearn, so it runs on the device; Python 3.8 compat
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -291,17 +291,30 @@ class Router:
 
 
 def serve_groups(infer: Infer, inputs: Mapping[str, np.ndarray],
-                 groups: Sequence[Tuple[np.ndarray, Mapping[str, float]]]) -> Dict[str, np.ndarray]:
+                 groups: Sequence[Tuple[np.ndarray, Mapping[str, float]]]
+                 ) -> Dict[str, Union[np.ndarray, List[np.ndarray]]]:
     """Answer a batch group by group, each group with its own mix (``infer`` is
     ``Server.infer``: one rebuild per distinct mix), outputs reassembled in batch order.
-    Inputs and outputs are batched along their first axis."""
+    Inputs and outputs are batched along their first axis.
+
+    Each group is answered by its own task's head at that head's size, so groups routed
+    to tasks with different heads (3 classes, 5 classes) give answers no single array
+    holds: such an output is then a list of one array per input, in batch order.
+    """
     n = len(next(iter(inputs.values())))
-    out: Dict[str, np.ndarray] = {}
-    for rows, mix in groups:
-        answer = infer({k: v[rows] for k, v in inputs.items()}, mix)
-        for name, y in answer.items():
-            y = np.asarray(y)
-            if name not in out:
-                out[name] = np.empty((n,) + y.shape[1:], dtype=y.dtype)
-            out[name][rows] = y
+    answers = [(rows, infer({k: v[rows] for k, v in inputs.items()}, mix)) for rows, mix in groups]
+    out: Dict[str, Union[np.ndarray, List[np.ndarray]]] = {}
+    for name in answers[0][1] if answers else ():
+        parts = [(rows, np.asarray(answer[name])) for rows, answer in answers]
+        if len({y.shape[1:] for _, y in parts}) == 1:
+            whole = np.empty((n,) + parts[0][1].shape[1:], dtype=parts[0][1].dtype)
+            for rows, y in parts:
+                whole[rows] = y
+            out[name] = whole
+        else:
+            each: List[np.ndarray] = [np.empty(0)] * n
+            for rows, y in parts:
+                for i, row in enumerate(rows):
+                    each[int(row)] = y[i]
+            out[name] = each
     return out

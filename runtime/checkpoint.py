@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Dict, Iterable, Mapping, Optional
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.files import atomic_write
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -48,48 +48,9 @@ def fingerprint(tensors: Mapping[str, np.ndarray], names: Iterable[str]) -> str:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a safetensors file atomically: temp file in the same folder, fsync, rename.
-
-    A crash or a full disk leaves the previous file (or none), never a half-written one.
-    The file gets the mode a plain ``open(path, "w")`` would give it (the temp file is
-    created 0600), or keeps the mode of the file it replaces.
-    """
+    """Write a safetensors file atomically (``tvswitch.files.atomic_write``): a crash or a
+    full disk leaves the previous file (or none), never a half-written one."""
     from safetensors.numpy import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise TvswitchError("%s: folder %s does not exist" % (path, folder))
-    fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: contiguous(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _file_mode(path))
-        _fsync(tmp, strict=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync(folder, strict=False)  # some filesystems cannot fsync a folder; the rename stands
-
-
-def _file_mode(path: str) -> int:
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync(path: str, strict: bool) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        if strict:
-            raise
+    arrays = {k: contiguous(v) for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))

@@ -27,10 +27,12 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels.cuda import Device
+from tvswitch.runtime.binding import EngineBinding
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.engines.base import Engine
 from tvswitch.runtime.gpu_rebuild import DeviceTensor, GpuRebuilder, arena_layout
-from tvswitch.runtime.server import Mix, check_engine_names, check_source_mix, head_task, task_heads
+from tvswitch.runtime.heads import OutputCut
+from tvswitch.runtime.mix import Mix, head_task
 
 #: (destination, source, bytes) of one device-to-device copy.
 Copy = Tuple[int, int, int]
@@ -47,7 +49,7 @@ class GpuBundleSource:
 
     ``device`` is an open ``kernels.cuda.Device`` (one is opened otherwise); ``base`` as
     for ``CpuRebuilder`` (it goes to the device once and is not kept on the host);
-    ``allow_unmatched`` as for ``server.BundleSource``.
+    ``allow_unmatched``, ``what`` and ``binding`` as for ``server.BundleSource``.
     """
 
     #: Where the rebuild runs (``Server.rebuild_on``).
@@ -55,13 +57,14 @@ class GpuBundleSource:
 
     def __init__(self, bundle: Bundle, engine: Engine, base: Optional[Mapping[str, np.ndarray]] = None, *,
                  device: Optional[Device] = None, tiles_per_block: int = 4, verify_base: bool = True,
-                 allow_unmatched: bool = False):
+                 allow_unmatched: bool = False, what: str = "the engine", binding: Optional[EngineBinding] = None):
         targets = engine.device_buffers()
         if targets is None:
             raise TvswitchError("the %s engine has no device buffers to rebuild into" % engine.kind)
         specs = engine.weight_specs
-        self.unmatched = check_engine_names(bundle, specs, unread=engine.unread_weights,
-                                            allow_unmatched=allow_unmatched)
+        self.binding = binding or EngineBinding(bundle, specs, unread=engine.unread_weights,
+                                                allow_unmatched=allow_unmatched, cuts=engine.head_cuts, what=what)
+        self.unmatched = self.binding.unmatched
         self.bundle = bundle
         self.engine = engine
         self._targets: Dict[str, DeviceTensor] = {}
@@ -73,8 +76,6 @@ class GpuBundleSource:
                 raise TvswitchError("device buffer %r is %s%s, the weight is %s%s"
                                     % (name, np.dtype(t.dtype), list(t.shape), np.dtype(dtype), list(shape)))
             self._targets[name] = t
-        host_heads, self._head_names = task_heads(bundle, specs)
-        self._head_sets = {task: set(heads) for task, heads in host_heads.items()}  # what check() needs
         self.writes = 0
         self._owned: List[int] = []
         self.rebuilder = GpuRebuilder(bundle, base, device=device, tiles_per_block=tiles_per_block,
@@ -82,7 +83,7 @@ class GpuBundleSource:
         self.device = self.rebuilder.device
         try:
             self._outputs = self._rebuild_outputs()
-            self._heads = self._upload_heads(host_heads)
+            self._heads = self._upload_heads(self.binding.heads.padded)
             self.stream = stream_handle(self.device)
             engine.use_device_buffers(self.stream)  # last: nothing can fail after the engine switched paths
         except BaseException:
@@ -105,7 +106,7 @@ class GpuBundleSource:
         return outputs
 
     def _upload_heads(self, host: Mapping[str, Mapping[str, np.ndarray]]) -> Dict[str, List[Copy]]:
-        """Every task's task-specific tensors, in the engine's dtype, uploaded once into one arena."""
+        """Every task's task-specific tensors, padded and in the engine's dtype, uploaded once into one arena."""
         items = [(task, name, np.ascontiguousarray(a, dtype=self._targets[name].dtype))
                  for task, heads in host.items() for name, a in heads.items()]
         offsets, total = arena_layout([a.nbytes for _, _, a in items])
@@ -129,9 +130,13 @@ class GpuBundleSource:
 
     def check(self, mix: Mapping[str, float]) -> Mix:
         """The mix, validated; raises before any buffer is written."""
-        mix = check_source_mix(self.bundle, mix, self._head_sets, self._head_names)
+        mix = self.binding.check(mix)
         self.rebuilder.plan(mix)
         return mix
+
+    def cut(self, mix: Mix) -> Optional[OutputCut]:
+        """How the engine's outputs are cut to ``mix``'s answer (its heaviest task's size)."""
+        return self.binding.cut(mix)
 
     def write(self, mix: Mix, buffers: Any = None) -> None:
         """Queue the rebuild of ``mix`` into the engine's device buffers (``buffers``, the host slot,

@@ -2,13 +2,20 @@
 
 A mix is a plain ``{task: weight}``: one task is ``{task: 1.0}``, task arithmetic with
 lambda is every task at lambda.  Validation happens here, before any buffer is touched.
+A mix is answered through the head of its heaviest task (``head_task``): heads answer
+one task's classes each and are never mixed.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Iterable, Mapping
 
 from tvswitch.errors import TvswitchError
+
+Mix = Dict[str, float]
+#: The largest finite float32: weights are applied in float32 (decode.h's contract).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def parse_mix(text: str) -> Dict[str, float]:
@@ -36,6 +43,9 @@ def task_arithmetic(tasks: Iterable[str], lam: float) -> Dict[str, float]:
 def check_mix(mix: Mapping[str, float], tasks: Iterable[str], where: str = "bundle") -> Dict[str, float]:
     """The mix with bad task names or weights refused, naming the culprit."""
     known = list(tasks)
+    if not isinstance(mix, Mapping):
+        raise TvswitchError("a mix is a mapping of task to weight, e.g. {%r: 1.0}; got a %s"
+                            % (known[0] if known else "task", type(mix).__name__))
     if not mix:
         raise TvswitchError("the mix is empty: name at least one task")
     for name, w in mix.items():
@@ -51,6 +61,18 @@ def check_weight(value: object, what: str) -> float:
     Every weight that scales a task vector passes here (mix weights, merging lambdas and
     coefficients): a NaN or infinite one would write NaN into every tensor it touches.
     """
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TvswitchError("%s must be a finite number, got %r" % (what, value))
+    if abs(float(value)) > FLOAT32_MAX:
+        raise TvswitchError("%s is %g, beyond float32's range (%.4g): every weight it scales would be inf"
+                            % (what, float(value), FLOAT32_MAX))
     return float(value)
+
+
+def head_task(mix: Mapping[str, float]) -> str:
+    """The task whose task-specific tensors (head) answer for ``mix``: its heaviest.
+
+    A tie goes to the task first in the mix's order, which ``check_mix`` makes the
+    bundle's order (numpy's argmax would choose the same).
+    """
+    return max(mix, key=lambda t: mix[t])

@@ -24,13 +24,12 @@ the host.  Engines without such buffers return None and keep the host path.
 from __future__ import annotations
 
 import abc
-import os
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.heads import HeadCut
 
 ENGINE_KINDS = ("onnxruntime", "tensorrt", "torch")
 
@@ -48,6 +47,9 @@ class Engine(abc.ABC):
     #: aliases): absent from ``weight_specs`` without changing any output, so a bundle's
     #: tensor of that name need not be served (``server.check_engine_names``).
     unread_weights: Sequence[str] = ()
+    #: Head shapes smaller than the engine's task-specific weights that it knows how to cut
+    #: its outputs for (``runtime.heads``): from the graph's record, or learnt by the torch engine.
+    head_cuts: Sequence[HeadCut] = ()
 
     @property
     @abc.abstractmethod
@@ -164,23 +166,3 @@ def copy_into(dst: np.ndarray, src: np.ndarray, name: str) -> None:
         raise TvswitchError("weight %r has shape %s; the engine expects %s"
                             % (name, list(src.shape), list(dst.shape)))
     np.copyto(dst, src, casting="same_kind")
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path``: temp file in the same folder, fsync, rename.
-
-    A crash or a full disk leaves the previous file (or none), never half of one: a
-    half-written graph or plan would load as garbage or not at all.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tvswitch-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -19,20 +19,24 @@ choose, and ``derive_batchnorm`` computes them from the rebuilt weights at each 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.checkpoint import contiguous
+from tvswitch.runtime.heads import HeadCut
 
 if TYPE_CHECKING:  # onnx is imported lazily: a device serving with TensorRT alone may lack it
     import onnx
 
 #: Metadata key of the exporter's record (JSON; see ``WeightRecord``).
 WEIGHTS_KEY = "tvswitch.weights"
-RECORD_VERSION = 1
+#: Version 2 added ``heads`` and ``stripped``: a version-1 reader would serve a padded
+#: graph's outputs uncut, so it must refuse these graphs, and does (it reads only 1).
+RECORD_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 ModelLike = Union[str, bytes, "onnx.ModelProto"]
 #: Switchable weight name -> (shape, dtype) of its buffers.
@@ -51,7 +55,11 @@ class WeightRecord:
     ``unused``: float state_dict tensors the traced graph does not read (a pooler).
     ``fixed``: non-float state_dict tensors (BatchNorm's ``num_batches_tracked``).
     Both are kept as initializers no node reads, so the graph carries everything a
-    bundle's base fingerprint covers and can serve as the base.
+    bundle's base fingerprint covers and can serve as the base, unless ``stripped``.
+    ``heads``: for each head shape of the bundle the graph was exported for
+    (``export-onnx --bundle``), how its outputs are cut (``runtime.heads.HeadCut``).
+    ``stripped``: the graph holds no value of any weight, ``unused`` or ``fixed`` tensor:
+    they come from the base and the bundle at load.
     """
 
     weights: Dict[str, Tuple[Tuple[int, ...], str]]
@@ -59,23 +67,31 @@ class WeightRecord:
     aliases: Dict[str, str]
     unused: List[str]
     fixed: List[str]
+    heads: List[HeadCut] = field(default_factory=list)
+    stripped: bool = False
 
     def to_json(self) -> str:
         return json.dumps({
             "version": RECORD_VERSION,
             "weights": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.weights.items()},
             "renamed": self.renamed, "aliases": self.aliases, "unused": self.unused, "fixed": self.fixed,
+            "heads": [h.record() for h in self.heads], "stripped": self.stripped,
         }, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str = "model") -> "WeightRecord":
         try:
             raw = json.loads(text)
-            if raw.get("version") != RECORD_VERSION:
-                raise TvswitchError("%s: tvswitch weight record version %r, this tvswitch reads %d"
-                                    % (where, raw.get("version"), RECORD_VERSION))
+            if raw.get("version") not in READS_VERSIONS:
+                raise TvswitchError("%s: tvswitch weight record version %r, this tvswitch reads %s"
+                                    % (where, raw.get("version"), " and ".join(map(str, READS_VERSIONS))))
             weights = {n: (tuple(int(x) for x in v["shape"]), str(v["dtype"])) for n, v in raw["weights"].items()}
-            return cls(weights, dict(raw["renamed"]), dict(raw["aliases"]), list(raw["unused"]), list(raw["fixed"]))
+            heads = [HeadCut.from_record(h, where) for h in raw.get("heads", [])]
+            stripped = raw.get("stripped", False)
+            if not isinstance(stripped, bool):
+                raise TypeError("stripped is %r" % (stripped,))
+            return cls(weights, dict(raw["renamed"]), dict(raw["aliases"]), list(raw["unused"]), list(raw["fixed"]),
+                       heads, stripped)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TvswitchError("%s: unreadable tvswitch weight record (%s)" % (where, exc)) from None
 
@@ -134,6 +150,12 @@ def find_weights(model: "onnx.ModelProto", names: Optional[Iterable[str]] = None
         return [n for n in dict.fromkeys(inputs + inits) if n in wanted]
     init_set = set(inits)
     return [n for n in inputs if n in init_set]
+
+
+def recorded_heads(model: "onnx.ModelProto") -> List[HeadCut]:
+    """The head shapes the graph was exported for and how each cuts the outputs (empty: none recorded)."""
+    record = read_record(model)
+    return [] if record is None else list(record.heads)
 
 
 def recorded_unread(model: "onnx.ModelProto") -> List[str]:

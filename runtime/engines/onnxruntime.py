@@ -112,6 +112,7 @@ class OnnxRuntimeEngine(Engine):
                                 "or name its weights after the bundle's tensors")
         serving, self.defaults, self._specs = onnx_graph.serving_graph(proto, weights)
         self.unread_weights = onnx_graph.recorded_unread(proto)
+        self.head_cuts = onnx_graph.recorded_heads(proto)
         self._inputs = onnx_graph.data_inputs(serving, weights)
         declared = {i.name: i for i in serving.graph.input}
         self._input_specs = {n: onnx_graph.input_spec(declared[n]) for n in self._inputs}

@@ -66,7 +66,8 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines import onnx_graph
-from tvswitch.runtime.engines.base import Engine, cast_input, write_atomically
+from tvswitch.files import atomic_write
+from tvswitch.runtime.engines.base import Engine, cast_input
 
 if TYPE_CHECKING:
     import onnx
@@ -171,7 +172,7 @@ class PlanCache:
 
     def store(self, key: str, plan: bytes) -> str:
         os.makedirs(self.folder, exist_ok=True)
-        write_atomically(self.path(key), plan)
+        atomic_write(self.path(key), plan)
         return self.path(key)
 
 
@@ -279,8 +280,12 @@ class TensorRTEngine(Engine):
         _, defaults, specs = onnx_graph.serving_graph(proto, names_list)
         values = dict(defaults)
         values.update(weights or {})
+        # A weight-stripped graph (export-onnx --bundle) holds no values, and heads are never in
+        # the base: TensorRT builds those with zeros, which the first switch's refit replaces.
+        build_values = dict(values)
+        build_values.update((n, np.zeros(specs[n][0], dtype=specs[n][1])) for n in names_list if n not in values)
         self.defaults = values  # the base a rebuild reads, as for the ONNX Runtime engine
-        graph, self._folds = onnx_graph.tensorrt_graph(proto, names_list, values)
+        graph, self._folds = onnx_graph.tensorrt_graph(proto, names_list, build_values)
         bn_params = [p for bn in self._folds for p in (bn.gamma, bn.beta, bn.mean, bn.var)]
         unread = onnx_graph.unread_weights(graph, names_list)
         self._graph_bytes = graph.SerializeToString()
@@ -304,6 +309,7 @@ class TensorRTEngine(Engine):
         self._refitter = trt.Refitter(self._engine, self._logger)
         self._from_slot, constants = refit_sources(self._refitter.get_all_weights(), names_list, self._folds, unread)
         self.unread_weights = onnx_graph.recorded_unread(proto) + [n for n in unread if n not in set(bn_params)]
+        self.head_cuts = onnx_graph.recorded_heads(proto)
         self._constants = constants
         self._constant_values: Optional[Dict[str, np.ndarray]] = None  # read from the graph when first wanted
         # Switchable BatchNorm parameters: no layer reads them (the graph's Mul/Add read the
@@ -333,7 +339,7 @@ class TensorRTEngine(Engine):
                 if not self._onnx_refitter.refit_from_bytes(self._graph_bytes):
                     raise TvswitchError("TensorRT could not refit the plan's constants from the ONNX graph")
             self._register_device_buffers()
-        self.bind({n: values[n] for n in slot_names})
+        self.bind({n: build_values[n] for n in slot_names})
 
     def _build(self, refittable: List[str], fp16: bool, profile: Optional[Profile], workspace_mb: int) -> bytes:
         trt = self._trt

@@ -27,6 +27,12 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines.base import Engine, run_failed
+from tvswitch.runtime.heads import HeadCut, output_cut, pad, padded_shapes
+
+#: Padding must not change a task's outputs beyond float reordering: |padded - own| <=
+#: ATOL + RTOL * max|own|, per output (the exporter's check of a graph against its module).
+ATOL = 1e-4
+RTOL = 1e-3
 
 
 class TorchEngine(Engine):
@@ -35,19 +41,21 @@ class TorchEngine(Engine):
     kind = "torch"
 
     def __init__(self, module: Any, input_names: Sequence[str], output_names: Optional[Sequence[str]] = None, *,
-                 names: Optional[Iterable[str]] = None, slots: int = 1):
+                 names: Optional[Iterable[str]] = None, slots: int = 1, head_cuts: Sequence[HeadCut] = ()):
         """Serve ``module``; ``names`` limits the switchable weights (default: every float tensor).
 
         ``input_names`` name forward's positional arguments; ``output_names`` its flattened
         outputs (default: ``default_names("output", n)``, as the exporter names them, once
         the first inference shows how many there are).  ``defaults`` (module docstring)
-        can be set to None to free it where another base is used.
+        can be set to None to free it where another base is used.  ``head_cuts`` are what
+        ``fit_heads`` learnt when it laid the module's heads out for a bundle.
         """
         import torch
 
         if slots not in (1, 2):
             raise TvswitchError("slots must be 1 (in place) or 2 (double buffer), got %r" % slots)
         self._torch = torch
+        self.head_cuts = list(head_cuts)
         self.module = module.eval()
         self._inputs = list(input_names)
         self._outputs = list(output_names) if output_names else None
@@ -155,3 +163,101 @@ def flatten_outputs(obj: Any) -> List[np.ndarray]:
     if isinstance(obj, (list, tuple)):
         return [a for item in obj for a in flatten_outputs(item)]
     raise TvswitchError("the module returned %s, not tensors (or tuples/dicts of them)" % type(obj).__name__)
+
+
+def fit_heads(module: Any, heads: Mapping[str, Mapping[str, np.ndarray]], input_names: Optional[Sequence[str]],
+              inputs: Optional[Mapping[str, Any]], output_names: Optional[Sequence[str]] = None) -> List[HeadCut]:
+    """Lay ``module``'s task-specific tensors out for every task's head; returns the cuts of the smaller heads.
+
+    ``heads`` is task -> tensor -> value (a bundle's ``task_specific``); tensors the module
+    lacks are left alone (``check_engine_names`` judges those).  Each such tensor of the
+    module becomes a zero tensor of the largest shape any task has (``heads.padded_shapes``).
+    For every smaller head shape the module runs twice on ``inputs`` (name -> array, in
+    ``input_names``' order), at that head's own shape and padded, which gives the cut of
+    each output (named ``output_names``, default as ``default_names``) and checks that
+    padding changes none of the task's outputs: a network that mixes along a padded axis
+    (a softmax over the classes, a norm over a padded layer) is refused, as is one whose
+    forward fails at the padded shapes.  Without ``inputs`` only heads that need no cut can
+    be laid out.
+    """
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    served = {t: {n: a for n, a in tensors.items() if n in state} for t, tensors in heads.items()}
+    shapes = padded_shapes({t: {n: np.shape(a) for n, a in tensors.items()} for t, tensors in served.items()})
+    if not shapes:
+        return []
+    signatures: Dict[Tuple, str] = {}
+    for task, tensors in served.items():
+        key = tuple(sorted((n, tuple(np.shape(a))) for n, a in tensors.items()))
+        if any(tuple(np.shape(a)) != shapes[n] for n, a in tensors.items()):
+            signatures.setdefault(key, task)
+    if signatures and inputs is None:
+        raise TvswitchError("the bundle's heads differ in shape (%s): the torch engine learns each one's output size "
+                            "by running the module, so give example inputs (the CLI's --input; serve_bundle's "
+                            "example_inputs)" % "; ".join("task %s: %s" % (t, _shapes(v)) for t, v in served.items()))
+    dtypes = {n: (state[n].dtype, state[n].device) for n in shapes}
+
+    def put(values: Mapping[str, np.ndarray]) -> None:
+        for n, a in values.items():
+            dtype, device = dtypes[n]
+            set_tensor(module, n, torch.as_tensor(np.array(a)).to(dtype=dtype, device=device))
+
+    args = None if inputs is None else [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in input_names or inputs]
+    named = {} if inputs is None else dict(inputs)
+    cuts = []
+    module.eval()
+    for key, task in signatures.items():
+        own = served[task]
+        put(own)
+        with torch.inference_mode():
+            exact = flatten_outputs(call_module(module, args, named))
+        put({n: pad(a, shapes[n]) for n, a in own.items()})
+        try:
+            with torch.inference_mode():
+                padded = flatten_outputs(module(*args))
+        except Exception as exc:  # noqa: BLE001 - torch raises many types; the module cannot take padded heads
+            raise TvswitchError("the network does not run with its task-specific tensors padded to %s (task %r: %s): "
+                                "its forward depends on their size; serve tasks of one head shape per engine"
+                                % (_shapes({n: shapes[n] for n in own}), task,
+                                   (str(exc).strip().splitlines() or [type(exc).__name__])[0])) from None
+        names = list(output_names) if output_names else default_names("output", len(padded))
+        if len(names) != len(padded) or len(exact) != len(padded):
+            raise TvswitchError("the module returns %d outputs with task %r's own head, %d padded, for %d names"
+                                % (len(exact), task, len(padded), len(names)))
+        cut = output_cut({n: a.shape for n, a in zip(names, padded)}, {n: a.shape for n, a in zip(names, exact)})
+        for name, big, small in zip(names, padded, exact):
+            lengths = cut.get(name, (None,) * big.ndim)
+            got = big[tuple(slice(None) if k is None else slice(0, k) for k in lengths)]
+            err = float(np.max(np.abs(got.astype(np.float64) - small))) if small.size else 0.0
+            bound = ATOL + RTOL * float(np.max(np.abs(small))) if small.size else 0.0
+            if not err <= bound:
+                raise TvswitchError("padding the heads changes task %r's output %r (max error %.3g > %.3g): the network "
+                                    "mixes values along a padded axis (a softmax over classes, a norm over a padded "
+                                    "layer); serve tasks of one head shape per engine" % (task, name, err, bound))
+        cuts.append(HeadCut({n: s for n, s in key}, cut))
+    put({n: np.zeros(s, dtype=np.float32) for n, s in shapes.items()})
+    return cuts
+
+
+def _shapes(tensors: Mapping[str, Any]) -> str:
+    """``head.bias [4], head.weight [4, 8]``: tensors (arrays or shapes) for a refusal."""
+    return ", ".join("%s %s" % (n, list(np.shape(a) if hasattr(a, "shape") else a)) for n, a in sorted(tensors.items()))
+
+
+def set_tensor(module: Any, name: str, value: Any) -> None:
+    """Replace the parameter or buffer ``name`` of ``module`` by ``value`` (any shape): how a
+    head is laid out at another size.  A parameter stays a parameter (without gradient)."""
+    import torch
+
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name) if owner_name else module
+    except AttributeError:
+        raise TvswitchError("the module has no submodule %r (for tensor %r)" % (owner_name, name)) from None
+    if attr in owner._parameters:
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        raise TvswitchError("the module has no parameter or buffer %r" % name)

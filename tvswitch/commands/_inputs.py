@@ -57,19 +57,43 @@ def load_arrays(path: str, flag: str) -> Dict[str, np.ndarray]:
         return {k: loaded[k] for k in loaded.files}
 
 
-def check_output_path(path: str, flag: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done for it.
+def check_output_path(path: str, flag: str, inputs: Iterable[Optional[str]] = ()) -> None:
+    """Refuse an output path that cannot or must not be written, before any work is done for it.
 
-    The write itself is atomic (temp file beside it, then rename), so it needs the
-    folder to exist and be writable; a folder named as the file is refused too.
+    The write itself is atomic (temp file beside it, then rename: ``tvswitch.files``), so
+    it needs the folder to exist and be writable; a folder, device node, FIFO or socket
+    named as the file is refused, and so is a path that is one of the command's
+    ``inputs`` (the same file after resolving links; a folder input covers the weight
+    files a checkpoint folder holds): writing it would destroy that input.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise TvswitchError("%s %s: is a folder, give a file name" % (flag, path))
-    if not os.path.isdir(folder):
-        raise TvswitchError("%s %s: folder %s does not exist" % (flag, path, folder))
+    from tvswitch.files import resolve_output, same_file
+
+    try:
+        target = resolve_output(path)
+    except TvswitchError as exc:
+        raise TvswitchError("%s %s" % (flag, exc)) from None
+    folder = os.path.dirname(target)
     if not os.access(folder, os.W_OK):
         raise TvswitchError("%s %s: folder %s is not writable" % (flag, path, folder))
+    for given in inputs:
+        for source in _input_files(given):
+            if same_file(source, target):
+                shown = given if os.path.abspath(source) == os.path.abspath(given or "") else "%s (in %s)" % (
+                    source, given)
+                raise TvswitchError("%s %s is also an input of this command (%s): writing it would destroy that "
+                                    "input; give another output name" % (flag, path, shown))
+
+
+def _input_files(path: Optional[str]) -> List[str]:
+    """The files an input path stands for: itself, or the files inside a folder."""
+    if not path:
+        return []
+    if os.path.isdir(path):
+        try:
+            return [os.path.join(path, n) for n in os.listdir(path)]
+        except OSError:
+            return []
+    return [path]
 
 
 def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,

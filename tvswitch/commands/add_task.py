@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.export.edit import add_task
 
     (name, path), = parse_task_args([args.task], "the task argument").items()
-    check_output_path(args.output or args.bundle, "-o" if args.output else "BUNDLE")
+    check_output_path(args.output or args.bundle, "-o" if args.output else "BUNDLE",
+                      inputs=[path, args.base] + ([args.bundle] if args.output else []))
     bundle = add_task(args.bundle, name, path, args.base, args.output)
     print("wrote %s: %d tasks" % (args.output or args.bundle, len(bundle.tasks)))
     return 0

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = scheme_settings(args)
     tasks = parse_task_args(args.task)
-    check_output_path(args.output, "-o")
+    check_output_path(args.output, "-o", inputs=[args.base] + list(tasks.values()))
     bundle = export_bundle(
         args.base, tasks, args.output, name=args.scheme, task_specific=list(args.task_specific),
         raw_dtype=args.raw_dtype, include_base=args.include_base, entropy=args.entropy,

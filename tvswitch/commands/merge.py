@@ -72,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.checkpoint import write_safetensors
     from tvswitch.runtime.rebuild import resolve_base
 
-    check_output_path(args.output, "-o")
+    inputs = [args.bundle, args.base, args.coefficients] + [f.partition("=")[2] for f in args.inputs or []]
+    check_output_path(args.output, "-o", inputs=inputs)
     if args.coefficients_out is not None:
-        check_output_path(args.coefficients_out, "--coefficients-out")
+        check_output_path(args.coefficients_out, "--coefficients-out", inputs=inputs + [args.output])
     bundle = Bundle.open(args.bundle)
     _check_args(args, bundle)
     given = load_base(args.base)

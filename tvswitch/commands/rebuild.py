@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.mix import parse_mix, task_arithmetic
     from tvswitch.runtime.rebuild import CpuRebuilder
 
-    check_output_path(args.output, "-o")
+    check_output_path(args.output, "-o", inputs=[args.bundle, args.base])
     bundle = Bundle.open(args.bundle)
     if args.task is not None:
         mix = {args.task: 1.0}

@@ -19,7 +19,8 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.commands._inputs import check_output_path
     from tvswitch.export.edit import remove_task
 
-    check_output_path(args.output or args.bundle, "-o" if args.output else "BUNDLE")
+    check_output_path(args.output or args.bundle, "-o" if args.output else "BUNDLE",
+                      inputs=[args.bundle] if args.output else [])
     bundle = remove_task(args.bundle, args.task, args.output)
     print("wrote %s: %d tasks" % (args.output or args.bundle, len(bundle.tasks)))
     return 0

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.server import serve_bundle
 
     if args.out is not None:
-        check_output_path(args.out, "-o")
+        check_output_path(args.out, "-o", inputs=[args.bundle, args.model, args.base]
+                          + [f.partition("=")[2] for f in args.inputs])
     for flag, value in (("--exemplars", args.exemplars), ("--batch", args.batch)):
         if value < 1:
             raise TvswitchError("%s must be >= 1, got %d" % (flag, value))

@@ -5,7 +5,7 @@ import argparse
 import io
 import os
 import time
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,8 +69,10 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
     A bare ``--input X.npy`` is called ``input``; a network with one data input of another
     name gets it under that name (``name_inputs``).
     """
+    from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.server import serve_bundle
 
+    bundle = Bundle.open(args.bundle)
     base = load_base(args.base)
     module = None
     inputs, options = engine_options(args, inputs)
@@ -78,8 +80,11 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
         if not args.module:
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
         device = torch_device(args.provider)
-        module = load_module(args.module, base, may_lack=task_specific_names(args.bundle)).to(device)
-    server = serve_bundle(args.bundle, args.engine, model=args.model, base=base, initial=initial,
+        heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
+        weights = None if base is None else {n: a for n, a in base.items() if n not in heads}
+        module = load_module(args.module, weights, may_lack=heads).to(device)
+        options["example_inputs"] = dict(inputs) if inputs else None
+    server = serve_bundle(bundle, args.engine, model=args.model, base=base, initial=initial,
                           slots=2 if args.double_buffer else 1, threads=args.threads, module=module,
                           input_names=list(inputs), allow_unmatched=args.allow_unmatched, **options)
     return server, name_inputs(inputs, server.engine.input_names)
@@ -106,14 +111,6 @@ def engine_options(args: argparse.Namespace, inputs: Mapping[str, np.ndarray]
         options.update(fp16=args.fp16, cache_dir=args.plan_cache,
                        profile={n: (tuple(a.shape),) * 3 for n, a in inputs.items()})
     return dict(inputs), options
-
-
-def task_specific_names(bundle: str) -> List[str]:
-    """Every task-specific tensor (head) of ``bundle``: a ``--base`` need not hold them (``load_module``)."""
-    from tvswitch.runtime.bundle import Bundle
-
-    opened = Bundle.open(bundle, verify=False)  # serve_bundle opens it again, verifying every checksum
-    return sorted({n for t in opened.tasks for n in opened.task_specific(t)})
 
 
 def torch_device(provider: Optional[str]) -> str:
@@ -157,25 +154,41 @@ def output_format(path: str, count: int) -> str:
     return "npy"
 
 
-def write_outputs(path: str, outputs: Mapping[str, np.ndarray]) -> None:
-    """Write ``outputs`` to exactly ``path`` (np.save would add .npy to another name), atomically."""
-    from tvswitch.runtime.engines.base import write_atomically
+def write_outputs(path: str, outputs: Mapping[str, Any]) -> None:
+    """Write ``outputs`` to exactly ``path`` (np.save would add .npy to another name), atomically.
 
+    An output answered per input by heads of different sizes (``--auto --per-input``) is a
+    list: in a ``.npz`` it is one array per input, ``NAME.0``, ``NAME.1``, ...
+    """
+    from tvswitch.files import atomic_write
+
+    ragged = [n for n, v in outputs.items() if isinstance(v, list)]
     buf = io.BytesIO()
     if output_format(path, len(outputs)) == "npz":
-        np.savez(buf, **outputs)
+        arrays: Dict[str, np.ndarray] = {}
+        for name, value in outputs.items():
+            if isinstance(value, list):
+                arrays.update(("%s.%d" % (name, i), a) for i, a in enumerate(value))
+            else:
+                arrays[name] = value
+        np.savez(buf, **arrays)
+    elif ragged:
+        raise TvswitchError("-o %s: the inputs were answered by heads of different sizes, which no one array holds; "
+                            "give -o OUT.npz (one array per input, %s.0, %s.1, ...)" % (path, ragged[0], ragged[0]))
     else:
         np.save(buf, next(iter(outputs.values())))
     try:
-        write_atomically(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
     except OSError as exc:
         raise TvswitchError("-o %s: cannot write it (%s)" % (path, exc.strerror or exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.mix import parse_mix
+    from tvswitch.runtime.server import default_model_path
 
-    check_output_path(args.output, "-o")
+    check_output_path(args.output, "-o", inputs=[args.bundle, args.model or default_model_path(args.bundle),
+                                                 args.base] + [v.partition("=")[2] or v for v in args.input])
     inputs = parse_inputs(args.input)
     if args.per_input and not args.auto:
         raise TvswitchError("--per-input routes with Auto-Switch: use it with --auto")
