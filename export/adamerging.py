@@ -220,7 +220,9 @@ def bundle_forward(module: torch.nn.Module, bundle: Bundle, names: Sequence[str]
     logits are those the device serves for it. The logits are the module's output, or its
     first output where it returns several; the module is put in eval mode (BatchNorm reads
     the task's statistics, dropout is off), as it serves. Refuses a module whose tensors the
-    bundle does not cover exactly (names and shapes), task by task, before anything is run."""
+    bundle does not cover exactly (names, and shapes but for heads: each task's head runs at
+    its own shape, so tasks with 3 and 44 classes merge through one module), task by task,
+    before anything is run."""
     module.eval()
     state = module.state_dict()
     own: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -236,8 +238,9 @@ def bundle_forward(module: torch.nn.Module, bundle: Bundle, names: Sequence[str]
         extra = sorted(have - set(state))
         if extra:
             raise TvswitchError("tensor %r of %s (task %r) is not one of the module's" % (extra[0], bundle.path, task))
-        for n, a in arrays.items():
-            if tuple(np.shape(a)) != tuple(state[n].shape):
+        heads = bundle.task_specific(task)
+        for n, a in arrays.items():  # a head may have its task's own shape: the module runs with it as it is
+            if n not in heads and tuple(np.shape(a)) != tuple(state[n].shape):
                 raise TvswitchError("tensor %r of task %r is %s in %s, the module's is %s"
                                     % (n, task, list(np.shape(a)), bundle.path, list(state[n].shape)))
         own[task] = {n: torch.as_tensor(np.array(a)).to(state[n].dtype) for n, a in arrays.items()}

@@ -8,20 +8,23 @@ weights themselves.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Dict, List
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.files import atomic_write
 from tvswitch.runtime.checkpoint import write_safetensors
 
 TASKS = ("detect", "gauge", "line")
 #: Classes of each task's head (the heads differ: ``export.example_net`` builds the network per task).
 CLASSES = {task: 3 + i for i, task in enumerate(TASKS)}
+VOCAB = 1000
 
 
-def _base(rng: np.random.Generator, d: int = 128, layers: int = 2, vocab: int = 1000) -> Dict[str, np.ndarray]:
+def _base(rng: np.random.Generator, d: int = 128, layers: int = 2, vocab: int = VOCAB) -> Dict[str, np.ndarray]:
     w: Dict[str, np.ndarray] = {"embeddings.word.weight": rng.normal(0, 0.05, (vocab, d))}
     for i in range(layers):
         p = "layers.%d." % i
@@ -58,8 +61,14 @@ def _finetune(base: Dict[str, np.ndarray], rng: np.random.Generator, classes: in
     return ft
 
 
+def example_ids(batch: int = 2, seq: int = 16, seed: int = 0) -> np.ndarray:
+    """Token ids the example network takes (int64, ``batch`` x ``seq``): an input for export-onnx and run."""
+    return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, seq), dtype=np.int64)
+
+
 def make_example(folder: str, seed: int = 0) -> List[str]:
-    """Write base.safetensors and one checkpoint per task into ``folder``; returns the paths."""
+    """Write base.safetensors, one checkpoint per task and ids.npy (an input) into ``folder``;
+    returns the checkpoints' paths, the base first."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TvswitchError("%s: exists and is not a folder" % folder)
     try:
@@ -74,4 +83,7 @@ def make_example(folder: str, seed: int = 0) -> List[str]:
         path = os.path.join(folder, task + ".safetensors")
         write_safetensors(path, _finetune(base, rng, classes=CLASSES[task]))
         paths.append(path)
+    buf = io.BytesIO()
+    np.save(buf, example_ids())
+    atomic_write(os.path.join(folder, "ids.npy"), buf.getvalue())
     return paths

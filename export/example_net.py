@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
-from tvswitch.export.example import CLASSES
+from tvswitch.export.example import CLASSES, VOCAB, example_ids
 
 #: The shapes ``export.example`` writes (``make_example``'s defaults): loading its files
 #: strictly, as ``--weights`` does, checks that they still agree.
-VOCAB, DIM, LAYERS, HEADS = 1000, 128, 2, 4
+DIM, LAYERS, HEADS = 128, 2, 4
 
 
 def build(classes: int) -> Any:
@@ -91,6 +90,4 @@ def line() -> Any:
     return build(CLASSES["line"])
 
 
-def example_ids(batch: int = 2, seq: int = 16, seed: int = 0) -> np.ndarray:
-    """Token ids the network takes (int64, ``batch`` x ``seq``): an input for export-onnx and run."""
-    return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, seq), dtype=np.int64)
+__all__ = ["build", "detect", "gauge", "line", "example_ids", "VOCAB", "DIM", "LAYERS", "HEADS"]

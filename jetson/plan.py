@@ -46,6 +46,8 @@ class BundleFacts:
     task_read_nbytes: Optional[int] = None
     #: packed bytes a mix of every task reads (each payload once)
     mix_read_nbytes: Optional[int] = None
+    #: the serving graph on flash (an ONNX file; 0: none counted)
+    graph_nbytes: int = 0
 
     def __post_init__(self) -> None:
         if self.tasks <= 0 or self.num_shared_params <= 0 or self.base_nbytes <= 0:
@@ -89,7 +91,7 @@ class Plan:
     total_bytes: int
     budget_bytes: int
     budget_source: str
-    #: tvswitch on flash: the task data plus the base in FP16 (the checkpoints' dtype)
+    #: tvswitch on flash: the task data, the serving graph and the base in FP16 (the checkpoints' dtype)
     flash_bytes: int
     fp16_checkpoints_bytes: int
     switch_one_bytes: int
@@ -111,6 +113,15 @@ class Plan:
     @property
     def base_fp16_bytes(self) -> int:
         return self.facts.num_shared_params * 2
+
+    @property
+    def shipped_bytes(self) -> int:
+        """What a device stores as shipped: the task data, the graph and the base at its own dtype."""
+        return self.facts.task_data_nbytes + self.facts.graph_nbytes + self.facts.base_nbytes
+
+    @property
+    def fp32_checkpoints_bytes(self) -> int:
+        return 2 * self.fp16_checkpoints_bytes
 
     @property
     def flash_saving(self) -> float:
@@ -147,9 +158,12 @@ class Plan:
             "headroom_bytes": self.headroom_bytes,
             "flash": {
                 "task_data_bytes": self.facts.task_data_nbytes,
+                "graph_bytes": self.facts.graph_nbytes,
                 "base_fp16_bytes": self.base_fp16_bytes,
                 "total_bytes": self.flash_bytes,
+                "shipped_bytes": self.shipped_bytes,
                 "fp16_checkpoints_bytes": self.fp16_checkpoints_bytes,
+                "fp32_checkpoints_bytes": self.fp32_checkpoints_bytes,
                 "saving_with_base": self.flash_saving,
                 "saving_task_data": self.task_data_saving,
             },
@@ -239,7 +253,7 @@ def make_plan(
         budget = device.dram_bytes - reserve_bytes
         source = "%.2f GiB DRAM - %.2f GiB reserve" % (device.dram_bytes / 2.0 ** 30, reserve_bytes / 2.0 ** 30)
 
-    flash = facts.task_data_nbytes + facts.num_shared_params * 2
+    flash = facts.task_data_nbytes + facts.graph_nbytes + facts.num_shared_params * 2
     one = facts.task_read_nbytes
     if one is None:
         one = facts.packed_nbytes // facts.tasks

@@ -267,3 +267,22 @@ def test_doctor_text_on_the_x86_tree_says_it_is_no_jetson(capsys):
     assert "memory    31.25 GiB total, 26.70 GiB usable (MemAvailable), 19.07 GiB free" in lines
     assert not any(line.startswith(("clocks", "power", "line ")) for line in lines)
     assert "fastest path: unknown without a JetPack line; run tvswitch doctor on the board itself" in lines
+
+
+def test_plan_counts_the_serving_graph_beside_the_bundle_and_the_fp32_checkpoints(capsys, tmp_path):
+    d = tmp_path / "demo"
+    assert main(["example", str(d)]) == 0
+    assert main(["export", "--base", str(d / "base.safetensors"), "--task", "a=%s" % (d / "detect.safetensors"),
+                 "--task", "b=%s" % (d / "gauge.safetensors"), "-o", str(d / "tasks.tvs"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(d / "tasks.tvs"), "--device", "orin-nano-8gb", "--json"]) == 0
+    without = json.loads(capsys.readouterr().out)["flash"]
+    assert without["graph_bytes"] == 0
+    (d / "tasks.onnx").write_bytes(b"x" * 12345)  # a graph beside the bundle is found by name
+    assert main(["plan", str(d / "tasks.tvs"), "--device", "orin-nano-8gb", "--json"]) == 0
+    flash = json.loads(capsys.readouterr().out)["flash"]
+    assert flash["graph_bytes"] == 12345 and flash["total_bytes"] == without["total_bytes"] + 12345
+    assert flash["fp32_checkpoints_bytes"] == 2 * flash["fp16_checkpoints_bytes"]
+    assert flash["shipped_bytes"] == flash["task_data_bytes"] + 12345 + 2 * flash["base_fp16_bytes"]  # FP32 base
+    r = cli("plan", d / "tasks.tvs", "--model", d / "missing.onnx", "--device", "orin-nano-8gb")
+    assert r.returncode == 2 and "--model" in r.stderr and "no such file" in r.stderr

@@ -344,64 +344,107 @@ def test_provider_cpu_serves_like_the_default(served):
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """The quick start's built-in example, served: example -> export -> export-onnx per task head."""
+    """The quick start's built-in example: example -> export -> export-onnx --bundle (one graph,
+    ``tasks.onnx``), and, for the refusals, the graph of one task's head alone (``detect.onnx``)."""
     from tvswitch.export.example import TASKS
-    from tvswitch.export.example_net import example_ids
 
     d = tmp_path_factory.mktemp("example") / "demo"
     assert main(["example", str(d)]) == 0
     assert main(["export", "--base", str(d / "base.safetensors"), "--scheme", "rtvq", "-o", str(d / "tasks.tvs"),
                  *[a for t in TASKS for a in ("--task", "%s=%s" % (t, d / (t + ".safetensors")))]]) == 0
-    np.save(str(d / "ids.npy"), example_ids())
-    for task in TASKS:
-        assert main(["export-onnx", "--module", "tvswitch.export.example_net:" + task, "--weights",
-                     str(d / (task + ".safetensors")), "--input", "ids=" + str(d / "ids.npy"),
-                     "-o", str(d / (task + ".onnx"))]) == 0
+    assert main(["export-onnx", "--module", "tvswitch.export.example_net:detect", "--bundle", str(d / "tasks.tvs"),
+                 "--input", "ids=" + str(d / "ids.npy"), "-o", str(d / "tasks.onnx")]) == 0
+    assert main(["export-onnx", "--module", "tvswitch.export.example_net:detect", "--weights",
+                 str(d / "detect.safetensors"), "--input", "ids=" + str(d / "ids.npy"),
+                 "-o", str(d / "detect.onnx")]) == 0
     return d
 
 
-def _example_reference(d, task):
-    """The example network in torch with the weights the bundle rebuilds for ``task`` (and its head)."""
+def _example_reference(d, mix):
+    """The example network in torch with the weights the bundle rebuilds for ``mix``, built at the
+    shape of its heaviest task's head, with that head: what the device must answer."""
     import torch
 
     from tvswitch.export.example import CLASSES
     from tvswitch.export.example_net import build
     from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.checkpoint import read_safetensors
+    from tvswitch.runtime.mix import check_mix, head_task
     from tvswitch.runtime.rebuild import CpuRebuilder
 
     bundle = Bundle.open(str(d / "tasks.tvs"))
     base = read_safetensors(str(d / "base.safetensors"))
     rebuilder = CpuRebuilder(bundle, base)
     weights = rebuilder.allocate()
-    rebuilder.rebuild({task: 1.0}, weights)
-    weights.update(bundle.task_specific(task))
+    rebuilder.rebuild(mix, weights)
+    head = head_task(check_mix(mix, bundle.tasks))  # in the bundle's order, as the server sees it
+    weights.update(bundle.task_specific(head))
     weights["pool.bn.num_batches_tracked"] = base["pool.bn.num_batches_tracked"]
-    net = build(CLASSES[task])
+    net = build(CLASSES[head])
     net.load_state_dict({n: torch.from_numpy(np.asarray(a)) for n, a in weights.items()}, strict=True)
     with torch.no_grad():
         return net(torch.from_numpy(np.load(str(d / "ids.npy")))).numpy()
 
 
-def test_the_built_in_example_is_served_task_by_task_like_torch(example, caplog):
+def test_one_graph_serves_every_task_of_the_example_each_at_its_own_size_like_torch(example):
     from tvswitch.export.example import TASKS
 
     d = example
     outs = {}
     for task in TASKS:
-        with caplog.at_level("WARNING", logger="tvswitch.server"):
-            assert main(["run", str(d / "tasks.tvs"), "--model", str(d / (task + ".onnx")), "--base",
-                         str(d / "base.safetensors"), "--task", task, "--input", str(d / "ids.npy"),
-                         "-o", str(d / (task + ".npy"))]) == 0
-        assert "serves task %s of" % task in caplog.text  # and names the two it cannot serve
-        caplog.clear()
-        outs[task] = np.load(str(d / (task + ".npy")))
-        np.testing.assert_allclose(outs[task], _example_reference(d, task), rtol=1e-4, atol=1e-5)
-    assert [o.shape[1] for o in outs.values()] == [3, 4, 5]
-    assert main(["run", str(d / "tasks.tvs"), "--engine", "torch", "--module", "tvswitch.export.example_net:line",
-                 "--base", str(d / "base.safetensors"), "--task", "line", "--input", "ids=" + str(d / "ids.npy"),
-                 "-o", str(d / "line_torch.npy")]) == 0
-    np.testing.assert_allclose(np.load(str(d / "line_torch.npy")), outs["line"], rtol=1e-4, atol=1e-5)
+        assert main(["run", str(d / "tasks.tvs"), "--model", str(d / "tasks.onnx"), "--base",
+                     str(d / "base.safetensors"), "--task", task, "--input", str(d / "ids.npy"),
+                     "-o", str(d / (task + "_out.npy"))]) == 0
+        outs[task] = np.load(str(d / (task + "_out.npy")))
+        np.testing.assert_allclose(outs[task], _example_reference(d, {task: 1.0}), rtol=1e-4, atol=1e-5)
+    assert [o.shape for o in outs.values()] == [(2, 3), (2, 4), (2, 5)]
+    for module in ("detect", "line"):  # the torch engine lays any head out for every task
+        assert main(["run", str(d / "tasks.tvs"), "--engine", "torch", "--module",
+                     "tvswitch.export.example_net:" + module, "--base", str(d / "base.safetensors"), "--task",
+                     "gauge", "--input", "ids=" + str(d / "ids.npy"), "-o", str(d / "gauge_torch.npy")]) == 0
+        np.testing.assert_allclose(np.load(str(d / "gauge_torch.npy")), outs["gauge"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_one_server_switches_through_the_tasks_and_mixes_answering_with_the_heaviest_tasks_head(example, slots):
+    from tvswitch.runtime.checkpoint import read_safetensors
+    from tvswitch.runtime.server import serve_bundle
+
+    d = example
+    server = serve_bundle(str(d / "tasks.tvs"), model=str(d / "tasks.onnx"), slots=slots, threads=1,
+                          base=read_safetensors(str(d / "base.safetensors")))
+    assert server.servable == ["detect", "gauge", "line"]
+    feeds = {"ids": np.load(str(d / "ids.npy"))}
+    for mix in ({"line": 1.0}, {"detect": 1.0}, {"gauge": 0.6, "detect": 0.4}, {"line": 0.5, "gauge": 0.5},
+                {"gauge": 1.0}, {"detect": 0.3, "line": 0.3, "gauge": 0.3}):
+        server.switch(mix)
+        got = server.infer(feeds)["output"]
+        want = _example_reference(d, mix)
+        assert got.shape == want.shape  # a tie goes to the task first in the bundle: gauge, then detect
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_one_graph_holds_no_weights_and_asks_for_the_base(example, capsys):
+    import onnx
+
+    d = example
+    assert os.path.getsize(str(d / "tasks.onnx")) * 20 < os.path.getsize(str(d / "detect.onnx"))
+    graph = onnx.load(str(d / "tasks.onnx"))
+    assert all(t.data_type == onnx.TensorProto.INT64 for t in graph.graph.initializer)  # shapes and indices only
+    r = main_(capsys, "run", d / "tasks.tvs", "--model", d / "tasks.onnx", "--task", "gauge", "--input",
+              d / "ids.npy", "-o", d / "no_base.npy")
+    _one_line_exit_2(r)
+    assert "carries no weights" in r.stderr and "--base" in r.stderr and not (d / "no_base.npy").exists()
+
+
+def test_a_graph_that_fits_none_of_the_bundles_tasks_is_refused_never_served(example, capsys):
+    d = example
+    assert main(["export", "--base", str(d / "base.safetensors"), "--task", "gauge=%s" % (d / "gauge.safetensors"),
+                 "--task", "line=%s" % (d / "line.safetensors"), "-o", str(d / "two.tvs"), "--no-progress"]) == 0
+    r = main_(capsys, "run", d / "two.tvs", "--model", d / "detect.onnx", "--task", "gauge", "--input",
+              d / "ids.npy", "-o", d / "none.npy")
+    _one_line_exit_2(r)
+    assert "serves none of the tasks of" in r.stderr and "'head." in r.stderr and not (d / "none.npy").exists()
 
 
 def test_a_task_whose_head_does_not_fit_the_graph_is_refused_at_switch_and_the_old_one_serves(example, capsys):
@@ -410,7 +453,7 @@ def test_a_task_whose_head_does_not_fit_the_graph_is_refused_at_switch_and_the_o
 
     d = example
     r = main_(capsys, "run", d / "tasks.tvs", "--model", d / "detect.onnx", "--base", d / "base.safetensors",
-              "--task", "gauge", "--input", d / "ids.npy", "-o", d / "gauge_on_detect.npy")
+              "--task", "gauge", "--input", d / "ids.npy", "-o", d / "gauge_on_detect.npy")  # one head's graph
     _one_line_exit_2(r)
     assert "task 'gauge' cannot be served by this network: its tensor 'head." in r.stderr
     assert "is [4" in r.stderr and "the network's weight is [3" in r.stderr

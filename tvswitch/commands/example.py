@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "example"
-HELP = "write a small base checkpoint and three fine-tuned ones to try tvswitch on"
+HELP = "write a small base checkpoint, three fine-tuned ones and an input to try tvswitch on"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tvswitch.export.example import make_example
 
-    for path in make_example(args.folder, args.seed):
+    import os
+
+    for path in make_example(args.folder, args.seed) + [os.path.join(args.folder, "ids.npy")]:
         print(path)
     return 0

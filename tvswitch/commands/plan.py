@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-bits", type=float,
                         help="what-if RTVQ: bits per weight of the base vector all tasks share and every switch "
                              "reads (RTVQ's default is 3; leave it out for schemes without one)")
+    parser.add_argument("--model", metavar="MODEL.onnx", help="the serving graph, counted on flash (default: BUNDLE's "
+                        "name with .onnx, where it exists)")
     parser.add_argument("--root", help="with --device this: plan for the board whose files are under this folder")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -54,11 +56,19 @@ def _payload_keys(bundle: Any, tasks: Iterable[str]) -> Set[str]:
     return keys
 
 
-def facts_from_bundle(path: str) -> _plan.BundleFacts:
-    """The plan's numbers of a bundle; flash sizes as ``tvswitch inspect`` counts them."""
+def facts_from_bundle(path: str, graph: Optional[str] = None) -> _plan.BundleFacts:
+    """The plan's numbers of a bundle; flash sizes as ``tvswitch inspect`` counts them, plus
+    the serving graph ``graph`` (default: the bundle's name with .onnx, where it exists)."""
+    import os
+
     from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.server import default_model_path
     from tvswitch.runtime.stats import bundle_stats
 
+    if graph is None and os.path.isfile(default_model_path(path)):
+        graph = default_model_path(path)
+    if graph is not None and not os.path.isfile(graph):
+        raise TvswitchError("--model %s: no such file" % graph)
     b = Bundle.open(path, verify=False)
     stats = bundle_stats(b)
     size = lambda keys: sum(b.payload(k).nbytes for k in keys)  # noqa: E731
@@ -68,6 +78,7 @@ def facts_from_bundle(path: str) -> _plan.BundleFacts:
         base_nbytes=b.base_nbytes, packed_nbytes=b.packed_nbytes,
         task_data_nbytes=int(stats["task_bytes_on_disk"]), fp16_checkpoints_nbytes=int(stats["fp16_checkpoints_bytes"]),
         query_nbytes=b.query_nbytes, task_read_nbytes=one, mix_read_nbytes=size(_payload_keys(b, b.tasks)),
+        graph_nbytes=os.path.getsize(graph) if graph else 0,
     )
 
 
@@ -153,6 +164,8 @@ def format_text(plan: _plan.Plan, label: str, source: str) -> str:
         "",
         "flash, in FP16 on both sides",
         "  %-34s %11s" % ("task data (the bundle)", human_bytes(f.task_data_nbytes)),
+        "  %-34s %11s" % ("serving graph" if f.graph_nbytes else "serving graph (none given)",
+                          human_bytes(f.graph_nbytes)),
         "  %-34s %11s" % ("base weights in FP16", human_bytes(plan.base_fp16_bytes)),
         "  %-34s %11s" % ("tvswitch total", human_bytes(plan.flash_bytes)),
         "  %-34s %11s  %.1fx the tvswitch total; %.1fx the task data alone (inspect's ratio)" % (
@@ -160,8 +173,11 @@ def format_text(plan: _plan.Plan, label: str, source: str) -> str:
             plan.task_data_saving),
     ]
     if f.weight_itemsize != 2:
-        lines.append("  (the base given here is %g bytes a weight: %s on flash if shipped as it is)"
-                     % (f.weight_itemsize, human_bytes(f.base_nbytes)))
+        lines.append("  %-34s %11s  (the base at %g bytes a weight, as given here)"
+                     % ("tvswitch total as shipped", human_bytes(plan.shipped_bytes), f.weight_itemsize))
+        lines.append("  %-34s %11s  %.1fx the total as shipped" % (
+            "one FP32 checkpoint per task", human_bytes(plan.fp32_checkpoints_bytes),
+            plan.fp32_checkpoints_bytes / float(plan.shipped_bytes)))
     lines += [
         "",
         "switch floor: read base + packed vectors, write weights (DESIGN.md s. 9)",
@@ -182,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.bundle and not all(v is not None for v in what_if):
         raise TvswitchError("give a bundle file, or all of --params, --tasks and --bits")
     try:
-        facts = facts_from_bundle(args.bundle) if args.bundle else _what_if(args)
+        if args.model and not args.bundle:
+            raise TvswitchError("--model counts a bundle's graph: give the bundle too")
+        facts = facts_from_bundle(args.bundle, args.model) if args.bundle else _what_if(args)
         device, available, counted, source = _device(args)
         p = _plan.make_plan(facts, device, args.engine, _mib("--workspace-mb", args.workspace_mb),
                             _mib("--reserve-mb", args.reserve_mb), available, counted or "MemAvailable now")

@@ -358,3 +358,33 @@ def _network(fake, engine):
     profile.set_shape("x", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))
     config.add_optimization_profile(profile)
     return network, config
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
+def test_one_weight_stripped_graph_serves_heads_of_three_sizes_refitting_padded_heads(tmp_path, monkeypatch, version):
+    """The built-in example's one graph (export-onnx --bundle): TensorRT builds it with the base and
+    zero heads (the graph holds no weights), each switch refits the padded head, and the answers
+    are cut to each task's size, equal to ONNX Runtime's on the same graph."""
+    from tvswitch.cli import main
+    from tvswitch.runtime.checkpoint import read_safetensors
+    from tvswitch.runtime.server import serve_bundle
+
+    d = tmp_path / "demo"
+    assert main(["example", str(d)]) == 0
+    assert main(["export", "--base", str(d / "base.safetensors"), "-o", str(d / "tasks.tvs"), "--no-progress",
+                 *[a for t in ("detect", "gauge", "line") for a in ("--task", "%s=%s" % (t, d / (t + ".safetensors")))]]) == 0
+    assert main(["export-onnx", "--module", "tvswitch.export.example_net:detect", "--bundle", str(d / "tasks.tvs"),
+                 "--input", "ids=" + str(d / "ids.npy"), "-o", str(d / "tasks.onnx")]) == 0
+    base = read_safetensors(str(d / "base.safetensors"))
+    feeds = {"ids": np.load(str(d / "ids.npy"))}
+    ort = serve_bundle(str(d / "tasks.tvs"), model=str(d / "tasks.onnx"), base=base, threads=1)
+    F.install(monkeypatch, version)
+    trt = serve_bundle(str(d / "tasks.tvs"), "tensorrt", model=str(d / "tasks.onnx"), base=base, gpu=False,
+                       profile={"ids": (feeds["ids"].shape,) * 3})
+    assert trt.mode == "staged" and trt.servable == ["detect", "gauge", "line"]
+    for task, classes in (("line", 5), ("detect", 3), ("gauge", 4)):
+        ort.switch({task: 1.0})
+        trt.switch({task: 1.0})
+        got = trt.infer(feeds)["output"]
+        assert got.shape == (2, classes)
+        np.testing.assert_allclose(got, ort.infer(feeds)["output"], rtol=1e-4, atol=1e-5)
