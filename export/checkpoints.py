@@ -1,30 +1,63 @@
-"""Reading checkpoints for export, and sorting their tensors into what a bundle stores how.
+"""Reading checkpoints for export as users have them, and sorting their tensors into what a bundle stores how.
 
-Checkpoints come as safetensors files, torch state_dict files (read with
-``weights_only=True``: never unpickle arbitrary objects), in-memory state_dicts or torch
-modules.  Every tensor is then one of:
-- a task vector: a float tensor the base has too (quantised by the scheme);
-- stored as-is per task: float tensors only the fine-tuned model has (a head), those the
-  user names with ``--task-specific``, and float buffers such as BatchNorm statistics;
+Checkpoints come as a safetensors file, a torch state_dict file (read with
+``weights_only=True``: never unpickled), a sharded index (``*.safetensors.index.json``,
+``pytorch_model.bin.index.json``), a ``save_pretrained`` folder holding any of those, an
+in-memory state_dict or torch module; a task may also be a PEFT LoRA adapter folder
+(``export.lora``).  bfloat16 is widened to float32 exactly.
+
+Names are matched before anything is compared (``align``): a backbone saved alone
+(``BertModel``: ``encoder.*``) against the same backbone inside each task's model
+(``BertForSequenceClassification``: ``bert.encoder.*`` and ``classifier.*``) differs by
+a prefix, which is found and mapped, the tasks' names winning (they are what a graph of
+the fine-tuned network serves); each mapping is one note on the ``tvswitch.export``
+logger.  Buffers that inference never reads or that a model may or may not save
+(``UNSAVED_BUFFERS``) are handled without refusal, each with a note.
+
+Every tensor is then one of:
+- a task vector: a float tensor the base has too, at the base's shape (quantised by the scheme);
+- stored as-is per task: float buffers such as BatchNorm statistics and the tensors the
+  user names with ``--task-specific``;
+- task-only: float tensors the base lacks (a head), and heads the base has at another
+  shape (a 1000-class pretrained classifier against 4-class fine-tunes): the base's is
+  then left out of the bundle;
 - fixed: integer and bool tensors (and empty ones), which must equal the base's (not
-  stored, only fingerprinted).
+  stored, only fingerprinted), but for ``num_batches_tracked``.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.checkpoint import read_safetensors
 
+log = logging.getLogger("tvswitch.export")
+
 #: Float buffers that are statistics, not weights: never turned into task vectors.
 BUFFER_SUFFIXES = ("running_mean", "running_var")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+#: Integer buffers that one save of a model holds and another does not (transformers marks
+#: them non-persistent in some versions), all constant at inference: a base or task that
+#: lacks one is not refused.
+UNSAVED_BUFFERS = ("position_ids", "token_type_ids", "num_batches_tracked")
+#: The integer counter every train-mode step of a BatchNorm bumps and inference never reads:
+#: a task's value may differ from the base's, and the base's is kept.
+UNREAD_COUNTERS = ("num_batches_tracked",)
+#: What a ``save_pretrained`` folder holds, in the order looked for.
+FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+#: Heads the base has at another shape than every task are task-specific when they hold at
+#: most this share of the base's weights; more would be a base of another network.
+HEAD_SHARE = 0.05
 
 
 @dataclass
@@ -37,20 +70,82 @@ class Checkpoint:
 
 
 def load_checkpoint(source: Any, label: str = "") -> Checkpoint:
-    """A path, a state_dict (numpy or torch tensors) or a torch module, as numpy arrays."""
+    """A path (file, index or folder), a state_dict (numpy or torch tensors) or a torch module, as numpy arrays."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if path.endswith(TORCH_SUFFIXES):
-            return Checkpoint(_read_torch_file(path), path)
-        return Checkpoint(read_safetensors(path), path)
+        if os.path.isdir(path):
+            return Checkpoint(_read_folder(path), path)
+        return Checkpoint(_read_file(path), path)
     if hasattr(source, "state_dict") and hasattr(source, "named_buffers"):
         buffers = {name for name, _ in source.named_buffers()}
         return Checkpoint(_to_numpy(source.state_dict(), label), label or type(source).__name__, buffers)
     if isinstance(source, Mapping):
         return Checkpoint(_to_numpy(source, label), label or "<state_dict>")
     raise TvswitchError("cannot read a checkpoint from %r" % type(source).__name__)
+
+
+def load_task(source: Any, base: Checkpoint, label: str) -> Checkpoint:
+    """A task's checkpoint: as ``load_checkpoint``, or a PEFT LoRA adapter folder made into the
+    fine-tuned weights it stands for against ``base`` (``export.lora``)."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(os.fspath(source), ADAPTER_CONFIG)):
+        from tvswitch.export.lora import adapter_checkpoint
+
+        return adapter_checkpoint(os.fspath(source), base, label)
+    return load_checkpoint(source, label)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _read_file(path: str) -> Dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise TvswitchError("%s: no such file or folder" % path)
+    if path.endswith(".index.json"):
+        return _read_index(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return _read_torch_file(path)
+    return read_safetensors(path)
+
+
+def _read_folder(path: str) -> Dict[str, np.ndarray]:
+    """The checkpoint a ``save_pretrained`` folder holds (config.json is not needed)."""
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        raise TvswitchError("%s is a PEFT adapter: give it as a task (--task NAME=%s), which is taken against the "
+                            "base" % (path, path))
+    for name in FOLDER_FILES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return _read_file(candidate)
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if len(found) == 1:
+        return read_safetensors(os.path.join(path, found[0]))
+    raise TvswitchError("%s: a folder with no checkpoint tvswitch reads (looked for %s%s)"
+                        % (path, ", ".join(FOLDER_FILES),
+                           "; it holds several .safetensors files and no index" if found else ""))
+
+
+def _read_index(path: str) -> Dict[str, np.ndarray]:
+    """A sharded checkpoint: the index's ``weight_map`` names each tensor's shard beside it."""
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is a %s" % type(weight_map).__name__)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TvswitchError("%s: not a readable shard index (%s)" % (path, exc)) from None
+    folder = os.path.dirname(os.path.abspath(path))
+    out: Dict[str, np.ndarray] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise TvswitchError("%s: shard %r is not a file name beside the index" % (path, shard))
+        out.update(_read_file(os.path.join(folder, shard)))
+    missing = [n for n, shard in weight_map.items() if n not in out]
+    if missing:
+        raise TvswitchError("%s names tensor %r in shard %s, which does not hold it" % (path, missing[0],
+                                                                                      weight_map[missing[0]]))
+    return {n: out[n] for n in weight_map}
 
 
 def _read_torch_file(path: str) -> Dict[str, np.ndarray]:
@@ -101,25 +196,134 @@ def _to_numpy(state: Mapping[str, Any], label: str) -> Dict[str, np.ndarray]:
     return out
 
 
+# ---- names ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Renaming:
+    """Names that begin with ``strip`` begin with ``add`` instead: one prefix for another."""
+
+    strip: str
+    add: str
+
+    def __call__(self, name: str) -> str:
+        return self.add + name[len(self.strip):] if name.startswith(self.strip) else name
+
+    def describe(self) -> str:
+        if self.strip and self.add:
+            return "'%s' for '%s'" % (self.add, self.strip)
+        return ("'%s' added" % self.add) if self.add else ("'%s' stripped" % self.strip)
+
+
+def best_renaming(names: Sequence[str], targets: Iterable[str]) -> Optional[Renaming]:
+    """The prefix change that makes the most of ``names`` into ``targets``, if it beats none.
+
+    Candidates come from every pair of names that end alike (two dotted parts at least, or
+    the whole name); each is scored by the names it maps onto a target exactly.
+    """
+    targets = set(targets)
+    ends: Dict[str, Set[str]] = {}
+    for t in targets:
+        parts = t.split(".")
+        for k in range(len(parts) - 1):
+            ends.setdefault(".".join(parts[k:]), set()).add(".".join(parts[:k]) + "." if k else "")
+    candidates: Dict[Renaming, int] = {}
+    for n in names:
+        parts = n.split(".")
+        for k in range(len(parts) - 1):
+            strip = ".".join(parts[:k]) + "." if k else ""
+            for add in ends.get(".".join(parts[k:]), ()):
+                if strip != add:
+                    key = Renaming(strip, add)
+                    candidates[key] = candidates.get(key, 0) + 1
+    plain = sum(1 for n in names if n in targets)
+    best, score = None, plain
+    for r in sorted(candidates, key=lambda r: -candidates[r])[:8]:
+        hits = sum(1 for n in names if r(n) in targets)
+        if hits > score:
+            best, score = r, hits
+    return best
+
+
+def align(base: Checkpoint, tasks: Mapping[str, Checkpoint]
+          ) -> Tuple[Checkpoint, Dict[str, Checkpoint], Optional[Renaming]]:
+    """``base`` and ``tasks`` under one set of names, the first task's, and the base's renaming
+    (None: none), each mapping a note.
+
+    The base is renamed into the first task's names where a prefix change matches more of
+    them (the bundle records it: ``Bundle.base_view`` applies it to a base given later);
+    every other task into those names likewise.  Integer buffers of ``UNSAVED_BUFFERS``
+    that one side lacks are dropped from the other (noted).
+    """
+    first = next(iter(tasks.values()))
+    renaming = best_renaming(list(base.tensors), first.tensors)
+    if renaming is not None:
+        base = _renamed(base, renaming, "the base (%s)" % base.label, "task %r (%s)" % (next(iter(tasks)), first.label))
+    out = {}
+    for name, ck in tasks.items():
+        if ck is not first:
+            r = best_renaming(list(ck.tensors), base.tensors)
+            if r is not None:
+                ck = _renamed(ck, r, "task %r (%s)" % (name, ck.label), "the base")
+        out[name] = ck
+    base, out = _drop_unsaved(base, out)
+    return base, out, renaming
+
+
+def _renamed(ck: Checkpoint, r: Renaming, who: str, whose: str) -> Checkpoint:
+    tensors = {r(n): a for n, a in ck.tensors.items()}
+    if len(tensors) != len(ck.tensors):
+        raise TvswitchError("%s: renaming its tensors to %s's names (%s) makes two of them one name"
+                            % (who, whose, r.describe()))
+    moved = sum(1 for n in ck.tensors if r(n) != n)
+    log.info("names of %s mapped to %s's: %s (%d of %d tensors)", who, whose, r.describe(), moved, len(ck.tensors))
+    return Checkpoint(tensors, ck.label, {r(n) for n in ck.buffers})
+
+
+def _unsaved(name: str, a: np.ndarray) -> bool:
+    return name.rsplit(".", 1)[-1] in UNSAVED_BUFFERS and not np.issubdtype(a.dtype, np.floating)
+
+
+def _drop_unsaved(base: Checkpoint, tasks: Dict[str, Checkpoint]) -> Tuple[Checkpoint, Dict[str, Checkpoint]]:
+    """Drop the unsaved-buffer kind of tensor wherever the base or a task lacks it."""
+    everyone = [base] + list(tasks.values())
+    names = {n for ck in everyone for n, a in ck.tensors.items() if _unsaved(n, a)}
+    partial = sorted(n for n in names if not all(n in ck.tensors for ck in everyone))
+    if not partial:
+        return base, tasks
+    log.info("%d buffer%s that some checkpoints save and others do not, constant at inference, left out: %s",
+             len(partial), "" if len(partial) == 1 else "s", ", ".join(partial[:3]) + (" ..." if len(partial) > 3 else ""))
+    drop = set(partial)
+    keep = lambda ck: Checkpoint({n: a for n, a in ck.tensors.items() if n not in drop}, ck.label,  # noqa: E731
+                                 ck.buffers - drop)
+    return keep(base), {t: keep(ck) for t, ck in tasks.items()}
+
+
+# ---- layout -----------------------------------------------------------------------------
+
 @dataclass
 class Layout:
     """Which tensors a bundle stores how (see the module docstring)."""
 
     vectors: List[str]  # task vectors, in base order
     as_is: List[str]  # base tensors stored per task as-is
-    task_only: Dict[str, List[str]]  # per task: tensors the base does not have
+    task_only: Dict[str, List[str]]  # per task: tensors the base does not have (or has at another shape)
     fixed: List[str]  # non-float (and empty) base tensors, equal in every task
+    replaced: List[str] = field(default_factory=list)  # base tensors every task replaces by its own shape
 
 
 def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequence[str]) -> Layout:
-    """Sort tensors; refuse missing tensors, shape/dtype mismatches (naming both files) and
-    NaN/inf in any float tensor (naming its file)."""
+    """Sort tensors; refuse missing tensors (saying how many names matched, and the nearest
+    pairs), shape/dtype mismatches (naming both files) and NaN/inf in any float tensor
+    (naming its file)."""
+    for task, ck in tasks.items():
+        _check_names(base, task, ck)
+    replaced = _replaced_heads(base, tasks, patterns)
     vectors, as_is, fixed = [], [], []
+    counters = []
     for name, a in base.tensors.items():
+        if name in replaced:
+            continue
         for task, ck in tasks.items():
-            if name not in ck.tensors:
-                raise TvswitchError("tensor %r of base %s is missing from task %r (%s)"
-                                    % (name, base.label, task, ck.label))
             b = ck.tensors[name]
             if b.shape != a.shape or b.dtype != a.dtype:
                 raise TvswitchError("tensor %r is %s%s in base %s but %s%s in task %r (%s)"
@@ -128,6 +332,9 @@ def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequen
         if not np.issubdtype(a.dtype, np.floating) or a.size == 0:  # nothing to vary: fixed
             for task, ck in tasks.items():
                 if not np.array_equal(ck.tensors[name], a):
+                    if name.rsplit(".", 1)[-1] in UNREAD_COUNTERS:
+                        counters.append(name)
+                        continue
                     raise TvswitchError("non-float tensor %r differs between base %s and task %r (%s)"
                                         % (name, base.label, task, ck.label))
             fixed.append(name)
@@ -139,16 +346,55 @@ def classify(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequen
             for task, ck in tasks.items():
                 _check_finite(name, ck.tensors[name], "task %r (%s)" % (task, ck.label))
             (as_is if _as_is(name, base, patterns) else vectors).append(name)
+    if counters:
+        log.info("%s differs from the base's in some task (a counter train-mode BatchNorm bumps; inference never "
+                 "reads it): the base's value is kept%s", counters[0],
+                 " (and %d more such)" % (len(set(counters)) - 1) if len(set(counters)) > 1 else "")
     task_only = {}
     for task, ck in tasks.items():
-        extra = [n for n in ck.tensors if n not in base.tensors]
+        extra = [n for n in ck.tensors if n not in base.tensors or n in replaced]
         for n in extra:
             if not np.issubdtype(ck.tensors[n].dtype, np.floating):
                 raise TvswitchError("tensor %r of task %r (%s) is not in base %s and not float"
                                     % (n, task, ck.label, base.label))
             _check_finite(n, ck.tensors[n], "task %r (%s)" % (task, ck.label))
         task_only[task] = extra
-    return Layout(vectors, as_is, task_only, fixed)
+    return Layout(vectors, as_is, task_only, fixed, sorted(replaced))
+
+
+def _check_names(base: Checkpoint, task: str, ck: Checkpoint) -> None:
+    """Refuse a task that lacks base tensors: how many names matched, and the nearest pairs."""
+    missing = [n for n in base.tensors if n not in ck.tensors]
+    if not missing:
+        return
+    matched = len(base.tensors) - len(missing)
+    extra = [n for n in ck.tensors if n not in base.tensors]
+    pairs = []
+    for n in missing[:3]:
+        close = difflib.get_close_matches(n, extra, n=1, cutoff=0.5)
+        pairs.append("%r ~ %r" % (n, close[0]) if close else "%r (none near)" % n)
+    raise TvswitchError("task %r (%s) matches %d of the %d tensors of base %s by name (no prefix change matches "
+                        "more); %d are missing, nearest: %s" % (task, ck.label, matched, len(base.tensors), base.label,
+                                                                 len(missing), "; ".join(pairs)))
+
+
+def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequence[str]) -> Set[str]:
+    """Base float tensors that every task has at another shape (a pretrained head replaced by
+    the tasks' own): the user's ``--task-specific`` ones, or, unnamed, up to HEAD_SHARE of the weights."""
+    differ = [n for n, a in base.tensors.items() if np.issubdtype(a.dtype, np.floating)
+              and all(ck.tensors[n].shape != a.shape for ck in tasks.values())]
+    if not differ:
+        return set()
+    named = {n for n in differ if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    rest = [n for n in differ if n not in named]
+    total = sum(a.size for a in base.tensors.values())
+    if rest and sum(base.tensors[n].size for n in rest) > HEAD_SHARE * total:
+        return named  # the shape check names the first one: likely a base of another network
+    if rest:
+        log.info("%d tensor%s of base %s every task has at another shape (a head each task replaces: %s): stored "
+                 "per task, the base's left out", len(rest), "" if len(rest) == 1 else "s", base.label,
+                 ", ".join("%s %s" % (n, list(base.tensors[n].shape)) for n in rest[:2]))
+    return set(differ)
 
 
 def _check_finite(name: str, a: np.ndarray, where: str) -> None:

@@ -13,18 +13,21 @@ checkpoints to re-centre the base on a new set of tasks.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import Checkpoint, classify, load_checkpoint, task_vectors
+from tvswitch.export.checkpoints import Checkpoint, best_renaming, classify, load_checkpoint, load_task, task_vectors
 from tvswitch.export.exporter import Scheme, _add_queries, _codes_term, _encode
 from tvswitch.export.quantize import quantize
 from tvswitch.export.writer import PayloadStore, write_bundle
 from tvswitch.kernels.reference import dequantize, unpack_codes
 from tvswitch.runtime import format as fmt
 from tvswitch.runtime.bundle import Bundle
+
+log = logging.getLogger("tvswitch.export")
 
 
 def _stored_payloads(path: str) -> Dict[str, np.ndarray]:
@@ -75,13 +78,16 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
         base_ck = Checkpoint({n: a.astype(bundle.shared_specs[n].dtype) if n in bundle.shared_specs else a
                               for n, a in embedded.items()}, "the base embedded in %s" % path)
     else:
-        base_ck = load_checkpoint(base, "base")
+        given = load_checkpoint(base, "base")
+        base_ck = Checkpoint(dict(bundle.base_view(given.tensors)), given.label, given.buffers)
         bundle.check_base(base_ck.tensors, base_ck.label)
     record = dict(bundle.manifest["scheme"])
     if record.get("name") == "emr":
         raise TvswitchError("%s: EMR's unified vector depends on every task; re-export to add one" % path)
     scheme = Scheme(**{k: v for k, v in record.items() if k in Scheme.__dataclass_fields__})
-    ck = load_checkpoint(source, task)
+    ck = _in_bundle_names(load_task(source, base_ck, task), bundle, task)
+    covered = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))
+    base_ck = Checkpoint({n: a for n, a in base_ck.tensors.items() if n in covered}, base_ck.label, base_ck.buffers)
     layout = classify(base_ck, {task: ck}, scheme.task_specific)
     store = _carry(bundle, lambda key: True)
     first = bundle.tasks[0]
@@ -90,16 +96,20 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
         if name not in bundle.shared_specs:
             raise TvswitchError("tensor %r of %s is not in bundle %s" % (name, ck.label, path))
         taus, flat_base = task_vectors(base_ck, {task: ck}, name)
-        old = bundle.manifest["entries"][first].get(name)
-        if scheme.name == "rtvq":
+        if not taus[0].any():
+            continue  # unchanged: stored for no task that leaves it as the base has it
+        old = next((bundle.manifest["entries"][t][name] for t in bundle.tasks
+                    if name in bundle.manifest["entries"][t]), None)
+        if scheme.name == "rtvq" and old is not None:
             entries[name] = _rtvq_entry(bundle, old, task, name, taus[0], store)
         else:
             width = (old["terms"][0]["bits"],) if scheme.name == "tvq" and old else None
             entries[name] = _encode(scheme, name, base_ck.tensors[name].shape, [task], taus, flat_base,
                                     width, store)[0]
     for name in layout.as_is:
-        key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
-        entries[name] = {"mode": "absolute", "terms": [{"kind": "raw", "values": key}]}
+        if not np.array_equal(ck.tensors[name], base_ck.tensors[name]):
+            key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
+            entries[name] = {"mode": "absolute", "terms": [{"kind": "raw", "values": key}]}
     m = dict(bundle.manifest)
     m["tasks"] = bundle.tasks + [task]
     m["entries"] = dict(m["entries"], **{task: entries})
@@ -107,6 +117,15 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
         n: store.add("%s/%s" % (task, n), ck.tensors[n].astype(scheme.raw_dtype)) for n in layout.task_only[task]}})
     write_bundle(out or path, m, store)
     return Bundle.open(out or path)
+
+
+def _in_bundle_names(ck: Checkpoint, bundle: Bundle, task: str) -> Checkpoint:
+    """The task's checkpoint under the bundle's tensor names (a prefix mapped, as at export)."""
+    renaming = best_renaming(list(ck.tensors), bundle.shared_specs)
+    if renaming is None:
+        return ck
+    log.info("names of task %r (%s) mapped to %s's: %s", task, ck.label, bundle.path, renaming.describe())
+    return Checkpoint({renaming(n): a for n, a in ck.tensors.items()}, ck.label, {renaming(n) for n in ck.buffers})
 
 
 def set_query_sets(path: str, query_sets: Mapping[str, np.ndarray], router: Any, out: Optional[str] = None) -> Bundle:

@@ -8,6 +8,8 @@ over byte for byte.
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -15,13 +17,14 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
-from tvswitch.export.checkpoints import Checkpoint, Layout, classify, load_checkpoint, task_vectors
+from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, load_task, task_vectors
 from tvswitch.export.packing import pack_codes, pack_mask
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
 from tvswitch.export.tswitch import binarize
 from tvswitch.export.writer import PayloadStore, write_bundle
+from tvswitch.files import same_file
 from tvswitch.kernels.abi import code_words
 from tvswitch.runtime import format as fmt
 from tvswitch.runtime.autoswitch import RouterSpec
@@ -35,6 +38,12 @@ ERROR_SAMPLE = 1 << 16
 #: How much more an error along the task vector itself counts than one in a random direction
 #: (export/allocate.py and docs/allocation.md: chosen on MiniLM fine-tunes, not derived).
 COHERENT_GAIN = 100.0
+#: ||tau|| / ||base|| above which a "fine-tune" is likely of another base: real fine-tunes
+#: measure about 0.01 (MiniLM's eight text8 tasks: 0.004-0.012), a network trained apart
+#: about 1 or more.  A warning; ``strict`` makes it a refusal.
+MAX_RELATIVE_NORM = 0.5
+
+log = logging.getLogger("tvswitch.export")
 
 
 @dataclass
@@ -73,10 +82,15 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
                   include_base: Optional[str] = None, entropy: str = "none",
                   query_sets: Optional[Mapping[str, np.ndarray]] = None,
                   router: Optional[Union[RouterSpec, dict]] = None,
-                  progress: bool = False, **scheme_fields: Any) -> Bundle:
+                  progress: bool = False, strict: bool = False, **scheme_fields: Any) -> Bundle:
     """Export ``tasks`` (name -> checkpoint) against ``base`` into bundle ``out``.
 
-    Checkpoints are paths (safetensors or torch files), state_dicts or torch modules.
+    Checkpoints are paths (safetensors or torch files, shard indexes, save_pretrained folders;
+    a task may be a PEFT LoRA adapter folder), state_dicts or torch modules
+    (``export.checkpoints``); names that differ by a prefix are mapped, with a note.
+    A tensor a task leaves exactly as the base has it is stored for no task that does.
+    ``strict`` refuses a task vector larger than ``MAX_RELATIVE_NORM`` of the base (else a
+    warning).
     ``include_base`` ("float16"/"float32") embeds the base for a self-contained bundle;
     ``entropy`` ("zlib"/"lzma") compresses payloads on flash (decoded once at load).
     ``query_sets`` (task -> exemplars x features, e.g. ``autoswitch.build_query_sets``) are
@@ -92,9 +106,16 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
             raise TvswitchError("task name %r: use letters, digits and _ . + - only" % name)
     if include_base not in (None, "float16", "float32"):
         raise TvswitchError("--include-base must be float16 or float32, got %r" % include_base)
+    for name, src in tasks.items():
+        if isinstance(src, (str, os.PathLike)) and isinstance(out, (str, os.PathLike)) and same_file(src, out):
+            raise TvswitchError("-o %s is task %r's checkpoint: writing it would destroy that input" % (out, name))
+    if isinstance(base, (str, os.PathLike)) and same_file(base, out):
+        raise TvswitchError("-o %s is the base checkpoint: writing it would destroy that input" % out)
     base_ck = load_checkpoint(base, "base")
-    cks = {name: load_checkpoint(src, name) for name, src in tasks.items()}
+    cks = {name: load_task(src, base_ck, name) for name, src in tasks.items()}
+    base_ck, cks, renaming = align(base_ck, cks)
     layout = classify(base_ck, cks, scheme.task_specific)
+    check_magnitudes(base_ck, cks, layout.vectors, strict)
     store = PayloadStore(entropy)
     entries: Dict[str, Dict[str, dict]] = {t: {} for t in cks}
     widths = _widths(scheme, base_ck, cks, layout, progress)
@@ -102,14 +123,19 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
         _encode_emr(scheme, base_ck, cks, layout, entries, store)
     for name in _progress(layout.vectors if scheme.name != "emr" else [], progress, "encode"):
         taus, flat_base = task_vectors(base_ck, cks, name)
-        encoded = _encode(scheme, name, base_ck.tensors[name].shape, list(cks), taus, flat_base,
+        changed = [i for i, tau in enumerate(taus) if tau.any()]  # an unchanged tensor is stored for no task
+        if not changed:
+            continue
+        names = [list(cks)[i] for i in changed]
+        encoded = _encode(scheme, name, base_ck.tensors[name].shape, names, taus[changed], flat_base,
                           widths.get(name), store)
-        for task, entry in zip(cks, encoded):
+        for task, entry in zip(names, encoded):
             entries[task][name] = entry
     for name in layout.as_is:
         for task, ck in cks.items():
-            key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
-            entries[task][name] = {"mode": "absolute", "terms": [{"kind": "raw", "values": key}]}
+            if not np.array_equal(ck.tensors[name], base_ck.tensors[name]):
+                key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
+                entries[task][name] = {"mode": "absolute", "terms": [{"kind": "raw", "values": key}]}
     task_specific = {}
     for task, names in layout.task_only.items():
         task_specific[task] = {n: store.add("%s/%s" % (task, n), cks[task].tensors[n].astype(scheme.raw_dtype))
@@ -128,9 +154,27 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
         "entries": entries,
         "task_specific": task_specific,
     }
+    if renaming is not None:
+        manifest["base"]["renamed"] = {"strip": renaming.strip, "add": renaming.add}
     _add_queries(manifest, store, query_sets, router, list(cks))
     write_bundle(out, manifest, store)
     return Bundle.open(out)
+
+
+def check_magnitudes(base: Checkpoint, tasks: Mapping[str, Checkpoint], names: Sequence[str], strict: bool) -> None:
+    """Warn (or, ``strict``, refuse) for a task vector far larger than a fine-tune's, naming the task and figure."""
+    if not names:
+        return
+    base_sq = sum(float(np.sum(base.tensors[n].astype(np.float64) ** 2)) for n in names)
+    for task, ck in tasks.items():
+        tau_sq = sum(float(np.sum((ck.tensors[n].astype(np.float64) - base.tensors[n]) ** 2)) for n in names)
+        ratio = (tau_sq / base_sq) ** 0.5 if base_sq > 0 else 0.0
+        if ratio > MAX_RELATIVE_NORM:
+            message = ("task %r (%s): its task vector's norm is %.3g of the base's, where fine-tunes measure about 0.01 "
+                       "(above %g it is likely not a fine-tune of this base)" % (task, ck.label, ratio, MAX_RELATIVE_NORM))
+            if strict:
+                raise TvswitchError(message + "; refused (--strict)")
+            log.warning(message)
 
 
 def _scheme_record(scheme: Scheme) -> dict:

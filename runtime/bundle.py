@@ -148,8 +148,25 @@ class Bundle:
                 out[name] = _decode(self.path, key, data, info)
         return out
 
+    def base_view(self, base: Optional[Mapping[str, np.ndarray]]) -> Optional[Mapping[str, np.ndarray]]:
+        """``base`` under the bundle's names.
+
+        The exporter names a bundle's tensors as its tasks name them; a base saved alone
+        (``BertModel``: ``encoder.*``) may differ from them by a prefix (``bert.encoder.*``),
+        which the manifest records (``base.renamed``, FORMAT.md section 2) and this applies.
+        A base already named as the bundle is returned as it is.
+        """
+        renamed = self.manifest["base"].get("renamed")
+        if base is None or not renamed:
+            return base
+        strip, add = renamed["strip"], renamed["add"]
+        view = {(add + n[len(strip):] if n.startswith(strip) else n): a for n, a in base.items()}
+        as_is = sum(1 for n in self.shared_specs if n in base)
+        return view if sum(1 for n in self.shared_specs if n in view) > as_is else base
+
     def check_base(self, base: Mapping[str, np.ndarray], label: str = "the base") -> None:
         """Refuse a base that is not the one the bundle was exported against."""
+        base = self.base_view(base)
         names = list(self.shared_specs) + list(self.manifest["base"].get("other", []))
         missing = [n for n in names if n not in base]
         if missing:

@@ -137,6 +137,10 @@ def check_manifest(path: str, m: Any, stored: Mapping[str, Tuple[str, Tuple[int,
                  "task-specific tensors of %r name missing payloads" % task)
     base = m["base"]
     _require(isinstance(base, dict) and isinstance(base.get("fingerprint"), str), path, "bad base record")
+    renamed = base.get("renamed")
+    _require(renamed is None or (isinstance(renamed, dict) and set(renamed) == {"strip", "add"}
+                                 and all(isinstance(v, str) for v in renamed.values())), path,
+             "bad base renaming record")
     for key in (base.get("embedded") or {}).values():
         _require(key in payloads, path, "embedded base names missing payload %r" % key)
     for key in (m.get("queries") or {}).values():

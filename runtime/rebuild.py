@@ -30,6 +30,7 @@ def resolve_base(bundle: Bundle, base: Optional[Mapping[str, np.ndarray]], verif
         if embedded is None:
             raise TvswitchError("%s holds no base weights: give the base checkpoint (--base)" % bundle.path)
         return embedded
+    base = bundle.base_view(base)
     if verify:
         bundle.check_base(base, label)
     return {name: base[name] for name in bundle.shared_specs}

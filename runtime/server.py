@@ -316,6 +316,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
 
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     path = opened.path
+    base = opened.base_view(base)
     heads = {t: opened.task_specific(t) for t in opened.tasks}
     names = list(opened.shared_specs) + sorted({n for t in heads.values() for n in t})
     if engine == "torch":
@@ -370,6 +371,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
         if gpu:
             raise TvswitchError("the GPU rebuild was asked for and cannot run: %s" % note)
         source = BundleSource(opened, eng, base, threads=threads, binding=binding)
+    server = Server(eng, source, initial or {binding.servable[0]: 1.0})  # a refused first mix says only that
+    server.rebuild_note = note
     if binding.unmatched:
         log.warning("%d tensors of %s are not weights of %s and keep its own values through every switch "
                     "(allowed): %s", len(binding.unmatched), path, what, ", ".join(binding.unmatched))
@@ -379,6 +382,4 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
                     "; ".join("%s (%s)" % kv for kv in binding.heads.misfits.items()))
     log.info("%s on %s: %s rebuild: %s; serves %s", path, engine, source.where.upper(), note,
              ", ".join(binding.servable))
-    server = Server(eng, source, initial or {binding.servable[0]: 1.0})
-    server.rebuild_note = note
     return server

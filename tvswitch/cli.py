@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -51,9 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Messages(logging.Handler):
+    """The library's log lines as the CLI prints them: ``tvswitch VERB: note: ...`` (the
+    exporter's notes: names it mapped, tensors it handled without refusal) and
+    ``tvswitch VERB: warning: ...`` (anything at WARNING), one line each, on stderr."""
+
+    def __init__(self, verb: str) -> None:
+        super().__init__(logging.INFO)
+        self.verb = verb
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("tvswitch.export")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "note" if record.levelno < logging.WARNING else "warning"
+        print("tvswitch %s: %s: %s" % (self.verb, kind, record.getMessage()), file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logger = logging.getLogger("tvswitch")
+    handler, level = _Messages(args.command), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args) or 0)
     except TvswitchError as exc:

@@ -83,6 +83,28 @@ class Classifier(nn.Module):
         return self.head(self.features(input_ids, attention_mask))
 
 
+class ServedClassifier(nn.Module):
+    """A task's classifier with the checkpoints' own names (the encoder's unprefixed, ``head.*``):
+    the network ``tvswitch export-onnx --bundle`` makes one graph of for all eight tasks.
+
+    The encoder's children are registered here directly (they stay the encoder's too), so
+    the state_dict says ``embeddings.*``, ``encoder.*``, ``pooler.*`` (unused by the mean
+    pooling) and ``head.*``, as the fine-tuned files do.
+    """
+
+    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        for name, child in encoder.named_children():
+            self.add_module(name, child)
+        self._encoder = [encoder]  # a list: not registered a second time under another name
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self._encoder[0](input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
+
 def split_state(state: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(encoder state, head state) from a flat checkpoint dict."""
     enc = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -77,6 +77,12 @@ TSWITCH_KEEPS = (0.1, 0.3, 0.5)
 TA_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7)
 TIES_GRID = tuple((keep, lam) for keep in (0.01, 0.02, 0.05, 0.1, 0.2) for lam in (0.5, 0.7, 1.0, 1.5, 2.0, 3.0))
 AUTOSWITCH_KS = (1, 5, 10, 20)
+#: Every task served with its own task vector (task known) by one ONNX Runtime engine: one
+#: weight-stripped graph whose heads are padded to the largest (44 classes), answers cut to
+#: each task's classes, as `tvswitch run --task` serves them.  T-Switch at the keep chosen
+#: on validation (its torch row, T-Switch|keep, is the same vectors computed in torch).
+SERVED = "Served by one engine"
+SERVED_SCHEMES = ("TVQ-INT4", "TVQ-INT3", "TVQ-INT2", "RTVQ(3+2)", "RTVQ@2.5b", "T-Switch")
 #: Auto-Switch's features: the encoder's last hidden state, mean-pooled over the attention
 #: mask, from the average model (k is chosen on validation and written into the bundle).
 ROUTER = RouterSpec(output="last_hidden_state", pool="mean", mask_input="attention_mask", network="average")
@@ -287,6 +293,8 @@ def build_table(table: Table) -> Dict[str, object]:
         str(table.cache / "adamerging-coefficients.json"))
     for scheme in sorted(SCHEMES, key=lambda s: s == "FQ-INT4"):  # the known collapse last
         scheme_rows(table, scheme, hyper)
+    for scheme in SERVED_SCHEMES:
+        served_row(table, scheme)
     return hyper
 
 
@@ -439,6 +447,76 @@ def scheme_rows(table: Table, scheme: str, hyper: Mapping[str, dict]) -> None:
         table.row("%s|%s" % (method, scheme), configs[method], method, scheme, compute[method], storage)
 
 
+# ---- served by one engine ------------------------------------------------------------
+
+def chosen_keep(table: Table) -> float:
+    """T-Switch's keep ratio with the best validation average (Auto-Switch's too)."""
+    return max(TSWITCH_KEEPS, key=lambda k: table.rows.rows["T-Switch|%g" % k]["val_avg"])
+
+
+def served_row(table: Table, scheme: str) -> None:
+    """Each task switched to with its own task vector on one ONNX Runtime engine, one graph for
+    all eight heads, and its test split answered through it; with the bits per weight held
+    resident and on flash, raw and with --entropy lzma (whose decoded payloads are checked
+    equal to the raw ones: the same bits are served)."""
+    fields = {"name": "tswitch", "keep": chosen_keep(table)} if scheme == "T-Switch" else SCHEMES[scheme]
+    config = table.config(fields=fields, served=1)
+    key = "%s|%s" % (SERVED, scheme)
+    if table.rows.fresh(key, config):
+        return
+    from tvswitch.runtime.server import serve_bundle
+
+    bench = table.bench
+    label = "T-Switch-%g" % fields["keep"] if scheme == "T-Switch" else scheme
+    bundle = export_scheme(bench, table.cache, label, fields)
+    packed = export_scheme(bench, table.cache, label + "-lzma", dict(fields, entropy="lzma"))
+    differ = [k for k in bundle.manifest["payloads"] if not np.array_equal(bundle.payload(k), packed.payload(k))]
+    if differ:
+        raise SystemExit("%s: payload %s decodes differently from the lzma bundle" % (scheme, differ[0]))
+    graph = served_graph(table, bundle)
+    server = serve_bundle(bundle, "onnxruntime", model=graph, base=bench.base,
+                          threads=torch.get_num_threads())
+
+    def compute() -> Dict[str, float]:
+        xs, ys = bench.split("test")
+        accs = {}
+        for t in bench.tasks:
+            server.switch({t: 1.0})
+            pred = np.zeros(len(xs[t]), dtype=np.int64)
+            for idx, (ids, mask) in xs[t].batches(64):
+                logits = server.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["logits"]
+                pred[idx] = logits.argmax(-1)
+            accs[t] = float((pred == ys[t]).mean())
+        return accs
+
+    weights = bundle.num_shared_params * len(bundle.tasks)
+    storage = dict(storage_of(bundle), resident_bits=8.0 * bundle.packed_nbytes / weights,
+                   flash_lzma_bits=storage_of(packed)["bits"], flash_lzma_bytes=storage_of(packed)["bytes"],
+                   graph_bytes=pathlib.Path(graph).stat().st_size)
+    shown = "%s (keep %g)" % (scheme, fields["keep"]) if scheme == "T-Switch" else scheme
+    table.row(key, config, SERVED, shown, compute, storage)
+
+
+def served_graph(table: Table, bundle: Bundle) -> str:
+    """The one graph of all eight classifiers (``export_onnx_for_bundle``), made once: every
+    bundle of these checkpoints has the same heads, so the same cuts."""
+    from tvswitch.export.onnx_export import export_onnx_for_bundle
+
+    shapes = {t: {n: list(a.shape) for n, a in bundle.task_specific(t).items()} for t in bundle.tasks}
+    path = table.cache / "bundles" / ("served-%s.onnx" % settings_hash({"heads": shapes, "len": M.MAX_LEN}))
+    if not path.exists():
+        bench = table.bench
+        _, (ids, mask) = next(bench.val[bench.tasks[0]].batches(8))
+        dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+        t0 = time.time()
+        export_onnx_for_bundle(M.ServedClassifier(M.load_encoder(), 2), bundle, [ids, mask], str(path),
+                               input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                               dynamic_axes=dynamic)
+        bench.log("exported the one graph (%.2f MB, no weights) in %.0fs" % (path.stat().st_size / 1e6,
+                                                                            time.time() - t0))
+    return str(path)
+
+
 # ---- Auto-Switch ---------------------------------------------------------------------
 
 @torch.no_grad()
@@ -456,7 +534,7 @@ def router_features(bench: Bench, spec: RouterSpec, data: M.Tokenized) -> np.nda
 def auto_switch_row(table: Table) -> None:
     """Auto-Switch end to end on the best-validation T-Switch bundle (see ``auto_switch``):
     one row routing per batch (what ``Server.auto`` serves), one routing per input."""
-    keep = max(TSWITCH_KEEPS, key=lambda k: table.rows.rows["T-Switch|%g" % k]["val_avg"])
+    keep = chosen_keep(table)
     config = table.config(keep=keep, ks=AUTOSWITCH_KS, exemplars=table.exemplars, router=ROUTER.record(),
                           rows=AUTO_ROWS)
     if all(table.rows.fresh(key, config) for key, _, _ in AUTO_ROWS):
@@ -589,9 +667,34 @@ def write_reports(rows: Rows, tasks: Sequence[str], hyper: dict, out: pathlib.Pa
         cells = ["%.1f" % (100 * r["acc"][t]) for t in tasks]
         lines.append("| %s | %s | %s | **%.1f** | %.3g | %s |" % (
             r["method"], r["storage"], " | ".join(cells), 100 * r["avg"], r["bits"], _mb(r["bytes"])))
+    lines += served_table(rows, tasks)
     lines += ["", run_line(meta)]
     (out / "text8.md").write_text("\n".join(lines) + "\n")
     plot(table, out / "text8.png")
+
+
+def served_table(rows: Rows, tasks: Sequence[str]) -> List[str]:
+    """The rows a switching user reads first: each task served with its own task vector by one
+    engine, bits per weight resident and on flash; T-Switch beside its torch row."""
+    served = [rows.rows["%s|%s" % (SERVED, s)] for s in SERVED_SCHEMES if "%s|%s" % (SERVED, s) in rows.rows]
+    if not served:
+        return []
+    lines = ["", "Each task served with its own task vector (task known) by one ONNX Runtime engine: one graph for "
+             "all eight heads (padded to 44 classes, no weights inside), each answer cut to its task's classes, as "
+             "`tvswitch run --task` serves. Bits per task-vector weight, heads and header included: resident in "
+             "memory, on flash, on flash with `--entropy lzma` (decoded at load to the same payloads).", "",
+             "| storage | " + " | ".join(tasks) + " | avg | resident | flash | flash, lzma | in torch |",
+             "|" + "---|" * (len(tasks) + 6)]
+    for r in served:
+        torch_avg = ""
+        if r["storage"].startswith("T-Switch"):
+            keep = r["storage"].split("keep ")[1].rstrip(")")
+            twin = rows.rows.get("T-Switch|%s" % keep)
+            torch_avg = "%.1f" % (100 * twin["avg"]) if twin else ""
+        lines.append("| %s | %s | **%.1f** | %.3f | %.3f | %.3f | %s |" % (
+            r["storage"], " | ".join("%.1f" % (100 * r["acc"][t]) for t in tasks), 100 * r["avg"],
+            r["resident_bits"], r["bits"], r["flash_lzma_bits"], torch_avg))
+    return lines
 
 
 def run_line(meta: Mapping[str, object]) -> str:

@@ -480,7 +480,7 @@ def test_token_ids_of_the_wrong_dtype_or_rank_are_refused_in_one_line(example, c
     np.save(str(d / "ids_3d.npy"), ids[None])
     flags = ["--engine", "torch", "--module", "tvswitch.export.example_net:detect"] if engine == "torch" else []
     for bad, given in (("ids_float.npy", "float32[2, 16]"), ("ids_3d.npy", "int64[1, 2, 16]")):
-        r = main_(capsys, "run", d / "tasks.tvs", "--model", d / "detect.onnx", "--base", d / "base.safetensors",
+        r = main_(capsys, "run", d / "tasks.tvs", "--model", d / "tasks.onnx", "--base", d / "base.safetensors",
                   *flags, "--task", "detect", "--input", "ids=" + str(d / bad), "-o", d / "bad.npy")
         _one_line_exit_2(r)
         assert ("input 'ids' is " if engine == "onnxruntime" else "(ids ") + given in r.stderr, r.stderr

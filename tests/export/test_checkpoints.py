@@ -19,10 +19,10 @@ def _pair(base, ft):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda ft: ft.pop("enc.bias"), "'enc.bias' of base base.st is missing from task 'a' \\(a.st\\)"),
+    (lambda ft: ft.pop("enc.bias"), "task 'a' \\(a.st\\) matches 6 of the 7 tensors of base base.st by name .*"
+                                    "1 are missing, nearest: 'enc.bias' \\(none near\\)"),
     (lambda ft: ft.update({"enc.weight": np.zeros((29, 37), np.float32)}), "'enc.weight' is float32\\[37, 29\\] in base base.st but float32\\[29, 37\\]"),
     (lambda ft: ft.update({"enc.bias": np.zeros(37, np.float16)}), "'enc.bias' is float32\\[37\\] in base base.st but float16"),
-    (lambda ft: ft.update({"bn.num_batches_tracked": np.array(6, np.int64)}), "non-float tensor 'bn.num_batches_tracked' differs"),
 ])
 def test_mismatches_name_the_tensor_and_both_files(checkpoints, edit, message):
     base, fts = checkpoints
@@ -30,6 +30,18 @@ def test_mismatches_name_the_tensor_and_both_files(checkpoints, edit, message):
     edit(ft)
     with pytest.raises(TvswitchError, match=message):
         classify(*_pair(base, ft), [])
+
+
+def test_a_non_float_tensor_that_differs_is_refused_but_a_batchnorm_counter_keeps_the_bases(checkpoints, caplog):
+    base, fts = checkpoints
+    base = dict(base, **{"steps": np.arange(3)})
+    ft = dict(fts["a"], **{"steps": np.arange(3) + 1, "bn.num_batches_tracked": np.array(6, np.int64)})
+    with pytest.raises(TvswitchError, match="non-float tensor 'steps' differs"):
+        classify(*_pair(base, ft), [])
+    ft["steps"] = base["steps"]
+    with caplog.at_level("INFO", logger="tvswitch.export"):
+        layout = classify(*_pair(base, ft), [])
+    assert "bn.num_batches_tracked" in layout.fixed and "the base's value is kept" in caplog.text
 
 
 def test_torch_files_load_with_weights_only(tmp_path, checkpoints):

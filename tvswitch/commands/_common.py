@@ -34,13 +34,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def load_base(path: Optional[str]) -> Optional[Dict[str, np.ndarray]]:
-    """A base checkpoint given on the command line (safetensors or torch file), or None."""
+def load_base(path: Optional[str], bundle: Any = None) -> Optional[Dict[str, np.ndarray]]:
+    """A base checkpoint given on the command line (a file, an index or a save_pretrained
+    folder), or None; under ``bundle``'s names where one is given (``Bundle.base_view``)."""
     if path is None:
         return None
     from tvswitch.export.checkpoints import load_checkpoint
 
-    return load_checkpoint(path, "base").tensors
+    tensors = load_checkpoint(path, "base").tensors
+    return dict(bundle.base_view(tensors)) if bundle is not None else tensors
 
 
 def human_bytes(n: float) -> str:

@@ -6,6 +6,7 @@ import argparse
 from tvswitch.commands._common import human_bytes, parse_task_args, print_json
 from tvswitch.commands._inputs import check_output_path
 from tvswitch.errors import TvswitchError
+from tvswitch.export.exporter import MAX_RELATIVE_NORM
 from tvswitch.runtime.format import SCHEMES
 
 NAME = "export"
@@ -18,9 +19,16 @@ FLAGS = {"bits": "--bits", "granularity": "--granularity", "base_bits": "--base-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="pretrained checkpoint (safetensors, or torch state_dict file)")
+    p.add_argument("--base", required=True,
+                   help="pretrained checkpoint: a safetensors or torch state_dict file, a shard index, or a "
+                   "save_pretrained folder")
     p.add_argument("--task", action="append", required=True, metavar="NAME=PATH",
-                   help="a fine-tuned checkpoint; repeat per task")
+                   help="a fine-tuned checkpoint (as --base takes them) or a PEFT LoRA adapter folder; repeat per "
+                   "task. Names that differ from the base's by a prefix (bert., model., base_model.model.) are "
+                   "mapped, with a note")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a task vector far larger than a fine-tune's (norm above %g of the base's) instead of "
+                   "warning" % MAX_RELATIVE_NORM)
     p.add_argument("--scheme", choices=list(SCHEMES), default="tvq",
                    help="tvq (default), rtvq, tswitch, fq (baseline), or emr (EMR-Merging: unified "
                         "vector at --bits, per-task masks and rescalers)")
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = export_bundle(
         args.base, tasks, args.output, name=args.scheme, task_specific=list(args.task_specific),
         raw_dtype=args.raw_dtype, include_base=args.include_base, entropy=args.entropy,
-        progress=not args.no_progress, **settings)
+        progress=not args.no_progress, strict=args.strict, **settings)
     stats = bundle_stats(bundle)
     if args.json:
         print_json(stats)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.open(args.bundle) if args.bundle else None
     inputs_of = [args.weights, args.bundle] + [v.partition("=")[2] or v for v in args.input]
     check_output_path(args.output, "-o", inputs=inputs_of)
-    weights = load_base(args.weights)
+    weights = load_base(args.weights, bundle)
     if bundle is not None:
         if weights is None:
             weights = bundle.embedded_base()

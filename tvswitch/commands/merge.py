@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.coefficients_out, "--coefficients-out", inputs=inputs + [args.output])
     bundle = Bundle.open(args.bundle)
     _check_args(args, bundle)
-    given = load_base(args.base)
+    given = load_base(args.base, bundle)
     if args.method == "emr" and bundle.scheme == "emr":
         tensors = _own_rebuild(bundle, given, args.task)
         how = "the bundle's own EMR model of %s" % args.task

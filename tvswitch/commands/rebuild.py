@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         mix = parse_mix(args.mix)
     else:
         mix = task_arithmetic(bundle.tasks, args.arithmetic)
-    base = load_base(args.base)
+    base = load_base(args.base, bundle)
     rebuilder = CpuRebuilder(bundle, base, threads=args.threads, base_label=args.base or "the base")
     out = rebuilder.allocate(args.dtype)
     rebuilder.plan(mix)  # refuses a bad mix before any work

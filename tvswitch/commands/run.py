@@ -73,7 +73,7 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
     from tvswitch.runtime.server import serve_bundle
 
     bundle = Bundle.open(args.bundle)
-    base = load_base(args.base)
+    base = load_base(args.base, bundle)
     module = None
     inputs, options = engine_options(args, inputs)
     if args.engine == "torch":
