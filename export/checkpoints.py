@@ -55,8 +55,8 @@ UNREAD_COUNTERS = ("num_batches_tracked",)
 #: What a ``save_pretrained`` folder holds, in the order looked for.
 FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
-#: Heads the base has at another shape than every task are task-specific when they hold at
-#: most this share of the base's weights; more would be a base of another network.
+#: Heads the base has at another shape than every task are task-specific when they are one
+#: module's or hold at most this share of the base's weights; more would be another network.
 HEAD_SHARE = 0.05
 
 
@@ -380,20 +380,27 @@ def _check_names(base: Checkpoint, task: str, ck: Checkpoint) -> None:
 
 def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequence[str]) -> Set[str]:
     """Base float tensors that every task has at another shape (a pretrained head replaced by
-    the tasks' own): the user's ``--task-specific`` ones, or, unnamed, up to HEAD_SHARE of the weights."""
+    the tasks' own): the user's ``--task-specific`` ones, and, unnamed, those that differ in
+    their number of outputs only (axis 0) and are of one module (``_fc.*``, ``classifier.*``)
+    or of at most HEAD_SHARE of the base's weights.  Anything else is likely a base of
+    another network: left to the shape check, which names it."""
     differ = [n for n, a in base.tensors.items() if np.issubdtype(a.dtype, np.floating)
               and all(ck.tensors[n].shape != a.shape for ck in tasks.values())]
-    if not differ:
-        return set()
     named = {n for n in differ if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     rest = [n for n in differ if n not in named]
+    outputs_only = all(ck.tensors[n].shape[1:] == base.tensors[n].shape[1:] and ck.tensors[n].ndim == base.tensors[n].ndim
+                       for n in rest for ck in tasks.values())
+    if not outputs_only:  # a head changes its number of outputs (axis 0) and nothing else
+        return named
+    if not rest:
+        return named
+    owner = os.path.commonprefix([n.split(".")[:-1] for n in rest])
     total = sum(a.size for a in base.tensors.values())
-    if rest and sum(base.tensors[n].size for n in rest) > HEAD_SHARE * total:
-        return named  # the shape check names the first one: likely a base of another network
-    if rest:
-        log.info("%d tensor%s of base %s every task has at another shape (a head each task replaces: %s): stored "
-                 "per task, the base's left out", len(rest), "" if len(rest) == 1 else "s", base.label,
-                 ", ".join("%s %s" % (n, list(base.tensors[n].shape)) for n in rest[:2]))
+    if not owner and sum(base.tensors[n].size for n in rest) > HEAD_SHARE * total:
+        return named
+    log.info("%d tensor%s of base %s every task has at another shape (%s): a head each task replaces, stored per "
+             "task, the base's left out", len(rest), "" if len(rest) == 1 else "s", base.label,
+             ", ".join("%s %s" % (n, list(base.tensors[n].shape)) for n in rest[:2]) + (" ..." if len(rest) > 2 else ""))
     return set(differ)
 
 

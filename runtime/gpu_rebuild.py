@@ -197,6 +197,9 @@ class GpuRebuilder:
                 raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32, float16 or bfloat16"
                                     % (name, a.dtype))
         self._names = list(bundle.shared_specs)
+        #: max|base| per tensor, for the range check of a mix (``plan.build_plan``): the base leaves the host
+        self._base_bounds = {n: float(np.abs(a.astype(np.float32)).max()) if a.size else 0.0
+                             for n, a in host_base.items()}
         self._own_device = device is None
         self.device = device or open_device(ordinal, binding)
         self._owned: List[int] = []
@@ -310,7 +313,7 @@ class GpuRebuilder:
     def _plan(self, key: tuple) -> Plan:
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(self.bundle, dict(key), self.address)
+            plan = build_plan(self.bundle, dict(key), self.address, self._base_bounds.get)
             check_terms(plan)
             plan.segments["base"] = [self._base[n].ptr for n in plan.names]
             plan.segments["base_dtype"] = [element_code(self._base[n].dtype) for n in plan.names]

@@ -16,6 +16,9 @@ from tvswitch.errors import TvswitchError
 Mix = Dict[str, float]
 #: The largest finite float32: weights are applied in float32 (decode.h's contract).
 FLOAT32_MAX = 3.4028234663852886e38
+#: No weight of a mix or merge means anything beyond this (task arithmetic uses |lambda| <= 3,
+#: negation -1): a larger one only writes the task vector's noise over the base, so it is refused.
+MAX_WEIGHT = 1e6
 
 
 def parse_mix(text: str) -> Dict[str, float]:
@@ -59,13 +62,18 @@ def check_weight(value: object, what: str) -> float:
     """``value`` as a float; TvswitchError naming ``what`` unless it is a finite number.
 
     Every weight that scales a task vector passes here (mix weights, merging lambdas and
-    coefficients): a NaN or infinite one would write NaN into every tensor it touches.
+    coefficients): a NaN or infinite one would write NaN into every tensor it touches, one
+    past float32's range inf, and one beyond ``MAX_WEIGHT`` noise.  numpy scalars are
+    numbers too.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TvswitchError("%s must be a finite number, got %r" % (what, value))
     if abs(float(value)) > FLOAT32_MAX:
         raise TvswitchError("%s is %g, beyond float32's range (%.4g): every weight it scales would be inf"
                             % (what, float(value), FLOAT32_MAX))
+    if abs(float(value)) > MAX_WEIGHT:
+        raise TvswitchError("%s is %g: weights beyond +-%g mean nothing (task arithmetic uses |lambda| <= 3) and "
+                            "would write the task vector's noise over the base" % (what, float(value), MAX_WEIGHT))
     return float(value)
 
 

@@ -10,13 +10,16 @@ reads the shared codes K times, and ``bytes_moved`` counts them K times.
 from __future__ import annotations
 
 from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
-from typing import Callable, List, Mapping
+from typing import Callable, List, Mapping, Optional
 
 import numpy as np
 
+from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi
 from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.mix import FLOAT32_MAX
 
 
 @dataclass
@@ -30,8 +33,15 @@ class Plan:
     reads: List[str]  # payloads the terms read, once per term that reads them (what really moves)
 
 
-def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int]) -> Plan:
-    """Tables for ``mix`` (already checked), payload keys resolved through ``address``."""
+def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
+               base_bound: Optional[Callable[[str], float]] = None) -> Plan:
+    """Tables for ``mix`` (already checked), payload keys resolved through ``address``.
+
+    Refused (``TvswitchError``) before any table exists: a mix whose folded weights would
+    take some tensor past float32's range.  Each element is bounded by
+    ``|c| * max|base| + sum_j |w_j| * max|v_j|`` (``base_bound(name)`` gives max|base|;
+    ``term_bound`` a term's largest value), which is what decode.h's float32 sum can reach.
+    """
     names = list(bundle.shared_specs)
     segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
     rows: List[tuple] = []
@@ -57,6 +67,7 @@ def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str]
                     merged[key][1] += w * t.scale
                 else:
                     merged[key] = [t, w * t.scale]
+        _check_range(bundle, mix, name, base_coef, merged.values(), base_bound)
         begin = len(rows)
         for t, weight in merged.values():
             if weight != 0.0:
@@ -82,6 +93,35 @@ def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -
     values = bundle.payload(t.values)
     kind = abi.KIND_RAW_F32 if values.dtype == np.float32 else abi.KIND_RAW_F16
     return (address(t.values), address(t.mask) if t.mask else 0, 0, 1, weight, kind, 0, 0)
+
+
+def term_bound(bundle: Bundle, t) -> float:
+    """The largest magnitude a term's value reaches: ``max(|offset|, |scale * (2^b - 1) + offset|)``
+    over its groups for codes, ``max|values|`` for raw values (computed once per payload)."""
+    cache = _BOUNDS.setdefault(bundle, {})
+    key = (t.kind, t.codes or t.values, t.params, t.bits)
+    if key not in cache:
+        if t.kind == "codes":
+            params = bundle.payload(t.params).astype(np.float64).reshape(-1, 2)
+            top = params[:, 0] * float((1 << t.bits) - 1) + params[:, 1]
+            cache[key] = float(max(np.abs(params[:, 1]).max(), np.abs(top).max())) if len(params) else 0.0
+        else:
+            values = bundle.payload(t.values)
+            cache[key] = float(np.abs(values.astype(np.float64)).max()) if values.size else 0.0
+    return cache[key]
+
+
+_BOUNDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _check_range(bundle: Bundle, mix: Mapping[str, float], name: str, base_coef: float, terms,
+                 base_bound: Optional[Callable[[str], float]]) -> None:
+    bound = abs(base_coef) * (base_bound(name) if base_bound is not None and base_coef else 0.0)
+    bound += sum(abs(weight) * term_bound(bundle, t) for t, weight in terms)
+    if not bound <= FLOAT32_MAX:
+        raise TvswitchError("the mix %s would take tensor %r of %s past float32's range (|value| up to %.3g): "
+                            "every weight it writes there would be inf" % (
+                                ",".join("%s=%g" % kv for kv in mix.items()), name, bundle.path, bound))
 
 
 def mix_key(mix: Mapping[str, float]) -> tuple:

@@ -66,6 +66,7 @@ class CpuRebuilder:
         self._base = {name: contiguous(a) for name, a in
                       resolve_base(bundle, base, verify_base, base_label).items()}
         self._plans: Dict[tuple, Plan] = {}
+        self._bounds: Dict[str, float] = {}
         self._compiled = cpu.available()
         if not self._compiled:
             warnings.warn("tvswitch: %s; rebuilding with the slow numpy reference" % cpu.unavailable_reason())
@@ -73,6 +74,13 @@ class CpuRebuilder:
     @property
     def base(self) -> Dict[str, np.ndarray]:
         return self._base
+
+    def _base_bound(self, name: str) -> float:
+        """max|base| of one tensor, computed once (the range check of ``plan.build_plan``)."""
+        if name not in self._bounds:
+            a = self._base[name]
+            self._bounds[name] = float(np.abs(a).max()) if a.size else 0.0
+        return self._bounds[name]
 
     def allocate(self, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
         """Output buffers for every tensor a rebuild writes (the base's dtype by default)."""
@@ -85,7 +93,7 @@ class CpuRebuilder:
         key = mix_key(mix)
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data)
+            plan = build_plan(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound)
             plan.segments["base"] = [self._base[n].ctypes.data for n in plan.names]
             plan.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in plan.names]
             if len(self._plans) > 64:

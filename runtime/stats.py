@@ -35,6 +35,24 @@ def entry_widths(entry: Entry, bundle: Bundle) -> List[int]:
     return [t.bits if t.kind == "codes" else 8 * bundle.payload(t.values).dtype.itemsize for t in entry.terms]
 
 
+def budget_bits(bundle: Bundle) -> float:
+    """What ``--budget-bits`` holds to (FORMAT.md section 6): the bits of the task vectors' codes
+    terms (code streams with their trailing word, 64 bits per (scale, offset) group; a shared
+    payload such as RTVQ's base vector once), per weight and task over the tensors that are
+    task vectors (not stored as-is)."""
+    keys, weights = set(), 0
+    for name, spec in bundle.shared_specs.items():
+        entries = [bundle.entries(t).get(name) for t in bundle.tasks]
+        if any(e is not None and (e.mode != "delta" or e.terms[0].kind != "codes") for e in entries):
+            continue  # stored as-is, or FQ's absolute codes: outside the budget
+        weights += spec.numel
+        for e in entries:
+            for t in e.terms if e is not None else ():
+                keys.update((t.codes, t.params))
+    bits = sum(8 * bundle.payload(k).nbytes for k in keys)
+    return bits / float(weights * len(bundle.tasks)) if weights and bundle.tasks else 0.0
+
+
 def bundle_stats(bundle: Bundle) -> Dict[str, object]:
     """Sizes and ratios of a bundle, as plain data for ``--json``."""
     m = bundle.manifest
@@ -50,12 +68,14 @@ def bundle_stats(bundle: Bundle) -> Dict[str, object]:
     # One task's checkpoint: the shared tensors plus its own head (averaged over tasks).
     checkpoint_params = n_shared + (head_params / T if T else 0)
     tensors = {}
-    first = bundle.tasks[0] if bundle.tasks else None
+    changed_weights = 0
     for name, spec in bundle.shared_specs.items():
-        entry = bundle.entries(first).get(name) if first else None
+        changing = [t for t in bundle.tasks if name in bundle.entries(t)]
+        changed_weights += spec.numel * len(changing)
+        entry = bundle.entries(changing[0]).get(name) if changing else None
         tensors[name] = {"shape": list(spec.shape), "dtype": spec.dtype,
                          "stored": describe_entry(entry, bundle) if entry else "unchanged",
-                         "widths": entry_widths(entry, bundle) if entry else []}
+                         "widths": entry_widths(entry, bundle) if entry else [], "tasks": len(changing)}
     task_specific = {task: {name: {"shape": list(bundle.payload(key).shape),
                                    "dtype": bundle.payload(key).dtype.name,
                                    "bytes": int(bundle.payload(key).nbytes)}
@@ -72,6 +92,13 @@ def bundle_stats(bundle: Bundle) -> Dict[str, object]:
         "entropy_coded_payloads": sum(1 for v in m["payloads"].values() if v["codec"] != "none"),
         "shared_params": n_shared,
         "bits_per_task_vector_weight": bits,
+        "changed_weights": changed_weights,
+        "bits_per_changed_weight": 8.0 * task_bytes_on_disk / changed_weights if changed_weights else 0.0,
+        "budget_bits_per_weight": budget_bits(bundle),
+        "base_bytes": base_embedded_bytes or bundle.base_nbytes,
+        "with_base_bytes": bundle.file_nbytes if base_embedded_bytes else task_bytes_on_disk + bundle.base_nbytes,
+        "ratio_with_base_to_fp32_checkpoints": (4 * checkpoint_params * T / (
+            bundle.file_nbytes if base_embedded_bytes else task_bytes_on_disk + bundle.base_nbytes)) if T else 0.0,
         "fp32_checkpoints_bytes": int(4 * checkpoint_params * T),
         "fp16_checkpoints_bytes": int(2 * checkpoint_params * T),
         "ratio_to_fp32_checkpoints": (4 * checkpoint_params * T / task_bytes_on_disk) if task_bytes_on_disk else 0.0,

@@ -81,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(stats)
     else:
-        print("wrote %s: %d tasks, scheme %s, %s, %.3f bits per task-vector weight, %.1fx smaller than FP16 checkpoints"
+        budget = ("; %.3f in the codes --budget-bits holds to" % stats["budget_bits_per_weight"]
+                  if args.budget_bits is not None else "")
+        print("wrote %s: %d tasks, scheme %s, %s, %.3f bits per task-vector weight (%.3f per weight that changed%s), "
+              "%.1fx smaller than FP16 checkpoints; %.1fx smaller than FP32 ones with the base counted"
               % (args.output, len(bundle.tasks), args.scheme, human_bytes(stats["file_bytes"]),
-                 stats["bits_per_task_vector_weight"], stats["ratio_to_fp16_checkpoints"]))
+                 stats["bits_per_task_vector_weight"], stats["bits_per_changed_weight"], budget,
+                 stats["ratio_to_fp16_checkpoints"], stats["ratio_with_base_to_fp32_checkpoints"]))
     return 0

@@ -36,9 +36,19 @@ def run(args: argparse.Namespace) -> int:
     print("size     %s on disk, %s of task data; %.3f bits per task-vector weight"
           % (human_bytes(stats["file_bytes"]), human_bytes(stats["task_bytes_on_disk"]),
              stats["bits_per_task_vector_weight"]))
+    print("changed  %d of %d task-vector weights (over all tasks) changed: %.3f bits per changed weight"
+          % (stats["changed_weights"], stats["shared_params"] * len(stats["tasks"]), stats["bits_per_changed_weight"]))
+    if "budget_bits" in scheme:
+        print("budget   %.3f bits per weight and task in the task vectors' codes (what --budget-bits %g holds to); "
+              "%.3f over everything in the file" % (stats["budget_bits_per_weight"], scheme["budget_bits"],
+                                                   stats["bits_per_task_vector_weight"]))
     print("vs       %.1fx smaller than FP32 checkpoints (%s), %.1fx than FP16 (%s)"
           % (stats["ratio_to_fp32_checkpoints"], human_bytes(stats["fp32_checkpoints_bytes"]),
              stats["ratio_to_fp16_checkpoints"], human_bytes(stats["fp16_checkpoints_bytes"])))
+    print("with base %s: task data + the base (%s%s), %.1fx smaller than the FP32 checkpoints"
+          % (human_bytes(stats["with_base_bytes"]), human_bytes(stats["base_bytes"]),
+             ", embedded" if stats["base_embedded_bytes"] else " at its dtype, beside the bundle",
+             stats["ratio_with_base_to_fp32_checkpoints"]))
     print("resident %s packed, %s query sets" % (human_bytes(stats["resident_packed_bytes"]),
                                                  human_bytes(stats["query_bytes"])))
     print("\n%-60s %-16s %s" % ("tensor", "shape", "stored as"))

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.checkpoint import write_safetensors
-    from tvswitch.runtime.mix import parse_mix, task_arithmetic
+    from tvswitch.runtime.mix import check_mix, head_task, parse_mix, task_arithmetic
     from tvswitch.runtime.rebuild import CpuRebuilder
 
     check_output_path(args.output, "-o", inputs=[args.bundle, args.base])
@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
     source = base if base is not None else bundle.embedded_base()
     for name in bundle.manifest["base"].get("other", []):
         tensors[name] = source[name]
-    if args.task is not None:
-        tensors.update(bundle.task_specific(args.task))
+    head = head_task(check_mix(mix, bundle.tasks, bundle.path))  # as a server answers the mix
+    tensors.update(bundle.task_specific(head))
     write_safetensors(args.output, tensors, {"tvswitch.mix": repr(sorted(mix.items()))})
-    result = {"output": args.output, "mix": mix, "tensors": len(tensors), "rebuild_seconds": seconds}
+    result = {"output": args.output, "mix": mix, "tensors": len(tensors), "head_of": head, "rebuild_seconds": seconds}
     if args.json:
         print_json(result)
     else:
-        note = "" if args.task is not None or not any(bundle.manifest["task_specific"].values()) else \
-            " (task-specific tensors such as heads are per task and left out of a mix)"
+        note = "" if args.task is not None or not bundle.task_specific(head) else \
+            " (task-specific tensors such as heads from task %r, the mix's heaviest, as a server answers it)" % head
         print("wrote %s: %d tensors, rebuilt in %.1f ms%s" % (args.output, len(tensors), 1e3 * seconds, note))
     return 0
