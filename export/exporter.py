@@ -39,7 +39,7 @@ ERROR_SAMPLE = 1 << 16
 #: (export/allocate.py and docs/allocation.md: chosen on MiniLM fine-tunes, not derived).
 COHERENT_GAIN = 100.0
 #: ||tau|| / ||base|| above which a "fine-tune" is likely of another base: real fine-tunes
-#: measure about 0.01 (MiniLM's eight text8 tasks: 0.004-0.012), a network trained apart
+#: measure about 0.01 (MiniLM's eight text8 tasks: 0.005-0.009), a network trained apart
 #: about 1 or more.  A warning; ``strict`` makes it a refusal.
 MAX_RELATIVE_NORM = 0.5
 
