@@ -1,8 +1,8 @@
 """The structs of decode.h as numpy dtypes, and the constants both sides agree on.
 
 Python fills the term and segment tables as structured arrays and hands their address
-to the CPU library or copies them to the GPU; the field offsets here must equal the C
-ones, which the library reports and ``check_layout`` compares at load.
+to the CPU library or copies them to the GPU; the struct sizes here must equal the C
+ones, which the library reports and ``kernels.cpu`` compares at load, with its ABI version.
 """
 from __future__ import annotations
 
@@ -43,6 +43,16 @@ SEGMENT_DTYPE = np.dtype(
         "itemsize": 56,
     }
 )
+
+#: A buffer the tables may point into (cpu_rebuild.c's tv_extent): begin address, bytes.
+EXTENT_DTYPE = np.dtype({"names": ["begin", "bytes"], "formats": ["<u8", "<u8"], "offsets": [0, 8], "itemsize": 16})
+
+#: tv_check_tables' faults: what of a segment reaches outside the buffers it was given.
+CHECK_FAULTS = {1: "its size, dtype codes or term range", 2: "its base", 3: "its output", 4: "a term's kind, width or group",
+                5: "a term's codes", 6: "a term's (scale, offset) pairs", 7: "a term's mask", 8: "a term's values"}
+
+#: The C library's tv_abi_version(): what these tables and entry points are.
+ABI_VERSION = 2
 
 _DTYPE_CODES = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
 

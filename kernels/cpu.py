@@ -9,10 +9,11 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
-from typing import Optional
+from typing import Iterable, Optional, Tuple, Union
 
 import numpy as np
 
+from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi
 
 _LIB: Optional[ctypes.CDLL] = None
@@ -37,8 +38,16 @@ def _load() -> Optional[ctypes.CDLL]:
         _ERROR = "the CPU library _tvcpu is not built (reinstall tvswitch with a C compiler: pip install .)"
         return None
     lib = ctypes.CDLL(path)
-    lib.tv_rebuild_cpu.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int]
-    lib.tv_rebuild_cpu.restype = ctypes.c_int
+    lib.tv_abi_version.restype = ctypes.c_int
+    if lib.tv_abi_version() != abi.ABI_VERSION:
+        _ERROR = "%s is of ABI version %d, this tvswitch needs %d; rebuild it" % (path, lib.tv_abi_version(),
+                                                                                 abi.ABI_VERSION)
+        return None
+    tables = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32]
+    lib.tv_check_tables.argtypes = tables + [ctypes.POINTER(ctypes.c_uint32)]
+    lib.tv_check_tables.restype = ctypes.c_int
+    lib.tv_rebuild_cpu_checked.argtypes = tables + [ctypes.c_int, ctypes.POINTER(ctypes.c_uint32)]
+    lib.tv_rebuild_cpu_checked.restype = ctypes.c_int
     lib.tv_sizeof_term.restype = ctypes.c_uint32
     lib.tv_sizeof_segment.restype = ctypes.c_uint32
     lib.tv_cpu_set_path.argtypes = [ctypes.c_int]
@@ -109,14 +118,52 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
-def rebuild(segments: np.ndarray, terms: np.ndarray, threads: int = 0) -> None:
+Buffer = Union[np.ndarray, Tuple[int, int]]
+
+
+def extents(buffers: Iterable[Buffer]) -> np.ndarray:
+    """The buffers tables may point into, as cpu_rebuild.c's tv_extent table: arrays, or
+    (address, bytes) pairs (device memory)."""
+    rows = [(b.ctypes.data, b.nbytes) if isinstance(b, np.ndarray) else (int(b[0]), int(b[1])) for b in buffers]
+    return np.array(rows, dtype=abi.EXTENT_DTYPE) if rows else np.zeros(0, dtype=abi.EXTENT_DTYPE)
+
+
+def check_tables(segments: np.ndarray, terms: np.ndarray, buffers: Iterable[Buffer]) -> None:
+    """Refuse tables that would read or write outside ``buffers`` (cpu_rebuild.c's
+    tv_check_tables; the GPU rebuild checks its device tables here too)."""
+    segments, terms = _tables(segments, terms)
+    ext = extents(buffers)  # held here: the call reads it through its address
+    where = ctypes.c_uint32(0)
+    fault = _require().tv_check_tables(*_args(segments, terms, ext), ctypes.byref(where))
+    _raise(fault, where.value)
+
+
+def rebuild(segments: np.ndarray, terms: np.ndarray, buffers: Iterable[Buffer], threads: int = 0) -> None:
     """Run the segment and term tables; ``threads`` <= 0 uses every core OpenMP sees.
 
-    The tables hold raw addresses: the caller keeps every array they point into alive.
+    The tables hold raw addresses into ``buffers`` (the payloads, bases and outputs), which
+    the caller keeps alive; the library checks every address and size against them first
+    and refuses tables that reach outside (a ``TvswitchError``, nothing written).
     """
-    lib = _require()
+    segments, terms = _tables(segments, terms)
+    ext = extents(buffers)  # held here: the call reads it through its address
+    where = ctypes.c_uint32(0)
+    fault = _require().tv_rebuild_cpu_checked(*_args(segments, terms, ext), int(threads), ctypes.byref(where))
+    _raise(fault, where.value)
+
+
+def _tables(segments: np.ndarray, terms: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     if segments.dtype != abi.SEGMENT_DTYPE or terms.dtype != abi.TERM_DTYPE:
         raise TypeError("segment and term tables must use kernels.abi's dtypes")
-    segments = np.ascontiguousarray(segments)
-    terms = np.ascontiguousarray(terms)
-    lib.tv_rebuild_cpu(segments.ctypes.data, len(segments), terms.ctypes.data if len(terms) else None, int(threads))
+    return np.ascontiguousarray(segments), np.ascontiguousarray(terms)
+
+
+def _args(segments: np.ndarray, terms: np.ndarray, ext: np.ndarray) -> tuple:
+    return (segments.ctypes.data, len(segments), terms.ctypes.data if len(terms) else None, len(terms),
+            ext.ctypes.data if len(ext) else None, len(ext))
+
+
+def _raise(fault: int, segment: int) -> None:
+    if fault:
+        raise TvswitchError("the rebuild tables reach outside the buffers given (segment %d: %s); refused before "
+                            "anything was read or written" % (segment, abi.CHECK_FAULTS.get(fault, "fault %d" % fault)))

@@ -44,7 +44,8 @@
 /* tv_cpu_path() values. */
 enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3 };
 
-int tv_abi_version(void) { return 1; }
+/* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers. */
+int tv_abi_version(void) { return 2; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
@@ -419,6 +420,95 @@ static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t sta
 }
 
 static uint64_t tiles_of(const tv_segment *s) { return (s->n + TILE - 1) / TILE; }
+
+/*
+ * Buffer checks: every byte a table makes the rebuild read or write must lie inside one of
+ * the buffers the caller names (begin address, size in bytes).  Checked before anything
+ * runs, so a bug in whoever filled the tables (or a bundle no reader check caught) is a
+ * refusal, never a read or write outside them.  The addresses are plain integers: the GPU
+ * rebuild checks its device tables here too.
+ */
+typedef struct tv_extent {
+    uint64_t begin;
+    uint64_t bytes;
+} tv_extent;
+
+enum {
+    TV_CHECK_OK = 0,
+    TV_CHECK_SEGMENT = 1, /* n above 2^31 - 1, a dtype code unknown, or terms past the term table */
+    TV_CHECK_BASE = 2,
+    TV_CHECK_OUT = 3,
+    TV_CHECK_TERM = 4, /* kind, bits or group out of range */
+    TV_CHECK_CODES = 5,
+    TV_CHECK_PARAMS = 6,
+    TV_CHECK_MASK = 7,
+    TV_CHECK_VALUES = 8
+};
+
+static int inside(const tv_extent *ext, uint32_t next, uint64_t p, uint64_t bytes)
+{
+    for (uint32_t i = 0; i < next; ++i)
+        if (p >= ext[i].begin && bytes <= ext[i].bytes && p - ext[i].begin <= ext[i].bytes - bytes)
+            return 1;
+    return 0;
+}
+
+static uint64_t element_bytes(uint32_t dtype) { return dtype == TV_F32 ? 4 : 2; }
+
+static int check_term(const tv_term *t, uint64_t n, const tv_extent *ext, uint32_t next)
+{
+    if (t->kind == TV_KIND_CODES) {
+        if (t->bits < 1 || t->bits > 8 || t->group < 1)
+            return TV_CHECK_TERM;
+        if (!inside(ext, next, t->codes, 4 * ((n * t->bits + 31) / 32 + 1)))
+            return TV_CHECK_CODES;
+        if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
+            return TV_CHECK_PARAMS;
+    } else if (t->kind == TV_KIND_RAW_F32 || t->kind == TV_KIND_RAW_F16) {
+        if (!inside(ext, next, t->codes, n * (t->kind == TV_KIND_RAW_F32 ? 4 : 2)))
+            return TV_CHECK_VALUES;
+    } else {
+        return TV_CHECK_TERM;
+    }
+    if (t->mask && !inside(ext, next, t->mask, 4 * ((n + 31) / 32 + 1)))
+        return TV_CHECK_MASK;
+    return TV_CHECK_OK;
+}
+
+/* TV_CHECK_OK, or the first fault and (in *where) the segment it is in. */
+int tv_check_tables(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
+                    const tv_extent *ext, uint32_t next, uint32_t *where)
+{
+    for (uint32_t s = 0; s < nseg; ++s) {
+        const tv_segment *g = &segs[s];
+        int fault = TV_CHECK_OK;
+        *where = s;
+        if (g->n > 0x7fffffffu || g->base_dtype > TV_BF16 || g->out_dtype > TV_BF16 ||
+            (uint64_t)g->term_begin + g->term_count > nterms)
+            return TV_CHECK_SEGMENT;
+        if (g->n == 0)
+            continue;
+        if (g->base_coef != 0.0f && !inside(ext, next, g->base, g->n * element_bytes(g->base_dtype)))
+            return TV_CHECK_BASE;
+        if (!inside(ext, next, g->out, g->n * element_bytes(g->out_dtype)))
+            return TV_CHECK_OUT;
+        for (uint32_t j = 0; j < g->term_count && fault == TV_CHECK_OK; ++j)
+            fault = check_term(&terms[g->term_begin + j], g->n, ext, next);
+        if (fault != TV_CHECK_OK)
+            return fault;
+    }
+    return TV_CHECK_OK;
+}
+
+int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, int threads);
+
+/* tv_check_tables, then the rebuild if the tables pass: what the Python side calls. */
+int tv_rebuild_cpu_checked(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
+                           const tv_extent *ext, uint32_t next, int threads, uint32_t *where)
+{
+    int fault = tv_check_tables(segs, nseg, terms, nterms, ext, next, where);
+    return fault != TV_CHECK_OK ? fault : tv_rebuild_cpu(segs, nseg, terms, threads);
+}
 
 /*
  * Rebuild every segment.  The tiles of all segments, in order, are split into one

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.kernels import abi, nvrtc
+from tvswitch.kernels import abi, cpu, nvrtc
 from tvswitch.kernels.cuda import Device, open_device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
@@ -401,6 +401,8 @@ class GpuRebuilder:
         segments = plan.segments.copy()
         segments["out"] = [outs[n].ptr for n in plan.names]
         segments["out_dtype"] = [element_code(outs[n].dtype) for n in plan.names]
+        buffers = [(self._payload_arena, self._payload_bytes), (self._base_arena, self._base_bytes)]
+        cpu.check_tables(segments, plan.terms, buffers + [(t.ptr, t.nbytes) for t in outs.values()])
         tiles = total_blocks(plan)
         if tiles >= 2**32:
             raise TvswitchError("the bundle has %d tiles of %d elements; one launch takes < 2^32"

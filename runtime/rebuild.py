@@ -113,7 +113,8 @@ class CpuRebuilder:
         segments["out"] = [out[n].ctypes.data for n in plan.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in plan.names]
         if self._compiled:
-            run = lambda part: cpu.rebuild(part, plan.terms, self.threads)  # noqa: E731
+            buffers = [self.bundle.payload(k) for k in plan.keys] + list(self._base.values()) + list(out.values())
+            run = lambda part: cpu.rebuild(part, plan.terms, buffers, self.threads)  # noqa: E731
         else:
             arrays = [self.bundle.payload(k) for k in plan.keys]
             arrays += list(self._base.values()) + [out[n] for n in plan.names]

@@ -58,5 +58,5 @@ def test_compiled_decoder_reads_what_the_packer_wrote(bits, n, seed):
                      dtype=abi.TERM_DTYPE)
     segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
     segs[0] = (0, out.ctypes.data, n, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
-    cpu.rebuild(segs, terms, threads=1)
+    cpu.rebuild(segs, terms, [words, params, out], threads=1)
     assert np.array_equal(out, codes.astype(np.float32))

@@ -53,7 +53,7 @@ class Case:
     def reference(self) -> List[np.ndarray]:
         """The CPU library's outputs for this case."""
         bufs = self.new_outputs()
-        cpu.rebuild(self.with_outputs(bufs), self.terms, 1)
+        cpu.rebuild(self.with_outputs(bufs), self.terms, self.arrays + bufs, 1)
         return bufs
 
 

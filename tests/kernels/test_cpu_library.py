@@ -143,7 +143,7 @@ def _random_tables(rng, n_segments, out_code, base_code):
 def test_compiled_equals_reference_bit_for_bit(path, seed, out_code, base_code, threads):
     rng = np.random.default_rng(seed)
     segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 5)), out_code, base_code)
-    cpu.rebuild(segs, terms, threads=threads)
+    cpu.rebuild(segs, terms, keep, threads=threads)
     got = [o.copy() for o in outs]
     for o in outs:
         o[...] = 0
@@ -163,12 +163,41 @@ def test_half_conversion_matches_numpy_everywhere(path):
     terms = np.array([(x.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
     segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
     segs[0] = (0, out.ctypes.data, x.size, 0, 0.0, abi.F32, abi.F16, 0, 1, 0)
-    cpu.rebuild(segs, terms, 1)
+    cpu.rebuild(segs, terms, [x, out], 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on the overflow to inf
         want = (np.float32(0.0) + np.float32(1.0) * x).astype(np.float16)  # the contract: 0 + 1*x
     assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
     back = np.zeros(finite.size, dtype=np.float32)
     segs[0] = (finite.ctypes.data, back.ctypes.data, finite.size, 0, 1.0, abi.F16, abi.F32, 0, 0, 0)
-    cpu.rebuild(segs, np.zeros(0, dtype=abi.TERM_DTYPE), 1)
+    cpu.rebuild(segs, np.zeros(0, dtype=abi.TERM_DTYPE), [finite, back], 1)
     assert np.array_equal(back, finite.astype(np.float32))
+
+
+@pytest.mark.parametrize("fault", ["base", "out", "codes", "params", "mask", "values", "terms"])
+def test_tables_that_reach_outside_their_buffers_are_refused_before_any_write(fault):
+    """cpu_rebuild.c's tv_check_tables: every address and size against the buffers given."""
+    from tvswitch.errors import TvswitchError
+
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    n, bits = 100, 3
+    base, out = np.ones(n, np.float32), np.zeros(n, np.float32)
+    words = np.zeros(abi.code_words(n, bits), np.uint32)
+    params = np.array([1.0, 0.0], np.float32)
+    mask = np.zeros(abi.code_words(n, 1), np.uint32)
+    values = np.ones(n, np.float16)
+    named = {"base": base, "out": out, "codes": words, "params": params, "mask": mask, "values": values}
+    # the table is right and one buffer given is one element short (or the term range is too long)
+    buffers = [a[:-1] if name == fault else a for name, a in named.items()]
+    terms = np.array([(words.ctypes.data, mask.ctypes.data, params.ctypes.data, n, 1.0, abi.KIND_CODES, bits, 0),
+                      (values.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F16, 0, 0)], dtype=abi.TERM_DTYPE)
+    segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    segs[0] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, abi.F32, 0, 3 if fault == "terms" else 2, 0)
+    with pytest.raises(TvswitchError, match="reach outside the buffers given \\(segment 0"):
+        cpu.rebuild(segs, terms, buffers, 1)
+    assert not out.any()  # nothing written
+    if fault == "out":
+        segs[0]["term_count"] = 2
+        cpu.rebuild(segs, terms, list(named.values()), 1)  # and all given in full: it runs
+        assert out.all()
