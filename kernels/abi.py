@@ -23,6 +23,9 @@ BLOCK_ELEMS = BLOCK_THREADS * ELEMS_PER_THREAD
 #: Largest tensor a segment may hold: decode.h indexes elements with 32-bit integers.
 MAX_ELEMENTS = 2**31 - 1
 
+#: The largest finite float32: decode.h's arithmetic, weights and scales are binary32.
+FLOAT32_MAX = 3.4028234663852886e38
+
 TERM_DTYPE = np.dtype(
     {
         "names": ["codes", "mask", "params", "group", "weight", "kind", "bits", "reserved"],

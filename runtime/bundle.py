@@ -39,12 +39,22 @@ class TensorSpec:
 
 
 def decode_payload(stored: np.ndarray, info: Mapping) -> np.ndarray:
-    """A payload as the manifest describes it, decompressed if it was entropy coded."""
+    """A payload as the manifest describes it, decompressed if it was entropy coded.
+
+    Decompression stops one byte past the described size: a stream that would inflate to
+    more (a decompression bomb) never holds more memory than its description claims, and
+    is refused as a ``ValueError`` (``Bundle.open`` makes it a ``BundleError``).
+    """
     codec = info["codec"]
     if codec == "none":
         return stored
-    raw = stored.tobytes()
-    data = zlib.decompress(raw) if codec == "zlib" else lzma.decompress(raw)
+    expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
+    decoder = zlib.decompressobj() if codec == "zlib" else lzma.LZMADecompressor()
+    data = decoder.decompress(stored.tobytes(), expected + 1)
+    done = decoder.eof if codec == "lzma" else (decoder.eof and not decoder.unconsumed_tail)
+    if len(data) != expected or not done:
+        raise ValueError("it decodes to %s bytes, its description says %d" % (
+            "more than %d" % expected if len(data) > expected or not done else len(data), expected))
     return np.frombuffer(data, dtype=info["dtype"]).reshape(info["shape"])
 
 
@@ -84,20 +94,21 @@ class Bundle:
                 stored = {k: (_ST_DTYPES.get(f.get_slice(k).get_dtype(), "?"),
                               tuple(f.get_slice(k).get_shape())) for k in keys}
                 manifest = _read_manifest(path, meta)
-                fmt.check_manifest(path, manifest, stored)
-                embedded = set((manifest["base"].get("embedded") or {}).values())
+                roles = fmt.check_manifest(path, manifest, stored)
                 payloads = {}
                 for key in keys:
-                    if key in embedded:
-                        continue
+                    if roles[key] == "base":
+                        continue  # read only on request (embedded_base)
                     info = manifest["payloads"][key]
                     data = f.get_tensor(key)
                     if verify:
                         _check_crc(path, key, data, info)
                     payloads[key] = _decode(path, key, data, info)
+                    if roles[key] in FINITE_ROLES:
+                        _check_finite(path, key, payloads[key])
         except SafetensorError as exc:
             raise BundleError("%s: truncated or not a safetensors file (%s)" % (path, exc)) from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise BundleError("%s: unreadable bundle (%s)" % (path, exc)) from None
         return cls(path, manifest, payloads, size)
 
@@ -139,13 +150,20 @@ class Bundle:
             return None
         from safetensors import safe_open
 
+        from safetensors import SafetensorError
+
         out = {}
-        with safe_open(self.path, framework="numpy") as f:
-            for name, key in embedded.items():
-                info = self.manifest["payloads"][key]
-                data = f.get_tensor(key)
-                _check_crc(self.path, key, data, info)
-                out[name] = _decode(self.path, key, data, info)
+        try:
+            with safe_open(self.path, framework="numpy") as f:
+                for name, key in embedded.items():
+                    info = self.manifest["payloads"][key]
+                    data = f.get_tensor(key)
+                    _check_crc(self.path, key, data, info)
+                    out[name] = _decode(self.path, key, data, info)
+                    if name in self.shared_specs:
+                        _check_finite(self.path, key, out[name])
+        except (SafetensorError, OSError) as exc:
+            raise BundleError("%s: the embedded base cannot be read (%s)" % (self.path, exc)) from None
         return out
 
     def base_view(self, base: Optional[Mapping[str, np.ndarray]]) -> Optional[Mapping[str, np.ndarray]]:
@@ -204,6 +222,9 @@ def _read_manifest(path: str, meta: Mapping[str, str]) -> dict:
     text = meta.get(fmt.MANIFEST_KEY)
     if text is None:
         raise BundleError("%s: not a tvswitch bundle (no manifest)" % path)
+    if len(text) > fmt.MAX_MANIFEST_BYTES:
+        raise BundleError("%s: a manifest of %d bytes, over the %d a reader takes" % (path, len(text),
+                                                                                     fmt.MAX_MANIFEST_BYTES))
     digest = hashlib.sha256(text.encode()).hexdigest()
     if meta.get(fmt.DIGEST_KEY) != digest:
         raise BundleError("%s: manifest checksum mismatch (the header is corrupt)" % path)
@@ -211,6 +232,17 @@ def _read_manifest(path: str, meta: Mapping[str, str]) -> dict:
         return json.loads(text)
     except ValueError:
         raise BundleError("%s: manifest is not valid JSON" % path) from None
+    except RecursionError:
+        raise BundleError("%s: manifest nests too deeply to be one tvswitch writes" % path) from None
+
+
+#: Payloads whose values a rebuild multiplies into weights: NaN or inf there is refused at open.
+FINITE_ROLES = ("params", "values", "head", "query")
+
+
+def _check_finite(path: str, key: str, data: np.ndarray) -> None:
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise BundleError("%s: payload %r holds NaN or inf" % (path, key))
 
 
 def _check_crc(path: str, key: str, data: np.ndarray, info: Mapping) -> None:

@@ -72,11 +72,50 @@ def fingerprint(tensors: Mapping[str, np.ndarray], names: Iterable[str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+#: numpy dtype name -> the safetensors dtype string.
+_ST_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+             "uint8": "U8", "bool": "BOOL"}
+
+
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a safetensors file atomically (``tvswitch.files.atomic_write``): a crash or a
-    full disk leaves the previous file (or none), never a half-written one."""
-    from safetensors.numpy import save_file
+    full disk leaves the previous file (or none), never a half-written one.
 
-    arrays = {k: contiguous(v) for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    Written here rather than by ``safetensors.numpy.save_file``, whose metadata order
+    changes from run to run: the same tensors and metadata give the same bytes (a bundle
+    can be content-hashed, a build reproduced), and each tensor streams to the file from
+    its own memory with no copy of the whole.  The layout is safetensors' own (header
+    keys sorted, tensors by alignment then name, the header padded to 8 bytes), which
+    safetensors reads back and every test holds it to.
+    """
+    arrays = {k: _little_endian(contiguous(v)) for k, v in tensors.items()}
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    for name in order:
+        a = arrays[name]
+        if a.dtype.name not in _ST_NAMES:
+            raise TvswitchError("%s: tensor %r is %s, which safetensors does not store" % (path, name, a.dtype))
+        header[name] = {"dtype": _ST_NAMES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name in order:
+                if arrays[name].nbytes:
+                    f.write(memoryview(arrays[name].reshape(-1)).cast("B"))
+
+    atomic_write(path, write)
+
+
+def _little_endian(a: np.ndarray) -> np.ndarray:
+    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from tvswitch.errors import BundleError
-from tvswitch.kernels.abi import MAX_ELEMENTS, code_words
+from tvswitch.kernels.abi import FLOAT32_MAX, MAX_ELEMENTS, code_words
+
+#: A manifest larger than this is refused before it is parsed (8 tasks of MiniLM: 60 kB).
+MAX_MANIFEST_BYTES = 64 << 20
 
 FORMAT = "tvswitch.bundle"
 VERSION = 1
@@ -67,7 +70,17 @@ def _require(cond: bool, path: str, msg: str) -> None:
         raise _fail(path, msg)
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_key(x: Any) -> bool:
+    """A payload key: a string (a JSON list or number there is a malformed manifest)."""
+    return isinstance(x, str) and bool(x)
+
+
 def parse_entry(path: str, where: str, raw: Any) -> Entry:
+    """One entry, every field of the right type and range (a ``BundleError`` naming ``where`` else)."""
     _require(isinstance(raw, dict) and raw.get("mode") in ("delta", "absolute")
              and isinstance(raw.get("terms"), list) and raw["terms"],
              path, "malformed entry for %s" % where)
@@ -76,30 +89,54 @@ def parse_entry(path: str, where: str, raw: Any) -> Entry:
         _require(isinstance(t, dict) and t.get("kind") in ("codes", "raw"), path,
                  "malformed term in %s" % where)
         scale = t.get("scale", 1.0)
-        _require(isinstance(scale, (int, float)) and np.isfinite(scale), path,
-                 "bad term scale in %s" % where)
+        _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale)
+                 and abs(scale) <= FLOAT32_MAX, path, "bad term scale in %s (a finite float32 is needed)" % where)
+        mask = t.get("mask")
+        _require(mask is None or _is_key(mask), path, "bad mask key in %s" % where)
         if t["kind"] == "codes":
-            _require(isinstance(t.get("bits"), int) and 1 <= t["bits"] <= 8, path,
+            _require(_is_int(t.get("bits")) and 1 <= t["bits"] <= 8, path,
                      "code width must be 1..8 bits in %s" % where)
-            _require(isinstance(t.get("group"), int) and 1 <= t["group"] <= MAX_ELEMENTS, path,
+            _require(_is_int(t.get("group")) and 1 <= t["group"] <= MAX_ELEMENTS, path,
                      "bad group size in %s" % where)
-            terms.append(Term("codes", float(scale), codes=t.get("codes"), params=t.get("params"),
-                              bits=t["bits"], group=t["group"], mask=t.get("mask")))
+            _require(_is_key(t.get("codes")) and _is_key(t.get("params")), path, "bad payload keys in %s" % where)
+            terms.append(Term("codes", float(scale), codes=t["codes"], params=t["params"],
+                              bits=t["bits"], group=t["group"], mask=mask))
         else:
-            terms.append(Term("raw", float(scale), values=t.get("values"), mask=t.get("mask")))
+            _require(_is_key(t.get("values")), path, "bad payload key in %s" % where)
+            terms.append(Term("raw", float(scale), values=t["values"], mask=mask))
     return Entry(raw["mode"], tuple(terms))
 
 
-def check_manifest(path: str, m: Any, stored: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> None:
-    """Refuse a manifest that breaks any rule of FORMAT.md; ``stored`` = key -> (dtype, shape)."""
+class _Roles:
+    """What each payload is used as; one payload may serve many terms, but in one role only
+    (a task's codes named as the base's embedded copy, or as a head, is a lie)."""
+
+    def __init__(self, path: str, payloads: Mapping[str, Any]):
+        self.path, self.payloads, self.of = path, payloads, {}
+
+    def claim(self, key: Any, role: str, where: str) -> dict:
+        _require(_is_key(key) and key in self.payloads, self.path, "%s of %s names no payload" % (role, where))
+        _require(self.of.setdefault(key, role) == role, self.path,
+                 "payload %r is used as %s and as %s (%s)" % (key, self.of[key], role, where))
+        return self.payloads[key]
+
+
+def check_manifest(path: str, m: Any, stored: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> Dict[str, str]:
+    """Refuse a manifest that breaks any rule of FORMAT.md; ``stored`` = key -> (dtype, shape).
+
+    Returns each payload's role (``codes``, ``params``, ``mask``, ``values``, ``head``,
+    ``base``, ``query``), for the checks that need the decoded values (``Bundle.open``).
+    """
     _require(isinstance(m, dict), path, "manifest is not a JSON object")
     _require(m.get("format") == FORMAT, path, "not a tvswitch bundle (format %r)" % m.get("format"))
     _require(m.get("version") == VERSION, path,
              "bundle format version %r, this tvswitch reads version %d" % (m.get("version"), VERSION))
-    for key in ("tasks", "tensors", "payloads", "entries", "task_specific", "base"):
-        _require(key in m, path, "manifest has no %r" % key)
+    for key, kind in (("tasks", list), ("tensors", dict), ("payloads", dict), ("entries", dict),
+                      ("task_specific", dict), ("base", dict)):
+        _require(isinstance(m.get(key), kind), path, "manifest has no %r %s" % (key, kind.__name__))
+    scheme = m.get("scheme", {})
+    _require(isinstance(scheme, dict) and isinstance(scheme.get("name", ""), str), path, "bad scheme record")
     payloads = m["payloads"]
-    _require(isinstance(payloads, dict), path, "bad payload table")
     # Every stored tensor is described, and every description is stored: no hidden bytes.
     extra = sorted(set(stored) - set(payloads))
     missing = sorted(set(payloads) - set(stored))
@@ -108,44 +145,80 @@ def check_manifest(path: str, m: Any, stored: Mapping[str, Tuple[str, Tuple[int,
     for key, info in payloads.items():
         _check_payload(path, key, info, stored[key])
     tasks = m["tasks"]
-    _require(isinstance(tasks, list) and len(set(tasks)) == len(tasks)
-             and all(isinstance(t, str) and task_name_ok(t) for t in tasks), path, "bad task list")
+    _require(len(set(map(repr, tasks))) == len(tasks) and all(isinstance(t, str) and task_name_ok(t) for t in tasks),
+             path, "bad task list")
     tensors = m["tensors"]
-    _require(isinstance(tensors, dict), path, "bad tensor table")
     for name, spec in tensors.items():
         _require(isinstance(spec, dict) and spec.get("dtype") in ELEMENT_DTYPES
-                 and isinstance(spec.get("shape"), list)
-                 and all(isinstance(d, int) and d >= 0 for d in spec["shape"]),
+                 and isinstance(spec.get("shape"), list) and all(_is_int(d) and d >= 0 for d in spec["shape"]),
                  path, "bad spec for tensor %r" % name)
         _require(_numel(spec["shape"]) <= MAX_ELEMENTS, path, "tensor %r is too large" % name)
+    roles = _Roles(path, payloads)
     entries = m["entries"]
-    _require(isinstance(entries, dict) and sorted(entries) == sorted(tasks), path,
-             "entries do not list exactly the bundle's tasks")
+    _require(sorted(entries) == sorted(tasks), path, "entries do not list exactly the bundle's tasks")
     for task in tasks:
         per = entries[task]
         _require(isinstance(per, dict), path, "bad entries for task %r" % task)
         for name, raw in per.items():
             _require(name in tensors, path, "task %r changes unknown tensor %r" % (task, name))
-            entry = parse_entry(path, "%s/%s" % (task, name), raw)
+            where = "%s/%s" % (task, name)
+            entry = parse_entry(path, where, raw)
             n = _numel(tensors[name]["shape"])
             for term in entry.terms:
-                _check_term(path, "%s/%s" % (task, name), term, n, payloads)
+                _check_term(path, where, term, n, roles)
     ts = m["task_specific"]
-    _require(isinstance(ts, dict) and set(ts) <= set(tasks), path, "bad task-specific table")
+    _require(set(ts) <= set(tasks), path, "bad task-specific table")
     for task, names in ts.items():
-        _require(isinstance(names, dict) and all(k in payloads for k in names.values()), path,
-                 "task-specific tensors of %r name missing payloads" % task)
-    base = m["base"]
-    _require(isinstance(base, dict) and isinstance(base.get("fingerprint"), str), path, "bad base record")
+        _require(isinstance(names, dict), path, "task-specific tensors of %r are not a table" % task)
+        for name, key in names.items():
+            info = roles.claim(key, "head", "task-specific tensor %r of %r" % (name, task))
+            _require(info["dtype"] in ELEMENT_DTYPES, path, "task-specific tensor %r of %r is %s: float16 or "
+                     "float32 is needed" % (name, task, info["dtype"]))
+    _check_base(path, m["base"], tensors, roles)
+    _check_queries(path, m, tasks, roles)
+    unused = sorted(set(payloads) - set(roles.of))
+    _require(not unused, path, "payload %r is used by nothing (no hidden bytes)" % (unused[:1] or [""])[0])
+    return dict(roles.of)
+
+
+def _check_base(path: str, base: dict, tensors: Mapping[str, dict], roles: _Roles) -> None:
+    """The base record: fingerprint, fixed tensors, renaming, and an embedded copy that stands
+    for exactly the bundle's tensors at their shapes (a rebuild reads it by those shapes)."""
+    _require(isinstance(base.get("fingerprint"), str), path, "bad base record")
+    other = base.get("other", [])
+    _require(isinstance(other, list) and all(isinstance(n, str) for n in other), path, "bad base 'other' list")
     renamed = base.get("renamed")
     _require(renamed is None or (isinstance(renamed, dict) and set(renamed) == {"strip", "add"}
                                  and all(isinstance(v, str) for v in renamed.values())), path,
              "bad base renaming record")
-    for key in (base.get("embedded") or {}).values():
-        _require(key in payloads, path, "embedded base names missing payload %r" % key)
-    for key in (m.get("queries") or {}).values():
-        _require(key in payloads and len(payloads[key]["shape"]) == 2, path,
-                 "query set payload %r is missing or not 2-D" % key)
+    embedded = base.get("embedded")
+    if embedded is None:
+        return
+    _require(isinstance(embedded, dict), path, "the embedded base is not a table")
+    _require(set(embedded) == set(tensors) | set(other), path,
+             "the embedded base does not hold exactly the bundle's tensors and fixed tensors")
+    for name, key in embedded.items():
+        info = roles.claim(key, "base", "embedded base tensor %r" % name)
+        if name in tensors:
+            _require(info["dtype"] in ELEMENT_DTYPES and info["shape"] == tensors[name]["shape"], path,
+                     "embedded base tensor %r is %s%s, the bundle's is %s%s" % (
+                         name, info["dtype"], info["shape"], tensors[name]["dtype"], tensors[name]["shape"]))
+
+
+def _check_queries(path: str, m: dict, tasks: List[str], roles: _Roles) -> None:
+    queries = m.get("queries")
+    if queries is None:
+        _require(m.get("router") is None, path, "a router record with no query sets")
+        return
+    _require(isinstance(queries, dict) and set(queries) <= set(tasks), path, "bad query set table")
+    features = set()
+    for task, key in queries.items():
+        info = roles.claim(key, "query", "the query set of %r" % task)
+        _require(info["dtype"] == "float16" and len(info["shape"]) == 2, path,
+                 "query set payload %r is not float16 and 2-D" % key)
+        features.add(info["shape"][1])
+    _require(len(features) <= 1, path, "query sets of different feature sizes")
+    _require(m.get("router") is None or isinstance(m["router"], dict), path, "bad router record")
 
 
 def _numel(shape: List[int]) -> int:
@@ -158,7 +231,9 @@ def _numel(shape: List[int]) -> int:
 def _check_payload(path: str, key: str, info: Any, stored: Tuple[str, Tuple[int, ...]]) -> None:
     _require(isinstance(info, dict) and info.get("codec") in CODECS
              and info.get("dtype") in PAYLOAD_DTYPES and isinstance(info.get("shape"), list)
-             and isinstance(info.get("crc32"), int), path, "bad description of payload %r" % key)
+             and all(_is_int(d) and d >= 0 for d in info["shape"]) and _is_int(info.get("crc32"))
+             and 0 <= info["crc32"] < 2 ** 32, path, "bad description of payload %r" % key)
+    _require(_numel(info["shape"]) <= MAX_ELEMENTS, path, "payload %r is too large" % key)
     if info["codec"] == "none":
         _require(stored == (info["dtype"], tuple(info["shape"])), path,
                  "payload %r is stored as %s%s, the manifest says %s%s"
@@ -168,25 +243,22 @@ def _check_payload(path: str, key: str, info: Any, stored: Tuple[str, Tuple[int,
                  "compressed payload %r must be stored as bytes" % key)
 
 
-def _check_term(path: str, where: str, t: Term, n: int, payloads: Mapping[str, Any]) -> None:
-    def shape_of(key: Optional[str], what: str) -> Tuple[str, List[int]]:
-        _require(key is not None and key in payloads, path, "%s of %s names no payload" % (what, where))
-        return payloads[key]["dtype"], payloads[key]["shape"]
-
+def _check_term(path: str, where: str, t: Term, n: int, roles: _Roles) -> None:
+    """Each payload a term reads has the dtype and element count its use implies."""
     if t.kind == "codes":
-        dt, shape = shape_of(t.codes, "codes")
-        _require(dt == "uint32" and shape == [code_words(n, t.bits)], path,
+        info = roles.claim(t.codes, "codes", where)
+        _require(info["dtype"] == "uint32" and info["shape"] == [code_words(n, t.bits)], path,
                  "codes of %s: %d-bit stream of %d values needs %d uint32 words"
                  % (where, t.bits, n, code_words(n, t.bits)))
-        dt, shape = shape_of(t.params, "params")
+        info = roles.claim(t.params, "params", where)
         groups = -(-n // t.group) if n else 0
-        _require(dt == "float32" and shape == [2 * groups], path,
+        _require(info["dtype"] == "float32" and info["shape"] == [2 * groups], path,
                  "params of %s: need %d float32 (scale, offset) values" % (where, 2 * groups))
     else:
-        dt, shape = shape_of(t.values, "values")
-        _require(dt in ELEMENT_DTYPES and _numel(shape) == n, path,
+        info = roles.claim(t.values, "values", where)
+        _require(info["dtype"] in ELEMENT_DTYPES and _numel(info["shape"]) == n, path,
                  "values of %s: need %d float32/float16 elements" % (where, n))
     if t.mask is not None:
-        dt, shape = shape_of(t.mask, "mask")
-        _require(dt == "uint32" and shape == [code_words(n, 1)], path,
+        info = roles.claim(t.mask, "mask", where)
+        _require(info["dtype"] == "uint32" and info["shape"] == [code_words(n, 1)], path,
                  "mask of %s: need %d uint32 words" % (where, code_words(n, 1)))

@@ -12,10 +12,9 @@ import numbers
 from typing import Dict, Iterable, Mapping
 
 from tvswitch.errors import TvswitchError
+from tvswitch.kernels.abi import FLOAT32_MAX
 
 Mix = Dict[str, float]
-#: The largest finite float32: weights are applied in float32 (decode.h's contract).
-FLOAT32_MAX = 3.4028234663852886e38
 #: No weight of a mix or merge means anything beyond this (task arithmetic uses |lambda| <= 3,
 #: negation -1): a larger one only writes the task vector's noise over the base, so it is refused.
 MAX_WEIGHT = 1e6

@@ -18,8 +18,8 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi
+from tvswitch.kernels.abi import FLOAT32_MAX
 from tvswitch.runtime.bundle import Bundle
-from tvswitch.runtime.mix import FLOAT32_MAX
 
 
 @dataclass

@@ -152,6 +152,13 @@ class Server:
         self._broken: Optional[str] = None
         self.switch(initial)
 
+    def close(self) -> None:
+        """Stop the engine's background work and free the weight source's device memory, if any."""
+        self.engine.close()
+        closer = getattr(self.source, "close", None)
+        if closer is not None:
+            closer()
+
     @property
     def mix(self) -> Optional[Mix]:
         """The mix now serving (a copy)."""

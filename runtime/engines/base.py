@@ -78,6 +78,9 @@ class Engine(abc.ABC):
     def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
         """Run the network on ``inputs`` (name -> array) with the weights of ``slot``."""
 
+    def close(self) -> None:
+        """Stop the engine's background work, if it has any (ONNX Runtime's constant sessions)."""
+
     def device_buffers(self) -> Optional[Dict[str, Any]]:
         """Device memory for every switchable weight (``DeviceTensor``s or CUDA arrays), or None.
 

@@ -173,6 +173,11 @@ class OnnxRuntimeEngine(Engine):
         if self._constant is not None:
             self._constant.renew(slot)
 
+    def close(self) -> None:
+        """Stop making constant-weight sessions and wait for the one in progress (see ``_ConstantSessions``)."""
+        if self._constant is not None:
+            self._constant.close()
+
     def wait_constant(self, slot: int = 0, timeout: Optional[float] = None) -> bool:
         """Wait until the constant-weight session of what ``slot`` holds serves; False on timeout
         (or without ``constant_session``)."""
@@ -235,6 +240,11 @@ class _ConstantSessions:
     creation of CPU time per switch; a switch that comes before the last one's session
     is ready supersedes it.  A session that cannot be made is logged (``tvswitch.onnxruntime``)
     and the bound inputs go on serving.
+
+    The worker is not a daemon thread: ONNX Runtime aborts the process ("terminate called
+    without an active exception") when the interpreter exits while a session is being
+    made on a daemon thread, so exit waits for the session in progress (under a second for
+    MiniLM), and ``close`` drops the jobs not begun and waits for that one.
     """
 
     def __init__(self, engine: "OnnxRuntimeEngine", serving: Any, options: Any, providers: Sequence[Any]):
@@ -244,6 +254,8 @@ class _ConstantSessions:
         self._sessions: List[Optional[Tuple[int, Any]]] = [None] * engine.slots
         self._wanted: Dict[int, int] = {}  # slot -> generation to make a session of
         self._working = False
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
         self._retired: List[Any] = []  # freed by the worker: freeing a session takes the switch tens of ms
 
     def retire(self, slot: int) -> None:
@@ -256,10 +268,22 @@ class _ConstantSessions:
     def renew(self, slot: int) -> None:
         self.retire(slot)
         with self._cond:
+            if self._closed:
+                return
             self._wanted[slot] = self._generation[slot]
             if not self._working:
                 self._working = True
-                threading.Thread(target=self._work, name="tvswitch-constant-session", daemon=True).start()
+                self._thread = threading.Thread(target=self._work, name="tvswitch-constant-session", daemon=False)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Make no more sessions; wait for the one being made, if any."""
+        with self._cond:
+            self._closed = True
+            self._wanted.clear()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def session(self, slot: int) -> Any:
         entry = self._sessions[slot]

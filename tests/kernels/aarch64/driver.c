@@ -2,7 +2,11 @@
  * Runs the CPU library on deterministic tables covering every code width, masks, group
  * sizes, raw terms and 16-bit outputs, and writes the raw output bytes to stdout.  Built
  * for the host and for aarch64 (run under qemu), the two byte streams must be equal: the
- * Jetson's CPU build computes what the tested x86 build computes.
+ * Jetson's CPU build computes what the tested x86 build computes.  Built with
+ * AddressSanitizer and UBSan (tests/kernels/test_sanitized.py), every buffer is malloc'd
+ * at exactly the size the format gives it, so any read or write past one is caught; and
+ * each case's tables are also run with one buffer declared a word short, which
+ * tv_rebuild_cpu_checked must refuse without touching the output.
  */
 #include "decode.h"
 
@@ -10,7 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, int threads);
+typedef struct { uint64_t begin, bytes; } extent;
+int tv_rebuild_cpu_checked(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
+                           const extent *ext, uint32_t next, int threads, uint32_t *where);
 int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_t n);
 
 static uint32_t state = 12345u;
@@ -91,7 +97,21 @@ int main(void)
                 memset(&s, 0, sizeof s);
                 s.base = (uint64_t)(uintptr_t)base; s.out = (uint64_t)(uintptr_t)out; s.n = n;
                 s.base_coef = 1.0f; s.base_dtype = TV_F32; s.out_dtype = out_dtype; s.term_count = 2;
-                tv_rebuild_cpu(&s, 1, t, 1);
+                extent ext[6] = {{(uint64_t)(uintptr_t)codes, 4ull * words}, {(uint64_t)(uintptr_t)mask, 4ull * mwords},
+                                 {(uint64_t)(uintptr_t)params, 8ull * groups}, {(uint64_t)(uintptr_t)base, 4ull * n},
+                                 {(uint64_t)(uintptr_t)raw, 4ull * n}, {(uint64_t)(uintptr_t)out, 4ull * n}};
+                uint32_t where = 0;
+                memset(out, 0, 4 * n);
+                ext[0].bytes -= 4; /* the codes one word short: refused, nothing written */
+                if (tv_rebuild_cpu_checked(&s, 1, t, 2, ext, 6, 1, &where) == 0 || out[0] != 0 || out[n - 1] != 0) {
+                    fprintf(stderr, "tables past a buffer were not refused: n %u bits %u\n", n, bits);
+                    return 2;
+                }
+                ext[0].bytes += 4;
+                if (tv_rebuild_cpu_checked(&s, 1, t, 2, ext, 6, 1, &where) != 0) {
+                    fprintf(stderr, "exact tables were refused: n %u bits %u\n", n, bits);
+                    return 3;
+                }
                 fwrite(out, out_dtype == TV_F32 ? 4 : 2, n, stdout);
                 free(codes); free(mask); free(params); free(base); free(raw); free(out);
             }
