@@ -12,7 +12,7 @@
    ff=1536, 30522 x 384 embeddings, 22.7 M weights) and a ViT-B/32-sized image encoder
    (87.8 M weights), fp16 base and output, 8 synthetic tasks: a 1-task switch and an
    8-task mix.  Per row: bytes a switch moves (base read + every term's packed payloads +
-   output write, DESIGN.md section 9; an EMR mix reads the shared codes once per task),
+   output write, the switch floor of docs/architecture.md; an EMR mix reads the shared codes once per task),
    kernel time per switch (CUDA events around --repeat back-to-back launches of the
    switch's cached launch, so Python is not in the measurement), achieved bandwidth, that
    bandwidth over a cuMemcpyDtoD moving the same bytes in the same run, and, apart, the
@@ -41,7 +41,8 @@ from bench.shapes import minilm_shapes, vit_b32_shapes
 from tvswitch.export.exporter import export_bundle
 from tvswitch.kernels import abi, nvrtc, reference
 from tvswitch.kernels.cuda import Device, has_gpu, open_device
-from tvswitch.runtime.gpu_rebuild import DeviceTensor, GpuRebuilder, arena_layout
+from tvswitch.kernels.cuda import DeviceTensor
+from tvswitch.runtime.gpu_rebuild import GpuRebuilder, arena_layout
 from tvswitch.runtime.rebuild import CpuRebuilder
 
 TASKS = ["t%d" % i for i in range(8)]

@@ -86,16 +86,6 @@ def load_checkpoint(source: Any, label: str = "") -> Checkpoint:
     raise TvswitchError("cannot read a checkpoint from %r" % type(source).__name__)
 
 
-def load_task(source: Any, base: Checkpoint, label: str) -> Checkpoint:
-    """A task's checkpoint: as ``load_checkpoint``, or a PEFT LoRA adapter folder made into the
-    fine-tuned weights it stands for against ``base`` (``export.lora``)."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(os.fspath(source), ADAPTER_CONFIG)):
-        from tvswitch.export.lora import adapter_checkpoint
-
-        return adapter_checkpoint(os.fspath(source), base, label)
-    return load_checkpoint(source, label)
-
-
 ADAPTER_CONFIG = "adapter_config.json"
 
 

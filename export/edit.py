@@ -19,8 +19,9 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import Checkpoint, best_renaming, classify, load_checkpoint, load_task, task_vectors
+from tvswitch.export.checkpoints import Checkpoint, best_renaming, classify, load_checkpoint, task_vectors
 from tvswitch.export.exporter import Scheme, _add_queries, _codes_term, _encode
+from tvswitch.export.lora import load_task
 from tvswitch.export.quantize import quantize
 from tvswitch.export.writer import PayloadStore, write_bundle
 from tvswitch.kernels.reference import dequantize, unpack_codes

@@ -3,8 +3,8 @@
 ``export_bundle`` is what ``tvswitch export`` runs.  Each scheme turns one tensor's task
 vectors into *entries* (per task: mode + terms, FORMAT.md) whose payloads go into a
 ``PayloadStore``; the writer then adds CRCs and the manifest and renames the file into
-place.  ``add_task`` and ``remove_task`` rewrite a bundle carrying every other payload
-over byte for byte.
+place.  Editing a bundle in place (``add_task``, ``remove_task``) is ``export.edit``'s,
+which carries every other payload over byte for byte.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
-from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, load_task, task_vectors
+from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, task_vectors
+from tvswitch.export.lora import load_task
 from tvswitch.export.packing import pack_codes, pack_mask
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)

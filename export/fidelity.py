@@ -13,7 +13,8 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import Checkpoint, best_renaming, load_task
+from tvswitch.export.checkpoints import Checkpoint, best_renaming
+from tvswitch.export.lora import load_task
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.rebuild import CpuRebuilder, resolve_base
 

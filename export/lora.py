@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
@@ -64,6 +64,14 @@ def read_adapter(folder: str) -> Tuple[dict, Dict[str, np.ndarray]]:
     else:
         raise TvswitchError("%s: no adapter_model.safetensors (or .bin) beside %s" % (folder, ADAPTER_CONFIG))
     return config, {(n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n): a for n, a in tensors.items()}
+
+
+def load_task(source: Any, base: Checkpoint, label: str) -> Checkpoint:
+    """A task's checkpoint: as ``load_checkpoint``, or a PEFT LoRA adapter folder made into the
+    fine-tuned weights it stands for against ``base`` (``adapter_checkpoint``)."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(os.fspath(source), ADAPTER_CONFIG)):
+        return adapter_checkpoint(os.fspath(source), base, label)
+    return load_checkpoint(source, label)
 
 
 def adapter_checkpoint(folder: str, base: Checkpoint, label: str) -> Checkpoint:

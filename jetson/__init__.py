@@ -5,7 +5,7 @@ that the runtime can ask it questions without cycles, and every reader takes a r
 folder so that captured copies of real Jetson files stand in for a device in tests.
 Modules:
 
-``devices``   the one table of devices and JetPack lines (DESIGN.md section 8)
+``devices``   the one table of devices and JetPack lines (docs/jetson.md, The device table)
 ``release``   /etc/nv_tegra_release and the L4T -> JetPack map
 ``devicetree`` board model, SoC and compute capability from /proc/device-tree
 ``packages``  CUDA, cuDNN, TensorRT and Python versions from the dpkg database

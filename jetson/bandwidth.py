@@ -1,4 +1,4 @@
-"""Measure this machine's memory copy bandwidth, the yardstick of a switch (DESIGN.md s. 9).
+"""Measure this machine's memory copy bandwidth, the yardstick of a switch (the switch floor, docs/architecture.md).
 
 A rebuild reads the base and writes the weights, so its floor is set by copy bandwidth,
 not by the data sheet's peak. Measured the same way on every machine (numpy copy of a

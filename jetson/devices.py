@@ -1,6 +1,6 @@
 """The one table of devices and JetPack lines that the rest of tvswitch consults.
 
-Facts come from DESIGN.md section 8, NVIDIA's module data sheets and the JetPack
+Facts come from NVIDIA's module data sheets and the JetPack
 archive: compute capability, DRAM and its peak bandwidth, the last JetPack each module
 runs, and per JetPack line the software stack and which of tvswitch's paths it allows
 (the support matrix). ``plan`` turns a device row into memory and switch-time figures,

@@ -1,6 +1,6 @@
 """``tvswitch doctor``: what a machine can run, and the fastest switch path among it.
 
-The ranking follows DESIGN.md sections 3-7: rebuilding on the GPU beats the CPU (the
+The ranking follows docs/engines.md and docs/kernels.md: rebuilding on the GPU beats the CPU (the
 floor is memory bandwidth, and the CPU path also pays a copy), TensorRT refit from a
 device buffer beats a refit from host memory, and ONNX Runtime with weights bound as
 inputs needs no refit at all. ``fastest_path`` is a pure function of the probes, so
@@ -89,7 +89,7 @@ def fastest_path(probe_list: Iterable[_probes.Probe]) -> Optional[Path]:
         if trt.data.get("device_refit") and cuda_rebuild:
             return Path("tensorrt-device-refit", "CUDA kernel via %s, into a device buffer" % via,
                         "TensorRT %s, refit from device memory" % trt.version,
-                        "no host copy: the kernel writes the buffer TensorRT refits from (DESIGN.md s. 7)")
+                        "no host copy: the kernel writes the buffer TensorRT refits from (docs/engines.md section 3)")
         rebuild = "CUDA kernel via %s" % via if cuda_rebuild else (
             "CUDA kernel from a prebuilt fatbin via pycuda" if _ok(probes, "pycuda") else cpu)
         return Path("tensorrt-host-refit", rebuild, "TensorRT %s, refit from host memory" % trt.version,

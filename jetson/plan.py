@@ -2,7 +2,7 @@
 
 Pure arithmetic over a few numbers of the bundle (``BundleFacts``) and a row of the
 device table, so every figure is tested without a bundle or a board. The switch time is
-the floor of DESIGN.md section 9, bytes >= P * (2 s + sum_i b_i / 8): the rebuild reads
+the switch floor of docs/architecture.md, bytes >= P * (2 s + sum_i b_i / 8): the rebuild reads
 the base and the packed vectors and writes the weights, at the memory's peak bandwidth.
 Real switches take longer; the runtime's benchmarks report them as a fraction of it.
 

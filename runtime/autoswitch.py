@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.mix import Mix
 
 if TYPE_CHECKING:
     from tvswitch.runtime.bundle import Bundle
@@ -39,7 +40,6 @@ POOLS = ("mean", "none")
 #: The router network: "average" (every task at 1/T, T-Switch's choice) or "base" (pretrained).
 NETWORKS = ("average", "base")
 
-Mix = Dict[str, float]
 Infer = Callable[[Mapping[str, np.ndarray], Mapping[str, float]], Mapping[str, np.ndarray]]
 
 

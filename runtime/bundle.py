@@ -236,8 +236,9 @@ def _read_manifest(path: str, meta: Mapping[str, str]) -> dict:
         raise BundleError("%s: manifest nests too deeply to be one tvswitch writes" % path) from None
 
 
-#: Payloads whose values a rebuild multiplies into weights: NaN or inf there is refused at open.
-FINITE_ROLES = ("params", "values", "head", "query")
+#: Payloads whose values become weights (the exporter refuses non-finite checkpoints, so NaN
+#: or inf there was never written by it): refused at open.
+FINITE_ROLES = ("params", "values", "head", "query", "base")
 
 
 def _check_finite(path: str, key: str, data: np.ndarray) -> None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import struct
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -38,6 +38,20 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
         return {k: out[k] for k in keys}
     except (SafetensorError, ValueError, TypeError, OSError, KeyError) as exc:
         raise TvswitchError("%s: not a readable safetensors file (%s)" % (path, exc)) from None
+
+
+def as_tensors(source: Any, what: str = "the base") -> Optional[Mapping[str, np.ndarray]]:
+    """A safetensors file's tensors, or the caller's mapping as it is (None stays None).
+
+    The API takes a path where the CLI does (``--base``); folders, shard indexes and
+    pickled formats are read by ``export.checkpoints.load_checkpoint``, which the runtime
+    does not import.  Anything else is refused, never searched as if it were a mapping."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_safetensors(os.fspath(source))
+    if source is not None and not isinstance(source, Mapping):
+        raise TvswitchError("%s must be a safetensors path or a mapping of names to arrays, not %s"
+                            % (what, type(source).__name__))
+    return source
 
 
 def _bfloat16_as_float32(path: str, names: Iterable[str]) -> Dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi, cpu, nvrtc
-from tvswitch.kernels.cuda import Device, open_device
+from tvswitch.kernels.cuda import Device, DeviceTensor, open_device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
 from tvswitch.runtime.plan import Plan, build_plan, bytes_moved, mix_key, total_blocks
@@ -47,75 +47,6 @@ def element_code(dtype: Any) -> Optional[int]:
         return ELEMENT_CODES.get(np.dtype(dtype).name)
     except TypeError:
         return None
-
-
-def _element_dtype(dtype: Any) -> Any:
-    """numpy's dtype, or the name ``"bfloat16"`` where numpy has none (ml_dtypes not installed)."""
-    if isinstance(dtype, str) and dtype == "bfloat16":
-        try:
-            return np.dtype(dtype)
-        except TypeError:
-            return dtype
-    return np.dtype(dtype)
-
-
-@dataclass(frozen=True)
-class DeviceTensor:
-    """A C-contiguous tensor in device memory: what a rebuild reads or writes.
-
-    ``dtype`` is a numpy dtype or a name; a bfloat16 buffer (which numpy cannot name without
-    ml_dtypes, nor torch export through ``__cuda_array_interface__``) is ``"bfloat16"``.
-    """
-
-    ptr: int
-    shape: Tuple[int, ...]
-    dtype: Any
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ptr", int(self.ptr))
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        object.__setattr__(self, "dtype", _element_dtype(self.dtype))
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-    @property
-    def itemsize(self) -> int:
-        return 2 if isinstance(self.dtype, str) else self.dtype.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
-
-    @property
-    def host_dtype(self) -> np.dtype:
-        """The dtype of a host copy: bfloat16 without numpy support comes back as its bits (uint16)."""
-        return np.dtype(np.uint16) if isinstance(self.dtype, str) else self.dtype
-
-    @classmethod
-    def of(cls, obj: Any) -> "DeviceTensor":
-        """A DeviceTensor, or the view of a CUDA array (torch, CuPy) through ``__cuda_array_interface__``."""
-        if isinstance(obj, DeviceTensor):
-            return obj
-        cai = getattr(obj, "__cuda_array_interface__", None)
-        if cai is None:
-            raise TvswitchError("output %r is not device memory (give a DeviceTensor or a CUDA array)"
-                                % type(obj).__name__)
-        shape = tuple(int(d) for d in cai["shape"])
-        dtype = np.dtype(cai["typestr"])
-        strides = cai.get("strides")
-        if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
-            raise TvswitchError("a CUDA array output must be C-contiguous")
-        return cls(int(cai["data"][0]), shape, dtype)
-
-
-def _c_strides(shape: Tuple[int, ...], itemsize: int) -> Tuple[int, ...]:
-    strides, step = [], itemsize
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return tuple(reversed(strides))
 
 
 def arena_layout(sizes: Sequence[int], align: int = ALIGN) -> Tuple[List[int], int]:
@@ -350,7 +281,7 @@ class GpuRebuilder:
         return tables.launch
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
-        """Bytes one rebuild of ``mix`` reads and writes (DESIGN.md section 9's floor, with a
+        """Bytes one rebuild of ``mix`` reads and writes (the switch floor of docs/architecture.md, with a
         payload counted once per term that reads it)."""
         plan = self.plan(mix)
         base_size = next(iter(self._base.values())).itemsize if self._base else 4

@@ -30,7 +30,8 @@ from tvswitch.kernels.cuda import Device
 from tvswitch.runtime.binding import EngineBinding
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.engines.base import Engine
-from tvswitch.runtime.gpu_rebuild import DeviceTensor, GpuRebuilder, arena_layout
+from tvswitch.kernels.cuda import DeviceTensor
+from tvswitch.runtime.gpu_rebuild import GpuRebuilder, arena_layout
 from tvswitch.runtime.heads import OutputCut
 from tvswitch.runtime.mix import Mix, head_task
 

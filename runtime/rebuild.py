@@ -8,8 +8,9 @@ transcription of decode.h does the same arithmetic, much more slowly.
 """
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -17,14 +18,19 @@ from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi, cpu, reference
 from tvswitch.runtime import format as fmt
 from tvswitch.runtime.bundle import Bundle
-from tvswitch.runtime.checkpoint import contiguous
+from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix
 from tvswitch.runtime.plan import Plan, build_plan, bytes_moved, mix_key
 
 
-def resolve_base(bundle: Bundle, base: Optional[Mapping[str, np.ndarray]], verify: bool = True,
-                 label: str = "the base") -> Dict[str, np.ndarray]:
-    """The base arrays a rebuild reads: the caller's (fingerprint checked) or the embedded copy."""
+def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapping[str, np.ndarray]],
+                 verify: bool = True, label: str = "the base") -> Dict[str, np.ndarray]:
+    """The base arrays a rebuild reads: the caller's (fingerprint checked) or the embedded copy.
+
+    ``base`` may be a safetensors file's path (``checkpoint.as_tensors``)."""
+    if isinstance(base, (str, os.PathLike)):
+        label = os.fspath(base)
+    base = as_tensors(base)
     if base is None:
         embedded = bundle.embedded_base()
         if embedded is None:
@@ -130,7 +136,7 @@ class CpuRebuilder:
                 bar.update(end - begin)
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
-        """Bytes one rebuild of ``mix`` reads and writes (the floor of DESIGN.md section 9)."""
+        """Bytes one rebuild of ``mix`` reads and writes (the switch floor, docs/architecture.md)."""
         plan = self.plan(mix)
         base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
         out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size

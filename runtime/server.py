@@ -51,6 +51,7 @@ import numpy as np
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.binding import EngineBinding, EngineWeights, some
 from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.checkpoint import as_tensors
 from tvswitch.runtime.engines.base import Engine, copy_into
 from tvswitch.runtime.heads import OutputCut, cut_outputs
 from tvswitch.runtime.mix import Mix, head_task
@@ -287,8 +288,8 @@ def default_model_path(bundle_path: str) -> str:
 
 
 def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, model: Any = None,
-                 base: Optional[Mapping[str, np.ndarray]] = None, initial: Optional[Mapping[str, float]] = None,
-                 slots: int = 1, threads: int = 0, module: Any = None, input_names: Optional[Sequence[str]] = None,
+                 base: Union[None, str, Mapping[str, np.ndarray]] = None,
+                 initial: Optional[Mapping[str, float]] = None, slots: int = 1, threads: int = 0, module: Any = None, input_names: Optional[Sequence[str]] = None,
                  example_inputs: Optional[Mapping[str, np.ndarray]] = None, gpu: Optional[bool] = None,
                  device: Any = None, allow_unmatched: bool = False, **options: Any) -> Server:
     """Open ``bundle`` (a path, or a ``Bundle`` already open), load ``engine`` and serve
@@ -313,7 +314,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     ``Server.rebuild_on`` says which ran (``"gpu"`` / ``"cpu"``), ``rebuild_note`` why,
     and the ``tvswitch.server`` logger says it once at INFO.
 
-    The base the rebuild reads is ``base`` if given, else the one the bundle embeds, else
+    The base the rebuild reads is ``base`` if given (a mapping, or a safetensors path), else the one the bundle embeds, else
     the weights the engine was loaded with (an ONNX file's defaults, or the module's
     own; a graph from ``export-onnx --bundle`` carries none); it is checked against the
     bundle's fingerprint either way.  Only one copy of the base is kept: the engine's
@@ -323,7 +324,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
 
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     path = opened.path
-    base = opened.base_view(base)
+    base = opened.base_view(as_tensors(base))
     heads = {t: opened.task_specific(t) for t in opened.tasks}
     names = list(opened.shared_specs) + sorted({n for t in heads.values() for n in t})
     if engine == "torch":

@@ -60,6 +60,7 @@ def engine_models():
     Loaded by path because the tests run with ``--import-mode=importlib``: test folders
     are not packages to import from.  Its file is ``engine_models.__file__``.
     """
+    pytest.importorskip("torch", reason="the test networks are torch modules (the torch extra)")
     spec = importlib.util.spec_from_file_location("engine_models", ENGINE_MODELS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

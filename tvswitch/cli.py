@@ -19,7 +19,7 @@ import sys
 from typing import List, NoReturn, Optional
 
 from tvswitch import __version__, commands
-from tvswitch.errors import TvswitchError
+from tvswitch.errors import TvswitchError, missing_extra
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -88,6 +88,12 @@ def _run(args: argparse.Namespace) -> int:
         return int(args._run(args) or 0)
     except TvswitchError as exc:
         print("tvswitch %s: error: %s" % (args.command, exc), file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional part (torch for export-onnx, onnxruntime for run)
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        print("tvswitch %s: error: %s" % (args.command, message), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tvswitch %s: interrupted" % args.command, file=sys.stderr)

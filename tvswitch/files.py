@@ -65,30 +65,34 @@ def atomic_write(path: str, content: Union[bytes, Callable[[str], None]]) -> str
     """Write ``content`` (bytes, or a function that writes the file at the path it is given)
     to ``path`` atomically; returns the file written (the link's target for a link).
 
-    An error of the writing function that is not an ``OSError`` (safetensors reports a
-    full disk as its own error type) becomes a ``TvswitchError`` naming the file; an
-    ``OSError`` passes as it is (the CLI prints it in one line).
+    A full disk, a file-size limit or a writer library's own error (safetensors reports a
+    full disk as a SafetensorError) becomes a ``TvswitchError`` naming ``path``, not the
+    temporary file; an ``OSError`` about another file passes as it is.
     """
     target = resolve_output(path)
     folder = os.path.dirname(target)
     remove_stale_temps(folder)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     try:
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-        else:
-            os.close(fd)
-            try:
+        try:
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                with os.fdopen(fd, "wb") as f:
+                    f.write(content)
+            else:
+                os.close(fd)
                 content(tmp)
-            except (OSError, TvswitchError, KeyboardInterrupt):
+            os.chmod(tmp, _file_mode(target))
+            _fsync(tmp, strict=True)
+            os.replace(tmp, target)
+        except OSError as exc:
+            if exc.filename not in (None, tmp):
                 raise
-            except Exception as exc:  # noqa: BLE001 - a writer library's own error (safetensors' SafetensorError)
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise TvswitchError("%s: cannot write it (%s)" % (path, first)) from None
-        os.chmod(tmp, _file_mode(target))
-        _fsync(tmp, strict=True)
-        os.replace(tmp, target)
+            raise TvswitchError("%s: cannot write it (%s)" % (path, exc.strerror or exc)) from None
+        except (TvswitchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a writer library's own error (safetensors' SafetensorError)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TvswitchError("%s: cannot write it (%s)" % (path, first)) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

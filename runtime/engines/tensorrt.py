@@ -1,6 +1,6 @@
 """The TensorRT engine: a refittable, weight-stripped plan refitted from registered buffers.
 
-Written against the documented TensorRT Python API (DESIGN.md section 7) and **never
+Written against the documented TensorRT Python API (docs/engines.md section 3) and **never
 run on TensorRT**: no GPU and no TensorRT on the machines this was written on
 (docs/engines.md says what was and was not run).  The code itself runs in the tests,
 for TensorRT 8.5, 8.6, 10.1 and 10.3, against a fake TensorRT
@@ -427,7 +427,7 @@ class TensorRTEngine(Engine):
         ``DeviceTensor``s; None on TensorRT 8, which refits from host memory only."""
         if not self._device:
             return None
-        from tvswitch.runtime.gpu_rebuild import DeviceTensor
+        from tvswitch.kernels.cuda import DeviceTensor
 
         return {n: DeviceTensor(self._device[n], shape, np.dtype(dtype))
                 for n, (shape, dtype) in self._weight_specs.items()}
@@ -448,7 +448,7 @@ class TensorRTEngine(Engine):
     def publish(self, slot: int = 0) -> None:
         """Refit the engine with the slot, host or device (folds recomputed); returns when it is done.
 
-        Holds the engine's lock: no refit while an inference is enqueued (DESIGN.md section 7).
+        Holds the engine's lock: no refit while an inference is enqueued (docs/engines.md section 3).
         """
         with self._lock:
             self._refit()

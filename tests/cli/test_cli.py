@@ -162,6 +162,23 @@ def test_an_os_error_no_check_caught_is_one_line_and_exit_2(monkeypatch, capsys)
     assert err == "tvswitch example: error: /mnt/card/base.safetensors: No space left on device\n"
 
 
+@pytest.mark.parametrize("missing", ["torch", "onnxruntime"])
+def test_a_missing_optional_package_is_one_line_naming_its_extra(example, tmp_path, monkeypatch, capsys, missing):
+    """A core install (numpy, safetensors, tqdm) runs the verbs that need torch or onnxruntime
+    to a one-line error that says what to install, not to a traceback."""
+    monkeypatch.setitem(sys.modules, missing, None)  # `import NAME` now fails as if it were not installed
+    base, bundle = example / "base.safetensors", tmp_path / "t.tvs"
+    assert main(["export", "--base", str(base), *_tasks(example), "--no-progress", "-o", str(bundle)]) == 0
+    capsys.readouterr()
+    argv = (["export-onnx", "--module", "tvswitch.export.example_net:detect", "--bundle", str(bundle), "--input",
+             "ids=%s" % (example / "ids.npy"), "-o", str(tmp_path / "g.onnx")] if missing == "torch" else
+            ["run", str(bundle), "--base", str(base), "--task", "detect", "--model", str(tmp_path / "none.onnx"),
+             "--input", str(example / "ids.npy"), "-o", str(tmp_path / "out.npy")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'tvswitch[%s]'" % ("torch" if missing == "torch" else "onnx") in err, err
+
+
 def test_outputs_get_the_umask_mode(example, tmp_path):
     old = os.umask(0o027)
     try:

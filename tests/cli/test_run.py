@@ -6,8 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-from tvswitch.cli import build_parser, main
-from tvswitch.errors import TvswitchError
+ort = pytest.importorskip("onnxruntime", reason="run and bench-switch serve on onnxruntime (the onnx extra)")
+pytest.importorskip("torch", reason="the graphs served are exported from torch (the torch extra)")
+
+from tvswitch.cli import build_parser, main  # noqa: E402
+from tvswitch.errors import TvswitchError  # noqa: E402
+
+_ORT_GPU = ort.get_device() == "GPU"
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +322,7 @@ def test_export_onnx_refuses_an_example_input_the_module_cannot_take_in_one_line
     assert "x float32[3, 8, 8]" in r.stderr and not (f / "bad.onnx").exists()
 
 
-@pytest.mark.skipif(__import__("onnxruntime").get_device() == "GPU", reason="ONNX Runtime has CUDA here")
+@pytest.mark.skipif(_ORT_GPU, reason="ONNX Runtime has CUDA here")
 @pytest.mark.parametrize("verb", ["run", "bench-switch"])
 def test_provider_cuda_is_refused_with_the_reason_where_it_cannot_run(served, verb, capsys):
     f = served["folder"]

@@ -1,8 +1,10 @@
 """ONNX export for serving: weights become inputs named as in the state_dict, whatever torch renamed."""
 import numpy as np
-import onnx
 import pytest
-import torch
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (the onnx extra)")
+torch = pytest.importorskip("torch", reason="ONNX export traces with torch (the torch extra)")
+pytest.importorskip("onnxruntime", reason="the exported graphs are checked on onnxruntime (the onnx extra)")
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx, write_model

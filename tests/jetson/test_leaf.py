@@ -1,4 +1,4 @@
-"""jetson/ is a leaf (DESIGN.md s. 2): of tvswitch it imports only tvswitch.jetson itself."""
+"""jetson/ is a leaf (docs/architecture.md, Imports): of tvswitch it imports only tvswitch.jetson itself."""
 import ast
 import glob
 import os

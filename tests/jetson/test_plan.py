@@ -1,4 +1,4 @@
-"""The plan's arithmetic against hand-computed figures (DESIGN.md s. 9)."""
+"""The plan's arithmetic against hand-computed figures (the switch floor, docs/architecture.md)."""
 import pytest
 
 from tvswitch.jetson import plan

@@ -14,7 +14,7 @@ import pytest
 
 from tvswitch.kernels import build_fatbins, nvrtc
 
-#: The targets of DESIGN.md section 6: Nano, TX2, Xavier, Orin, then x86 sm_75..sm_90.
+#: The targets of docs/kernels.md (Targets and loading): Nano, TX2, Xavier, Orin, then x86 sm_75..sm_90.
 TARGETS = ("sm_53", "sm_62", "sm_72", "sm_87", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 
 

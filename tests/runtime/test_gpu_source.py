@@ -21,7 +21,7 @@ from tvswitch.kernels import cpu, nvrtc
 from tvswitch.kernels.cuda import CudaError
 from tvswitch.runtime import engines, gpu_rebuild
 from tvswitch.runtime.engines.base import Engine
-from tvswitch.runtime.gpu_rebuild import DeviceTensor
+from tvswitch.kernels.cuda import DeviceTensor
 from tvswitch.runtime.gpu_source import GpuBundleSource
 from tvswitch.runtime.rebuild import CpuRebuilder
 from tvswitch.runtime.server import Server, serve_bundle

@@ -180,7 +180,7 @@ def format_text(plan: _plan.Plan, label: str, source: str) -> str:
             plan.fp32_checkpoints_bytes / float(plan.shipped_bytes)))
     lines += [
         "",
-        "switch floor: read base + packed vectors, write weights (DESIGN.md s. 9)",
+        "switch floor: read base + packed vectors, write weights (docs/architecture.md)",
         "  %-34s %11s  %7.2f ms" % ("one task", human_bytes(plan.switch_one_bytes), plan.switch_one_ms),
         "  %-34s %11s  %7.2f ms" % ("mix of all %d tasks" % f.tasks, human_bytes(plan.switch_mix_bytes),
                                     plan.switch_mix_ms),

@@ -20,7 +20,7 @@ own code runs here, and they do two things TensorRT does not:
     ``get_weights_prototype``, no ``weights_validation``, no ``OnnxParserRefitter``, no
     ``BuilderFlag.STRIP_PLAN`` and no ``BuilderFlag.REFIT_INDIVIDUAL`` /
     ``mark_weights_refittable`` (``AttributeError``/``TypeError`` as a pybind module
-    gives); the last two arrive with 10.2 here, as docs/DESIGN.md section 7 has it.
+    gives); the last two arrive with 10.2 here, as docs/engines.md section 3 has it.
     TensorRT 8's parser needs an ``EXPLICIT_BATCH`` network and casts int64 data inputs
     to int32.
   - Build: ``REFIT`` makes every weight refittable, ``REFIT_INDIVIDUAL`` the marked ones

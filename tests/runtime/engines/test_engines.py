@@ -13,7 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the engines are checked against torch (the torch extra)")
+pytest.importorskip("onnx", reason="the graphs are exported with onnx (the onnx extra)")
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx

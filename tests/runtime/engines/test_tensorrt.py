@@ -11,8 +11,10 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
 import pytest
+
+onnx = pytest.importorskip("onnx", reason="the graph TensorRT parses is an ONNX graph (the onnx extra)")
+pytest.importorskip("torch", reason="the test graphs are exported from torch (the torch extra)")
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx
