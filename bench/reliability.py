@@ -397,6 +397,7 @@ def fuzz(paths: List[str], base_path: str, count: int, seed: int, folder: str, t
                 if result["signature"]:
                     signatures[result["signature"]] += 1
                 peak = max(peak, result.get("peak", 0))
+            print("  %s: %d mutants checked" % (layer, count), file=sys.stderr, flush=True)
             report[layer] = {"mutants": count, **{k: counts[k] for k in OUTCOMES + ("traceback", "written")},
                              "signatures": dict(signatures), "peak_bytes": peak, "declared_bytes": bound}
     finally:

@@ -20,12 +20,13 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.export.checkpoints import Checkpoint, best_renaming, classify, load_checkpoint, task_vectors
-from tvswitch.export.exporter import Scheme, _add_queries, _codes_term, _encode
+from tvswitch.export.exporter import Scheme, add_queries, codes_term, encode_tensor
 from tvswitch.export.lora import load_task
 from tvswitch.export.quantize import quantize
-from tvswitch.export.writer import PayloadStore, write_bundle
-from tvswitch.kernels.reference import dequantize, unpack_codes
-from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
+from tvswitch.kernels.packing import unpack_codes
+from tvswitch.kernels.reference import dequantize
+from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 
 log = logging.getLogger("tvswitch.export")
@@ -105,8 +106,8 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
             entries[name] = _rtvq_entry(bundle, old, task, name, taus[0], store)
         else:
             width = (old["terms"][0]["bits"],) if scheme.name == "tvq" and old else None
-            entries[name] = _encode(scheme, name, base_ck.tensors[name].shape, [task], taus, flat_base,
-                                    width, store)[0]
+            entries[name] = encode_tensor(scheme, name, base_ck.tensors[name].shape, [task], taus, flat_base,
+                                          width, store)[0]
     for name in layout.as_is:
         if not np.array_equal(ck.tensors[name], base_ck.tensors[name]):
             key = store.add("%s/%s/values" % (task, name), ck.tensors[name].astype(scheme.raw_dtype))
@@ -136,7 +137,7 @@ def set_query_sets(path: str, query_sets: Mapping[str, np.ndarray], router: Any,
     old = set((bundle.manifest.get("queries") or {}).values())
     m = {k: v for k, v in bundle.manifest.items() if k not in ("queries", "router")}
     store = _carry(bundle, lambda key: key not in old)
-    _add_queries(m, store, query_sets, router, bundle.tasks)
+    add_queries(m, store, query_sets, router, bundle.tasks)
     write_bundle(out or path, m, store)
     return Bundle.open(out or path)
 
@@ -147,7 +148,7 @@ def _rtvq_entry(bundle: Bundle, old: dict, task: str, name: str, tau: np.ndarray
     ref = dequantize(unpack_codes(bundle.payload(shared["codes"]), shared["bits"], n),
                      bundle.payload(shared["params"]), shared["group"])
     q = quantize(tau - ref, offset["bits"], offset["group"])
-    return {"mode": "delta", "terms": [shared, _codes_term(store, "%s/%s" % (task, name), q)]}
+    return {"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (task, name), q)]}
 
 
 def _referenced(m: dict) -> set:

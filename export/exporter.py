@@ -19,15 +19,15 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, task_vectors
 from tvswitch.export.lora import load_task
-from tvswitch.export.packing import pack_codes, pack_mask
+from tvswitch.kernels.packing import pack_codes, pack_mask
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
 from tvswitch.export.tswitch import binarize
-from tvswitch.export.writer import PayloadStore, write_bundle
+from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
 from tvswitch.files import same_file
 from tvswitch.kernels.abi import code_words
-from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.autoswitch import RouterSpec
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import fingerprint
@@ -128,7 +128,7 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
         if not changed:
             continue
         names = [list(cks)[i] for i in changed]
-        encoded = _encode(scheme, name, base_ck.tensors[name].shape, names, taus[changed], flat_base,
+        encoded = encode_tensor(scheme, name, base_ck.tensors[name].shape, names, taus[changed], flat_base,
                           widths.get(name), store)
         for task, entry in zip(names, encoded):
             entries[task][name] = entry
@@ -157,7 +157,7 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
     }
     if renaming is not None:
         manifest["base"]["renamed"] = {"strip": renaming.strip, "add": renaming.add}
-    _add_queries(manifest, store, query_sets, router, list(cks))
+    add_queries(manifest, store, query_sets, router, list(cks))
     write_bundle(out, manifest, store)
     return Bundle.open(out)
 
@@ -197,7 +197,7 @@ def _embed_base(base: Checkpoint, shared: List[str], fixed: List[str], dtype: Op
     return out
 
 
-def _add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mapping[str, np.ndarray]],
+def add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mapping[str, np.ndarray]],
                  router: Optional[Union[RouterSpec, dict]], tasks: List[str]) -> None:
     """Auto-Switch's query sets and the router record that says how their features are
     taken, validated here so that no bundle carries a record its reader would refuse."""
@@ -219,7 +219,8 @@ def _add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mappi
 
 # ---- per-scheme encoding of one tensor --------------------------------------------------
 
-def _codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np.ndarray] = None) -> dict:
+def codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np.ndarray] = None) -> dict:
+    """A codes term (FORMAT.md section 4) whose payloads go into ``store`` under ``prefix``."""
     term = {"kind": "codes", "bits": q.bits, "group": q.group,
             "codes": store.add(prefix + "/codes", pack_codes(q.codes, q.bits)),
             "params": store.add(prefix + "/params", q.params, compress=False)}
@@ -243,30 +244,30 @@ def _encode_emr(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint],
     merged = emr(vectors)
     for name in layout.vectors:
         group = group_size(base.tensors[name].shape, scheme.granularity)
-        shared = _codes_term(store, "@shared/%s" % name, quantize(merged.unified[name], scheme.bits, group))
+        shared = codes_term(store, "@shared/%s" % name, quantize(merged.unified[name], scheme.bits, group))
         for t in tasks:
             term = dict(shared, mask=store.add("%s/%s/mask" % (t, name), pack_mask(merged.masks[t][name].reshape(-1))),
                         scale=float(merged.rescalers[t]))
             entries[t][name] = {"mode": "delta", "terms": [term]}
 
 
-def _encode(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.ndarray, flat_base: np.ndarray,
-            width: Optional[tuple], store: PayloadStore) -> List[dict]:
+def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.ndarray, flat_base: np.ndarray,
+                  width: Optional[tuple], store: PayloadStore) -> List[dict]:
     """Entries (one per task, in task order) for tensor ``name``."""
     group = group_size(shape, scheme.granularity)
     if scheme.name == "tvq":
         bits = width[0] if width else scheme.bits
-        return [{"mode": "delta", "terms": [_codes_term(store, "%s/%s" % (t, name), quantize(tau, bits, group))]}
+        return [{"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), quantize(tau, bits, group))]}
                 for t, tau in zip(tasks, taus)]
     if scheme.name == "fq":
         return [{"mode": "absolute",
-                 "terms": [_codes_term(store, "%s/%s" % (t, name), quantize(tau + flat_base, scheme.bits, group))]}
+                 "terms": [codes_term(store, "%s/%s" % (t, name), quantize(tau + flat_base, scheme.bits, group))]}
                 for t, tau in zip(tasks, taus)]
     if scheme.name == "rtvq":
         base_bits, offset_bits = width if width else (scheme.base_bits, scheme.offset_bits)
         res = quantize_residual(taus, base_bits, offset_bits, group)
-        shared = _codes_term(store, "@shared/%s" % name, res.base)
-        return [{"mode": "delta", "terms": [shared, _codes_term(store, "%s/%s" % (t, name), off)]}
+        shared = codes_term(store, "@shared/%s" % name, res.base)
+        return [{"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (t, name), off)]}
                 for t, off in zip(tasks, res.offsets)]
     # tswitch: the sign as a masked 1-bit code, (scale, offset) = (2*lambda, -lambda)
     out = []
@@ -275,7 +276,7 @@ def _encode(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.ndarray
         lam = np.float32(sw.scale)
         q = Quantized(codes=sw.positive.astype(np.uint8), params=np.array([2 * lam, -lam], dtype=np.float32),
                       group=max(tau.size, 1), bits=1)
-        out.append({"mode": "delta", "terms": [_codes_term(store, "%s/%s" % (t, name), q, mask=sw.mask)]})
+        out.append({"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), q, mask=sw.mask)]})
     return out
 
 

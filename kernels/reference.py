@@ -11,23 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from tvswitch.kernels import abi
-
-
-def unpack_codes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Codes 0..n-1 of a b-bit stream, as uint32 (FORMAT.md, "Code streams")."""
-    if words.dtype != np.uint32 or words.size < abi.code_words(n, bits):
-        raise ValueError("a %d-bit stream of %d values needs %d uint32 words, got %d %s"
-                         % (bits, n, abi.code_words(n, bits), words.size, words.dtype))
-    bit = np.arange(n, dtype=np.uint64) * np.uint64(bits)
-    w = (bit >> np.uint64(5)).astype(np.intp)
-    s = bit & np.uint64(31)
-    window = words[w].astype(np.uint64) | (words[w + 1].astype(np.uint64) << np.uint64(32))
-    return ((window >> s) & np.uint64((1 << bits) - 1)).astype(np.uint32)
-
-
-def unpack_mask(words: np.ndarray, n: int) -> np.ndarray:
-    """Bits 0..n-1 of a 1-bit stream, as bool."""
-    return unpack_codes(words, 1, n).astype(bool)
+from tvswitch.kernels.packing import unpack_codes, unpack_mask
 
 
 def dequantize(codes: np.ndarray, params: np.ndarray, group: int) -> np.ndarray:

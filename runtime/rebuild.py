@@ -16,7 +16,7 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi, cpu, reference
-from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix

@@ -10,7 +10,7 @@ from typing import Dict, List
 import numpy as np
 
 from tvswitch.runtime.bundle import Bundle
-from tvswitch.runtime.format import Entry
+from tvswitch.runtime.bundle.manifest import Entry
 
 
 def describe_entry(entry: Entry, bundle: Bundle) -> str:

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Set, Tuple
 
 #: Folder of each part of the namespace (pyproject.toml's package-dir), from the repository root.
 PARTS = {"tvswitch": "tvswitch", "tvswitch.commands": "tvswitch/commands", "tvswitch.export": "export",
-         "tvswitch.runtime": "runtime", "tvswitch.runtime.engines": "runtime/engines",
-         "tvswitch.kernels": "kernels", "tvswitch.jetson": "jetson"}
+         "tvswitch.runtime": "runtime", "tvswitch.runtime.bundle": "runtime/bundle",
+         "tvswitch.runtime.engines": "runtime/engines", "tvswitch.kernels": "kernels", "tvswitch.jetson": "jetson"}
 #: Layers from the top; a module may import its own layer and those below it.
 LAYERS = ("cli", "export", "runtime", "kernels", "base")
 LEAF = "jetson"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvswitch.export.packing import pack_codes, pack_mask
+from tvswitch.kernels.packing import pack_codes, pack_mask
 from tvswitch.kernels import abi, cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())

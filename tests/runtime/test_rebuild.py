@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tvswitch.errors import TvswitchError
-from tvswitch.kernels.reference import unpack_codes, unpack_mask
+from tvswitch.kernels.packing import unpack_codes, unpack_mask
 from tvswitch.runtime.rebuild import CpuRebuilder
 
 

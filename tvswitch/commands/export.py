@@ -7,7 +7,7 @@ from tvswitch.commands._common import human_bytes, parse_task_args, print_json
 from tvswitch.commands._inputs import check_output_path
 from tvswitch.errors import TvswitchError
 from tvswitch.export.exporter import MAX_RELATIVE_NORM
-from tvswitch.runtime.format import SCHEMES
+from tvswitch.runtime.bundle.manifest import SCHEMES
 
 NAME = "export"
 HELP = "pack the task vectors of fine-tuned checkpoints into a bundle"

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.bundle import Bundle
-    from tvswitch.runtime.format import SCHEMES
+    from tvswitch.runtime.bundle.manifest import SCHEMES
     from tvswitch.runtime.stats import bundle_stats
 
     stats = bundle_stats(Bundle.open(args.bundle))

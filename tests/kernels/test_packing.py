@@ -3,9 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvswitch.export.packing import pack_codes, pack_mask
 from tvswitch.kernels import abi, cpu
-from tvswitch.kernels.reference import unpack_codes, unpack_mask
+from tvswitch.kernels.packing import pack_codes, pack_mask, unpack_codes, unpack_mask
 
 
 @settings(max_examples=200, deadline=None)

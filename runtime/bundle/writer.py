@@ -13,7 +13,7 @@ import numpy as np
 
 from tvswitch import __version__
 from tvswitch.errors import TvswitchError
-from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.checkpoint import contiguous, write_safetensors
 
 

@@ -1,4 +1,4 @@
-"""Bit packing: the writer's half of decode.h's code streams (FORMAT.md, "Code streams").
+"""Bit packing and unpacking: decode.h's code streams in numpy (FORMAT.md, "Code streams").
 
 Value i of a b-bit stream sits at stream bits [b*i, b*i + b); stream bit k is bit k & 31
 of little-endian uint32 word k >> 5; one zero word ends every stream.  32 values of b
@@ -42,3 +42,20 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def pack_mask(mask: np.ndarray) -> np.ndarray:
     """Pack a boolean array into a 1-bit stream."""
     return pack_codes(np.asarray(mask, dtype=bool).astype(np.uint8), 1)
+
+
+def unpack_codes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Codes 0..n-1 of a b-bit stream, as uint32 (FORMAT.md, "Code streams")."""
+    if words.dtype != np.uint32 or words.size < code_words(n, bits):
+        raise ValueError("a %d-bit stream of %d values needs %d uint32 words, got %d %s"
+                         % (bits, n, code_words(n, bits), words.size, words.dtype))
+    bit = np.arange(n, dtype=np.uint64) * np.uint64(bits)
+    w = (bit >> np.uint64(5)).astype(np.intp)
+    s = bit & np.uint64(31)
+    window = words[w].astype(np.uint64) | (words[w + 1].astype(np.uint64) << np.uint64(32))
+    return ((window >> s) & np.uint64((1 << bits) - 1)).astype(np.uint32)
+
+
+def unpack_mask(words: np.ndarray, n: int) -> np.ndarray:
+    """Bits 0..n-1 of a 1-bit stream, as bool."""
+    return unpack_codes(words, 1, n).astype(bool)

@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from tvswitch.errors import BundleError, TvswitchError
-from tvswitch.runtime import format as fmt
+from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.checkpoint import fingerprint
 
 _ST_DTYPES = {"U32": "uint32", "F32": "float32", "F16": "float16", "U8": "uint8", "I8": "int8",
