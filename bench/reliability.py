@@ -67,7 +67,8 @@ def make_bundles(folder: str) -> Tuple[List[str], str]:
         ft["head.weight"] = rng.normal(0, 0.1, (3 + i, 37)).astype(np.float32)
         tasks[t] = ft
     paths = []
-    for name, fields in (("tvq", dict(name="tvq", bits=3, entropy="zlib")), ("rtvq", dict(name="rtvq", include_base="float16")),
+    for name, fields in (("tvq", dict(name="tvq", bits=3, entropy="zlib")),
+                         ("rtvq", dict(name="rtvq", include_base="float16")),
                          ("tswitch", dict(name="tswitch", entropy="lzma"))):
         path = os.path.join(folder, name + ".tvs")
         export_bundle(base, tasks, path, **fields)

@@ -281,7 +281,8 @@ def _drop_unsaved(base: Checkpoint, tasks: Dict[str, Checkpoint]) -> Tuple[Check
     if not partial:
         return base, tasks
     log.info("%d buffer%s that some checkpoints save and others do not, constant at inference, left out: %s",
-             len(partial), "" if len(partial) == 1 else "s", ", ".join(partial[:3]) + (" ..." if len(partial) > 3 else ""))
+             len(partial), "" if len(partial) == 1 else "s",
+             ", ".join(partial[:3]) + (" ..." if len(partial) > 3 else ""))
     drop = set(partial)
     keep = lambda ck: Checkpoint({n: a for n, a in ck.tensors.items() if n not in drop}, ck.label,  # noqa: E731
                                  ck.buffers - drop)
@@ -378,8 +379,8 @@ def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns:
               and all(ck.tensors[n].shape != a.shape for ck in tasks.values())]
     named = {n for n in differ if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     rest = [n for n in differ if n not in named]
-    outputs_only = all(ck.tensors[n].shape[1:] == base.tensors[n].shape[1:] and ck.tensors[n].ndim == base.tensors[n].ndim
-                       for n in rest for ck in tasks.values())
+    outputs_only = all(ck.tensors[n].shape[1:] == base.tensors[n].shape[1:]
+                       and ck.tensors[n].ndim == base.tensors[n].ndim for n in rest for ck in tasks.values())
     if not outputs_only:  # a head changes its number of outputs (axis 0) and nothing else
         return named
     if not rest:
@@ -390,7 +391,8 @@ def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns:
         return named
     log.info("%d tensor%s of base %s every task has at another shape (%s): a head each task replaces, stored per "
              "task, the base's left out", len(rest), "" if len(rest) == 1 else "s", base.label,
-             ", ".join("%s %s" % (n, list(base.tensors[n].shape)) for n in rest[:2]) + (" ..." if len(rest) > 2 else ""))
+             ", ".join("%s %s" % (n, list(base.tensors[n].shape)) for n in rest[:2])
+             + (" ..." if len(rest) > 2 else ""))
     return set(differ)
 
 

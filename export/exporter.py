@@ -171,8 +171,9 @@ def check_magnitudes(base: Checkpoint, tasks: Mapping[str, Checkpoint], names: S
         tau_sq = sum(float(np.sum((ck.tensors[n].astype(np.float64) - base.tensors[n]) ** 2)) for n in names)
         ratio = (tau_sq / base_sq) ** 0.5 if base_sq > 0 else 0.0
         if ratio > MAX_RELATIVE_NORM:
-            message = ("task %r (%s): its task vector's norm is %.3g of the base's, where fine-tunes measure about 0.01 "
-                       "(above %g it is likely not a fine-tune of this base)" % (task, ck.label, ratio, MAX_RELATIVE_NORM))
+            message = ("task %r (%s): its task vector's norm is %.3g of the base's, where fine-tunes measure "
+                       "about 0.01 (above %g it is likely not a fine-tune of this base)"
+                       % (task, ck.label, ratio, MAX_RELATIVE_NORM))
             if strict:
                 raise TvswitchError(message + "; refused (--strict)")
             log.warning(message)

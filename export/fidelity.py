@@ -51,8 +51,8 @@ def rebuild_error(bundle: Bundle, task: str, checkpoint: Any, base: Optional[Map
         e = float(np.sum((out[name] - ft) ** 2))
         t = float(np.sum((ft - weights[name]) ** 2))
         err_sq, tau_sq = err_sq + e, tau_sq + t
-        rows[name] = {"error": e ** 0.5, "task_vector": t ** 0.5, "relative": (e / t) ** 0.5 if t else (0.0 if e == 0 else
-                                                                                                        float("inf"))}
+        relative = (e / t) ** 0.5 if t else (0.0 if e == 0 else float("inf"))
+        rows[name] = {"error": e ** 0.5, "task_vector": t ** 0.5, "relative": relative}
     heads = {}
     for name, stored in bundle.task_specific(task).items():
         if name in tensors:

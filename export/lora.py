@@ -96,7 +96,8 @@ def adapter_checkpoint(folder: str, base: Checkpoint, label: str) -> Checkpoint:
     out = {adapter_name: base.tensors[base_name] for adapter_name, base_name in names.items()}
     for weight, key in targets.items():
         if weight not in names:
-            raise TvswitchError("%s: the adapter changes %r, which base %s does not have" % (folder, weight, base.label))
+            raise TvswitchError("%s: the adapter changes %r, which base %s does not have"
+                                % (folder, weight, base.label))
         if set(pairs[key]) != {"A", "B"}:
             raise TvswitchError("%s: the adapter has lora_A or lora_B of %r, not both" % (folder, weight))
         w = base.tensors[names[weight]]

@@ -12,7 +12,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.bundle import Bundle
-from tvswitch.runtime.heads import HeadCut, HeadPlan, OutputCut, plan_heads
+from tvswitch.runtime.heads import HeadCut, HeadLayout, OutputCut, layout_heads
 from tvswitch.runtime.mix import Mix, check_mix, head_task
 
 EngineWeights = Mapping[str, Tuple[Tuple[int, ...], Any]]
@@ -76,7 +76,7 @@ class EngineBinding:
         self.bundle = bundle
         self.unmatched = check_engine_names(bundle, engine_weights, unread=unread, allow_unmatched=allow_unmatched,
                                             what=what)
-        self.heads: HeadPlan = plan_heads({t: bundle.task_specific(t) for t in bundle.tasks}, engine_weights, cuts)
+        self.heads: HeadLayout = layout_heads({t: bundle.task_specific(t) for t in bundle.tasks}, engine_weights, cuts)
         self.servable = [t for t in bundle.tasks if t not in self.heads.misfits]
         if not self.servable and self.heads.names:
             raise TvswitchError("%s serves none of the tasks of %s: %s" % (

@@ -27,7 +27,7 @@ from tvswitch.kernels import abi, cpu, nvrtc
 from tvswitch.kernels.cuda import Device, DeviceTensor, open_device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.plan import Plan, build_plan, bytes_moved, mix_key, total_blocks
+from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key, total_blocks
 from tvswitch.runtime.rebuild import resolve_base
 
 #: Every tensor and table starts on this boundary (the kernel's vector loads need 16 bytes).
@@ -59,7 +59,7 @@ def arena_layout(sizes: Sequence[int], align: int = ALIGN) -> Tuple[List[int], i
 
 
 def pick_kernel(max_terms: int) -> int:
-    """The smallest prefetch width of rebuild.cu that covers a plan's largest term count."""
+    """The smallest prefetch width of rebuild.cu that covers a mix's largest term count."""
     for width in sorted(nvrtc.KERNELS):
         if max_terms <= width:
             return width
@@ -79,9 +79,9 @@ RESIDENT_BASE = ("the resident base (every switch reads it, so no rebuild may wr
                  "rebuild into allocate()'s buffers or the engine's)")
 
 
-def check_terms(plan: Plan) -> None:
+def check_terms(mix_tables: MixTables) -> None:
     """What the kernel relies on and the bundle reader does not promise: groups within 32 bits."""
-    codes = plan.terms[plan.terms["kind"] == abi.KIND_CODES]
+    codes = mix_tables.terms[mix_tables.terms["kind"] == abi.KIND_CODES]
     if len(codes) and (codes["group"].min() < 1 or codes["group"].max() > abi.MAX_ELEMENTS):
         raise TvswitchError("a term's group size is outside 1..%d" % abi.MAX_ELEMENTS)
     if len(codes) and (codes["bits"].min() < 1 or codes["bits"].max() > 8):
@@ -90,7 +90,7 @@ def check_terms(plan: Plan) -> None:
 
 @dataclass
 class _Tables:
-    """A plan's tables on the device and the launch that runs them (None: nothing to write)."""
+    """A mix's tables on the device and the launch that runs them (None: nothing to write)."""
 
     ptr: int
     kernel: int  # prefetch width
@@ -128,14 +128,14 @@ class GpuRebuilder:
                 raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32, float16 or bfloat16"
                                     % (name, a.dtype))
         self._names = list(bundle.shared_specs)
-        #: max|base| per tensor, for the range check of a mix (``plan.build_plan``): the base leaves the host
+        #: max|base| per tensor, for the range check of a mix (``mix_tables.build_tables``): the base leaves the host
         self._base_bounds = {n: float(np.abs(a.astype(np.float32)).max()) if a.size else 0.0
                              for n, a in host_base.items()}
         self._own_device = device is None
         self.device = device or open_device(ordinal, binding)
         self._owned: List[int] = []
         self._tables: "OrderedDict[tuple, _Tables]" = OrderedDict()
-        self._plans: Dict[tuple, Plan] = {}
+        self._mix_tables: Dict[tuple, MixTables] = {}
         self._mix_keys: Dict[tuple, tuple] = {}
         self._out_sets: "OrderedDict[tuple, _Outputs]" = OrderedDict()
         self._tokens: Dict[tuple, int] = {}
@@ -222,9 +222,9 @@ class GpuRebuilder:
         return host
 
     # ---- switching ----
-    def plan(self, mix: Mapping[str, float]) -> Plan:
+    def mix_tables(self, mix: Mapping[str, float]) -> MixTables:
         """The (cached) tables of a mix with device addresses; out addresses are filled per rebuild."""
-        return self._plan(self._mix_key(mix))
+        return self._host_tables(self._mix_key(mix))
 
     def _mix_key(self, mix: Mapping[str, float]) -> tuple:
         """``mix_key`` of the checked mix; each distinct mix is checked once."""
@@ -241,17 +241,17 @@ class GpuRebuilder:
                 self._mix_keys[items] = key
         return key
 
-    def _plan(self, key: tuple) -> Plan:
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = build_plan(self.bundle, dict(key), self.address, self._base_bounds.get)
-            check_terms(plan)
-            plan.segments["base"] = [self._base[n].ptr for n in plan.names]
-            plan.segments["base_dtype"] = [element_code(self._base[n].dtype) for n in plan.names]
-            if len(self._plans) > _MAX_TABLES:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+    def _host_tables(self, key: tuple) -> MixTables:
+        mix_tables = self._mix_tables.get(key)
+        if mix_tables is None:
+            mix_tables = build_tables(self.bundle, dict(key), self.address, self._base_bounds.get)
+            check_terms(mix_tables)
+            mix_tables.segments["base"] = [self._base[n].ptr for n in mix_tables.names]
+            mix_tables.segments["base_dtype"] = [element_code(self._base[n].dtype) for n in mix_tables.names]
+            if len(self._mix_tables) > _MAX_TABLES:
+                self._mix_tables.clear()
+            self._mix_tables[key] = mix_tables
+        return mix_tables
 
     def rebuild(self, mix: Mapping[str, float], out: Mapping[str, Any], sync: bool = True) -> None:
         """Write the weights of ``mix`` into the device buffers ``out``.
@@ -275,7 +275,7 @@ class GpuRebuilder:
         outs = self._outputs(out)
         tables = self._tables.get((key, outs.token))
         if tables is None:
-            tables = self._upload_tables((key, outs.token), self._plan(key), outs.tensors)
+            tables = self._upload_tables((key, outs.token), self._host_tables(key), outs.tensors)
         else:
             self._tables.move_to_end((key, outs.token))
         return tables.launch
@@ -283,10 +283,10 @@ class GpuRebuilder:
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
         """Bytes one rebuild of ``mix`` reads and writes (the switch floor of docs/architecture.md, with a
         payload counted once per term that reads it)."""
-        plan = self.plan(mix)
+        mix_tables = self.mix_tables(mix)
         base_size = next(iter(self._base.values())).itemsize if self._base else 4
         out_size = DeviceTensor(0, (), out_dtype).itemsize if out_dtype else base_size
-        return bytes_moved(plan, self.bundle, base_size, out_size)
+        return bytes_moved(mix_tables, self.bundle, base_size, out_size)
 
     def _outputs(self, out: Mapping[str, Any]) -> _Outputs:
         """The checked outputs; a set of DeviceTensor objects seen before is not checked again."""
@@ -328,21 +328,21 @@ class GpuRebuilder:
         check_disjoint(ranges)
         return outs
 
-    def _upload_tables(self, cache_key: tuple, plan: Plan, outs: Dict[str, DeviceTensor]) -> _Tables:
-        segments = plan.segments.copy()
-        segments["out"] = [outs[n].ptr for n in plan.names]
-        segments["out_dtype"] = [element_code(outs[n].dtype) for n in plan.names]
+    def _upload_tables(self, cache_key: tuple, mix_tables: MixTables, outs: Dict[str, DeviceTensor]) -> _Tables:
+        segments = mix_tables.segments.copy()
+        segments["out"] = [outs[n].ptr for n in mix_tables.names]
+        segments["out_dtype"] = [element_code(outs[n].dtype) for n in mix_tables.names]
         buffers = [(self._payload_arena, self._payload_bytes), (self._base_arena, self._base_bytes)]
-        cpu.check_tables(segments, plan.terms, buffers + [(t.ptr, t.nbytes) for t in outs.values()])
-        tiles = total_blocks(plan)
+        cpu.check_tables(segments, mix_tables.terms, buffers + [(t.ptr, t.nbytes) for t in outs.values()])
+        tiles = total_blocks(mix_tables)
         if tiles >= 2**32:
             raise TvswitchError("the bundle has %d tiles of %d elements; one launch takes < 2^32"
                                 % (tiles, abi.BLOCK_ELEMS))
-        (seg_off, term_off), total = arena_layout([segments.nbytes, plan.terms.nbytes])
+        (seg_off, term_off), total = arena_layout([segments.nbytes, mix_tables.terms.nbytes])
         ptr = self.device.alloc(total)
         self.device.upload(ptr + seg_off, segments)
-        if len(plan.terms):
-            self.device.upload(ptr + term_off, plan.terms)
+        if len(mix_tables.terms):
+            self.device.upload(ptr + term_off, mix_tables.terms)
         kernel = pick_kernel(int(segments["term_count"].max()) if len(segments) else 0)
         launch = None
         if tiles:

@@ -132,7 +132,7 @@ class GpuBundleSource:
     def check(self, mix: Mapping[str, float]) -> Mix:
         """The mix, validated; raises before any buffer is written."""
         mix = self.binding.check(mix)
-        self.rebuilder.plan(mix)
+        self.rebuilder.mix_tables(mix)
         return mix
 
     def cut(self, mix: Mix) -> Optional[OutputCut]:

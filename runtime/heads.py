@@ -133,8 +133,8 @@ def cut_outputs(outputs: Mapping[str, np.ndarray], cut: Optional[OutputCut]) -> 
 
 
 @dataclass
-class HeadPlan:
-    """What an engine serves of each task's task-specific tensors (``plan_heads``)."""
+class HeadLayout:
+    """What an engine serves of each task's task-specific tensors (``layout_heads``)."""
 
     #: task -> tensor -> the task's value padded to the engine's shape (what a switch writes)
     padded: Dict[str, Dict[str, np.ndarray]]
@@ -151,16 +151,16 @@ class HeadPlan:
             raise TvswitchError("task %r cannot be served by this network: %s" % (task, self.misfits[task]))
 
 
-def plan_heads(task_tensors: Mapping[str, Mapping[str, np.ndarray]],
+def layout_heads(task_tensors: Mapping[str, Mapping[str, np.ndarray]],
                engine_weights: Mapping[str, Tuple[Sequence[int], Any]],
-               cuts: Sequence[HeadCut] = ()) -> HeadPlan:
+               cuts: Sequence[HeadCut] = ()) -> HeadLayout:
     """Which task's head an engine serves, how: ``task_tensors`` is the bundle's task-specific
     tensors per task, ``engine_weights`` the engine's weight specs (name -> (shape, dtype)),
     ``cuts`` what the engine knows of head shapes smaller than its weights.
 
     A task serves when each of its tensors that the engine holds fits the engine's shape
     and, where smaller, a cut for exactly its shapes is known; the others are ``misfits``
-    (a switch to them is refused: ``HeadPlan.check``).  A task lacking a tensor the
+    (a switch to them is refused: ``HeadLayout.check``).  A task lacking a tensor the
     engine holds for other tasks is a misfit too: its answer would read another task's
     values.
     """
@@ -197,4 +197,4 @@ def plan_heads(task_tensors: Mapping[str, Mapping[str, np.ndarray]],
             continue
         padded[task] = {n: pad(a, engine_weights[n][0], np.dtype(engine_weights[n][1])) for n, a in mine.items()}
         task_cuts[task] = cut
-    return HeadPlan(padded, task_cuts, misfits, names)
+    return HeadLayout(padded, task_cuts, misfits, names)

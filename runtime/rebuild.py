@@ -20,7 +20,7 @@ from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.plan import Plan, build_plan, bytes_moved, mix_key
+from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key
 
 
 def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapping[str, np.ndarray]],
@@ -71,7 +71,7 @@ class CpuRebuilder:
         self.threads = int(threads)
         self._base = {name: contiguous(a) for name, a in
                       resolve_base(bundle, base, verify_base, base_label).items()}
-        self._plans: Dict[tuple, Plan] = {}
+        self._mix_tables: Dict[tuple, MixTables] = {}
         self._bounds: Dict[str, float] = {}
         self._compiled = cpu.available()
         if not self._compiled:
@@ -82,7 +82,7 @@ class CpuRebuilder:
         return self._base
 
     def _base_bound(self, name: str) -> float:
-        """max|base| of one tensor, computed once (the range check of ``plan.build_plan``)."""
+        """max|base| of one tensor, computed once (the range check of ``mixtables.build_tables``)."""
         if name not in self._bounds:
             a = self._base[name]
             self._bounds[name] = float(np.abs(a).max()) if a.size else 0.0
@@ -93,19 +93,19 @@ class CpuRebuilder:
         return {name: np.empty(spec.shape, dtype=dtype or spec.dtype)
                 for name, spec in self.bundle.shared_specs.items()}
 
-    def plan(self, mix: Mapping[str, float]) -> Plan:
+    def mix_tables(self, mix: Mapping[str, float]) -> MixTables:
         """The (cached) tables of a mix; checks the mix first."""
         mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
         key = mix_key(mix)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = build_plan(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound)
-            plan.segments["base"] = [self._base[n].ctypes.data for n in plan.names]
-            plan.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in plan.names]
-            if len(self._plans) > 64:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+        tables = self._mix_tables.get(key)
+        if tables is None:
+            tables = build_tables(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound)
+            tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
+            tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
+            if len(self._mix_tables) > 64:
+                self._mix_tables.clear()
+            self._mix_tables[key] = tables
+        return tables
 
     def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False) -> None:
         """Write the weights of ``mix`` into ``out``; a bad mix or buffer raises before any write.
@@ -113,18 +113,18 @@ class CpuRebuilder:
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
-        plan = self.plan(mix)
+        tables = self.mix_tables(mix)
         self._check_out(out)
-        segments = plan.segments.copy()
-        segments["out"] = [out[n].ctypes.data for n in plan.names]
-        segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in plan.names]
+        segments = tables.segments.copy()
+        segments["out"] = [out[n].ctypes.data for n in tables.names]
+        segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
-            buffers = [self.bundle.payload(k) for k in plan.keys] + list(self._base.values()) + list(out.values())
-            run = lambda part: cpu.rebuild(part, plan.terms, buffers, self.threads)  # noqa: E731
+            buffers = [self.bundle.payload(k) for k in tables.keys] + list(self._base.values()) + list(out.values())
+            run = lambda part: cpu.rebuild(part, tables.terms, buffers, self.threads)  # noqa: E731
         else:
-            arrays = [self.bundle.payload(k) for k in plan.keys]
-            arrays += list(self._base.values()) + [out[n] for n in plan.names]
-            run = lambda part: reference.rebuild_reference(part, plan.terms, arrays)  # noqa: E731
+            arrays = [self.bundle.payload(k) for k in tables.keys]
+            arrays += list(self._base.values()) + [out[n] for n in tables.names]
+            run = lambda part: reference.rebuild_reference(part, tables.terms, arrays)  # noqa: E731
         if not progress:
             run(segments)
             return
@@ -137,10 +137,10 @@ class CpuRebuilder:
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
         """Bytes one rebuild of ``mix`` reads and writes (the switch floor, docs/architecture.md)."""
-        plan = self.plan(mix)
+        tables = self.mix_tables(mix)
         base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
         out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
-        return bytes_moved(plan, self.bundle, base_size, out_size)
+        return bytes_moved(tables, self.bundle, base_size, out_size)
 
     def _check_out(self, out: Mapping[str, np.ndarray]) -> None:
         for name, spec in self.bundle.shared_specs.items():

@@ -106,7 +106,7 @@ class BundleSource:
     def check(self, mix: Mapping[str, float]) -> Mix:
         """The mix, validated; raises before any buffer is written."""
         mix = self.binding.check(mix)
-        self.rebuilder.plan(mix)
+        self.rebuilder.mix_tables(mix)
         return mix
 
     def cut(self, mix: Mix) -> Optional[OutputCut]:
@@ -289,7 +289,8 @@ def default_model_path(bundle_path: str) -> str:
 
 def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, model: Any = None,
                  base: Union[None, str, Mapping[str, np.ndarray]] = None,
-                 initial: Optional[Mapping[str, float]] = None, slots: int = 1, threads: int = 0, module: Any = None, input_names: Optional[Sequence[str]] = None,
+                 initial: Optional[Mapping[str, float]] = None, slots: int = 1, threads: int = 0,
+                 module: Any = None, input_names: Optional[Sequence[str]] = None,
                  example_inputs: Optional[Mapping[str, np.ndarray]] = None, gpu: Optional[bool] = None,
                  device: Any = None, allow_unmatched: bool = False, **options: Any) -> Server:
     """Open ``bundle`` (a path, or a ``Bundle`` already open), load ``engine`` and serve
@@ -314,9 +315,9 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     ``Server.rebuild_on`` says which ran (``"gpu"`` / ``"cpu"``), ``rebuild_note`` why,
     and the ``tvswitch.server`` logger says it once at INFO.
 
-    The base the rebuild reads is ``base`` if given (a mapping, or a safetensors path), else the one the bundle embeds, else
-    the weights the engine was loaded with (an ONNX file's defaults, or the module's
-    own; a graph from ``export-onnx --bundle`` carries none); it is checked against the
+    The base the rebuild reads is ``base`` if given (a mapping, or a safetensors path),
+    else the one the bundle embeds, else the weights the engine was loaded with (an ONNX
+    file's defaults, or the module's own; a graph from ``export-onnx --bundle`` carries none); it is checked against the
     bundle's fingerprint either way.  Only one copy of the base is kept: the engine's
     defaults are dropped where another base is used.
     """

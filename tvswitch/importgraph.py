@@ -31,7 +31,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("export", "runtime", "kernels", "jetson"):
         return parts[1]
-    if module in ("tvswitch.cli", "tvswitch.__main__", "tvswitch.importgraph") or module.startswith("tvswitch.commands"):
+    if module.startswith("tvswitch.commands") or module in ("tvswitch.cli", "tvswitch.__main__",
+                                                               "tvswitch.importgraph"):
         return "cli"
     return "base"
 

@@ -284,14 +284,14 @@ def test_emr_mix_bytes_count_the_shared_codes_once_per_task(gpu, bundle_factory,
     codes K times and bytes_moved says so (RTVQ's shared base, merged into one term, counts once)."""
     bundle = bundle_factory("emr", bits=4)
     r = gpu(bundle)
-    one, three = r.plan({"a": 0.3}), r.plan({"a": 0.3, "b": 0.3, "c": 0.3})  # both read every base tensor
+    one, three = r.mix_tables({"a": 0.3}), r.mix_tables({"a": 0.3, "b": 0.3, "c": 0.3})  # both read every base tensor
     codes = [k for k in three.reads if k.startswith("@shared/")]
     assert len(codes) == 3 * len(set(codes)) and len(three.terms) == 3 * len(one.terms)
     shared = sum(bundle.payload(k).nbytes for k in set(codes))
     own = sum(bundle.payload(k).nbytes for k in set(three.keys) - set(one.keys))  # b's and c's masks and raw tensors
     assert r.bytes_moved({"a": 0.3, "b": 0.3, "c": 0.3}) - r.bytes_moved({"a": 0.3}) == 2 * shared + own
     rtvq = gpu(bundle_factory("rtvq", filename="r.tvs"))
-    merged = rtvq.plan({"a": 0.3, "b": 0.3, "c": 0.3})
+    merged = rtvq.mix_tables({"a": 0.3, "b": 0.3, "c": 0.3})
     assert len([k for k in merged.reads if k.startswith("@shared/")]) == len({k for k in merged.keys
                                                                              if k.startswith("@shared/")})
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvswitch.errors import TvswitchError
-from tvswitch.runtime.heads import HeadCut, cut_outputs, fits, output_cut, pad, padded_shapes, plan_heads
+from tvswitch.runtime.heads import HeadCut, cut_outputs, fits, output_cut, pad, padded_shapes, layout_heads
 
 
 def test_padded_shapes_take_the_largest_size_along_each_axis_and_refuse_other_ranks():
@@ -47,7 +47,7 @@ def test_plan_heads_serves_exact_heads_and_recorded_cuts_and_names_every_misfit(
     w = np.ones((3, 4), np.float32)
     tasks = {"exact": {"head.w": np.ones((5, 4))}, "cut": {"head.w": w}, "unknown": {"head.w": np.ones((2, 4))},
              "big": {"head.w": np.ones((6, 4))}, "none": {}}
-    plan = plan_heads(tasks, {"head.w": ((5, 4), np.float16)}, [HeadCut({"head.w": (3, 4)}, {"y": (None, 3)})])
+    plan = layout_heads(tasks, {"head.w": ((5, 4), np.float16)}, [HeadCut({"head.w": (3, 4)}, {"y": (None, 3)})])
     assert plan.names == ["head.w"]
     assert plan.cuts["exact"] is None and plan.cuts["cut"] == {"y": (None, 3)}
     assert plan.padded["cut"]["head.w"].dtype == np.float16 and plan.padded["cut"]["head.w"].shape == (5, 4)
@@ -130,7 +130,7 @@ def test_padding_every_head_changes_no_tasks_answer(kind):
     assert {n: tuple(t.shape) for n, t in module.state_dict().items() if n in padded} == padded
     smaller = [t for t, h in heads.items() if any(a.shape != padded[n] for n, a in h.items())]
     assert len(cuts) == len(smaller) == (3 if kind == "mlp" else 2)  # a head at the padded shape needs no cut
-    plan = plan_heads(heads, {n: (s, np.float32) for n, s in padded.items()}, cuts)
+    plan = layout_heads(heads, {n: (s, np.float32) for n, s in padded.items()}, cuts)
     assert not plan.misfits
     for task, own in heads.items():
         for n, a in plan.padded[task].items():

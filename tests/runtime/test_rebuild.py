@@ -173,7 +173,7 @@ def test_rebuild_with_progress_runs_in_chunks_to_the_same_bits(bundle_factory, c
     want, got = r.allocate(), r.allocate()
     r.rebuild({"a": 0.5, "b": 0.5}, want)
     monkeypatch.setattr(R, "PROGRESS_CHUNK", chunk)
-    runs = R._runs(r.plan({"a": 0.5, "b": 0.5}).segments["n"], chunk)
+    runs = R._runs(r.mix_tables({"a": 0.5, "b": 0.5}).segments["n"], chunk)
     assert runs[0][0] == 0 and runs[-1][1] == len(want)
     assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
     assert len(runs) == {1: len(want), 1000: 3, 1 << 22: 1}[chunk]

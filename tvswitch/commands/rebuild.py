@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_base(args.base, bundle)
     rebuilder = CpuRebuilder(bundle, base, threads=args.threads, base_label=args.base or "the base")
     out = rebuilder.allocate(args.dtype)
-    rebuilder.plan(mix)  # refuses a bad mix before any work
+    rebuilder.mix_tables(mix)  # refuses a bad mix before any work
     start = time.perf_counter()
     rebuilder.rebuild(mix, out, progress=not args.no_progress)
     seconds = time.perf_counter() - start

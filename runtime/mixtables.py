@@ -9,8 +9,8 @@ reads the shared codes K times, and ``bytes_moved`` counts them K times.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Mapping, Optional
 
@@ -23,7 +23,7 @@ from tvswitch.runtime.bundle import Bundle
 
 
 @dataclass
-class Plan:
+class MixTables:
     """Tables for one mix; ``segments`` lack base/out addresses, which belong to the caller."""
 
     names: List[str]
@@ -33,8 +33,8 @@ class Plan:
     reads: List[str]  # payloads the terms read, once per term that reads them (what really moves)
 
 
-def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
-               base_bound: Optional[Callable[[str], float]] = None) -> Plan:
+def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
+                 base_bound: Optional[Callable[[str], float]] = None) -> MixTables:
     """Tables for ``mix`` (already checked), payload keys resolved through ``address``.
 
     Refused (``TvswitchError``) before any table exists: a mix whose folded weights would
@@ -83,7 +83,7 @@ def build_plan(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str]
         segments[s]["term_count"] = len(rows) - begin
         first_block += -(-n // abi.BLOCK_ELEMS)
     terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
-    return Plan(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads)
+    return MixTables(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads)
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:
@@ -128,18 +128,18 @@ def mix_key(mix: Mapping[str, float]) -> tuple:
     return tuple(sorted(mix.items()))
 
 
-def total_blocks(plan: Plan) -> int:
-    if not len(plan.segments):
+def total_blocks(tables: MixTables) -> int:
+    if not len(tables.segments):
         return 0
-    last = plan.segments[-1]
+    last = tables.segments[-1]
     return int(last["first_block"]) + -(-int(last["n"]) // abi.BLOCK_ELEMS)
 
 
-def bytes_moved(plan: Plan, bundle: Bundle, base_itemsize: int, out_itemsize: int) -> int:
-    """Bytes a rebuild of this plan moves: base read, every term's packed payloads (a payload
+def bytes_moved(tables: MixTables, bundle: Bundle, base_itemsize: int, out_itemsize: int) -> int:
+    """Bytes a rebuild of these tables moves: base read, every term's packed payloads (a payload
     two terms read counts twice: EMR's shared codes in a mix), output write."""
-    total = sum(bundle.payload(k).nbytes for k in plan.reads)
-    for s in plan.segments:
+    total = sum(bundle.payload(k).nbytes for k in tables.reads)
+    for s in tables.segments:
         n = int(s["n"])
         total += n * out_itemsize + (n * base_itemsize if float(s["base_coef"]) != 0.0 else 0)
     return total
