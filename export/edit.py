@@ -92,7 +92,6 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
     base_ck = Checkpoint({n: a for n, a in base_ck.tensors.items() if n in covered}, base_ck.label, base_ck.buffers)
     layout = classify(base_ck, {task: ck}, scheme.task_specific)
     store = _carry(bundle, lambda key: True)
-    first = bundle.tasks[0]
     entries: Dict[str, dict] = {}
     for name in layout.vectors:
         if name not in bundle.shared_specs:
@@ -155,8 +154,7 @@ def _referenced(m: dict) -> set:
     keys = set()
     for per in m["entries"].values():
         for entry in per.values():
-            for t in entry["terms"]:
-                keys.update(k for k in (t.get("codes"), t.get("params"), t.get("values"), t.get("mask")) if k)
+            keys.update(k for t in fmt.parse_entry("", "", entry).terms for k in t.payloads)
     for per in m["task_specific"].values():
         keys.update(per.values())
     keys.update((m["base"].get("embedded") or {}).values())

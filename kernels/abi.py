@@ -6,6 +6,8 @@ ones, which the library reports and ``kernels.cpu`` compares at load, with its A
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 
 KIND_CODES = 0
@@ -57,17 +59,27 @@ CHECK_FAULTS = {1: "its size, dtype codes or term range", 2: "its base", 3: "its
 #: The C library's tv_abi_version(): what these tables and entry points are.
 ABI_VERSION = 2
 
-_DTYPE_CODES = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
+#: decode.h's element types, by dtype name.
+ELEMENT_CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}
 
 
-def dtype_code(dtype: np.dtype) -> int:
-    """decode.h's code for a numpy element dtype (bfloat16 buffers are viewed as uint16)."""
-    dtype = np.dtype(dtype)
-    if dtype in _DTYPE_CODES:
-        return _DTYPE_CODES[dtype]
-    if dtype.name == "bfloat16":
-        return BF16
-    raise ValueError("decode.h has no element type for %s" % dtype)
+def element_code(dtype: Any) -> Optional[int]:
+    """decode.h's code for a float32, float16 or bfloat16 dtype or its name (a device buffer
+    of bfloat16 has only a name where ml_dtypes is not installed); None for any other."""
+    if isinstance(dtype, str):
+        return ELEMENT_CODES.get(dtype)
+    try:
+        return ELEMENT_CODES.get(np.dtype(dtype).name)
+    except TypeError:
+        return None
+
+
+def dtype_code(dtype: Any) -> int:
+    """``element_code``, refusing a dtype decode.h has no element type for."""
+    code = element_code(dtype)
+    if code is None:
+        raise ValueError("decode.h has no element type for %s" % dtype)
+    return code
 
 
 def code_words(n: int, bits: int) -> int:

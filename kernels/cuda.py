@@ -172,12 +172,13 @@ class Device:
 # ---------------------------------------------------------------- cuda-python
 
 
-#: cuda-python's modules' old homes (``cuda.cuda``, ``cuda.nvrtc``), before ``cuda.bindings``.
-_OLD_NAMES = {"driver": "cuda", "nvrtc": "nvrtc"}
+#: cuda-python's modules' old homes (``cuda.cuda``, ``cuda.nvrtc``, ``cuda.cudart``), before
+#: ``cuda.bindings``.
+_OLD_NAMES = {"driver": "cuda", "nvrtc": "nvrtc", "runtime": "cudart"}
 
 
 def cuda_python(name: str) -> Any:
-    """cuda-python's ``cuda.bindings.<name>`` (``driver`` or ``nvrtc``), else its old home.
+    """cuda-python's ``cuda.bindings.<name>`` (``driver``, ``nvrtc``, ``runtime``), else its old home.
 
     ``cuda.bindings`` exists from cuda-python 12.6 and 11.8.4 on; 11.8.0-11.8.3, which a
     JetPack 5 board on Python 3.8 may have (cuda-bindings 12 has no cp38 wheels), only

@@ -32,21 +32,9 @@ from tvswitch.runtime.rebuild import resolve_base
 
 #: Every tensor and table starts on this boundary (the kernel's vector loads need 16 bytes).
 ALIGN = 256
-#: Element types the kernels read and write (decode.h's codes).
-ELEMENT_CODES = {"float32": abi.F32, "float16": abi.F16, "bfloat16": abi.BF16}
 _MAX_TABLES = 64
 _MAX_OUTPUT_SETS = 16
 _MAX_MIXES = 256
-
-
-def element_code(dtype: Any) -> Optional[int]:
-    """decode.h's code for a float32, float16 or bfloat16 dtype (or its name); None for any other."""
-    if isinstance(dtype, str) and dtype in ELEMENT_CODES:
-        return ELEMENT_CODES[dtype]
-    try:
-        return ELEMENT_CODES.get(np.dtype(dtype).name)
-    except TypeError:
-        return None
 
 
 def arena_layout(sizes: Sequence[int], align: int = ALIGN) -> Tuple[List[int], int]:
@@ -124,7 +112,7 @@ class GpuRebuilder:
         self.tiles_per_block = int(tiles_per_block)
         host_base = {n: np.ascontiguousarray(a) for n, a in resolve_base(bundle, base, verify_base).items()}
         for name, a in host_base.items():
-            if element_code(a.dtype) is None:
+            if abi.element_code(a.dtype) is None:
                 raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32, float16 or bfloat16"
                                     % (name, a.dtype))
         self._names = list(bundle.shared_specs)
@@ -152,13 +140,7 @@ class GpuRebuilder:
             raise
     # ---- resident data ----
     def _payload_keys(self) -> List[str]:
-        keys: "OrderedDict[str, None]" = OrderedDict()
-        for task in self.bundle.tasks:
-            for name, entry in self.bundle.entries(task).items():
-                if name in self.bundle.shared_specs:
-                    for t in entry.terms:
-                        keys.update((k, None) for k in (t.codes, t.params, t.values, t.mask) if k)
-        return list(keys)
+        return self.bundle.payloads_read(self.bundle.tasks, self.bundle.shared_specs)
 
     def _alloc(self, nbytes: int) -> int:
         ptr = self.device.alloc(nbytes)
@@ -203,7 +185,7 @@ class GpuRebuilder:
         """Device buffers for every tensor a rebuild writes (the base's dtype by default;
         float32, float16 or bfloat16), freed by close()."""
         specs = self.bundle.shared_specs
-        if dtype is not None and element_code(dtype) is None:
+        if dtype is not None and abi.element_code(dtype) is None:
             raise TvswitchError("output dtype %s: the GPU rebuild writes float32, float16 or bfloat16" % dtype)
         tensors = {n: DeviceTensor(0, specs[n].shape, dtype or self._base[n].dtype) for n in specs}
         offsets, total = arena_layout([t.nbytes for t in tensors.values()])
@@ -247,7 +229,7 @@ class GpuRebuilder:
             mix_tables = build_tables(self.bundle, dict(key), self.address, self._base_bounds.get)
             check_terms(mix_tables)
             mix_tables.segments["base"] = [self._base[n].ptr for n in mix_tables.names]
-            mix_tables.segments["base_dtype"] = [element_code(self._base[n].dtype) for n in mix_tables.names]
+            mix_tables.segments["base_dtype"] = [abi.element_code(self._base[n].dtype) for n in mix_tables.names]
             if len(self._mix_tables) > _MAX_TABLES:
                 self._mix_tables.clear()
             self._mix_tables[key] = mix_tables
@@ -296,7 +278,7 @@ class GpuRebuilder:
         if entry is not None:
             return entry
         tensors = self._check_out(out)
-        signature = tuple((tensors[n].ptr, element_code(tensors[n].dtype)) for n in self._names)
+        signature = tuple((tensors[n].ptr, abi.element_code(tensors[n].dtype)) for n in self._names)
         token = self._tokens.get(signature)
         if token is None:
             if len(self._tokens) > 4 * _MAX_TABLES:
@@ -316,7 +298,7 @@ class GpuRebuilder:
             if name not in out:
                 raise TvswitchError("output buffers lack tensor %r" % name)
             t = DeviceTensor.of(out[name])
-            if tuple(t.shape) != spec.shape or element_code(t.dtype) is None:
+            if tuple(t.shape) != spec.shape or abi.element_code(t.dtype) is None:
                 raise TvswitchError("output buffer %r is %s%s, need float32/float16/bfloat16 of shape %s"
                                     % (name, t.dtype, list(t.shape), list(spec.shape)))
             if not t.ptr and t.nbytes:
@@ -331,7 +313,7 @@ class GpuRebuilder:
     def _upload_tables(self, cache_key: tuple, mix_tables: MixTables, outs: Dict[str, DeviceTensor]) -> _Tables:
         segments = mix_tables.segments.copy()
         segments["out"] = [outs[n].ptr for n in mix_tables.names]
-        segments["out_dtype"] = [element_code(outs[n].dtype) for n in mix_tables.names]
+        segments["out_dtype"] = [abi.element_code(outs[n].dtype) for n in mix_tables.names]
         buffers = [(self._payload_arena, self._payload_bytes), (self._base_arena, self._base_bytes)]
         cpu.check_tables(segments, mix_tables.terms, buffers + [(t.ptr, t.nbytes) for t in outs.values()])
         tiles = total_blocks(mix_tables)

@@ -72,9 +72,8 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
         for t, weight in merged.values():
             if weight != 0.0:
                 rows.append(_term_row(bundle, t, weight, address))
-                read = [k for k in (t.codes, t.params, t.values, t.mask) if k]
-                keys.update((k, None) for k in read)
-                reads += read
+                keys.update((k, None) for k in t.payloads)
+                reads += t.payloads
         n = spec.numel
         segments[s]["n"] = n
         segments[s]["first_block"] = first_block

@@ -48,6 +48,11 @@ class Term:
     values: Optional[str] = None
     mask: Optional[str] = None
 
+    @property
+    def payloads(self) -> Tuple[str, ...]:
+        """The payload keys this term reads."""
+        return tuple(k for k in (self.codes, self.params, self.values, self.mask) if k)
+
 
 @dataclass(frozen=True)
 class Entry:

@@ -13,7 +13,7 @@ import lzma
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -121,6 +121,18 @@ class Bundle:
 
     def payload(self, key: str) -> np.ndarray:
         return self._payloads[key]
+
+    def payloads_read(self, tasks: Iterable[str], names: Optional[Iterable[str]] = None) -> List[str]:
+        """The payload keys the terms of ``tasks`` read (for the tensors in ``names``, if
+        given), each once, in the order first read."""
+        keep = None if names is None else set(names)
+        keys: Dict[str, None] = {}
+        for task in tasks:
+            for name, entry in self.entries(task).items():
+                if keep is None or name in keep:
+                    for t in entry.terms:
+                        keys.update((k, None) for k in t.payloads)
+        return list(keys)
 
     def task_specific(self, task: str) -> Dict[str, np.ndarray]:
         """Tensors only ``task`` has (a classification head), as stored."""

@@ -65,8 +65,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.runtime.engines import onnx_graph
 from tvswitch.files import atomic_write
+from tvswitch.kernels.cuda import cuda_python
+from tvswitch.runtime.engines import onnx_graph
 from tvswitch.runtime.engines.base import Engine, cast_input
 
 if TYPE_CHECKING:
@@ -90,13 +91,9 @@ def _trt():
 
 def _cudart():
     try:
-        from cuda.bindings import runtime
+        return cuda_python("runtime")
     except ImportError:
-        try:
-            from cuda import cudart as runtime  # cuda-python < 12.8
-        except ImportError:
-            raise TvswitchError("the tensorrt engine needs cuda-python: pip install 'tvswitch[cuda]'") from None
-    return runtime
+        raise TvswitchError("the tensorrt engine needs cuda-python: pip install 'tvswitch[cuda]'") from None
 
 
 def parse_version(text: str) -> Tuple[int, ...]:

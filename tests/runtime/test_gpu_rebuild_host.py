@@ -268,7 +268,7 @@ def test_bfloat16_outputs_round_the_float32_result(gpu, bundle_factory, checkpoi
     ref.rebuild(mix, want)
     for out in (r.allocate("bfloat16"), {n: G.DeviceTensor(t.ptr, t.shape, "bfloat16")
                                          for n, t in r.allocate("float16").items()}):
-        assert all(G.element_code(t.dtype) == abi.BF16 and t.itemsize == 2 for t in out.values())
+        assert all(abi.element_code(t.dtype) == abi.BF16 and t.itemsize == 2 for t in out.values())
         r.rebuild(mix, out)
         assert int(r.device.launches[-1].segments["out_dtype"].max()) == abi.BF16
         for n, t in out.items():

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzzer draws its mutants with hypothesis (the test extra)")

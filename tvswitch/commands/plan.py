@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any, Iterable, Optional, Set, Tuple
+from typing import Optional, Tuple
 
 from tvswitch.commands._common import human_bytes
 from tvswitch.errors import TvswitchError
@@ -47,15 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def _payload_keys(bundle: Any, tasks: Iterable[str]) -> Set[str]:
-    keys = set()  # type: Set[str]
-    for task in tasks:
-        for entry in bundle.entries(task).values():
-            for t in entry.terms:
-                keys.update(k for k in (getattr(t, a, None) for a in ("codes", "params", "values", "mask")) if k)
-    return keys
-
-
 def facts_from_bundle(path: str, graph: Optional[str] = None) -> _plan.BundleFacts:
     """The plan's numbers of a bundle; flash sizes as ``tvswitch inspect`` counts them, plus
     the serving graph ``graph`` (default: the bundle's name with .onnx, where it exists)."""
@@ -72,12 +63,12 @@ def facts_from_bundle(path: str, graph: Optional[str] = None) -> _plan.BundleFac
     b = Bundle.open(path, verify=False)
     stats = bundle_stats(b)
     size = lambda keys: sum(b.payload(k).nbytes for k in keys)  # noqa: E731
-    one = max(size(_payload_keys(b, [t])) for t in b.tasks) if b.tasks else 0
+    one = max(size(b.payloads_read([t])) for t in b.tasks) if b.tasks else 0
     return _plan.BundleFacts(
         tasks=len(b.tasks), scheme=b.scheme, num_shared_params=b.num_shared_params,
         base_nbytes=b.base_nbytes, packed_nbytes=b.packed_nbytes,
         task_data_nbytes=int(stats["task_bytes_on_disk"]), fp16_checkpoints_nbytes=int(stats["fp16_checkpoints_bytes"]),
-        query_nbytes=b.query_nbytes, task_read_nbytes=one, mix_read_nbytes=size(_payload_keys(b, b.tasks)),
+        query_nbytes=b.query_nbytes, task_read_nbytes=one, mix_read_nbytes=size(b.payloads_read(b.tasks)),
         graph_nbytes=os.path.getsize(graph) if graph else 0,
     )
 
