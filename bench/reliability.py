@@ -463,7 +463,13 @@ def kill_campaign(folder: str, kills: int, seed: int, elements: int = 6 << 20) -
         open(bundle, "wb").write(good)  # every kill starts from the same good bundle
         before = set(temporaries())
         proc = subprocess.Popen(writes[verb], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * durations[verb])
+        if rng.random() < 0.25:  # at any moment of the run
+            time.sleep(rng.uniform(0.0, 1.0) * durations[verb])
+        else:  # once its temporary file exists: mid-write, most of the time
+            deadline = time.time() + durations[verb]
+            while not set(temporaries()) - before and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.001)
+            time.sleep(rng.choice([0.0, rng.uniform(0.0, 0.02)]))
         stats["killed mid-write"] += bool(set(temporaries()) - before)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

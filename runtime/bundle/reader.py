@@ -38,19 +38,29 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
 
+#: The most memory an lzma payload's decoder may take (its dictionary, which the stream
+#: names): preset 6, which the writer uses, needs 9 MiB; preset 9 (64 MiB) is refused.
+LZMA_MEMLIMIT = 32 << 20
+
+
 def decode_payload(stored: np.ndarray, info: Mapping) -> np.ndarray:
     """A payload as the manifest describes it, decompressed if it was entropy coded.
 
     Decompression stops one byte past the described size: a stream that would inflate to
     more (a decompression bomb) never holds more memory than its description claims, and
-    is refused as a ``ValueError`` (``Bundle.open`` makes it a ``BundleError``).
+    is refused as a ``ValueError`` (``Bundle.open`` makes it a ``BundleError``).  An lzma
+    stream's header names its decoder's dictionary, which the decoder allocates whatever
+    the output: ``LZMA_MEMLIMIT`` bounds it (the writer's preset 6 needs 9 MiB).
     """
     codec = info["codec"]
     if codec == "none":
         return stored
     expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
-    decoder = zlib.decompressobj() if codec == "zlib" else lzma.LZMADecompressor()
-    data = decoder.decompress(stored.tobytes(), expected + 1)
+    decoder = zlib.decompressobj() if codec == "zlib" else lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT)
+    try:
+        data = decoder.decompress(stored.tobytes(), expected + 1)
+    except lzma.LZMAError as exc:
+        raise ValueError("its lzma stream is refused (%s; a reader allows %d MiB)" % (exc, LZMA_MEMLIMIT >> 20)) from None
     done = decoder.eof if codec == "lzma" else (decoder.eof and not decoder.unconsumed_tail)
     if len(data) != expected or not done:
         raise ValueError("it decodes to %s bytes, its description says %d" % (

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzzer draws its mutants with hypothesis (the test extra)")
@@ -88,9 +89,33 @@ def test_a_decompression_bomb_is_refused_within_the_declared_size(bundles):
     assert peak < 64 << 20, peak
 
 
+def test_an_lzma_stream_asking_for_a_large_decoder_is_refused_before_it_decodes(bundles):
+    """The stream's header names its dictionary, which the decoder allocates whatever the
+    output: preset 9's 64 MiB is past what a reader allows, the writer's preset 6 is not."""
+    import json
+    import lzma
+    import zlib
+
+    from tvswitch.errors import TvswitchError
+    from tvswitch.runtime.bundle import Bundle
+
+    folder, paths, _, _, _ = bundles
+    src = next(p for p in paths if "tswitch" in p)
+    tensors, meta = rel._stored(src)
+    manifest = json.loads(meta["tvswitch.manifest"])
+    key = next(k for k, v in manifest["payloads"].items() if v["codec"] == "lzma")
+    raw = lzma.LZMADecompressor().decompress(tensors[key].tobytes())
+    tensors[key] = np.frombuffer(lzma.compress(raw, preset=9), dtype=np.uint8).copy()
+    manifest["payloads"][key]["crc32"] = zlib.crc32(tensors[key].data)
+    dst = os.path.join(folder, "dictionary.tvs")
+    rel._write(dst, tensors, manifest)
+    with pytest.raises(TvswitchError, match="lzma stream is refused"):
+        Bundle.open(dst)
+
+
 def test_sigkill_during_writes_loses_nothing_and_stale_temporaries_go(tmp_path):
-    stats = rel.kill_campaign(str(tmp_path), kills=4, seed=1, elements=1 << 20)
-    assert stats["kills"] == 4
+    stats = rel.kill_campaign(str(tmp_path), kills=6, seed=1, elements=4 << 20)
+    assert stats["kills"] == 6 and stats["killed mid-write"] > 0, stats
     assert stats["files lost"] == 0, stats
     assert stats["temporaries after the next write"] == 0, stats
 
