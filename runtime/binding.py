@@ -91,3 +91,21 @@ class EngineBinding:
     def cut(self, mix: Mix) -> Optional[OutputCut]:
         """How the engine's outputs are cut to the answer of ``mix`` (its heaviest task's head)."""
         return self.heads.cuts.get(head_task(mix))
+
+
+class BoundSource:
+    """What a weight source (CPU or GPU rebuild) answers from its ``binding`` and
+    ``rebuilder`` alone: a mix checked before any buffer is written, and the cut of its answer."""
+
+    binding: EngineBinding
+    rebuilder: Any
+
+    def check(self, mix: Mapping[str, float]) -> Mix:
+        """The mix, validated; raises before any buffer is written."""
+        mix = self.binding.check(mix)
+        self.rebuilder.mix_tables(mix)
+        return mix
+
+    def cut(self, mix: Mix) -> Optional[OutputCut]:
+        """How the engine's outputs are cut to ``mix``'s answer (its heaviest task's size)."""
+        return self.binding.cut(mix)

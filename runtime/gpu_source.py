@@ -26,13 +26,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.kernels.cuda import Device
-from tvswitch.runtime.binding import EngineBinding
+from tvswitch.kernels.cuda import Device, DeviceTensor
+from tvswitch.runtime.binding import BoundSource, EngineBinding
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.engines.base import Engine
-from tvswitch.kernels.cuda import DeviceTensor
 from tvswitch.runtime.gpu_rebuild import GpuRebuilder, arena_layout
-from tvswitch.runtime.heads import OutputCut
 from tvswitch.runtime.mix import Mix, head_task
 
 #: (destination, source, bytes) of one device-to-device copy.
@@ -45,7 +43,7 @@ def stream_handle(device: Device) -> Optional[int]:
     return None if handle is None else int(handle)
 
 
-class GpuBundleSource:
+class GpuBundleSource(BoundSource):
     """Writes a bundle's tasks and mixes into ``engine.device_buffers()`` with ``GpuRebuilder``.
 
     ``device`` is an open ``kernels.cuda.Device`` (one is opened otherwise); ``base`` as
@@ -128,16 +126,6 @@ class GpuBundleSource:
         scratch = sum(t.nbytes for n, t in self._outputs.items() if n not in self._targets)
         heads = sum(n for copies in self._heads.values() for _, _, n in copies)
         return self.rebuilder.resident_bytes + scratch + heads
-
-    def check(self, mix: Mapping[str, float]) -> Mix:
-        """The mix, validated; raises before any buffer is written."""
-        mix = self.binding.check(mix)
-        self.rebuilder.mix_tables(mix)
-        return mix
-
-    def cut(self, mix: Mix) -> Optional[OutputCut]:
-        """How the engine's outputs are cut to ``mix``'s answer (its heaviest task's size)."""
-        return self.binding.cut(mix)
 
     def write(self, mix: Mix, buffers: Any = None) -> None:
         """Queue the rebuild of ``mix`` into the engine's device buffers (``buffers``, the host slot,

@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.runtime.binding import EngineBinding, EngineWeights, some
+from tvswitch.runtime.binding import BoundSource, EngineBinding, EngineWeights, some
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors
 from tvswitch.runtime.engines.base import Engine, copy_into
@@ -60,7 +60,7 @@ from tvswitch.runtime.rebuild import CpuRebuilder
 log = logging.getLogger("tvswitch.server")
 
 
-class BundleSource:
+class BundleSource(BoundSource):
     """Writes a bundle's tasks and mixes into an engine's weight buffers with the CPU rebuild.
 
     Shared tensors (task vectors, BatchNorm statistics) are rebuilt by ``CpuRebuilder``;
@@ -102,16 +102,6 @@ class BundleSource:
     @property
     def tasks(self) -> List[str]:
         return self.bundle.tasks
-
-    def check(self, mix: Mapping[str, float]) -> Mix:
-        """The mix, validated; raises before any buffer is written."""
-        mix = self.binding.check(mix)
-        self.rebuilder.mix_tables(mix)
-        return mix
-
-    def cut(self, mix: Mix) -> Optional[OutputCut]:
-        """How the engine's outputs are cut to ``mix``'s answer (its heaviest task's size)."""
-        return self.binding.cut(mix)
 
     def write(self, mix: Mix, buffers: Dict[str, np.ndarray]) -> None:
         out = dict(self._scratch)
