@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tvswitch.cli import main
+from tvswitch.errors import TvswitchError
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,26 @@ def test_inspect_lists_heads_and_numeric_widths(example, tmp_path, capsys):
     assert main(["inspect", str(bundle)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("head.weight") and "4x128" in line and "gauge" in line for line in lines)
+
+
+def test_a_base_carrying_a_buffer_the_network_keeps_unsaved_loads_into_it(tmp_path):
+    """transformers saves ``embeddings.position_ids`` in some checkpoints and registers it
+    unsaved in the network: the torch engine's weights must load anyway (export leaves it out)."""
+    torch = pytest.importorskip("torch", reason="the torch engine's module (the torch extra)")
+    from tvswitch.commands._inputs import load_module
+
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(3, 2)\n"
+        "        self.register_buffer('position_ids', torch.arange(4), persistent=False)\n"
+        "def net():\n"
+        "    return Net()\n")
+    weights = {"lin.weight": np.ones((2, 3), np.float32), "lin.bias": np.zeros(2, np.float32),
+               "position_ids": np.arange(4)}
+    module = load_module("%s:net" % (tmp_path / "net.py"), weights)
+    assert torch.equal(module.lin.weight, torch.ones(2, 3))
+    with pytest.raises(TvswitchError, match="no tensor 'extra.weight'"):
+        load_module("%s:net" % (tmp_path / "net.py"), dict(weights, **{"extra.weight": np.ones(2, np.float32)}))

@@ -51,3 +51,14 @@ def human_bytes(n: float) -> str:
             return ("%d %s" % (n, unit)) if unit == "B" else ("%.2f %s" % (n, unit))
         n /= 1024.0
     return "%.2f GiB" % n
+
+
+def times_smaller(ratio: float) -> str:
+    """``ratio`` (theirs over ours) as words: "4.2x smaller", or "1.1x larger" below 1."""
+    if ratio >= 1 or ratio <= 0:
+        return "%.1fx smaller" % ratio
+    return "%.1fx larger" % (1.0 / ratio)
+
+
+def plural(n: int, word: str) -> str:
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.export.checkpoints import UNSAVED_BUFFERS
 
 
 def threads(text: str) -> int:
@@ -118,10 +119,13 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
             raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
         lacking = set(may_lack)
         missing = [n for n in result.missing_keys if n not in lacking]
-        if missing or result.unexpected_keys:
+        # A buffer some checkpoints save and the network keeps unsaved (transformers'
+        # position_ids): its value is the network's own either way.
+        unexpected = [n for n in result.unexpected_keys if n.rpartition(".")[2] not in UNSAVED_BUFFERS]
+        if missing or unexpected:
             raise TvswitchError("weights do not fit %s: %s" % (
                 spec, "the weights lack %r (%d such)" % (missing[0], len(missing)) if missing else
-                "the network has no tensor %r (%d such)" % (result.unexpected_keys[0], len(result.unexpected_keys))))
+                "the network has no tensor %r (%d such)" % (unexpected[0], len(unexpected))))
     return module.eval()
 
 

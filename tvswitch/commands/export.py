@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from tvswitch.commands._common import human_bytes, parse_task_args, print_json
+from tvswitch.commands._common import human_bytes, parse_task_args, plural, print_json, times_smaller
 from tvswitch.commands._inputs import check_output_path
 from tvswitch.errors import TvswitchError
 from tvswitch.export.exporter import MAX_RELATIVE_NORM
@@ -83,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         budget = ("; %.3f in the codes --budget-bits holds to" % stats["budget_bits_per_weight"]
                   if args.budget_bits is not None else "")
-        print("wrote %s: %d tasks, scheme %s, %s, %.3f bits per task-vector weight (%.3f per weight that changed%s), "
-              "%.1fx smaller than FP16 checkpoints; %.1fx smaller than FP32 ones with the base counted"
-              % (args.output, len(bundle.tasks), args.scheme, human_bytes(stats["file_bytes"]),
+        print("wrote %s: %s, scheme %s, %s, %.3f bits per task-vector weight (%.3f per weight that changed%s), "
+              "%s than FP16 checkpoints; %s than FP32 ones with the base counted"
+              % (args.output, plural(len(bundle.tasks), "task"), args.scheme, human_bytes(stats["file_bytes"]),
                  stats["bits_per_task_vector_weight"], stats["bits_per_changed_weight"], budget,
-                 stats["ratio_to_fp16_checkpoints"], stats["ratio_with_base_to_fp32_checkpoints"]))
+                 times_smaller(stats["ratio_to_fp16_checkpoints"]),
+                 times_smaller(stats["ratio_with_base_to_fp32_checkpoints"])))
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from tvswitch.commands._common import human_bytes, print_json
+from tvswitch.commands._common import human_bytes, print_json, times_smaller
 
 COMMON = ("raw_dtype", "task_specific", "entropy")
 
@@ -42,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
         print("budget   %.3f bits per weight and task in the task vectors' codes (what --budget-bits %g holds to); "
               "%.3f over everything in the file" % (stats["budget_bits_per_weight"], scheme["budget_bits"],
                                                    stats["bits_per_task_vector_weight"]))
-    print("vs       %.1fx smaller than FP32 checkpoints (%s), %.1fx than FP16 (%s)"
-          % (stats["ratio_to_fp32_checkpoints"], human_bytes(stats["fp32_checkpoints_bytes"]),
-             stats["ratio_to_fp16_checkpoints"], human_bytes(stats["fp16_checkpoints_bytes"])))
-    print("with base %s: task data + the base (%s%s), %.1fx smaller than the FP32 checkpoints"
+    print("vs       %s than FP32 checkpoints (%s), %s than FP16 (%s)"
+          % (times_smaller(stats["ratio_to_fp32_checkpoints"]), human_bytes(stats["fp32_checkpoints_bytes"]),
+             times_smaller(stats["ratio_to_fp16_checkpoints"]), human_bytes(stats["fp16_checkpoints_bytes"])))
+    print("with base %s: task data + the base (%s%s), %s than the FP32 checkpoints"
           % (human_bytes(stats["with_base_bytes"]), human_bytes(stats["base_bytes"]),
              ", embedded" if stats["base_embedded_bytes"] else " at its dtype, beside the bundle",
-             stats["ratio_with_base_to_fp32_checkpoints"]))
+             times_smaller(stats["ratio_with_base_to_fp32_checkpoints"])))
     print("resident %s packed, %s query sets" % (human_bytes(stats["resident_packed_bytes"]),
                                                  human_bytes(stats["query_bytes"])))
     print("\n%-60s %-16s %s" % ("tensor", "shape", "stored as"))
