@@ -53,8 +53,16 @@ SEGMENT_DTYPE = np.dtype(
 EXTENT_DTYPE = np.dtype({"names": ["begin", "bytes"], "formats": ["<u8", "<u8"], "offsets": [0, 8], "itemsize": 16})
 
 #: tv_check_tables' faults: what of a segment reaches outside the buffers it was given.
-CHECK_FAULTS = {1: "its size, dtype codes or term range", 2: "its base", 3: "its output", 4: "a term's kind, width or group",
-                5: "a term's codes", 6: "a term's (scale, offset) pairs", 7: "a term's mask", 8: "a term's values"}
+CHECK_FAULTS = {
+    1: "its size, dtype codes or term range",
+    2: "its base",
+    3: "its output",
+    4: "a term's kind, width or group",
+    5: "a term's codes",
+    6: "a term's (scale, offset) pairs",
+    7: "a term's mask",
+    8: "a term's values",
+}
 
 #: The C library's tv_abi_version(): what these tables and entry points are.
 ABI_VERSION = 2

@@ -60,7 +60,8 @@ def decode_payload(stored: np.ndarray, info: Mapping) -> np.ndarray:
     try:
         data = decoder.decompress(stored.tobytes(), expected + 1)
     except lzma.LZMAError as exc:
-        raise ValueError("its lzma stream is refused (%s; a reader allows %d MiB)" % (exc, LZMA_MEMLIMIT >> 20)) from None
+        raise ValueError("its lzma stream is refused (%s; a reader allows %d MiB)"
+                         % (exc, LZMA_MEMLIMIT >> 20)) from None
     done = decoder.eof if codec == "lzma" else (decoder.eof and not decoder.unconsumed_tail)
     if len(data) != expected or not done:
         raise ValueError("it decodes to %s bytes, its description says %d" % (

@@ -4,10 +4,14 @@ switches with a sabotaged self-test, a leak run, a full disk, constant sessions 
 and byte-identical bundles run to run.  ``python -m bench.reliability`` runs it at 10,000
 mutants per layer (docs/results/reliability.md)."""
 import importlib.util
+import json
+import lzma
 import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -64,8 +68,6 @@ def test_no_mutant_crashes_writes_or_reads_back_wrong(bundles, layer, rnd):
 def test_a_decompression_bomb_is_refused_within_the_declared_size(bundles):
     """1 GiB of zeros in a few hundred kB of lzma, its CRC valid: refused having held about
     the declared payload, not the gigabyte."""
-    import json
-    import tracemalloc
 
     from tvswitch.errors import TvswitchError
     from tvswitch.runtime.bundle import Bundle
@@ -76,7 +78,7 @@ def test_a_decompression_bomb_is_refused_within_the_declared_size(bundles):
     manifest = json.loads(meta["tvswitch.manifest"])
     key = next(k for k, v in manifest["payloads"].items() if v["codec"] == "lzma")
     tensors[key] = rel.bomb("lzma")
-    manifest["payloads"][key]["crc32"] = __import__("zlib").crc32(tensors[key].data)
+    manifest["payloads"][key]["crc32"] = zlib.crc32(tensors[key].data)
     dst = os.path.join(folder, "bomb.tvs")
     rel._write(dst, tensors, manifest)
     tracemalloc.start()
@@ -92,9 +94,6 @@ def test_a_decompression_bomb_is_refused_within_the_declared_size(bundles):
 def test_an_lzma_stream_asking_for_a_large_decoder_is_refused_before_it_decodes(bundles):
     """The stream's header names its dictionary, which the decoder allocates whatever the
     output: preset 9's 64 MiB is past what a reader allows, the writer's preset 6 is not."""
-    import json
-    import lzma
-    import zlib
 
     from tvswitch.errors import TvswitchError
     from tvswitch.runtime.bundle import Bundle
