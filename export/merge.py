@@ -28,7 +28,7 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.mix import check_weight
-from tvswitch.runtime.rebuild import CpuRebuilder
+from tvswitch.runtime.rebuild import CpuRebuilder, resolve_base
 
 if TYPE_CHECKING:
     from tvswitch.runtime.bundle import Bundle
@@ -251,6 +251,60 @@ def task_vectors_from_bundle(bundle: "Bundle", base: Optional[Mapping[str, np.nd
         rebuilder.rebuild({task: 1.0}, out)
         taus[task] = {n: out[n] - rebuilder.base[n].astype(np.float32) for n in out if n not in skip}
     return taus
+
+
+# ---- a whole model from a bundle -------------------------------------------------------
+
+@dataclass
+class MergedModel:
+    """A checkpoint made from a bundle, and what a caller should be told about it.
+
+    ``left_out``: tensors each task has its own of (heads, per-task settings), dropped
+    because no task was named; ``averaged``: statistics averaged over the tasks instead.
+    """
+
+    tensors: Dict[str, np.ndarray]
+    left_out: List[str]
+    averaged: List[str]
+
+
+def merged_model(bundle: "Bundle", delta: Mapping[str, np.ndarray], base: Optional[Mapping[str, np.ndarray]] = None,
+                 task: Optional[str] = None) -> MergedModel:
+    """The checkpoint of ``base + delta``, whole: with ``task`` it takes that task's head
+    and tensors stored as-is, so it serves that task; without one it has no head and the
+    tasks' statistics averaged (``mean_statistics``). ``base`` may be None when the bundle
+    embeds it."""
+    tensors = apply_delta(resolve_base(bundle, base), delta)
+    tensors.update(as_is_tensors(bundle, task) if task is not None else mean_statistics(bundle))
+    averaged = statistics_names(bundle) if task is None else []
+    return _whole(bundle, tensors, base, task, averaged)
+
+
+def emr_model(bundle: "Bundle", task: str, base: Optional[Mapping[str, np.ndarray]] = None) -> MergedModel:
+    """An emr bundle's model of ``task``: exactly what the device rebuilds for {task: 1}
+    (the unified vector through the task's mask, times its rescaler), whole."""
+    rebuilder = CpuRebuilder(bundle, base)
+    out = rebuilder.allocate()
+    rebuilder.rebuild({task: 1.0}, out)
+    return _whole(bundle, out, base, task, [])
+
+
+def _whole(bundle: "Bundle", tensors: Dict[str, np.ndarray], base: Optional[Mapping[str, np.ndarray]],
+           task: Optional[str], averaged: List[str]) -> MergedModel:
+    """``tensors`` with the base's tensors no task changes (integer buffers) and, for a
+    task, its head; without one, the tensors that belong to one task removed."""
+    source = base if base is not None else bundle.embedded_base()
+    for name in bundle.manifest["base"].get("other", []):
+        tensors[name] = source[name]
+    if task is not None:
+        tensors.update(bundle.task_specific(task))
+        return MergedModel(tensors, [], averaged)
+    stats = set(statistics_names(bundle))
+    per_task = [n for n in as_is_names(bundle) if n not in stats]
+    for n in per_task:
+        del tensors[n]
+    heads = sorted({n for t in bundle.tasks for n in bundle.task_specific(t)})
+    return MergedModel(tensors, per_task + heads, averaged)
 
 
 # ---- learned coefficients (AdaMerging) --------------------------------------------------

@@ -23,6 +23,8 @@ MIB = 1 << 20
 #: Engine workspace and activations when the user gives none: an assumption, stated as
 #: such in every plan. TensorRT's builder defaults to much more; serving needs less.
 DEFAULT_WORKSPACE_BYTES = 256 * MIB
+#: The runtime's engines (runtime.engines.base.ENGINE_KINDS): a leaf keeps its own copy,
+#: which tests/jetson/test_leaf.py holds equal.
 ENGINES = ("onnxruntime", "tensorrt", "torch")
 
 

@@ -42,9 +42,36 @@ def task_arithmetic(tasks: Iterable[str], lam: float) -> Dict[str, float]:
     return {t: float(lam) for t in tasks}
 
 
-def check_mix(mix: Mapping[str, float], tasks: Iterable[str], where: str = "bundle") -> Dict[str, float]:
-    """The mix with bad task names or weights refused, naming the culprit."""
-    known = list(tasks)
+class CheckedMix(dict):
+    """A mix ``check_mix`` has passed, for the tasks in ``tasks``.
+
+    A switch hands its mix from the server's check to the rebuilder's tables and on to the
+    rebuild; a checked mix passes each later ``check_mix`` at the cost of one comparison,
+    so a mix is validated once per switch. It is read-only so that it stays what was
+    checked (``dict(mix)`` gives a copy to change); it pickles as a plain dict.
+    """
+
+    __slots__ = ("tasks",)
+
+    def __init__(self, items: Iterable, tasks: tuple):
+        super().__init__(items)
+        self.tasks = tasks
+
+    def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a checked mix is read-only; dict(mix) is a copy to change")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _read_only  # type: ignore
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+def check_mix(mix: Mapping[str, float], tasks: Iterable[str], where: str = "bundle") -> CheckedMix:
+    """The mix with bad task names or weights refused, naming the culprit; in the order of
+    ``tasks``, each weight a float."""
+    known = tuple(tasks)
+    if isinstance(mix, CheckedMix) and mix.tasks == known:
+        return mix
     if not isinstance(mix, Mapping):
         raise TvswitchError("a mix is a mapping of task to weight, e.g. {%r: 1.0}; got a %s"
                             % (known[0] if known else "task", type(mix).__name__))
@@ -54,7 +81,7 @@ def check_mix(mix: Mapping[str, float], tasks: Iterable[str], where: str = "bund
         if name not in known:
             raise TvswitchError("%s has no task %r (tasks: %s)" % (where, name, ", ".join(known)))
         check_weight(w, "weight of task %r" % name)
-    return {t: float(mix[t]) for t in known if t in mix}
+    return CheckedMix(((t, float(mix[t])) for t in known if t in mix), known)
 
 
 def check_weight(value: object, what: str) -> float:

@@ -109,3 +109,21 @@ def bundle_stats(bundle: Bundle) -> Dict[str, object]:
         "task_specific": task_specific,
         "base_fingerprint": bundle.base_fingerprint,
     }
+
+
+def device_footprint(bundle: Bundle) -> Dict[str, object]:
+    """The numbers a device memory plan (``tvswitch plan``) needs of a bundle, named as the
+    fields of ``jetson.plan.BundleFacts``: sizes resident, on flash, and read per switch
+    (the largest one-task rebuild, and a mix of every task with each payload read once)."""
+    stats = bundle_stats(bundle)
+
+    def size(keys) -> int:
+        return sum(bundle.payload(k).nbytes for k in keys)
+
+    return dict(
+        tasks=len(bundle.tasks), scheme=bundle.scheme, num_shared_params=bundle.num_shared_params,
+        base_nbytes=bundle.base_nbytes, packed_nbytes=bundle.packed_nbytes,
+        task_data_nbytes=int(stats["task_bytes_on_disk"]), fp16_checkpoints_nbytes=int(stats["fp16_checkpoints_bytes"]),
+        query_nbytes=bundle.query_nbytes,
+        task_read_nbytes=max(size(bundle.payloads_read([t])) for t in bundle.tasks) if bundle.tasks else 0,
+        mix_read_nbytes=size(bundle.payloads_read(bundle.tasks)))

@@ -206,12 +206,12 @@ def test_bench_switch_with_tensorrt_needs_inputs_for_its_shapes(served):
 def test_tensorrt_profile_is_keyed_by_the_graphs_input_name(served):
     """A bare --input X.npy is called 'input'; the graph's input is 'x', and TensorRT's profile must say 'x'."""
     from tvswitch.commands._inputs import parse_inputs
-    from tvswitch.commands.run import engine_options
+    from tvswitch.runtime.engines.options import engine_options
 
     f = served["folder"]
     args = build_parser().parse_args(["run", str(f / "model.tvs"), "--engine", "tensorrt", "--task", "a",
                                       "--input", str(f / "x.npy"), "-o", str(f / "t.npy")])
-    inputs, options = engine_options(args, parse_inputs(args.input))
+    inputs, options = engine_options("tensorrt", parse_inputs(args.input), graph=str(f / "model.onnx"))
     shape = served["inputs"]["x"].shape
     assert list(inputs) == ["x"] and options["profile"] == {"x": (shape, shape, shape)}
 
@@ -333,7 +333,7 @@ def test_provider_cuda_is_refused_with_the_reason_where_it_cannot_run(served, ve
     r = main_(capsys, verb, f / "model.tvs", "--provider", "cuda", "--engine", "torch", "--module",
               str(f / "net.py") + ":base", *(["--input", "x=" + str(f / "x.npy")] if verb == "bench-switch" else extra))
     _one_line_exit_2(r)
-    assert "--provider cuda: torch" in r.stderr and "no CUDA GPU" in r.stderr
+    assert "provider cuda: torch" in r.stderr and "no CUDA GPU" in r.stderr
     r = main_(capsys, verb, f / "model.tvs", "--provider", "cpu", "--engine", "tensorrt", "--input", f / "x.npy",
               *(extra[:2] + extra[4:] if verb == "run" else []))
     _one_line_exit_2(r)

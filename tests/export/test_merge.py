@@ -160,6 +160,23 @@ def test_as_is_tensors_are_each_tasks_own(tmp_path):
             np.testing.assert_allclose(a, fts[t][n], rtol=1e-3)  # stored as float16
 
 
+def test_merged_model_is_whole_for_a_task_and_headless_without_one(tmp_path):
+    bundle, base, _ = _example_bundle(tmp_path, bits=8)
+    taus = merge.task_vectors_from_bundle(bundle, base)
+    delta = merge.task_arithmetic(taus, 0.3)
+    task = bundle.tasks[0]
+    own = merge.merged_model(bundle, delta, base, task)
+    assert set(own.tensors) == set(base) | set(bundle.task_specific(task)) and own.left_out == [] == own.averaged
+    for n, a in merge.as_is_tensors(bundle, task).items():
+        np.testing.assert_array_equal(own.tensors[n], a)
+    none = merge.merged_model(bundle, delta, base)
+    heads = sorted(bundle.task_specific(task))
+    assert none.left_out == heads and none.averaged == AS_IS
+    assert not set(heads) & set(none.tensors)
+    for n in delta:
+        np.testing.assert_array_equal(none.tensors[n], own.tensors[n])
+
+
 def _cli(*argv) -> int:
     from tvswitch.cli import main
 

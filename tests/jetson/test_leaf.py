@@ -24,3 +24,11 @@ def test_jetson_imports_nothing_of_tvswitch_outside_itself():
             if name == "tvswitch" or name.startswith("tvswitch."):
                 assert name == "tvswitch.jetson" or name.startswith("tvswitch.jetson."), \
                     "%s imports %s" % (os.path.basename(path), name)
+
+
+def test_the_leafs_engine_list_is_the_runtimes():
+    """A leaf cannot import runtime's list of engines, so it keeps a copy; this keeps the copy true."""
+    from tvswitch.jetson.plan import ENGINES
+    from tvswitch.runtime.engines.base import ENGINE_KINDS
+
+    assert ENGINES == ENGINE_KINDS

@@ -221,6 +221,17 @@ def test_switching_to_the_serving_mix_rebuilds_nothing(setup):
     assert server.source.writes == writes
 
 
+def test_a_switch_checks_its_mix_once(setup, monkeypatch):
+    from tvswitch.runtime import mix as mixes
+
+    server = _server(setup, pause=0)
+    checked = []
+    real = mixes.check_weight
+    monkeypatch.setattr(mixes, "check_weight", lambda value, what: checked.append(what) or real(value, what))
+    assert server.switch({"b": 0.5, "c": 0.25})
+    assert checked == ["weight of task 'b'", "weight of task 'c'"]  # server, tables and rebuild: one check
+
+
 def test_a_request_with_a_mix_is_answered_with_that_mix(setup):
     server = _server(setup, pause=0)
     mix = {"b": 0.5, "c": 0.5}

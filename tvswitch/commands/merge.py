@@ -70,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.export import merge
     from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.checkpoint import write_safetensors
-    from tvswitch.runtime.rebuild import resolve_base
 
     inputs = [args.bundle, args.base, args.coefficients] + [f.partition("=")[2] for f in args.inputs or []]
     check_output_path(args.output, "-o", inputs=inputs)
@@ -80,23 +79,19 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args, bundle)
     given = load_base(args.base, bundle)
     if args.method == "emr" and bundle.scheme == "emr":
-        tensors = _own_rebuild(bundle, given, args.task)
+        model = merge.emr_model(bundle, args.task, given)
         how = "the bundle's own EMR model of %s" % args.task
     else:
         delta, how = _delta(args, bundle, given)
-        tensors = merge.apply_delta(resolve_base(bundle, given), delta)
-        tensors.update(_as_is(bundle, args.task))
-        if args.task is None and merge.statistics_names(bundle):
-            how += ", %d statistics averaged over the tasks" % len(merge.statistics_names(bundle))
-    source = given if given is not None else bundle.embedded_base()
-    for name in bundle.manifest["base"].get("other", []):
-        tensors[name] = source[name]
-    if args.task is not None:
-        tensors.update(bundle.task_specific(args.task))
-    else:
-        _note_left_out(bundle, tensors)
-    write_safetensors(args.output, tensors, {"tvswitch.merge": args.method})
-    print("wrote %s: %s, %d tensors" % (args.output, how, len(tensors)))
+        model = merge.merged_model(bundle, delta, given, args.task)
+        if model.averaged:
+            how += ", %d statistics averaged over the tasks" % len(model.averaged)
+    if model.left_out:
+        print("tvswitch merge: note: left out %d tensor%s that each task has its own of (e.g. %s); give --task NAME "
+              "to include that task's" % (len(model.left_out), "" if len(model.left_out) == 1 else "s",
+                                          model.left_out[0]), file=sys.stderr)
+    write_safetensors(args.output, model.tensors, {"tvswitch.merge": args.method})
+    print("wrote %s: %s, %d tensors" % (args.output, how, len(model.tensors)))
     return 0
 
 
@@ -200,30 +195,6 @@ def _learn(args: argparse.Namespace, bundle, given: Optional[Dict[str, np.ndarra
     return result, how
 
 
-def _as_is(bundle, task: Optional[str]) -> Dict[str, np.ndarray]:
-    """The tensors stored per task as-is that the output takes: ``task``'s own, or without a
-    task the statistics averaged over the tasks (``merge.mean_statistics``)."""
-    from tvswitch.export import merge
-
-    return merge.as_is_tensors(bundle, task) if task is not None else merge.mean_statistics(bundle)
-
-
-def _note_left_out(bundle, tensors: Dict[str, np.ndarray]) -> None:
-    """Without --task: drop the tensors that belong to one task (heads, --task-specific globs
-    stored as-is) and say on stderr which were left out and how to include a task's."""
-    from tvswitch.export import merge
-
-    stats = set(merge.statistics_names(bundle))
-    per_task = [n for n in merge.as_is_names(bundle) if n not in stats]
-    for n in per_task:
-        del tensors[n]
-    heads = sorted({n for t in bundle.tasks for n in bundle.task_specific(t)})
-    left = per_task + heads
-    if left:
-        print("tvswitch merge: note: left out %d tensor%s that each task has its own of (e.g. %s); give --task NAME "
-              "to include that task's" % (len(left), "" if len(left) == 1 else "s", left[0]), file=sys.stderr)
-
-
 def _load_coefficients(path: str):
     from tvswitch.export.merge import Coefficients
 
@@ -231,14 +202,3 @@ def _load_coefficients(path: str):
         return Coefficients.load(path)
     except ValueError as exc:
         raise TvswitchError("--coefficients %s" % exc) from None
-
-
-def _own_rebuild(bundle, given: Optional[Dict[str, np.ndarray]], task: str) -> Dict[str, np.ndarray]:
-    """An emr bundle's model of ``task``: exactly what the device rebuilds for {task: 1}
-    (unified vector through the task's mask, times its rescaler, plus its as-is tensors)."""
-    from tvswitch.runtime.rebuild import CpuRebuilder
-
-    rebuilder = CpuRebuilder(bundle, given)
-    out = rebuilder.allocate()
-    rebuilder.rebuild({task: 1.0}, out)
-    return out

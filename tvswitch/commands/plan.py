@@ -1,7 +1,7 @@
 """``tvswitch plan``: memory, flash and switch-time figures of a bundle on a device.
 
-A thin adapter: it reads the numbers off ``Bundle`` (or takes them from flags for a
-bundle not exported yet), hands them to ``tvswitch.jetson.plan`` and prints the plan.
+A thin adapter: it takes the numbers from ``runtime.stats.device_footprint`` (or from
+flags for a bundle not exported yet), hands them to ``tvswitch.jetson.plan`` and prints the plan.
 Values argparse cannot judge (a zero task count, a negative reserve, --root without
 --device this) are checked here, so that each is one line naming its flag, as argparse's
 own refusals are; the leaf's ``JetsonInputError`` becomes the CLI's ``TvswitchError``.
@@ -18,6 +18,7 @@ from tvswitch.errors import TvswitchError
 from tvswitch.jetson import plan as _plan
 from tvswitch.jetson.devices import DeviceSpec, device_keys, lookup
 from tvswitch.jetson.errors import JetsonInputError
+from tvswitch.runtime.engines.base import ENGINE_KINDS
 
 NAME = "plan"
 HELP = "memory, flash and switch-time floor of a bundle on a Jetson (or this machine)"
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="this", choices=device_keys(), metavar="DEVICE",
                         help="a row of the device table (%s), or 'this': measured here, or the board "
                              "captured under --root" % ", ".join(device_keys()))
-    parser.add_argument("--engine", default="onnxruntime", choices=_plan.ENGINES)
+    parser.add_argument("--engine", default="onnxruntime", choices=ENGINE_KINDS)
     parser.add_argument("--workspace-mb", type=float, help="engine workspace and activations in MiB (default 256, assumed)")
     parser.add_argument("--reserve-mb", type=float, help="MiB the OS and CUDA take (default: the JetPack line's)")
     parser.add_argument("--params", type=float, help="what-if: shared weights (e.g. 22.7e6)")
@@ -54,23 +55,14 @@ def facts_from_bundle(path: str, graph: Optional[str] = None) -> _plan.BundleFac
 
     from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.server import default_model_path
-    from tvswitch.runtime.stats import bundle_stats
+    from tvswitch.runtime.stats import device_footprint
 
     if graph is None and os.path.isfile(default_model_path(path)):
         graph = default_model_path(path)
     if graph is not None and not os.path.isfile(graph):
         raise TvswitchError("--model %s: no such file" % graph)
-    b = Bundle.open(path, verify=False)
-    stats = bundle_stats(b)
-    size = lambda keys: sum(b.payload(k).nbytes for k in keys)  # noqa: E731
-    one = max(size(b.payloads_read([t])) for t in b.tasks) if b.tasks else 0
-    return _plan.BundleFacts(
-        tasks=len(b.tasks), scheme=b.scheme, num_shared_params=b.num_shared_params,
-        base_nbytes=b.base_nbytes, packed_nbytes=b.packed_nbytes,
-        task_data_nbytes=int(stats["task_bytes_on_disk"]), fp16_checkpoints_nbytes=int(stats["fp16_checkpoints_bytes"]),
-        query_nbytes=b.query_nbytes, task_read_nbytes=one, mix_read_nbytes=size(b.payloads_read(b.tasks)),
-        graph_nbytes=os.path.getsize(graph) if graph else 0,
-    )
+    return _plan.BundleFacts(**device_footprint(Bundle.open(path, verify=False)),  # type: ignore[arg-type]
+                             graph_nbytes=os.path.getsize(graph) if graph else 0)
 
 
 def _what_if(args: argparse.Namespace) -> _plan.BundleFacts:

@@ -5,7 +5,7 @@ import argparse
 
 from tvswitch.commands._common import load_base, parse_task_args
 from tvswitch.commands._inputs import check_output_path, load_arrays, threads
-from tvswitch.commands.run import name_inputs
+from tvswitch.runtime.engines.options import name_inputs
 from tvswitch.errors import TvswitchError
 
 NAME = "router"

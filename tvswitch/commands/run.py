@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from tvswitch.commands._common import load_base
 from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs, threads
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.engines.base import ENGINE_KINDS
+from tvswitch.runtime.engines.options import engine_options, name_inputs, torch_device
 
 if TYPE_CHECKING:
     from tvswitch.runtime.server import Server
@@ -23,7 +24,7 @@ HELP = "run a task, a mix or Auto-Switch's choice of a bundle on an engine (onnx
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that say how to load the engine and its base (shared with bench-switch)."""
     p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--engine", choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime")
+    p.add_argument("--engine", choices=ENGINE_KINDS, default="onnxruntime")
     p.add_argument("--model", metavar="MODEL.onnx",
                    help="the ONNX graph (default: BUNDLE's name with .onnx, as export-onnx suggests)")
     p.add_argument("--base", help="base checkpoint (default: the bundle's embedded base, else the graph's weights)")
@@ -70,12 +71,14 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
     name gets it under that name (``name_inputs``).
     """
     from tvswitch.runtime.bundle import Bundle
-    from tvswitch.runtime.server import serve_bundle
+    from tvswitch.runtime.server import default_model_path, serve_bundle
 
     bundle = Bundle.open(args.bundle)
     base = load_base(args.base, bundle)
     module = None
-    inputs, options = engine_options(args, inputs)
+    inputs, options = engine_options(args.engine, inputs, provider=args.provider, verbose=args.verbose,
+                                     fp16=args.fp16, plan_cache=args.plan_cache,
+                                     graph=args.model or default_model_path(args.bundle))
     if args.engine == "torch":
         if not args.module:
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
@@ -88,61 +91,6 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
                           slots=2 if args.double_buffer else 1, threads=args.threads, module=module,
                           input_names=list(inputs), allow_unmatched=args.allow_unmatched, **options)
     return server, name_inputs(inputs, server.engine.input_names)
-
-
-def engine_options(args: argparse.Namespace, inputs: Mapping[str, np.ndarray]
-                   ) -> Tuple[Dict[str, np.ndarray], Dict[str, object]]:
-    """(inputs, the engine's own options) from the flags.
-
-    TensorRT builds its optimization profile from the inputs' shapes, keyed by the
-    graph's input names, so for it a bare ``input`` is renamed from the graph before the
-    engine exists; the other engines learn the names when loaded.
-    """
-    if args.engine == "torch":
-        return dict(inputs), {}
-    options: Dict[str, object] = {"verbose": args.verbose}
-    if args.engine == "onnxruntime":
-        options["providers"] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if args.provider == "cuda"
-                                else ["CPUExecutionProvider"])
-    elif args.provider == "cpu":
-        raise TvswitchError("--provider cpu: the tensorrt engine runs on a CUDA GPU only")
-    if args.engine == "tensorrt":
-        inputs = name_inputs(inputs, _graph_inputs(args))
-        options.update(fp16=args.fp16, cache_dir=args.plan_cache,
-                       profile={n: (tuple(a.shape),) * 3 for n, a in inputs.items()})
-    return dict(inputs), options
-
-
-def torch_device(provider: Optional[str]) -> str:
-    """torch's device for ``--provider``: ``cuda`` only where torch sees a GPU, else refused with why."""
-    if provider != "cuda":
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TvswitchError("--provider cuda: torch %s sees no CUDA GPU (%s)" % (
-            torch.__version__, "a CPU-only build" if torch.version.cuda is None else "built for CUDA %s; no device "
-            "or driver" % torch.version.cuda))
-    return "cuda"
-
-
-def name_inputs(inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
-    """``inputs`` with a bare ``input`` renamed to the network's single data input (others as given)."""
-    if list(inputs) == ["input"] and len(names) == 1:
-        return {names[0]: inputs["input"]}
-    return dict(inputs)
-
-
-def _graph_inputs(args: argparse.Namespace) -> List[str]:
-    """The data inputs of the graph the flags name (empty if it is missing: serve_bundle says so)."""
-    from tvswitch.runtime.engines import onnx_graph
-    from tvswitch.runtime.server import default_model_path
-
-    path = args.model or default_model_path(args.bundle)
-    if not os.path.isfile(path):
-        return []
-    proto = onnx_graph.load_model(path)
-    return onnx_graph.data_inputs(proto, onnx_graph.find_weights(proto))
 
 
 def output_format(path: str, count: int) -> str:
