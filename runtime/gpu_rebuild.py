@@ -235,37 +235,50 @@ class GpuRebuilder:
             self._mix_tables[key] = mix_tables
         return mix_tables
 
-    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, Any], sync: bool = True) -> None:
+    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, Any], sync: bool = True,
+                since: Optional[Mapping[str, float]] = None) -> None:
         """Write the weights of ``mix`` into the device buffers ``out``.
 
         One launch on the rebuilder's stream; with ``sync`` it returns once the weights are
         written, without, work queued later on the same stream sees them.  A bad mix or
-        buffer raises before anything is written.
+        buffer raises before anything is written.  ``since``: the mix ``out`` holds whole;
+        the launch table then covers only the tensors whose inputs differ
+        (``MixTables.since``), as ``CpuRebuilder.rebuild`` does.
         """
         with self.device.current():
-            launch = self.launch_of(mix, out)
+            launch = self.launch_of(mix, out, since)
             if launch is not None:
                 self.device.launch(*launch)
             if sync:
                 self.device.synchronize()
 
-    def launch_of(self, mix: Mapping[str, float], out: Mapping[str, Any]) -> Optional[tuple]:
+    def launch_of(self, mix: Mapping[str, float], out: Mapping[str, Any],
+                  since: Optional[Mapping[str, float]] = None) -> Optional[tuple]:
         """``Device.launch``'s arguments for a rebuild of ``mix`` into ``out`` (None: nothing to
         write), its tables uploaded: what ``rebuild`` launches, and what a benchmark times alone.
         Call it inside ``device.current()`` (``rebuild`` does)."""
         key = self._mix_key(mix)
+        held = None if since is None else self._mix_key(since)
         outs = self._outputs(out)
-        tables = self._tables.get((key, outs.token))
+        cache_key = (key, held, outs.token)
+        tables = self._tables.get(cache_key)
         if tables is None:
-            tables = self._upload_tables((key, outs.token), self._host_tables(key), outs.tensors)
+            tables = self._upload_tables(cache_key, self.host_tables(mix, since), outs.tensors)
         else:
-            self._tables.move_to_end((key, outs.token))
+            self._tables.move_to_end(cache_key)
         return tables.launch
 
-    def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
+    def host_tables(self, mix: Mapping[str, float], since: Optional[Mapping[str, float]] = None) -> MixTables:
+        """The host side of the launch tables of ``mix`` (over the tensors that differ from
+        ``since``'s, with one); what ``launch_of`` uploads, and what the host emulation runs."""
+        tables = self._host_tables(self._mix_key(mix))
+        return tables if since is None else tables.since(self._host_tables(self._mix_key(since)))
+
+    def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None,
+                    since: Optional[Mapping[str, float]] = None) -> int:
         """Bytes one rebuild of ``mix`` reads and writes (the switch floor of docs/architecture.md, with a
-        payload counted once per term that reads it)."""
-        mix_tables = self.mix_tables(mix)
+        payload counted once per term that reads it); ``since`` as for ``rebuild``."""
+        mix_tables = self.host_tables(mix, since)
         base_size = next(iter(self._base.values())).itemsize if self._base else 4
         out_size = DeviceTensor(0, (), out_dtype).itemsize if out_dtype else base_size
         return bytes_moved(mix_tables, self.bundle, base_size, out_size)

@@ -76,6 +76,7 @@ class GpuBundleSource(BoundSource):
                                     % (name, np.dtype(t.dtype), list(t.shape), np.dtype(dtype), list(shape)))
             self._targets[name] = t
         self.writes = 0
+        self._holds: Optional[Mix] = None  # the mix the device buffers hold whole (None: unknown)
         self._owned: List[int] = []
         self.rebuilder = GpuRebuilder(bundle, base, device=device, tiles_per_block=tiles_per_block,
                                       verify_base=verify_base)
@@ -129,14 +130,22 @@ class GpuBundleSource(BoundSource):
 
     def write(self, mix: Mix, buffers: Any = None) -> None:
         """Queue the rebuild of ``mix`` into the engine's device buffers (``buffers``, the host slot,
-        is not touched).  Ordered before the engine's next ``publish`` by the shared stream."""
+        is not touched).  Ordered before the engine's next ``publish`` by the shared stream.
+
+        The device buffers are one set whatever the server's slots, so this source keeps
+        what they hold itself: a switch launches over the tensors that differ from it only
+        (``GpuRebuilder.rebuild``'s ``since``), and copies the head only if another task's."""
+        since, self._holds = self._holds, None
         heads = self._heads[head_task(mix)]
+        if since is not None and head_task(since) == head_task(mix):
+            heads = []
         with self.device.current():
-            self.rebuilder.rebuild(mix, self._outputs, sync=self.stream is None)
+            self.rebuilder.rebuild(mix, self._outputs, sync=self.stream is None, since=since)
             for dst, src, nbytes in heads:
                 self.device.copy(dst, src, nbytes)
             if self.stream is None and heads:
                 self.device.synchronize()
+        self._holds = mix
         self.writes += 1
 
     def close(self) -> None:

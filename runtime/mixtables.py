@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Mapping, Optional
 
 import numpy as np
@@ -31,6 +31,32 @@ class MixTables:
     terms: np.ndarray  # abi.TERM_DTYPE
     keys: List[str]  # payloads the terms read, each once
     reads: List[str]  # payloads the terms read, once per term that reads them (what really moves)
+    #: per segment, everything its output depends on but the base and the output buffer:
+    #: the base's coefficient and the term rows (payload addresses, weights, widths), as bytes
+    signatures: List[bytes] = field(default_factory=list)
+    #: per segment, the payloads its terms read (``reads``, split by segment)
+    segment_reads: List[List[str]] = field(default_factory=list)
+
+    def since(self, held: "MixTables") -> "MixTables":
+        """These tables cut to the tensors whose inputs differ from ``held``'s (tables of the
+        same rebuilder, so the same payload addresses): what a rebuild must write over buffers
+        that hold ``held``'s result. Every other tensor already holds these bits, because a
+        tensor's value is a fixed function of its base, coefficient and terms (decode.h's
+        arithmetic contract), so leaving it alone is exact."""
+        changed = [i for i, (a, b) in enumerate(zip(self.signatures, held.signatures)) if a != b]
+        return self.subset(changed)
+
+    def subset(self, indices: List[int]) -> "MixTables":
+        """The tables of the segments at ``indices`` only, launch blocks counted afresh; the
+        term table stays whole (the segments index into it)."""
+        segments = self.segments[indices].copy() if indices else self.segments[:0].copy()
+        blocks = -(-segments["n"].astype(np.int64) // abi.BLOCK_ELEMS)
+        segments["first_block"] = np.concatenate([[0], np.cumsum(blocks)[:-1]]) if len(blocks) else blocks
+        reads = [k for i in indices for k in self.segment_reads[i]]
+        return MixTables(names=[self.names[i] for i in indices], segments=segments, terms=self.terms,
+                         keys=list(OrderedDict.fromkeys(reads)), reads=reads,
+                         signatures=[self.signatures[i] for i in indices],
+                         segment_reads=[self.segment_reads[i] for i in indices])
 
 
 def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
@@ -47,6 +73,8 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
     rows: List[tuple] = []
     keys: "OrderedDict[str, None]" = OrderedDict()
     reads: List[str] = []
+    signatures: List[bytes] = []
+    per_segment_reads: List[List[str]] = []
     first_block = 0
     for s, name in enumerate(names):
         spec = bundle.shared_specs[name]
@@ -69,11 +97,15 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
                     merged[key] = [t, w * t.scale]
         _check_range(bundle, mix, name, base_coef, merged.values(), base_bound)
         begin = len(rows)
+        segment_reads: List[str] = []
         for t, weight in merged.values():
             if weight != 0.0:
                 rows.append(_term_row(bundle, t, weight, address))
                 keys.update((k, None) for k in t.payloads)
-                reads += t.payloads
+                segment_reads += t.payloads
+        reads += segment_reads
+        per_segment_reads.append(segment_reads)
+        signatures.append(np.float32(base_coef).tobytes() + np.array(rows[begin:], dtype=abi.TERM_DTYPE).tobytes())
         n = spec.numel
         segments[s]["n"] = n
         segments[s]["first_block"] = first_block
@@ -82,7 +114,8 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
         segments[s]["term_count"] = len(rows) - begin
         first_block += -(-n // abi.BLOCK_ELEMS)
     terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
-    return MixTables(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads)
+    return MixTables(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads,
+                     signatures=signatures, segment_reads=per_segment_reads)
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:

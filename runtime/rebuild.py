@@ -107,23 +107,30 @@ class CpuRebuilder:
             self._mix_tables[key] = tables
         return tables
 
-    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False) -> None:
+    def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False,
+                since: Optional[Mapping[str, float]] = None) -> None:
         """Write the weights of ``mix`` into ``out``; a bad mix or buffer raises before any write.
 
+        ``since``: the mix whose rebuild ``out`` holds now, whole and untouched since (the
+        caller vouches for it: ``Server`` tracks what each slot holds). Then only the tensors
+        whose inputs differ between the two mixes are read and written
+        (``MixTables.since``); the result is bit for bit that of a full rebuild.
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
-        tables = self.mix_tables(mix)
+        full = tables = self.mix_tables(mix)
+        if since is not None:
+            tables = full.since(self.mix_tables(since))
         self._check_out(out)
         segments = tables.segments.copy()
         segments["out"] = [out[n].ctypes.data for n in tables.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
-            buffers = [self.bundle.payload(k) for k in tables.keys] + list(self._base.values()) + list(out.values())
+            buffers = [self.bundle.payload(k) for k in full.keys] + list(self._base.values()) + list(out.values())
             run = lambda part: cpu.rebuild(part, tables.terms, buffers, self.threads)  # noqa: E731
         else:
-            arrays = [self.bundle.payload(k) for k in tables.keys]
-            arrays += list(self._base.values()) + [out[n] for n in tables.names]
+            arrays = [self.bundle.payload(k) for k in full.keys]
+            arrays += list(self._base.values()) + [out[n] for n in full.names]
             run = lambda part: reference.rebuild_reference(part, tables.terms, arrays)  # noqa: E731
         if not progress:
             run(segments)
@@ -135,9 +142,13 @@ class CpuRebuilder:
                 run(segments[begin:end])
                 bar.update(end - begin)
 
-    def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None) -> int:
-        """Bytes one rebuild of ``mix`` reads and writes (the switch floor, docs/architecture.md)."""
+    def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None,
+                    since: Optional[Mapping[str, float]] = None) -> int:
+        """Bytes one rebuild of ``mix`` reads and writes (the switch floor, docs/architecture.md);
+        ``since`` as for ``rebuild``."""
         tables = self.mix_tables(mix)
+        if since is not None:
+            tables = tables.since(self.mix_tables(since))
         base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
         out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
         return bytes_moved(tables, self.bundle, base_size, out_size)

@@ -103,10 +103,17 @@ class BundleSource(BoundSource):
     def tasks(self) -> List[str]:
         return self.bundle.tasks
 
-    def write(self, mix: Mix, buffers: Dict[str, np.ndarray]) -> None:
+    #: ``write`` takes ``since`` (``Server`` then passes what the buffers hold).
+    skips_unchanged = True
+
+    def write(self, mix: Mix, buffers: Dict[str, np.ndarray], since: Optional[Mix] = None) -> None:
+        """Write ``mix`` into ``buffers``; with ``since``, the mix they hold whole, only what
+        differs (``CpuRebuilder.rebuild``), and the head only if another task's."""
         out = dict(self._scratch)
         out.update((n, buffers[n]) for n in self.bundle.shared_specs if n in buffers)
-        self.rebuilder.rebuild(mix, out)
+        self.rebuilder.rebuild(mix, out, since=since)
+        if since is not None and head_task(since) == head_task(mix):
+            return
         for name, value in self.binding.heads.padded[head_task(mix)].items():
             copy_into(buffers[name], value, name)
 
@@ -141,6 +148,10 @@ class Server:
         self._cuts: List[Optional[OutputCut]] = [None] * engine.slots
         self._mix: Optional[Mix] = None
         self._broken: Optional[str] = None
+        #: per slot, the mix its buffers hold whole (None: unknown, e.g. after a failed write),
+        #: so that a switch rewrites only what differs where the source can (``skips_unchanged``)
+        self._held: List[Optional[Mix]] = [None] * engine.slots
+        self._skips = bool(getattr(source, "skips_unchanged", False))
         self.switch(initial)
 
     def close(self) -> None:
@@ -225,14 +236,14 @@ class Server:
             with self._cond:
                 while self._readers[target]:
                     self._cond.wait()
-            self.source.write(mix, self.engine.buffers(target))
+            self._write(mix, target)
             self.engine.publish(target)
             with self._cond:
                 self._cuts[target] = cut
                 self._active = target
                 self._broken = None
         elif self.mode == "staged":
-            self.source.write(mix, self.engine.buffers(0))
+            self._write(mix, 0)
             self._hold_readers(0)
             try:
                 self._commit(mix, cut, lambda: self.engine.publish(0))
@@ -241,12 +252,22 @@ class Server:
         else:
             self._hold_readers(0)
             try:
-                self._commit(mix, cut,
-                             lambda: (self.source.write(mix, self.engine.buffers(0)), self.engine.publish(0)))
+                self._commit(mix, cut, lambda: (self._write(mix, 0), self.engine.publish(0)))
             finally:
                 self._release_readers()
         self._mix = mix
         return True
+
+    def _write(self, mix: Mix, slot: int) -> None:
+        """The source writes ``mix`` into ``slot``'s buffers: only what differs from the mix
+        they hold, where that is known and the source can; the slot counts as unknown until
+        the write has finished, so a write that fails half way is followed by a whole one."""
+        since, self._held[slot] = self._held[slot], None
+        if since is not None and self._skips:
+            self.source.write(mix, self.engine.buffers(slot), since=since)
+        else:
+            self.source.write(mix, self.engine.buffers(slot))
+        self._held[slot] = mix
 
     def _commit(self, mix: Mix, cut: Optional[OutputCut], step: Callable[[], object]) -> None:
         """Run ``step`` on the live weights (readers held); on failure put the previous mix back,
@@ -259,7 +280,7 @@ class Server:
             try:
                 if self._mix is None:
                     raise TvswitchError("nothing served before")
-                self.source.write(self._mix, self.engine.buffers(0))
+                self._write(self._mix, 0)
                 self.engine.publish(0)
             except BaseException as again:
                 self._mix = None

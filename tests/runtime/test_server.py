@@ -336,3 +336,65 @@ def test_with_constant_sessions_concurrent_requests_see_one_task_or_the_other(se
             time.sleep(0.01)
     assert not bad, "%d requests saw neither task's answer" % len(bad)
     assert seen[0] and seen[1] and any(constant_runs) and not all(constant_runs)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory, engine_models):
+    """The conv network's tasks, each changing part of it only: a the first half of its shared
+    tensors, b the second, c all; each with its own head. Switches then leave tensors alone."""
+    from tvswitch.export.exporter import export_bundle
+
+    module, inputs, names = engine_models.conv_case()
+    base, tasks = engine_models.task_checkpoints(module, ("head.",))
+    shared = [n for n, a in base.items() if np.issubdtype(a.dtype, np.floating)]
+    for task, kept in (("a", shared[len(shared) // 2:]), ("b", shared[: len(shared) // 2])):
+        for n in kept:
+            tasks[task][n] = base[n].copy()
+    folder = tmp_path_factory.mktemp("partial")
+    bundle = export_bundle(base, tasks, str(folder / "p.tvs"), name="tvq", bits=4)
+    graph = export_onnx(module, [inputs[n] for n in names], input_names=names)
+    return dict(bundle=bundle, base=base, graph=graph, inputs=inputs, module=module, names=names)
+
+
+class FailingSource(BundleSource):
+    """The real source; a write asked to fail scribbles another mix over the buffers, then raises."""
+
+    fail_next = False
+
+    def write(self, mix, buffers, since=None):
+        if self.fail_next:
+            self.fail_next = False
+            super().write({t: 0.7 for t in self.tasks}, buffers)
+            raise RuntimeError("simulated failure after writing other weights")
+        super().write(mix, buffers, since)
+
+
+@pytest.mark.parametrize("mode,kind", MODE_ENGINES)
+def test_after_any_switches_and_failures_the_serving_slot_holds_a_fresh_rebuild(partial, mode, kind):
+    from tvswitch.runtime.rebuild import CpuRebuilder
+
+    engine = _engine(partial, mode, kind)
+    source = FailingSource(partial["bundle"], engine, partial["base"], threads=1)
+    server = Server(engine, source, {"a": 1.0})
+    fresh = CpuRebuilder(partial["bundle"], partial["base"], threads=1)
+    rng = np.random.default_rng(0)
+    written = []
+    real = source.rebuilder.rebuild
+    source.rebuilder.rebuild = lambda mix, out, **kw: written.append(kw.get("since")) or real(mix, out, **kw)
+    for step in range(40):
+        mix = {t: float(rng.choice([1.0, 0.5, -0.3])) for t in rng.choice(["a", "b", "c"], rng.integers(1, 4), False)}
+        source.fail_next = step % 9 == 4
+        try:
+            server.switch(mix)
+        except RuntimeError:
+            assert step % 9 == 4
+        want = fresh.allocate()
+        fresh.rebuild(server.mix, want)
+        live = engine.buffers(server._active)
+        for name, a in want.items():
+            if name in live:
+                assert np.asarray(live[name]).tobytes() == a.tobytes(), (step, mode, name)
+        heads = source.binding.heads.padded[max(server.mix, key=server.mix.get)]
+        for name, a in heads.items():
+            np.testing.assert_array_equal(np.asarray(live[name]), a)
+    assert any(s is not None for s in written) and written.count(None) > 1  # skipped, and whole after failures
