@@ -6,7 +6,8 @@ Task vectors: the 8 fine-tuned checkpoints of bench/text8 when the cache holds t
 (real), otherwise synthetic ones of the same shapes (a rank-8 change plus dense noise at
 0.2% of each tensor's RMS), and the output says which.  Speed is reported as achieved
 bandwidth (bytes a rebuild must move: base read + packed read + output write) over the
-bandwidth of a plain memory copy of the same number of bytes, measured in the same run.
+bandwidth of a plain memory copy of the same number of bytes, measured in the same run
+(bench/copyref.py, the reference of every benchmark).
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import platform
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
+from bench.copyref import copy_bandwidth, median_seconds
 from bench.shapes import minilm_shapes
 from tvswitch.export.exporter import export_bundle
 from tvswitch.kernels import cpu
@@ -53,31 +54,6 @@ def load_checkpoints(cache: pathlib.Path) -> Tuple[Dict[str, np.ndarray], Dict[s
         ft["head.weight"] = rng.normal(0, 0.05, (10, 384)).astype(np.float32)
         tasks[t] = ft
     return base, tasks, "synthetic task vectors of MiniLM's shapes (no cached fine-tunes in %s)" % cache
-
-
-def median_seconds(fn: Callable[[], None], repeat: int) -> float:
-    fn()  # warm caches and page in the buffers
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def copy_bandwidth(nbytes: int, repeat: int, threads: int = 1) -> float:
-    """Bytes moved per second by a plain copy of nbytes/2 bytes (read + write = nbytes),
-    split into ``threads`` slices copied at once (numpy releases the GIL while it copies)."""
-    src = np.ones(nbytes // 2, dtype=np.uint8)
-    dst = np.empty_like(src)
-    if threads == 1:
-        return nbytes / median_seconds(lambda: np.copyto(dst, src), repeat)
-    bounds = np.linspace(0, src.size, threads + 1).astype(np.int64)
-    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    with ThreadPoolExecutor(threads) as pool:
-        def copy() -> None:
-            list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
-        return nbytes / median_seconds(copy, repeat)
 
 
 def main(argv: List[str] = None) -> int:
@@ -136,8 +112,8 @@ def main(argv: List[str] = None) -> int:
               "| scheme | nominal bits | measured bits | vs nominal | file (8 tasks) | vs FP32 checkpoints | export |",
               "|---|---|---|---|---|---|---|", *size_rows, "",
               "## CPU rebuild into preallocated fp32 buffers", "",
-              "Bandwidth = bytes that must move / median time; copy = numpy copy of the same bytes "
-              "on as many threads as the rebuild uses, same run.", "",
+              "Bandwidth = bytes that must move / median time; copy = bench/copyref.py: a numpy copy of the "
+              "same bytes on as many threads as the rebuild uses, same run.", "",
               "| scheme | mix | threads | MB moved | ms | GB/s | copy GB/s | ratio to copy |",
               "|---|---|---|---|---|---|---|---|", *speed_rows, ""]
     report = "\n".join(lines)

@@ -121,11 +121,12 @@ class BundleSource(BoundSource):
 class Server:
     """One engine serving one task or mix at a time, switched atomically."""
 
-    def __init__(self, engine: Engine, source: Any, initial: Mapping[str, float]):
+    def __init__(self, engine: Engine, source: Any, initial: Mapping[str, float], skip_unchanged: bool = True):
         """Serve ``initial`` (a mix; ``{task: 1.0}`` for one task) on ``engine``.
 
         ``source`` is a ``BundleSource``, a ``gpu_source.GpuBundleSource`` or anything with
-        their ``check(mix)`` and ``write(mix, host_buffers)``.
+        their ``check(mix)`` and ``write(mix, host_buffers)``. ``skip_unchanged=False``
+        rewrites every tensor at every switch (what a benchmark compares skipping with).
         """
         self.engine = engine
         self.source = source
@@ -151,7 +152,7 @@ class Server:
         #: per slot, the mix its buffers hold whole (None: unknown, e.g. after a failed write),
         #: so that a switch rewrites only what differs where the source can (``skips_unchanged``)
         self._held: List[Optional[Mix]] = [None] * engine.slots
-        self._skips = bool(getattr(source, "skips_unchanged", False))
+        self._skips = skip_unchanged and bool(getattr(source, "skips_unchanged", False))
         self.switch(initial)
 
     def close(self) -> None:
