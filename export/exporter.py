@@ -31,6 +31,7 @@ from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.autoswitch import RouterSpec
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import fingerprint
+from tvswitch.runtime.rebuild import CpuRebuilder
 
 #: RTVQ (base bits, offset bits) pairs the budget allocator may choose per tensor.
 RTVQ_OPTIONS = ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (3, 3), (4, 3), (5, 3), (4, 4), (6, 4))
@@ -159,7 +160,35 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
         manifest["base"]["renamed"] = {"strip": renaming.strip, "add": renaming.add}
     add_queries(manifest, store, query_sets, router, list(cks))
     write_bundle(out, manifest, store)
-    return Bundle.open(out)
+    bundle = Bundle.open(out)
+    if scheme.name == "rtvq":
+        warn_shared_losses(bundle, base_ck, cks, layout.vectors)
+    return bundle
+
+
+def warn_shared_losses(bundle: Bundle, base: Checkpoint, tasks: Mapping[str, Checkpoint], names: Sequence[str]
+                       ) -> None:
+    """Warn for a task the bundle stores worse than not at all: its rebuild further from its
+    fine-tune than the base is (error above its task vector's norm). RTVQ's shared base
+    vector does that to a small task when another task's vector is much larger, as a LoRA
+    task beside dense fine-tunes can be; a scheme per task (TVQ) does not. (EMR's unified
+    vector loses more by design: that is the merging method's, not a storage accident.)"""
+    if not names:
+        return
+    rebuilder = CpuRebuilder(bundle, {n: base.tensors[n] for n in bundle.shared_specs}, verify_base=False)
+    out = rebuilder.allocate("float32")
+    for task, ck in tasks.items():
+        rebuilder.rebuild({task: 1.0}, out)
+        err_sq = tau_sq = 0.0
+        for n in names:
+            fine = ck.tensors[n].astype(np.float32).ravel()
+            err, tau = out[n].ravel() - fine, fine - base.tensors[n].astype(np.float32).ravel()
+            err_sq, tau_sq = err_sq + float(np.dot(err, err)), tau_sq + float(np.dot(tau, tau))
+        if tau_sq > 0 and err_sq > tau_sq:
+            log.warning("task %r (%s): the %s bundle rebuilds it %.2g of its task vector's norm away from its "
+                        "fine-tune, further than the base is; another task's much larger vector dominates the "
+                        "shared base vector. Store it with a scheme per task (--scheme tvq) or in a bundle of its own"
+                        % (task, ck.label, bundle.scheme, (err_sq / tau_sq) ** 0.5))
 
 
 def check_magnitudes(base: Checkpoint, tasks: Mapping[str, Checkpoint], names: Sequence[str], strict: bool) -> None:

@@ -153,3 +153,19 @@ def test_rtvq_add_task_keeps_the_base_at_a_measured_cost(tmp_path):
         assert rel_error(added, t) == rel_error(seven, t)
     ratio = rel_error(added, tasks[7]) / rel_error(fresh, tasks[7])
     assert 1.03 < ratio < 1.3  # documented in docs/FORMAT.md section 7 and add-task --help
+
+
+def test_a_task_rtvq_stores_worse_than_not_at_all_is_named(tmp_path, checkpoints, caplog):
+    """Beside a task vector 5x larger, RTVQ's shared base vector swamps the small tasks."""
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    with caplog.at_level("WARNING", logger="tvswitch.export"):
+        export_bundle(base, fts, str(tmp_path / "even.tvs"), name="rtvq")
+    assert "further than the base" not in caplog.text
+    big = dict(fts, c={n: (base[n] + 5 * (a - base[n])).astype(a.dtype) if n in base else a
+                       for n, a in fts["c"].items()})
+    with caplog.at_level("WARNING", logger="tvswitch.export"):
+        export_bundle(base, big, str(tmp_path / "uneven.tvs"), name="rtvq")
+    assert "task 'a'" in caplog.text and "further than the base" in caplog.text and "--scheme tvq" in caplog.text
+    assert "task 'c' (c): the rtvq" not in caplog.text
