@@ -110,7 +110,7 @@ def _tweets() -> Raw:
 def _guardian_covid() -> Raw:
     """Guardian headlines of 2020: published before (Jan-Feb) or after (Apr-Jul) lockdown.
 
-    Replaces BENCHMARK.md's Friends speaker task, which the encoder cannot learn from one
+    Replaces the recipe's Friends speaker task, which the encoder cannot learn from one
     line (a linear probe on pretrained features: 20.0% against 18.8% majority). This one
     is real data (the label is the publication date), short inputs unlike any other task,
     and learnable (probe: 71.6% against 64.6% majority). March, the transition, is dropped.

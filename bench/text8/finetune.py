@@ -1,6 +1,6 @@
 """Fine-tune one encoder + linear head per task, cached as safetensors outside the repo.
 
-Settings follow BENCHMARK.md's reference run: <=1,500 train / 300 val / 1,000 test
+Settings follow the benchmark's reference run (docs/results/text8-notes.md): <=1,500 train / 300 val / 1,000 test
 examples, max length 128, 2 epochs, AdamW (encoder lr 5e-5, head lr 1e-3: one lr of 5e-5
 left the 44-class task far behind), 10% linear warm-up then linear decay, batch 16,
 seed 0. A checkpoint is reused when its recorded settings match, so a second run of the
