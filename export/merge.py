@@ -22,7 +22,7 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -277,7 +277,7 @@ def merged_model(bundle: "Bundle", delta: Mapping[str, np.ndarray], base: Option
     tensors = apply_delta(resolve_base(bundle, base), delta)
     tensors.update(as_is_tensors(bundle, task) if task is not None else mean_statistics(bundle))
     averaged = statistics_names(bundle) if task is None else []
-    return _whole(bundle, tensors, base, task, averaged)
+    return whole_model(bundle, tensors, base, task, averaged)
 
 
 def emr_model(bundle: "Bundle", task: str, base: Optional[Mapping[str, np.ndarray]] = None) -> MergedModel:
@@ -286,25 +286,30 @@ def emr_model(bundle: "Bundle", task: str, base: Optional[Mapping[str, np.ndarra
     rebuilder = CpuRebuilder(bundle, base)
     out = rebuilder.allocate()
     rebuilder.rebuild({task: 1.0}, out)
-    return _whole(bundle, out, base, task, [])
+    return whole_model(bundle, out, base, task)
 
 
-def _whole(bundle: "Bundle", tensors: Dict[str, np.ndarray], base: Optional[Mapping[str, np.ndarray]],
-           task: Optional[str], averaged: List[str]) -> MergedModel:
-    """``tensors`` with the base's tensors no task changes (integer buffers) and, for a
-    task, its head; without one, the tensors that belong to one task removed."""
+def whole_model(bundle: "Bundle", tensors: Dict[str, np.ndarray], base: Optional[Mapping[str, np.ndarray]],
+                task: Optional[str], averaged: Sequence[str] = ()) -> MergedModel:
+    """``tensors`` (the bundle's shared tensors, rebuilt or merged) with the base's tensors
+    no task changes (integer buffers) and, for a task, its head in the dtype of ``tensors``
+    (heads are stored at the export's --raw-dtype, float16 by default; a checkpoint in
+    one float dtype is what a loader expects); without a task, the tensors that belong
+    to one task removed."""
     source = base if base is not None else bundle.embedded_base()
     for name in bundle.manifest["base"].get("other", []):
         tensors[name] = source[name]
     if task is not None:
-        tensors.update(bundle.task_specific(task))
-        return MergedModel(tensors, [], averaged)
+        dtype = next((tensors[n].dtype for n in bundle.shared_specs if n in tensors), None)
+        tensors.update((n, a if dtype is None else a.astype(dtype, copy=False))
+                       for n, a in bundle.task_specific(task).items())
+        return MergedModel(tensors, [], list(averaged))
     stats = set(statistics_names(bundle))
     per_task = [n for n in as_is_names(bundle) if n not in stats]
     for n in per_task:
         del tensors[n]
     heads = sorted({n for t in bundle.tasks for n in bundle.task_specific(t)})
-    return MergedModel(tensors, per_task + heads, averaged)
+    return MergedModel(tensors, per_task + heads, list(averaged))
 
 
 # ---- learned coefficients (AdaMerging) --------------------------------------------------

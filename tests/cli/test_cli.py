@@ -50,7 +50,13 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     got = load_file(str(out))
     ft = load_file(str(example / "gauge.safetensors"))
     assert set(got) == set(ft)  # heads and the integer buffer included
-    assert np.array_equal(got["head.weight"], ft["head.weight"].astype(np.float16))
+    # the head as stored (float16, --raw-dtype's default), in the checkpoint's one float dtype
+    assert got["head.weight"].dtype == got["layers.0.mlp.up.weight"].dtype == np.float32
+    assert np.array_equal(got["head.weight"], ft["head.weight"].astype(np.float16).astype(np.float32))
+    half = tmp_path / "gauge16.safetensors"
+    assert main(["rebuild", str(bundle), "--task", "gauge", "--base", str(example / "base.safetensors"),
+                 "--dtype", "float16", "-o", str(half)]) == 0
+    assert {a.dtype for k, a in load_file(str(half)).items() if k != "pool.bn.num_batches_tracked"} == {np.dtype(np.float16)}
     assert got["pool.bn.num_batches_tracked"] == ft["pool.bn.num_batches_tracked"]
 
 
@@ -66,7 +72,7 @@ def test_mix_and_arithmetic(example, tmp_path):
     ma, mb = load_file(str(a)), load_file(str(b))
     # a tie: the heaviest task is the first of the bundle, whose head answers the mix (as a server serves it)
     np.testing.assert_array_equal(ma["head.weight"], load_file(str(example / "detect.safetensors"))["head.weight"]
-                                  .astype(np.float16))
+                                  .astype(np.float16).astype(np.float32))
     for k in ma:
         assert np.array_equal(ma[k], mb[k])
 

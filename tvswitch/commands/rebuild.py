@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tvswitch.export.merge import whole_model
     from tvswitch.runtime.bundle import Bundle
     from tvswitch.runtime.checkpoint import write_safetensors
     from tvswitch.runtime.mix import check_mix, head_task, parse_mix, task_arithmetic
@@ -48,12 +49,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rebuilder.rebuild(mix, out, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    tensors = dict(out)
-    source = base if base is not None else bundle.embedded_base()
-    for name in bundle.manifest["base"].get("other", []):
-        tensors[name] = source[name]
     head = head_task(check_mix(mix, bundle.tasks, bundle.path))  # as a server answers the mix
-    tensors.update(bundle.task_specific(head))
+    tensors = whole_model(bundle, dict(out), base, head).tensors
     write_safetensors(args.output, tensors, {"tvswitch.mix": repr(sorted(mix.items()))})
     result = {"output": args.output, "mix": mix, "tensors": len(tensors), "head_of": head, "rebuild_seconds": seconds}
     if args.json:
