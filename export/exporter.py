@@ -19,7 +19,7 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, task_vectors
 from tvswitch.export.lora import load_task
-from tvswitch.kernels.packing import pack_codes, pack_mask
+from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
@@ -33,6 +33,8 @@ from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import fingerprint
 from tvswitch.runtime.rebuild import CpuRebuilder
 
+#: Scheme.mask_layout's values: a term layout of FORMAT.md, or the smaller per tensor.
+MASK_LAYOUTS = ("auto",) + fmt.LAYOUTS
 #: RTVQ (base bits, offset bits) pairs the budget allocator may choose per tensor.
 RTVQ_OPTIONS = ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (3, 3), (4, 3), (5, 3), (4, 4), (6, 4))
 #: Elements on which the allocator estimates each option's error (the steps use them all).
@@ -59,6 +61,10 @@ class Scheme:
     offset_bits: int = 2
     budget_bits: Optional[float] = None
     keep: float = 0.3
+    #: tswitch: how each tensor's mask and signs are held (FORMAT.md "Groups"): "streams"
+    #: (a bitmap and a sign bit per element, 2 bits), "groups" (a byte per group of four
+    #: with a kept element, and an index), or "auto": per tensor, the smaller
+    mask_layout: str = "auto"
     raw_dtype: str = "float16"
     task_specific: List[str] = field(default_factory=list)
 
@@ -78,6 +84,8 @@ class Scheme:
                 raise TvswitchError("--budget-bits must be positive, got %g" % self.budget_bits)
         if self.name == "tswitch" and not 0 < self.keep <= 1:
             raise TvswitchError("--keep must be in (0, 1], got %g" % self.keep)
+        if self.mask_layout not in MASK_LAYOUTS:
+            raise TvswitchError("--mask-layout must be one of %s, got %r" % (", ".join(MASK_LAYOUTS), self.mask_layout))
 
 
 def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optional[Scheme] = None, *,
@@ -306,7 +314,16 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
         lam = np.float32(sw.scale)
         q = Quantized(codes=sw.positive.astype(np.uint8), params=np.array([2 * lam, -lam], dtype=np.float32),
                       group=max(tau.size, 1), bits=1)
-        out.append({"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), q, mask=sw.mask)]})
+        prefix = "%s/%s" % (t, name)
+        index, data = pack_groups(sw.mask, q.codes)
+        groups_smaller = index.size + data.size < 2 * code_words(tau.size, 1)
+        if scheme.mask_layout == "groups" or (scheme.mask_layout == "auto" and groups_smaller):
+            term = {"kind": "codes", "layout": "groups", "bits": 1, "group": q.group,
+                    "codes": store.add(prefix + "/bytes", data), "mask": store.add(prefix + "/index", index),
+                    "params": store.add(prefix + "/params", q.params, compress=False)}
+        else:
+            term = codes_term(store, prefix, q, mask=sw.mask)
+        out.append({"mode": "delta", "terms": [term]})
     return out
 
 

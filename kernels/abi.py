@@ -13,6 +13,7 @@ import numpy as np
 KIND_CODES = 0
 KIND_RAW_F32 = 1
 KIND_RAW_F16 = 2
+KIND_GROUPS = 3
 
 F32 = 0
 F16 = 1
@@ -30,7 +31,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 TERM_DTYPE = np.dtype(
     {
-        "names": ["codes", "mask", "params", "group", "weight", "kind", "bits", "reserved"],
+        "names": ["codes", "mask", "params", "group", "weight", "kind", "bits", "aux"],
         "formats": ["<u8", "<u8", "<u8", "<u8", "<f4", "<u4", "<u4", "<u4"],
         "offsets": [0, 8, 16, 24, 32, 36, 40, 44],
         "itemsize": 48,
@@ -65,7 +66,7 @@ CHECK_FAULTS = {
 }
 
 #: The C library's tv_abi_version(): what these tables and entry points are.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 #: decode.h's element types, by dtype name.
 ELEMENT_CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}

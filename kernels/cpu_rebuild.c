@@ -44,8 +44,9 @@
 /* tv_cpu_path() values. */
 enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3 };
 
-/* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers. */
-int tv_abi_version(void) { return 2; }
+/* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers;
+ * 3: TV_KIND_GROUPS terms (tv_term.aux: their byte stream's words). */
+int tv_abi_version(void) { return 3; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
@@ -119,6 +120,34 @@ static inline TV_ALWAYS_INLINE void accum32_generic(float *acc, const tv_term *t
 {
     for (uint32_t j = 0; j < 32u; ++j)
         acc[j] = tv_accumulate(acc[j], t->weight, tv_term_value(t, i + j));
+}
+
+/*
+ * A GROUPS term over elements i .. i+31 (i a multiple of 32): the row's 8 groups share one
+ * flag word, so their bytes are found with one rank and then read in order; each element
+ * is then tv_term_value's (the same decode.h functions), with the row's (scale, offset)
+ * where the row lies in one parameter group.
+ */
+static inline TV_ALWAYS_INLINE void accum32_groups(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    float scale, offset, qf[32];
+    uint32_t keep[32];
+    const uint32_t g = i >> 2, flags = tv_group_flags(t, g) >> (g & 31u);
+    if (!row_params(t, i, n, &scale, &offset)) {
+        accum32_generic(acc, t, i);
+        return;
+    }
+    uint32_t r = tv_group_rank(t, g);
+    for (uint32_t k = 0; k < 8u; ++k) {
+        const uint32_t byte = ((flags >> k) & 1u) ? tv_group_byte_at(t, r++) : 0u;
+        for (uint32_t j = 0; j < 4u; ++j) {
+            keep[4u * k + j] = (byte >> j) & 1u;
+            qf[4u * k + j] = tv_code_float((byte >> (4u + j)) & 1u);
+        }
+    }
+    const float w = t->weight;
+    for (uint32_t j = 0; j < 32u; ++j)
+        acc[j] = tv_accumulate(acc[j], w, tv_keep(tv_affine(qf[j], scale, offset), keep[j]));
 }
 
 /*
@@ -321,6 +350,9 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
                 const tv_term *t = &terms[s->term_begin + k];                                \
                 if (t->kind == TV_KIND_CODES)                                                \
                     ACCUM_CODES(acc, t, i, n, rows);                                         \
+                else if (t->kind == TV_KIND_GROUPS)                                          \
+                    for (uint32_t r = 0; r < rows; ++r)                                      \
+                        accum32_groups(acc + 32u * r, t, i + 32u * r, n);                    \
                 else                                                                         \
                     for (uint32_t r = 0; r < rows; ++r)                                      \
                         accum32_generic(acc + 32u * r, t, i + 32u * r);                      \
@@ -464,6 +496,18 @@ static int check_term(const tv_term *t, uint64_t n, const tv_extent *ext, uint32
             return TV_CHECK_CODES;
         if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
             return TV_CHECK_PARAMS;
+    } else if (t->kind == TV_KIND_GROUPS) {
+        /* The index's counts and flags are the reader's to check (FORMAT.md "Groups"): with
+         * them consistent every byte rank is below 4 * (aux - 1), so these extents bound every read. */
+        if (t->bits != 1 || t->group < 1 || t->aux < 1 || !t->mask)
+            return TV_CHECK_TERM;
+        if (!inside(ext, next, t->codes, 4 * (uint64_t)t->aux))
+            return TV_CHECK_CODES;
+        if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
+            return TV_CHECK_PARAMS;
+        if (!inside(ext, next, t->mask, 4 * TV_INDEX_RECORD * (((n + 3) / 4 + TV_BLOCK_GROUPS - 1) / TV_BLOCK_GROUPS)))
+            return TV_CHECK_MASK;
+        return TV_CHECK_OK;
     } else if (t->kind == TV_KIND_RAW_F32 || t->kind == TV_KIND_RAW_F16) {
         if (!inside(ext, next, t->codes, n * (t->kind == TV_KIND_RAW_F32 ? 4 : 2)))
             return TV_CHECK_VALUES;

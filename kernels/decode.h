@@ -10,7 +10,8 @@
  * What each build takes from here (docs/kernels.md has the same list):
  * - both hot paths: tv_code_word/tv_code_shift (where a code lies), tv_window/tv_cut
  *   (codes from a loaded pair of words), tv_field_code, tv_mask_field and tv_bit (the mask
- *   as a 1-bit stream), tv_params (a group's scale and offset), tv_dequant = tv_affine of
+ *   as a 1-bit stream), tv_group_* (the group layout's bytes), tv_params (a group's scale
+ *   and offset), tv_dequant = tv_affine of
  *   tv_code_float, tv_keep and tv_accumulate: one function per operation of the contract
  *   below, in its order;
  * - both slow paths and tails: tv_term_value / tv_rebuild_element, built of the same;
@@ -56,7 +57,8 @@ typedef unsigned long long uint64_t;
 enum {
     TV_KIND_CODES = 0,   /* b-bit codes with a (scale, offset) pair per group */
     TV_KIND_RAW_F32 = 1, /* the values themselves, binary32 */
-    TV_KIND_RAW_F16 = 2  /* the values themselves, binary16 */
+    TV_KIND_RAW_F16 = 2, /* the values themselves, binary16 */
+    TV_KIND_GROUPS = 3   /* masked 1-bit codes in the group layout (FORMAT.md "Groups") */
 };
 enum { TV_F32 = 0, TV_F16 = 1, TV_BF16 = 2 };
 
@@ -77,14 +79,14 @@ enum { TV_F32 = 0, TV_F16 = 1, TV_BF16 = 2 };
  * packs 32 values in 3 words with no waste.  A mask is a 1-bit stream of the same form.
  */
 typedef struct tv_term {
-    uint64_t codes;  /* uint32 code stream (CODES) or the raw element array (RAW_*) */
-    uint64_t mask;   /* uint32 1-bit stream; 0 = no mask (every element kept) */
-    uint64_t params; /* float32 [scale, offset] per group (CODES only) */
+    uint64_t codes;  /* uint32 code stream (CODES), the raw element array (RAW_*), the group bytes (GROUPS) */
+    uint64_t mask;   /* uint32 1-bit stream, 0 = no mask (every element kept); GROUPS: the group index */
+    uint64_t params; /* float32 [scale, offset] per group (CODES, GROUPS) */
     uint64_t group;  /* elements per group: the tensor, one output channel, or G */
     float weight;    /* mix weight of this term, rescaler included */
     uint32_t kind;   /* TV_KIND_* */
-    uint32_t bits;   /* code width b, 1..8 (CODES only) */
-    uint32_t reserved;
+    uint32_t bits;   /* code width b, 1..8 (CODES; GROUPS: 1) */
+    uint32_t aux;    /* GROUPS: uint32 words of the group bytes (what the buffer checks bound); else 0 */
 } tv_term;
 TV_STATIC_ASSERT(sizeof(tv_term) == 48, tv_term_is_48_bytes);
 
@@ -336,10 +338,66 @@ TV_HD void tv_store(uint64_t ptr, uint32_t dtype, uint32_t i, float v)
         ((uint16_t *)ptr)[i] = tv_float_to_bf16(v);
 }
 
+/* ---- the group layout (FORMAT.md "Groups") ----
+ *
+ * A masked 1-bit term, stored by groups of four elements: groups with a kept element have
+ * a byte (bits 0-3: keep of elements 0..3, bits 4-7: their codes), in order; the index
+ * holds, per block of 256 groups (1024 elements, one CUDA block), a word counting the
+ * flagged groups before the block and 8 words of flags (bit g & 31 of word (g >> 5) & 7:
+ * group g has a byte).  A group's byte is found by its rank: the block's count plus the
+ * flags before it in the block, at most 8 popcounts.
+ */
+#define TV_BLOCK_GROUPS 256u
+#define TV_INDEX_RECORD 9u
+
+TV_HD uint32_t tv_popcount(uint32_t x)
+{
+#ifdef __CUDA_ARCH__
+    return (uint32_t)__popc(x);
+#else
+    return (uint32_t)__builtin_popcount(x);
+#endif
+}
+
+/* The index word holding group g's flag (g & 31 its bit). */
+TV_HD uint32_t tv_group_flags(const tv_term *t, uint32_t g)
+{
+    return ((const uint32_t *)t->mask)[(g / TV_BLOCK_GROUPS) * TV_INDEX_RECORD + 1u + ((g >> 5) & 7u)];
+}
+
+/* How many flagged groups come before group g (g's byte, if it has one, is byte rank). */
+TV_HD uint32_t tv_group_rank(const tv_term *t, uint32_t g)
+{
+    const uint32_t *rec = (const uint32_t *)t->mask + (g / TV_BLOCK_GROUPS) * TV_INDEX_RECORD;
+    uint32_t r = rec[0];
+    for (uint32_t w = 0; w < ((g >> 5) & 7u); ++w)
+        r += tv_popcount(rec[1u + w]);
+    return r + tv_popcount(rec[1u + ((g >> 5) & 7u)] & ((1u << (g & 31u)) - 1u));
+}
+
+/* Byte r of the group bytes (byte r & 3 of little-endian word r >> 2). */
+TV_HD uint32_t tv_group_byte_at(const tv_term *t, uint32_t r)
+{
+    return (((const uint32_t *)t->codes)[r >> 2] >> (8u * (r & 3u))) & 0xffu;
+}
+
+/* Group g's byte: 0 (nothing kept) for a group without one. */
+TV_HD uint32_t tv_group_byte(const tv_term *t, uint32_t g)
+{
+    if (!((tv_group_flags(t, g) >> (g & 31u)) & 1u))
+        return 0u;
+    return tv_group_byte_at(t, tv_group_rank(t, g));
+}
+
 /* Value of one term at element i, before its weight. */
 TV_HD float tv_term_value(const tv_term *t, uint32_t i)
 {
     float v;
+    if (t->kind == TV_KIND_GROUPS) { /* the code and keep bit of i from its group's byte */
+        const uint32_t byte = tv_group_byte(t, i >> 2), j = i & 3u;
+        const float *p = tv_params(t, i);
+        return tv_keep(tv_dequant((byte >> (4u + j)) & 1u, p[0], p[1]), (byte >> j) & 1u);
+    }
     if (t->kind == TV_KIND_CODES) {
         const float *p = tv_params(t, i);
         v = tv_dequant(tv_code((const uint32_t *)t->codes, t->bits, i), p[0], p[1]);

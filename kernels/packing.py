@@ -1,4 +1,5 @@
-"""Bit packing and unpacking: decode.h's code streams in numpy (FORMAT.md, "Code streams").
+"""Bit packing and unpacking: decode.h's code streams in numpy (FORMAT.md, "Code streams"),
+and the group layout of a masked 1-bit term (FORMAT.md, "Groups").
 
 Value i of a b-bit stream sits at stream bits [b*i, b*i + b); stream bit k is bit k & 31
 of little-endian uint32 word k >> 5; one zero word ends every stream.  32 values of b
@@ -59,3 +60,76 @@ def unpack_codes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
 def unpack_mask(words: np.ndarray, n: int) -> np.ndarray:
     """Bits 0..n-1 of a 1-bit stream, as bool."""
     return unpack_codes(words, 1, n).astype(bool)
+
+
+#: Elements per group of the group layout, and groups per block of its index (one CUDA
+#: block's 1024 elements), whose record is an offset word and GROUP_FLAG_WORDS flag words.
+GROUP_ELEMS = 4
+BLOCK_GROUPS = 256
+GROUP_FLAG_WORDS = BLOCK_GROUPS // 32
+INDEX_RECORD_WORDS = 1 + GROUP_FLAG_WORDS
+
+
+def group_index_words(n: int) -> int:
+    """uint32 words of the index of a group-layout term of n elements."""
+    return INDEX_RECORD_WORDS * -(-(-(-n // GROUP_ELEMS)) // BLOCK_GROUPS)
+
+
+def pack_groups(keep: np.ndarray, codes: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+    """(index, bytes) of a masked 1-bit code stream in the group layout: per group of four
+    elements with a kept one, a byte (keep bits 0-3, code bits 4-7); per block of 256
+    groups, the count of such groups before it and the block's 256 flags."""
+    keep = np.asarray(keep, dtype=bool).reshape(-1)
+    bits = (np.asarray(codes).reshape(-1) & 1).astype(np.uint8)
+    n = keep.size
+    groups = -(-n // GROUP_ELEMS)
+    pad = groups * GROUP_ELEMS - n
+    k4 = np.pad(keep, (0, pad)).reshape(groups, GROUP_ELEMS).astype(np.uint8)
+    q4 = np.pad(bits, (0, pad)).reshape(groups, GROUP_ELEMS) & k4  # a code counts where kept only
+    byte = (k4 << np.arange(4, dtype=np.uint8)).sum(1) | ((q4 << np.arange(4, 8, dtype=np.uint8)).sum(1))
+    flags = k4.any(axis=1)
+    blocks = -(-groups // BLOCK_GROUPS)
+    flag_words = pack_mask(np.pad(flags, (0, blocks * BLOCK_GROUPS - groups)))[:-1].reshape(blocks, GROUP_FLAG_WORDS)
+    counts = np.pad(flags, (0, blocks * BLOCK_GROUPS - groups)).reshape(blocks, BLOCK_GROUPS).sum(1)
+    index = np.zeros((blocks, INDEX_RECORD_WORDS), dtype=np.uint32)
+    index[:, 0] = np.cumsum(counts) - counts
+    index[:, 1:] = flag_words
+    kept_bytes = byte[flags].astype(np.uint8)
+    words = np.zeros(-(-kept_bytes.size // 4) + 1, dtype=np.uint32)
+    words.view(np.uint8)[: kept_bytes.size] = kept_bytes  # byte r is byte r & 3 of word r >> 2
+    if words.dtype.byteorder == ">":  # pragma: no cover - every supported host is little-endian
+        raise RuntimeError("the group layout is packed on little-endian hosts only")
+    return index.reshape(-1), words
+
+
+def group_layout_error(index: np.ndarray, data: np.ndarray, n: int) -> "str | None":
+    """What is wrong with a group-layout (index, bytes) pair of n elements, or None: the
+    index's size, each block's offset (the count of flagged groups before it), no flag past
+    the last group, and room in the bytes for every flagged group. A decoder trusts all four."""
+    groups = -(-n // GROUP_ELEMS)
+    if index.dtype != np.uint32 or index.size != group_index_words(n):
+        return "index needs %d uint32 words" % group_index_words(n)
+    records = index.reshape(-1, INDEX_RECORD_WORDS)
+    flags = np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little").reshape(-1, BLOCK_GROUPS)
+    if flags.reshape(-1)[groups:].any():
+        return "index flags a group past the tensor's %d" % groups
+    counts = flags.sum(1, dtype=np.int64)
+    if not np.array_equal(records[:, 0].astype(np.int64), np.cumsum(counts) - counts):
+        return "index block offsets are not the counts of flagged groups before each block"
+    need = -(-int(counts.sum()) // 4) + 1
+    if data.dtype != np.uint32 or data.ndim != 1 or data.size != need:
+        return "bytes need %d uint32 words for %d flagged groups" % (need, int(counts.sum()))
+    return None
+
+
+def unpack_groups(index: np.ndarray, data: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
+    """(keep, codes) of elements 0..n-1 of a group-layout term (the inverse of pack_groups)."""
+    groups = -(-n // GROUP_ELEMS)
+    records = index.reshape(-1, INDEX_RECORD_WORDS)
+    flags = np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little")[:groups].astype(bool)
+    byte = np.zeros(groups, dtype=np.uint8)
+    byte[flags] = data.astype("<u4").view(np.uint8)[: int(flags.sum())]
+    shifts = np.arange(4, dtype=np.uint8)
+    keep = ((byte[:, None] >> shifts) & 1).astype(bool).reshape(-1)[:n]
+    codes = ((byte[:, None] >> (shifts + 4)) & 1).astype(np.uint32).reshape(-1)[:n]
+    return keep, codes

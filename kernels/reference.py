@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from tvswitch.kernels import abi
-from tvswitch.kernels.packing import unpack_codes, unpack_mask
+from tvswitch.kernels.packing import unpack_codes, unpack_groups, unpack_mask
 
 
 def dequantize(codes: np.ndarray, params: np.ndarray, group: int) -> np.ndarray:
@@ -26,6 +26,10 @@ def dequantize(codes: np.ndarray, params: np.ndarray, group: int) -> np.ndarray:
 def term_value(term: np.void, n: int, arrays: dict) -> np.ndarray:
     """Value of one term for elements 0..n-1; ``arrays`` maps addresses to the arrays."""
     kind = int(term["kind"])
+    if kind == abi.KIND_GROUPS:  # the mask field holds the group index, the codes field the bytes
+        keep, codes = unpack_groups(arrays[int(term["mask"])], arrays[int(term["codes"])], n)
+        v = dequantize(codes, arrays[int(term["params"])], int(term["group"]))
+        return np.where(keep, v, np.float32(0))
     if kind == abi.KIND_CODES:
         codes = unpack_codes(arrays[int(term["codes"])], int(term["bits"]), n)
         v = dequantize(codes, arrays[int(term["params"])], int(term["group"]))

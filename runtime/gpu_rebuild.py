@@ -69,7 +69,7 @@ RESIDENT_BASE = ("the resident base (every switch reads it, so no rebuild may wr
 
 def check_terms(mix_tables: MixTables) -> None:
     """What the kernel relies on and the bundle reader does not promise: groups within 32 bits."""
-    codes = mix_tables.terms[mix_tables.terms["kind"] == abi.KIND_CODES]
+    codes = mix_tables.terms[np.isin(mix_tables.terms["kind"], (abi.KIND_CODES, abi.KIND_GROUPS))]
     if len(codes) and (codes["group"].min() < 1 or codes["group"].max() > abi.MAX_ELEMENTS):
         raise TvswitchError("a term's group size is outside 1..%d" % abi.MAX_ELEMENTS)
     if len(codes) and (codes["bits"].min() < 1 or codes["bits"].max() > 8):

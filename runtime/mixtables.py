@@ -119,6 +119,9 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:
+    if t.layout == "groups":  # decode.h's GROUPS term: the bytes in codes, the index in mask
+        return (address(t.codes), address(t.mask), address(t.params), t.group, weight, abi.KIND_GROUPS, 1,
+                bundle.payload(t.codes).size)
     if t.kind == "codes":
         return (address(t.codes), address(t.mask) if t.mask else 0, address(t.params), t.group,
                 weight, abi.KIND_CODES, t.bits, 0)

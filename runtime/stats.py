@@ -19,6 +19,8 @@ def describe_entry(entry: Entry, bundle: Bundle) -> str:
     for t in entry.terms:
         if t.kind == "raw":
             parts.append("raw " + bundle.payload(t.values).dtype.name)
+        elif t.layout == "groups":
+            parts.append("mask+sign groups")
         elif t.mask is not None and t.bits == 1:
             parts.append("mask+sign")
         else:

@@ -15,6 +15,7 @@ import numpy as np
 
 from tvswitch.errors import BundleError
 from tvswitch.kernels.abi import FLOAT32_MAX, MAX_ELEMENTS, code_words
+from tvswitch.kernels.packing import group_index_words, group_layout_error
 
 #: A manifest larger than this is refused before it is parsed (8 tasks of MiniLM: 60 kB).
 MAX_MANIFEST_BYTES = 64 << 20
@@ -24,10 +25,12 @@ VERSION = 1
 MANIFEST_KEY = "tvswitch.manifest"
 DIGEST_KEY = "tvswitch.manifest.sha256"
 CODECS = ("none", "zlib", "lzma")
+#: How a codes term's codes and mask are laid out (Term.layout).
+LAYOUTS = ("streams", "groups")
 #: The schemes, each with the settings (Scheme fields, CLI flags) it reads; the manifest
 #: records them all, and the CLI refuses a flag the chosen scheme would ignore.
 SCHEMES = {"fq": ("bits", "granularity"), "tvq": ("bits", "granularity", "budget_bits"),
-           "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits"), "tswitch": ("keep",),
+           "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits"), "tswitch": ("keep", "mask_layout"),
            "emr": ("bits", "granularity")}
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ELEMENT_DTYPES = ("float32", "float16")
@@ -47,6 +50,10 @@ class Term:
     group: int = 0
     values: Optional[str] = None
     mask: Optional[str] = None
+    #: how a codes term's codes and mask are laid out: "streams" (a code stream and a 1-bit
+    #: mask stream) or "groups" (1-bit codes under a mask, by groups of four: ``codes`` names
+    #: the group bytes, ``mask`` the group index; FORMAT.md "Groups")
+    layout: str = "streams"
 
     @property
     def payloads(self) -> Tuple[str, ...]:
@@ -104,8 +111,12 @@ def parse_entry(path: str, where: str, raw: Any) -> Entry:
             _require(_is_int(t.get("group")) and 1 <= t["group"] <= MAX_ELEMENTS, path,
                      "bad group size in %s" % where)
             _require(_is_key(t.get("codes")) and _is_key(t.get("params")), path, "bad payload keys in %s" % where)
+            layout = t.get("layout", "streams")
+            _require(layout in LAYOUTS, path, "term layout must be one of %s in %s" % (", ".join(LAYOUTS), where))
+            _require(layout != "groups" or (t["bits"] == 1 and mask is not None), path,
+                     "the groups layout holds masked 1-bit codes only, in %s" % where)
             terms.append(Term("codes", float(scale), codes=t["codes"], params=t["params"],
-                              bits=t["bits"], group=t["group"], mask=mask))
+                              bits=t["bits"], group=t["group"], mask=mask, layout=layout))
         else:
             _require(_is_key(t.get("values")), path, "bad payload key in %s" % where)
             terms.append(Term("raw", float(scale), values=t["values"], mask=mask))
@@ -249,7 +260,20 @@ def _check_payload(path: str, key: str, info: Any, stored: Tuple[str, Tuple[int,
 
 
 def _check_term(path: str, where: str, t: Term, n: int, roles: _Roles) -> None:
-    """Each payload a term reads has the dtype and element count its use implies."""
+    """Each payload a term reads has the dtype and element count its use implies (for the
+    groups layout, what can be known before the payloads are read: ``check_group_layouts``
+    checks their contents)."""
+    if t.layout == "groups":
+        info = roles.claim(t.codes, "group bytes", where)
+        _require(info["dtype"] == "uint32" and len(info["shape"]) == 1, path,
+                 "group bytes of %s: a 1-D uint32 array is needed" % where)
+        info = roles.claim(t.mask, "group index", where)
+        _require(info["dtype"] == "uint32" and info["shape"] == [group_index_words(n)], path,
+                 "group index of %s: need %d uint32 words" % (where, group_index_words(n)))
+        info = roles.claim(t.params, "params", where)
+        _require(info["dtype"] == "float32" and info["shape"] == [2 * (-(-n // t.group) if n else 0)], path,
+                 "params of %s: need %d float32 (scale, offset) values" % (where, 2 * (-(-n // t.group) if n else 0)))
+        return
     if t.kind == "codes":
         info = roles.claim(t.codes, "codes", where)
         _require(info["dtype"] == "uint32" and info["shape"] == [code_words(n, t.bits)], path,
@@ -267,3 +291,15 @@ def _check_term(path: str, where: str, t: Term, n: int, roles: _Roles) -> None:
         info = roles.claim(t.mask, "mask", where)
         _require(info["dtype"] == "uint32" and info["shape"] == [code_words(n, 1)], path,
                  "mask of %s: need %d uint32 words" % (where, code_words(n, 1)))
+
+
+def check_group_layouts(path: str, manifest: Mapping, payloads: Mapping[str, np.ndarray]) -> None:
+    """Refuse a groups-layout term whose index and bytes disagree (FORMAT.md "Groups",
+    rule 8): the decoders find a byte by counting flags and trust the counts."""
+    for task, entries in manifest["entries"].items():
+        for name, raw in entries.items():
+            n = _numel(manifest["tensors"][name]["shape"])
+            for t in parse_entry(path, "%s/%s" % (task, name), raw).terms:
+                if t.layout == "groups":
+                    error = group_layout_error(payloads[t.mask], payloads[t.codes], n)
+                    _require(error is None, path, "groups term of %s/%s: %s" % (task, name, error))

@@ -117,6 +117,7 @@ class Bundle:
                     payloads[key] = _decode(path, key, data, info)
                     if roles[key] in FINITE_ROLES:
                         _check_finite(path, key, payloads[key])
+                fmt.check_group_layouts(path, manifest, payloads)
         except SafetensorError as exc:
             raise BundleError("%s: truncated or not a safetensors file (%s)" % (path, exc)) from None
         except (OSError, ValueError, OverflowError) as exc:

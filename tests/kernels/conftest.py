@@ -1,7 +1,8 @@
 """Random segment and term tables for holding a kernel build to the CPU library.
 
 A case is every kind of term decode.h knows (codes of 1..8 bits with tensor-wide,
-channel-like and odd group sizes, with and without masks; raw fp32 and fp16 values) over
+channel-like and odd group sizes, with and without masks; raw fp32 and fp16 values; masked
+1-bit codes in the group layout) over
 tensors of odd sizes, fp32/fp16/bf16 bases and outputs, and base coefficients of 1, 0
 and 0.75.  ``Case.tables(out)`` fills the output addresses; the CPU library's result on
 the same tables is the reference.
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from tvswitch.kernels import abi, cpu
+from tvswitch.kernels.packing import pack_groups
 
 ELEM = {abi.F32: np.float32, abi.F16: np.float16, abi.BF16: np.uint16}
 #: Bytes around every output array that no rebuild may touch.
@@ -116,7 +118,12 @@ def _term(rng: np.random.Generator, n: int, keep) -> tuple:
         words = rng.integers(0, 2**32, size=abi.code_words(n, 1), dtype=np.uint64).astype(np.uint32)
         words[-1] = 0
         mask = keep(words)
-    kind = rng.choice(["codes"] * 6 + ["f32", "f16"])
+    kind = rng.choice(["codes"] * 6 + ["f32", "f16", "groups"])
+    if kind == "groups":  # masked 1-bit codes by groups of four (FORMAT.md "Groups"), sparse or dense
+        index, data = pack_groups(rng.random(n) < rng.choice([0.02, 0.3, 0.9]), rng.integers(0, 2, n))
+        group = int(rng.choice([max(n, 1), 64, 1000]))
+        params = rng.uniform(-0.1, 0.1, size=2 * max(-(-n // group), 1)).astype(np.float32)
+        return (keep(data), keep(index), keep(params), group, weight, abi.KIND_GROUPS, 1, data.size)
     if kind == "f32":
         return (keep(rng.normal(size=n).astype(np.float32)), mask, 0, 1, weight, abi.KIND_RAW_F32, 0, 0)
     if kind == "f16":

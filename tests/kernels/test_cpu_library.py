@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvswitch.kernels.packing import pack_codes, pack_mask
+from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask
 from tvswitch.kernels import abi, cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
@@ -112,7 +112,15 @@ def _random_tables(rng, n_segments, out_code, base_code):
         outs.append(out)
         begin = len(rows)
         for _ in range(int(rng.integers(0, 4))):
-            kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16]))
+            kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS]))
+            if kind == abi.KIND_GROUPS:
+                index, data = pack_groups(rng.random(n) < rng.choice([0.05, 0.5]), rng.integers(0, 2, n))
+                group = int(rng.choice([n, 33, 96]))
+                params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
+                keep += [index, data, params]
+                rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, group, float(rng.normal()),
+                             kind, 1, data.size))
+                continue
             mask_addr = 0
             if rng.random() < 0.4:
                 m = pack_mask(rng.random(n) < 0.5)

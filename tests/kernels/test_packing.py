@@ -59,3 +59,52 @@ def test_compiled_decoder_reads_what_the_packer_wrote(bits, n, seed):
     segs[0] = (0, out.ctypes.data, n, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
     cpu.rebuild(segs, terms, [words, params, out], threads=1)
     assert np.array_equal(out, codes.astype(np.float32))
+
+
+# ---- the group layout (FORMAT.md "Groups") ----
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 3000), share=st.sampled_from([0.0, 0.01, 0.2, 0.7, 1.0]), seed=st.integers(0, 2**32 - 1))
+def test_groups_round_trip_and_pass_their_own_check(n, share, seed):
+    from tvswitch.kernels.packing import group_index_words, group_layout_error, pack_groups, unpack_groups
+
+    rng = np.random.default_rng(seed)
+    keep, codes = rng.random(n) < share, rng.integers(0, 2, n)
+    index, data = pack_groups(keep, codes)
+    assert index.size == group_index_words(n) and group_layout_error(index, data, n) is None
+    got_keep, got_codes = unpack_groups(index, data, n)
+    assert np.array_equal(got_keep, keep) and np.array_equal(got_codes, codes * keep)  # codes count where kept
+    flagged = -(-n // 4) if share == 1.0 else int(np.pad(keep, (0, -n % 4)).reshape(-1, 4).any(1).sum())
+    assert data.size == -(-flagged // 4) + 1  # a byte per group with a kept element, no more
+
+
+def test_group_layout_is_the_documented_one():
+    from tvswitch.kernels.packing import pack_groups
+
+    keep = np.zeros(1030, bool)
+    codes = np.zeros(1030, int)
+    keep[[1, 2]] = True  # group 0: elements 1 and 2 kept, element 2 positive
+    codes[2] = 1
+    keep[1029] = True  # group 257, in block 1: the partial last group
+    codes[1029] = 1
+    index, data = pack_groups(keep, codes)
+    assert index.tolist()[:2] == [0, 1] and index[1:9].tolist() == [1] + [0] * 7
+    assert index[9] == 1 and index[10] == 1 << 1  # block 1 counts one group before it; group 257 = bit 1
+    assert data.view(np.uint8)[:2].tolist() == [0b0100_0110, 0b0010_0010]  # keep bits 0-3, codes 4-7
+    assert data.size == 2 and data[-1] == 0
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda i, d: (i, d), None),
+    (lambda i, d: (i.__setitem__(9, 2) or i, d), "block offsets"),
+    (lambda i, d: (i.__setitem__(17, 1 << 31) or i, d), "past the tensor"),  # group 511 of a 258-group tensor
+    (lambda i, d: (i, d[:-1]), "bytes need"),
+    (lambda i, d: (i[:9], d), "index needs 18"),
+])
+def test_a_damaged_group_layout_is_named(damage, says):
+    from tvswitch.kernels.packing import group_layout_error, pack_groups
+
+    keep = np.random.default_rng(0).random(1030) < 0.3
+    index, data = damage(*pack_groups(keep, keep))
+    error = group_layout_error(index, data, 1030)
+    assert error is None if says is None else says in error

@@ -169,3 +169,37 @@ def test_output_may_alias_its_base(emulator, kit):
         results.append(bases)
     for got, want in zip(*results):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("share", [0.03, 0.4])
+def test_group_layout_terms_match_the_cpu_library_and_the_reference(emulator, share):
+    """Terms in the group layout only (each found by its rank in the index), over sizes with
+    partial groups and blocks, summed into fp32 and fp16 outputs."""
+    from tvswitch.kernels import cpu, reference
+    from tvswitch.kernels.packing import pack_groups
+
+    rng = np.random.default_rng(11)
+    keep, outs, segs, rows = [], [], np.zeros(3, dtype=abi.SEGMENT_DTYPE), []
+    for s, (n, out_code) in enumerate(((5003, abi.F32), (1024, abi.F16), (4, abi.F32))):
+        base = rng.normal(size=n).astype(np.float32)
+        out = np.zeros(n, np.float32 if out_code == abi.F32 else np.uint16)
+        begin = len(rows)
+        for weight in (0.5, -1.25):
+            index, data = pack_groups(rng.random(n) < share, rng.integers(0, 2, n))
+            params = np.array([0.02, -0.01], np.float32)
+            keep += [index, data, params]
+            rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, abi.KIND_GROUPS, 1,
+                         data.size))
+        keep += [base, out]
+        outs.append(out)
+        segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, out_code, begin, 2, 0)
+    segs["first_block"] = np.concatenate([[0], np.cumsum(-(-segs["n"].astype(np.int64) // abi.BLOCK_ELEMS))[:-1]])
+    terms = np.array(rows, dtype=abi.TERM_DTYPE)
+    emulator(4, segs, terms, 1)
+    got = [o.copy() for o in outs]
+    cpu.rebuild(segs, terms, keep, 1)
+    for g, o in zip(got, outs):
+        assert np.array_equal(g.view(np.uint8), o.view(np.uint8))
+    reference.rebuild_reference(segs, terms, keep)
+    for g, o in zip(got, outs):
+        assert np.array_equal(g.view(np.uint8), o.view(np.uint8))

@@ -9,6 +9,15 @@ from tvswitch.runtime.rebuild import CpuRebuilder
 
 def _deq64(bundle, term, n):
     """A term's values in float64, straight from its payloads (the spec, not the code)."""
+    if term.layout == "groups":  # per group of four with a kept element, a byte: keep bits, then codes
+        index, data = bundle.payload(term.mask), bundle.payload(term.codes)
+        flags = np.unpackbits(index.reshape(-1, 9)[:, 1:].view(np.uint8), bitorder="little")[: -(-n // 4)]
+        byte = np.zeros(flags.size, dtype=np.uint8)
+        byte[flags.astype(bool)] = data.view(np.uint8)[: int(flags.sum())]
+        bits = np.unpackbits(byte[:, None], axis=1, bitorder="little")
+        keep, q = bits[:, :4].reshape(-1)[:n], bits[:, 4:].reshape(-1)[:n].astype(np.float64)
+        p = bundle.payload(term.params).astype(np.float64)
+        return keep * (q * p[0] + p[1])
     if term.kind == "raw":
         v = bundle.payload(term.values).reshape(-1).astype(np.float64)
     else:
@@ -40,7 +49,8 @@ def reference64(bundle, base, mix):
 
 @pytest.mark.parametrize("scheme,kw", [
     ("tvq", dict(bits=4)), ("tvq", dict(bits=3, granularity="channel")), ("tvq", dict(bits=2, granularity="group:16")),
-    ("fq", dict(bits=4)), ("rtvq", {}), ("rtvq", dict(budget_bits=2.4)), ("tswitch", dict(keep=0.25)),
+    ("fq", dict(bits=4)), ("rtvq", {}), ("rtvq", dict(budget_bits=2.4)), ("tswitch", dict(keep=0.25, mask_layout="streams")),
+    ("tswitch", dict(keep=0.1, mask_layout="groups")),
     ("emr", dict(bits=4)),
 ])
 @pytest.mark.parametrize("mix", [{"a": 1.0}, {"a": 0.5, "c": 0.25}, {"a": 0.3, "b": 0.3, "c": 0.3}])

@@ -104,6 +104,43 @@ def test_out_of_range_group_is_refused(bundle_factory, tmp_path):
         Bundle.open(p)
 
 
+def test_a_group_index_that_disagrees_with_its_bytes_is_refused_though_its_crc_is_right(bundle_factory, tmp_path):
+    """The decoders find a group's byte by counting flags: an index whose counts lie would
+    send them past the bytes, so the reader recounts every one."""
+    import zlib
+
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    import hashlib
+
+    b = bundle_factory("tswitch", keep=0.1, mask_layout="groups")
+    term = b.entries("a")["mlp.weight"].terms[0]
+    assert term.layout == "groups"
+    tensors = load_file(b.path)
+    with safe_open(b.path, framework="numpy") as f:
+        m = json.loads(f.metadata()["tvswitch.manifest"])
+    index = tensors[term.mask].copy()
+    index[-1] ^= 1 << 31  # a flag more in the last block: one group's byte that is not there
+    tensors[term.mask] = index
+    m["payloads"][term.mask]["crc32"] = zlib.crc32(index.tobytes())
+    text = json.dumps(m)
+    p = str(tmp_path / "index.tvs")
+    save_file(tensors, p, metadata={"tvswitch.manifest": text,
+                                    "tvswitch.manifest.sha256": hashlib.sha256(text.encode()).hexdigest()})
+    with pytest.raises(BundleError, match="groups term of a/mlp.weight: index flags a group past"):
+        Bundle.open(p)
+
+
+@pytest.mark.parametrize("edit,says", [(dict(layout="rows"), "term layout must be one of streams, groups"),
+                                       (dict(bits=2), "groups layout holds masked 1-bit codes only")])
+def test_a_bad_term_layout_is_refused(bundle_factory, tmp_path, edit, says):
+    b = bundle_factory("tswitch", keep=0.1, mask_layout="groups")
+    p = str(tmp_path / "layout.tvs")
+    _rewrite_manifest(b.path, p, lambda m: m["entries"]["a"]["mlp.weight"]["terms"][0].update(edit))
+    with pytest.raises(BundleError, match=says):
+        Bundle.open(p)
+
+
 def test_wrong_base_is_refused_before_any_write(bundle_factory, checkpoints):
     base, fts = checkpoints
     b = bundle_factory()
