@@ -12,9 +12,14 @@ For every bundle the text8 benchmark wrote (bench/text8; a ``NAME-lzma-HASH.tvs`
   entropy of its codes' histogram (over the kept positions only, where a mask says which
   ones count), per mask the binary entropy of its keep rate, parameters at their 32 bits.
   A memoryless coder cannot go below it; lzma can, where it finds repeats (identical rows);
-- two-level mask: what the masks would take as one bit per group of 4 elements plus the
-  4 bits of every group with a kept element (the T-Switch code's form), against 1 bit now,
-  and with the sign codes of kept elements only.
+- masks: what the masks take as bitmaps (1 bit per element, the streams layout) and
+  two-level (1 bit per group of 4 elements plus the 4 bits of every group with a kept
+  element, the T-Switch authors' form);
+- T-Switch's masked 1-bit terms (mask and sign codes together) in each layout of
+  docs/FORMAT.md: streams (two bitmaps), groups (section 3.3, packed by the exporter's
+  own pack_groups), and auto, the smaller per tensor (what ``--mask-layout auto`` stores).
+  A bundle stored in either layout gives the same figures: they are computed from the
+  decoded mask and codes.
 
 The bits are read from the files, nothing is trained or rebuilt; the bundles' accuracy is
 docs/results/text8.md's.
@@ -33,7 +38,8 @@ from typing import Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
-from tvswitch.kernels.packing import unpack_codes, unpack_mask
+from tvswitch.kernels.abi import code_words
+from tvswitch.kernels.packing import pack_groups, unpack_codes, unpack_groups, unpack_mask
 from tvswitch.runtime.bundle import Bundle
 
 DEFAULT = os.path.expanduser("~/.cache/tvswitch/text8/bundles")
@@ -46,9 +52,11 @@ class Tally:
     weights: int = 0
     resident: int = 0
     bound: float = 0.0
-    mask_bits: int = 0  # masks as stored (1 bit per element)
+    mask_bits: int = 0  # masks as bitmaps (1 bit per element)
     two_level: int = 0  # masks as 1 bit per group of 4 + 4 bits per group with a kept element
-    kept_signs: int = 0  # 1-bit codes under a mask, counted at kept positions only
+    streams: int = 0  # masked 1-bit terms (T-Switch) as a mask and a sign bitmap
+    groups: int = 0  # the same terms in the groups layout
+    auto: int = 0  # the smaller of the two per term
     keys: Set[str] = field(default_factory=set)
 
 
@@ -76,26 +84,30 @@ def tally(bundle: Bundle) -> Tally:
                 continue
             n = bundle.shared_specs[name].numel
             for term in entry.terms:
-                keep = None
-                if term.mask is not None:
+                keep = codes = None
+                if term.layout == "groups":
+                    keep, codes = unpack_groups(bundle.payload(term.mask), bundle.payload(term.codes), n)
+                elif term.mask is not None:
                     keep = unpack_mask(bundle.payload(term.mask), n)
-                    if term.mask not in t.keys:
-                        rate = keep.mean()
-                        t.bound += 0.0 if rate in (0.0, 1.0) else n * float(
-                            -(rate * np.log2(rate) + (1 - rate) * np.log2(1 - rate)))
-                        t.mask_bits += 32 * bundle.payload(term.mask).size
-                        t.two_level += two_level_bits(keep)
+                if keep is not None and term.mask not in t.keys:
+                    rate = keep.mean()
+                    t.bound += 0.0 if rate in (0.0, 1.0) else n * float(
+                        -(rate * np.log2(rate) + (1 - rate) * np.log2(1 - rate)))
+                    t.mask_bits += 32 * code_words(n, 1)
+                    t.two_level += two_level_bits(keep)
                 for key in term.payloads:
                     if key not in t.keys:
                         t.resident += 8 * bundle.payload(key).nbytes
                 if term.kind == "codes" and term.codes not in t.keys:
                     # codes of one task count where its mask keeps them; shared ones (RTVQ's
                     # base, EMR's unified vector) everywhere, once
-                    codes = unpack_codes(bundle.payload(term.codes), term.bits, n)
-                    seen = codes if keep is None or users[term.codes] > 1 else codes[keep]
-                    t.bound += entropy_bits(seen)
+                    if codes is None:
+                        codes = unpack_codes(bundle.payload(term.codes), term.bits, n)
+                    t.bound += entropy_bits(codes if keep is None or users[term.codes] > 1 else codes[keep])
                     if keep is not None and term.bits == 1 and users[term.codes] == 1:
-                        t.kept_signs += seen.size
+                        index, data = pack_groups(keep, codes)
+                        streams, groups = 2 * 32 * code_words(n, 1), 32 * (index.size + data.size)
+                        t.streams, t.groups, t.auto = t.streams + streams, t.groups + groups, t.auto + min(streams, groups)
                 if term.params is not None and term.params not in t.keys:
                     t.bound += 8 * bundle.payload(term.params).nbytes
                 if term.kind == "raw" and term.values not in t.keys:
@@ -135,7 +147,7 @@ def rows(folder: str) -> List[Dict[str, object]]:
                         flash=stored_bits(path, t.keys) / w, lzma=lzma, bound=t.bound / w,
                         mask=t.mask_bits / w if t.mask_bits else None,
                         two_level=t.two_level / w if t.mask_bits else None,
-                        kept_signs=t.kept_signs / w if t.mask_bits else None))
+                        **{k: getattr(t, k) / w if t.streams else None for k in ("streams", "groups", "auto")}))
         print("  read %s" % name, file=sys.stderr)
     return out
 
@@ -144,12 +156,11 @@ def table(found: List[Dict[str, object]]) -> str:
     def f(v: Optional[float]) -> str:
         return "-" if v is None else "%.3f" % v
 
-    lines = ["| bundle (8 tasks) | resident | flash | flash, lzma | order-0 bound | masks now | masks two-level "
-             "| sign codes at kept only |", "|---|---|---|---|---|---|---|---|"]
+    columns = ("resident", "flash", "lzma", "bound", "mask", "two_level", "streams", "groups", "auto")
+    lines = ["| bundle (8 tasks) | resident | flash | flash, lzma | order-0 bound | masks as bitmaps "
+             "| masks two-level | T-Switch terms as streams | as groups | auto |", "|---" * 10 + "|"]
     for r in found:
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            r["scheme"], f(r["resident"]), f(r["flash"]), f(r["lzma"]), f(r["bound"]), f(r["mask"]),
-            f(r["two_level"]), f(r["kept_signs"])))
+        lines.append("| %s | %s |" % (r["scheme"], " | ".join(f(r[c]) for c in columns)))
     return "\n".join(lines)
 
 

@@ -56,6 +56,12 @@ def load_checkpoints(cache: pathlib.Path) -> Tuple[Dict[str, np.ndarray], Dict[s
     return base, tasks, "synthetic task vectors of MiniLM's shapes (no cached fine-tunes in %s)" % cache
 
 
+def groups_bits(keep: float) -> float:
+    """Nominal bits per weight of T-Switch's groups layout (docs/FORMAT.md 3.3) with kept
+    elements spread at random: the index's 1/32 plus a byte per group of four holding one."""
+    return 1 / 32 + 2 * (1 - (1 - keep) ** 4)
+
+
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="~/.cache/tvswitch/text8", help="bench/text8's fine-tuning cache")
@@ -76,10 +82,13 @@ def main(argv: List[str] = None) -> int:
         ("TVQ-INT2", dict(name="tvq", bits=2), 2.0),
         ("RTVQ(3+2)", dict(name="rtvq"), 2.0 + 3 / 8),
         ("RTVQ budget 2.375", dict(name="rtvq", budget_bits=2.375), 2.375),
-        ("T-Switch keep 0.3", dict(name="tswitch", keep=0.3), 2.0),
+        ("T-Switch keep 0.3, streams", dict(name="tswitch", keep=0.3, mask_layout="streams"), 2.0),
+        ("T-Switch keep 0.3, groups", dict(name="tswitch", keep=0.3, mask_layout="groups"), groups_bits(0.3)),
+        ("T-Switch keep 0.1, groups", dict(name="tswitch", keep=0.1, mask_layout="groups"), groups_bits(0.1)),
         ("TVQ-INT2 + lzma", dict(name="tvq", bits=2, entropy="lzma"), 2.0),
         ("RTVQ(3+2) + lzma", dict(name="rtvq", entropy="lzma"), 2.375),
-        ("T-Switch keep 0.3 + lzma", dict(name="tswitch", keep=0.3, entropy="lzma"), 2.0),
+        ("T-Switch keep 0.3, streams + lzma", dict(name="tswitch", keep=0.3, mask_layout="streams", entropy="lzma"),
+         2.0),
     ]
     size_rows, speed_rows = [], []
     first = next(iter(tasks))

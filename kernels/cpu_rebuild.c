@@ -12,7 +12,10 @@
  * reference of the others), portable (scalar plus SSE2 on x86-64 or NEON on aarch64 to
  * convert codes to float) and, on x86-64 CPUs that have it, AVX2, which cuts eight codes
  * at a time with per-lane shifts.  The path is picked once at first use (AVX2, else
- * portable); tv_cpu_set_path() lets the tests run each one on one machine.
+ * portable); tv_cpu_set_path() lets the tests run each one on one machine.  A groups term
+ * (FORMAT.md 3.3) is turned row by row into the code and mask words of the same 1-bit
+ * term as streams and then takes the 1-bit row of its path; the scalar path decodes it
+ * element by element with tv_term_value.
  */
 #include "decode.h"
 
@@ -123,44 +126,14 @@ static inline TV_ALWAYS_INLINE void accum32_generic(float *acc, const tv_term *t
 }
 
 /*
- * A GROUPS term over elements i .. i+31 (i a multiple of 32): the row's 8 groups share one
- * flag word, so their bytes are found with one rank and then read in order; each element
- * is then tv_term_value's (the same decode.h functions), with the row's (scale, offset)
- * where the row lies in one parameter group.
- */
-static inline TV_ALWAYS_INLINE void accum32_groups(float *acc, const tv_term *t, uint32_t i, uint32_t n)
-{
-    float scale, offset, qf[32];
-    uint32_t keep[32];
-    const uint32_t g = i >> 2, flags = tv_group_flags(t, g) >> (g & 31u);
-    if (!row_params(t, i, n, &scale, &offset)) {
-        accum32_generic(acc, t, i);
-        return;
-    }
-    uint32_t r = tv_group_rank(t, g);
-    for (uint32_t k = 0; k < 8u; ++k) {
-        const uint32_t byte = ((flags >> k) & 1u) ? tv_group_byte_at(t, r++) : 0u;
-        for (uint32_t j = 0; j < 4u; ++j) {
-            keep[4u * k + j] = (byte >> j) & 1u;
-            qf[4u * k + j] = tv_code_float((byte >> (4u + j)) & 1u);
-        }
-    }
-    const float w = t->weight;
-    for (uint32_t j = 0; j < 32u; ++j)
-        acc[j] = tv_accumulate(acc[j], w, tv_keep(tv_affine(qf[j], scale, offset), keep[j]));
-}
-
-/*
  * acc[j] = tv_accumulate(acc[j], w, tv_keep(tv_affine(qf[j], scale, offset), mask bit j)),
  * j < 32: decode.h's element step over one row whose codes are already floats, in loops
  * the compiler vectorises.
  */
-static inline TV_ALWAYS_INLINE void finish32(float *acc, const float *qf, const tv_term *t, uint32_t i,
-                                             float scale, float offset)
+static inline TV_ALWAYS_INLINE void finish32(float *acc, const float *qf, float w, float scale, float offset,
+                                             int masked, uint32_t m)
 {
-    const float w = t->weight;
-    if (t->mask) {
-        const uint32_t m = row_mask(t, i);
+    if (masked) {
         uint32_t keep[32]; /* SSE2 has no per-lane shifts: the bits first, then one vector loop */
         for (uint32_t j = 0; j < 32u; ++j)
             keep[j] = tv_bit(m, j);
@@ -192,7 +165,7 @@ static inline TV_ALWAYS_INLINE void finish32(float *acc, const float *qf, const 
         tv_unpack32((const uint32_t *)t->codes + tv_code_word(i, B), B, q);                   \
         for (uint32_t j = 0; j < 32u; ++j)                                                    \
             qf[j] = tv_code_float(q[j]);                                                      \
-        finish32(acc, qf, t, i, scale, offset);                                               \
+        finish32(acc, qf, t->weight, scale, offset, t->mask != 0, t->mask ? row_mask(t, i) : 0u);    \
     }                                                                                         \
     static inline TV_ALWAYS_INLINE void row_portable_##B(float *acc, const tv_term *t, uint32_t i, \
                                                          uint32_t n)                          \
@@ -203,7 +176,7 @@ static inline TV_ALWAYS_INLINE void finish32(float *acc, const float *qf, const 
             return;                                                                           \
         }                                                                                     \
         unpack32_float((const uint32_t *)t->codes + tv_code_word(i, B), B, qf);               \
-        finish32(acc, qf, t, i, scale, offset);                                               \
+        finish32(acc, qf, t->weight, scale, offset, t->mask != 0, t->mask ? row_mask(t, i) : 0u);    \
     }
 TV_DEFINE_ROWS(1)
 TV_DEFINE_ROWS(2)
@@ -236,6 +209,67 @@ TV_DEFINE_ROWS(8)
 TV_DEFINE_ROW_SWITCH(scalar)
 TV_DEFINE_ROW_SWITCH(portable)
 
+/*
+ * A GROUPS term as the 1-bit CODES row it stands for: the bytes of groups g .. g+7 (the
+ * row's 32 elements; r the rank of group g, tv_group_rank) gathered into the row's code
+ * word (each byte's high nibble) and mask word (its low nibble), the words a streams term
+ * of the same codes and mask holds (FORMAT.md 3.3).  Returns the rank of group g + 8, so a
+ * pass over consecutive rows ranks once.
+ */
+static inline TV_ALWAYS_INLINE uint32_t group_row_words(const tv_term *t, uint32_t g, uint32_t r,
+                                                         uint32_t *code, uint32_t *keep)
+{
+    const uint32_t flags = tv_group_flags(t, g) >> (g & 31u);
+    uint32_t c = 0u, m = 0u;
+    for (uint32_t k = 0; k < 8u; ++k) { /* no branch: flag counts per row are unpredictable */
+        const uint32_t f = (flags >> k) & 1u, byte = tv_group_byte_at(t, r) & (0u - f);
+        c |= (byte >> 4) << (4u * k);
+        m |= (byte & 15u) << (4u * k);
+        r += f;
+    }
+    *code = c;
+    *keep = m;
+    return r;
+}
+
+/*
+ * One GROUPS term over `rows` rows: each row's words (WORDS, with group_row_words'
+ * arguments), then the 1-bit row of instruction path ROW1(acc, words, weight, scale,
+ * offset, mask word).  Rows that straddle a parameter group go element by element
+ * (tv_term_value), like CODES rows.
+ */
+#define TV_DEFINE_GROUP_ROWS(NAME, ATTR, WORDS, ROW1)                                              \
+    ATTR static void NAME(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows) \
+    {                                                                                         \
+        float scale, offset;                                                                  \
+        uint32_t r = tv_group_rank(t, i >> 2);                                                \
+        for (uint32_t k = 0; k < rows; ++k, i += 32u) {                                       \
+            uint32_t words[2] = {0u, 0u}, keep;                                               \
+            r = WORDS(t, i >> 2, r, &words[0], &keep);                                        \
+            if (row_params(t, i, n, &scale, &offset))                                         \
+                ROW1(acc + 32u * k, words, t->weight, scale, offset, keep);                   \
+            else                                                                              \
+                accum32_generic(acc + 32u * k, t, i);                                         \
+        }                                                                                     \
+    }
+
+static inline TV_ALWAYS_INLINE void row1_portable(float *acc, const uint32_t *words, float w, float scale,
+                                                  float offset, uint32_t keep)
+{
+    float qf[32];
+    unpack32_float(words, 1u, qf);
+    finish32(acc, qf, w, scale, offset, 1, keep);
+}
+TV_DEFINE_GROUP_ROWS(groups_portable, , group_row_words, row1_portable)
+
+/* The scalar path's GROUPS rows: decode.h alone, element by element (tv_term_value). */
+static void groups_scalar(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
+{
+    (void)n;
+    for (uint32_t k = 0; k < rows; ++k)
+        accum32_generic(acc + 32u * k, t, i + 32u * k);
+}
+
 #ifdef TV_HAVE_AVX2_PATH
 #define TV_AVX2 __attribute__((target("avx2"))) static inline TV_ALWAYS_INLINE
 
@@ -261,20 +295,16 @@ TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
 }
 
 /* finish32's arithmetic (tv_affine, tv_keep, tv_accumulate), eight lanes at a time, on
- * avx2_codes8's floats; acc is 32-byte aligned.  Held to the scalar path by the tests. */
-TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t bits)
+ * avx2_codes8's floats of one row of codes; acc is 32-byte aligned.  Held to the scalar
+ * path by the tests. */
+TV_AVX2 void avx2_row(float *acc, const uint32_t *row, uint32_t bits, float weight, float scale, float offset,
+                      int masked, uint32_t mask)
 {
-    float scale, offset;
-    if (!row_params(t, i, n, &scale, &offset)) {
-        accum32_generic(acc, t, i);
-        return;
-    }
-    const uint32_t *row = (const uint32_t *)t->codes + tv_code_word(i, bits);
-    const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset), w = _mm256_set1_ps(t->weight);
-    const __m256i m = _mm256_set1_epi32(t->mask ? (int)row_mask(t, i) : -1);
+    const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset), w = _mm256_set1_ps(weight);
+    const __m256i m = _mm256_set1_epi32((int)mask);
     for (uint32_t k = 0; k < 4u; ++k) {
         __m256 v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), s), o);
-        if (t->mask) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
+        if (masked) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
             const int c = 31 - 8 * (int)k;
             const __m256i up =
                 _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
@@ -283,6 +313,56 @@ TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, 
         _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), _mm256_mul_ps(w, v)));
     }
 }
+
+/* One row of a CODES term (i a multiple of 32). */
+TV_AVX2 void avx2_accum32(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t bits)
+{
+    float scale, offset;
+    if (!row_params(t, i, n, &scale, &offset)) {
+        accum32_generic(acc, t, i);
+        return;
+    }
+    avx2_row(acc, (const uint32_t *)t->codes + tv_code_word(i, bits), bits, t->weight, scale, offset,
+             t->mask != 0, t->mask ? row_mask(t, i) : 0u);
+}
+
+TV_AVX2 void row1_avx2(float *acc, const uint32_t *words, float w, float scale, float offset, uint32_t keep)
+{
+    avx2_row(acc, words, 1u, w, scale, offset, 1, keep);
+}
+/* Byte k's low nibble of x to bits 4k .. 4k+3 (x's high nibbles zero). */
+static inline TV_ALWAYS_INLINE uint32_t nibbles8(uint64_t x)
+{
+    x = (x | (x >> 4)) & 0x00ff00ff00ff00ffull;
+    x = (x | (x >> 8)) & 0x0000ffff0000ffffull;
+    return (uint32_t)(x | (x >> 16));
+}
+
+/*
+ * group_row_words with one byte shuffle (SSSE3, which every AVX2 CPU has): a row's bytes
+ * are consecutive from rank r, so they are loaded as one 8-byte field and each moved to
+ * its group's place, the shuffle's control for group k being the count of flags below k
+ * (0x80, a zero byte, where k has none).  Near the end of the bytes, where that load
+ * would pass them, the loop of group_row_words.
+ */
+TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code, uint32_t *keep)
+{
+    const uint64_t lanes = 0x0101010101010101ull;
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
+        return group_row_words(t, g, r, code, keep);
+    /* byte k of `ones`: flag k; ones * lanes: the flags up to k (at most 8, no carries) */
+    const uint64_t ones = ((((uint64_t)flags * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7 & lanes;
+    const uint64_t control = (ones * lanes - ones) | ((ones ^ lanes) << 7);
+    uint64_t bytes;
+    memcpy(&bytes, (const uint8_t *)t->codes + r, sizeof bytes); /* little-endian: byte r first */
+    const uint64_t x = (uint64_t)_mm_cvtsi128_si64(
+        _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)bytes), _mm_cvtsi64_si128((long long)control)));
+    *keep = nibbles8(x & 0x0f0f0f0f0f0f0f0full);
+    *code = nibbles8((x >> 4) & 0x0f0f0f0f0f0f0f0full);
+    return r + tv_popcount(flags);
+}
+TV_DEFINE_GROUP_ROWS(groups_avx2, __attribute__((target("avx2"))), avx2_group_row_words, row1_avx2)
 
 /* One CODES term over `rows` rows, AVX2 path: the width becomes a constant. */
 TV_AVX2 void accum_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
@@ -327,7 +407,7 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
  * ACCUM_CODES(acc, t, i, n, rows) adds one CODES term over `rows` rows.
  */
 #define TV_ROWS 8
-#define TV_DEFINE_TILE(NAME, ATTR, ACCUM_CODES)                                              \
+#define TV_DEFINE_TILE(NAME, ATTR, ACCUM_CODES, ACCUM_GROUPS)                                \
     ATTR static void NAME(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len) \
     {                                                                                        \
         const uint32_t n = (uint32_t)s->n;                                                   \
@@ -351,8 +431,7 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
                 if (t->kind == TV_KIND_CODES)                                                \
                     ACCUM_CODES(acc, t, i, n, rows);                                         \
                 else if (t->kind == TV_KIND_GROUPS)                                          \
-                    for (uint32_t r = 0; r < rows; ++r)                                      \
-                        accum32_groups(acc + 32u * r, t, i + 32u * r, n);                    \
+                    ACCUM_GROUPS(acc, t, i, n, rows);                                        \
                 else                                                                         \
                     for (uint32_t r = 0; r < rows; ++r)                                      \
                         accum32_generic(acc + 32u * r, t, i + 32u * r);                      \
@@ -370,10 +449,10 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
             tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));              \
     }
 
-TV_DEFINE_TILE(rebuild_tile_scalar, , accum_scalar)
-TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable)
+TV_DEFINE_TILE(rebuild_tile_scalar, , accum_scalar, groups_scalar)
+TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable)
 #ifdef TV_HAVE_AVX2_PATH
-TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum_avx2)
+TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum_avx2, groups_avx2)
 
 /* accum_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
 __attribute__((target("avx2"))) static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)

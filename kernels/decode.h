@@ -21,7 +21,9 @@
  * Not from here, and held to it bit for bit by tests/kernels (every width 1..8, with and
  * without masks, row by row against the scalar path, the CPU path made of this header
  * alone): the CPU's SIMD code conversion (cpu_rebuild.c's unpack32_float: SSE2 on x86-64,
- * NEON on aarch64, run under qemu) and its AVX2 row (avx2_codes8 + avx2_accum32).
+ * NEON on aarch64, run under qemu), its AVX2 row (avx2_codes8 + avx2_row) and its
+ * gathering of a groups term's bytes into a row's code and mask words (group_row_words,
+ * with a byte shuffle on AVX2 CPUs: avx2_group_row_words), held to tv_term_value.
  *
  * Plain C99 that CUDA 10.2 (JetPack 4) also accepts: no C++ templates, no cuda_fp16.h
  * (half and bfloat16 are converted by bit manipulation, identically on host and device).

@@ -137,7 +137,8 @@ __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t
                                          tv_fetched *f)
 {
     f->fast = 0;
-    if (t->kind != TV_KIND_CODES || t->bits < 1u || t->bits > 8u)
+    const int groups = t->kind == TV_KIND_GROUPS;
+    if ((t->kind != TV_KIND_CODES && !groups) || t->bits < 1u || t->bits > 8u)
         return;
     /* One (scale, offset) pair for the four elements: per-tensor scales need no divide. */
     const float *p = (const float *)t->params;
@@ -145,6 +146,18 @@ __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t
         p = tv_params(t, i0);
         if (i0 % (uint32_t)t->group + cnt > (uint32_t)t->group)
             return; /* a group ends inside these elements: the generic path */
+    }
+    f->scale = p[0];
+    f->offset = p[1];
+    f->fast = 1;
+    if (groups) {
+        /* The four elements are one group: its byte's code and keep nibbles go where a 1-bit
+         * stream and its mask hold them (FORMAT.md 3.3), and tv_apply runs as for those. */
+        const uint32_t byte = tv_group_byte(t, i0 >> 2), s = tv_code_shift(i0, 1u);
+        f->lo = (byte >> 4) << s;
+        f->hi = 0u;
+        f->mask = (byte & 15u) << s;
+        return;
     }
     const uint32_t b = t->bits;
     const uint32_t *codes = (const uint32_t *)t->codes;
@@ -156,13 +169,10 @@ __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t
     f->hi = s + 4u * b > 32u ? codes[w + 1] : 0u;
     /* The four mask bits lie in one word (i0 is a multiple of 4). */
     f->mask = t->mask ? ((const uint32_t *)t->mask)[tv_code_word(i0, 1u)] : 0xffffffffu;
-    f->scale = p[0];
-    f->offset = p[1];
-    f->fast = 1;
 }
 
 /* decode.h's element-by-element value, out of line: it serves the rare terms (raw values,
- * groups smaller than four elements) and, inlined into every prefetch slot of every
+ * parameter groups smaller than four elements) and, inlined into every prefetch slot of every
  * kernel, it would triple the code and the compile time for nothing. */
 __device__ __noinline__ float tv_value_slow(const tv_term *t, uint32_t i)
 {

@@ -114,7 +114,7 @@ def _random_tables(rng, n_segments, out_code, base_code):
         for _ in range(int(rng.integers(0, 4))):
             kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS]))
             if kind == abi.KIND_GROUPS:
-                index, data = pack_groups(rng.random(n) < rng.choice([0.05, 0.5]), rng.integers(0, 2, n))
+                index, data = pack_groups(rng.random(n) < rng.choice([0.0, 0.05, 0.5, 1.0]), rng.integers(0, 2, n))
                 group = int(rng.choice([n, 33, 96]))
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [index, data, params]

@@ -4,7 +4,9 @@
  * for the host and for aarch64 (run under qemu), the two byte streams must be equal: the
  * Jetson's CPU build computes what the tested x86 build computes.  Built with
  * AddressSanitizer and UBSan (tests/kernels/test_sanitized.py), every buffer is malloc'd
- * at exactly the size the format gives it, so any read or write past one is caught; and
+ * at exactly the size the format gives it, so any read or write past one is caught (the
+ * 1-bit cases add the same codes and mask in the groups layout, packed here by
+ * pack_groups below, FORMAT.md 3.3, so its 8-byte loads near the end are checked); and
  * each case's tables are also run with one buffer declared a word short, which
  * tv_rebuild_cpu_checked must refuse without touching the output.
  */
@@ -18,6 +20,39 @@ typedef struct { uint64_t begin, bytes; } extent;
 int tv_rebuild_cpu_checked(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
                            const extent *ext, uint32_t next, int threads, uint32_t *where);
 int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_t n);
+
+/*
+ * The groups layout of n 1-bit codes under a mask (FORMAT.md 3.3): *index (9 words per
+ * block of 256 groups) and *bytes (a byte per group with a kept element, then a zero
+ * word), both malloc'd at their exact sizes; returns the byte stream's words.
+ */
+static uint32_t pack_groups(const uint32_t *codes, const uint32_t *mask, uint32_t n, uint32_t **index,
+                            uint32_t **bytes)
+{
+    const uint32_t groups = (n + 3) / 4, blocks = (groups + 255) / 256;
+    uint32_t kept = 0;
+    uint8_t *b = calloc(groups + 4, 1);
+    *index = calloc(9 * blocks, 4);
+    for (uint32_t g = 0; g < groups; ++g) {
+        uint32_t byte = 0;
+        for (uint32_t j = 0; j < 4 && 4 * g + j < n; ++j) {
+            const uint32_t i = 4 * g + j, keep = (mask[i / 32] >> (i % 32)) & 1u;
+            byte |= keep << j | (((codes[i / 32] >> (i % 32)) & keep) << (4 + j));
+        }
+        if (g % 256 == 0)
+            (*index)[9 * (g / 256)] = kept;
+        if (byte) {
+            (*index)[9 * (g / 256) + 1 + (g / 32) % 8] |= 1u << (g % 32);
+            b[kept++] = (uint8_t)byte;
+        }
+    }
+    const uint32_t words = (kept + 3) / 4 + 1;
+    *bytes = calloc(words, 4);
+    for (uint32_t r = 0; r < kept; ++r)
+        (*bytes)[r / 4] |= (uint32_t)b[r] << (8 * (r % 4));
+    free(b);
+    return words;
+}
 
 static uint32_t state = 12345u;
 static uint32_t next(void) { state = state * 1664525u + 1013904223u; return state; }
@@ -86,34 +121,43 @@ int main(void)
                 for (uint32_t i = 0; i + 1 < mwords; ++i) mask[i] = next();
                 for (uint32_t g = 0; g < 2 * groups; ++g) params[g] = uniform() * 0.01f;
                 for (uint32_t i = 0; i < n; ++i) { base[i] = uniform(); raw[i] = uniform() * 0.001f; }
-                tv_term t[2];
+                uint32_t *index = NULL, *bytes = NULL, bwords = 0;
+                if (bits == 1)
+                    bwords = pack_groups(codes, mask, n, &index, &bytes);
+                tv_term t[3];
                 memset(t, 0, sizeof t);
                 t[0].codes = (uint64_t)(uintptr_t)codes; t[0].params = (uint64_t)(uintptr_t)params;
                 t[0].group = group; t[0].weight = 0.7f; t[0].kind = TV_KIND_CODES; t[0].bits = bits;
                 t[0].mask = (bits == 1) ? (uint64_t)(uintptr_t)mask : 0;
                 t[1].codes = (uint64_t)(uintptr_t)raw; t[1].group = 1; t[1].weight = -0.3f;
                 t[1].kind = TV_KIND_RAW_F32;
+                t[2].codes = (uint64_t)(uintptr_t)bytes; t[2].mask = (uint64_t)(uintptr_t)index;
+                t[2].params = (uint64_t)(uintptr_t)params; t[2].group = group; t[2].weight = -1.3f;
+                t[2].kind = TV_KIND_GROUPS; t[2].bits = 1; t[2].aux = bwords;
                 tv_segment s;
                 memset(&s, 0, sizeof s);
                 s.base = (uint64_t)(uintptr_t)base; s.out = (uint64_t)(uintptr_t)out; s.n = n;
-                s.base_coef = 1.0f; s.base_dtype = TV_F32; s.out_dtype = out_dtype; s.term_count = 2;
-                extent ext[6] = {{(uint64_t)(uintptr_t)codes, 4ull * words}, {(uint64_t)(uintptr_t)mask, 4ull * mwords},
+                s.base_coef = 1.0f; s.base_dtype = TV_F32; s.out_dtype = out_dtype; s.term_count = bits == 1 ? 3 : 2;
+                const uint32_t gblocks = ((n + 3) / 4 + 255) / 256;
+                extent ext[8] = {{(uint64_t)(uintptr_t)codes, 4ull * words}, {(uint64_t)(uintptr_t)mask, 4ull * mwords},
                                  {(uint64_t)(uintptr_t)params, 8ull * groups}, {(uint64_t)(uintptr_t)base, 4ull * n},
-                                 {(uint64_t)(uintptr_t)raw, 4ull * n}, {(uint64_t)(uintptr_t)out, 4ull * n}};
+                                 {(uint64_t)(uintptr_t)raw, 4ull * n}, {(uint64_t)(uintptr_t)out, 4ull * n},
+                                 {(uint64_t)(uintptr_t)bytes, 4ull * bwords}, {(uint64_t)(uintptr_t)index, 36ull * gblocks}};
+                const uint32_t next_ = bits == 1 ? 8 : 6;
                 uint32_t where = 0;
                 memset(out, 0, 4 * n);
                 ext[0].bytes -= 4; /* the codes one word short: refused, nothing written */
-                if (tv_rebuild_cpu_checked(&s, 1, t, 2, ext, 6, 1, &where) == 0 || out[0] != 0 || out[n - 1] != 0) {
+                if (tv_rebuild_cpu_checked(&s, 1, t, s.term_count, ext, next_, 1, &where) == 0 || out[0] != 0 || out[n - 1] != 0) {
                     fprintf(stderr, "tables past a buffer were not refused: n %u bits %u\n", n, bits);
                     return 2;
                 }
                 ext[0].bytes += 4;
-                if (tv_rebuild_cpu_checked(&s, 1, t, 2, ext, 6, 1, &where) != 0) {
+                if (tv_rebuild_cpu_checked(&s, 1, t, s.term_count, ext, next_, 1, &where) != 0) {
                     fprintf(stderr, "exact tables were refused: n %u bits %u\n", n, bits);
                     return 3;
                 }
                 fwrite(out, out_dtype == TV_F32 ? 4 : 2, n, stdout);
-                free(codes); free(mask); free(params); free(base); free(raw); free(out);
+                free(codes); free(mask); free(params); free(base); free(raw); free(out); free(index); free(bytes);
             }
         }
     }
