@@ -15,11 +15,14 @@ For every bundle the text8 benchmark wrote (bench/text8; a ``NAME-lzma-HASH.tvs`
 - masks: what the masks take as bitmaps (1 bit per element, the streams layout) and
   two-level (1 bit per group of 4 elements plus the 4 bits of every group with a kept
   element, the T-Switch authors' form);
-- T-Switch's masked 1-bit terms (mask and sign codes together) in each layout of
-  docs/FORMAT.md: streams (two bitmaps), groups (section 3.3, packed by the exporter's
-  own pack_groups), and auto, the smaller per tensor (what ``--mask-layout auto`` stores).
-  A bundle stored in either layout gives the same figures: they are computed from the
-  decoded mask and codes.
+- the codes in each layout of docs/FORMAT.md: streams (a b-bit stream, for T-Switch a
+  mask and a sign bitmap), compact (T-Switch's masked signs in the groups layout of
+  section 3.3, other codes in the sparse layout of 3.4 with the most common code as the
+  fill, packed by the exporter's own functions), and auto, compact per term where it takes
+  at most the exporter's AUTO_COMPACT of the streams' bits (what ``--layout auto`` stores).
+  Over every codes term that has a compact form (EMR's masked shared codes have none); a
+  bundle stored in any layout gives the same figures: they are computed from the decoded
+  codes and masks.
 
 The bits are read from the files, nothing is trained or rebuilt; the bundles' accuracy is
 docs/results/text8.md's.
@@ -38,8 +41,10 @@ from typing import Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
+from tvswitch.export.exporter import AUTO_COMPACT
 from tvswitch.kernels.abi import code_words
-from tvswitch.kernels.packing import pack_groups, unpack_codes, unpack_groups, unpack_mask
+from tvswitch.kernels.packing import (pack_groups, pack_sparse, unpack_codes, unpack_groups, unpack_mask,
+                                      unpack_sparse)
 from tvswitch.runtime.bundle import Bundle
 
 DEFAULT = os.path.expanduser("~/.cache/tvswitch/text8/bundles")
@@ -54,9 +59,9 @@ class Tally:
     bound: float = 0.0
     mask_bits: int = 0  # masks as bitmaps (1 bit per element)
     two_level: int = 0  # masks as 1 bit per group of 4 + 4 bits per group with a kept element
-    streams: int = 0  # masked 1-bit terms (T-Switch) as a mask and a sign bitmap
-    groups: int = 0  # the same terms in the groups layout
-    auto: int = 0  # the smaller of the two per term
+    streams: int = 0  # codes terms with a compact form, as streams (T-Switch: a mask and a sign bitmap)
+    compact: int = 0  # the same terms compact: groups (T-Switch) or sparse (codes without a mask)
+    auto: int = 0  # per term compact where it is at most AUTO_COMPACT of streams, else streams
     keys: Set[str] = field(default_factory=set)
 
 
@@ -87,6 +92,9 @@ def tally(bundle: Bundle) -> Tally:
                 keep = codes = None
                 if term.layout == "groups":
                     keep, codes = unpack_groups(bundle.payload(term.mask), bundle.payload(term.codes), n)
+                elif term.layout == "sparse":
+                    codes = unpack_sparse(bundle.payload(term.mask), bundle.payload(term.codes), term.bits,
+                                          term.fill, n)
                 elif term.mask is not None:
                     keep = unpack_mask(bundle.payload(term.mask), n)
                 if keep is not None and term.mask not in t.keys:
@@ -104,10 +112,17 @@ def tally(bundle: Bundle) -> Tally:
                     if codes is None:
                         codes = unpack_codes(bundle.payload(term.codes), term.bits, n)
                     t.bound += entropy_bits(codes if keep is None or users[term.codes] > 1 else codes[keep])
+                    compact = None
                     if keep is not None and term.bits == 1 and users[term.codes] == 1:
-                        index, data = pack_groups(keep, codes)
-                        streams, groups = 2 * 32 * code_words(n, 1), 32 * (index.size + data.size)
-                        t.streams, t.groups, t.auto = t.streams + streams, t.groups + groups, t.auto + min(streams, groups)
+                        compact = sum(a.size for a in pack_groups(keep, codes))
+                    elif keep is None and n:
+                        compact = sum(a.size for a in pack_sparse(codes, term.bits,
+                                                                  int(np.bincount(codes).argmax())))
+                    if compact is not None:
+                        streams = 32 * code_words(n, term.bits) + (32 * code_words(n, 1) if keep is not None else 0)
+                        t.streams += streams
+                        t.compact += 32 * compact
+                        t.auto += 32 * compact if 32 * compact <= AUTO_COMPACT * streams else streams
                 if term.params is not None and term.params not in t.keys:
                     t.bound += 8 * bundle.payload(term.params).nbytes
                 if term.kind == "raw" and term.values not in t.keys:
@@ -147,7 +162,7 @@ def rows(folder: str) -> List[Dict[str, object]]:
                         flash=stored_bits(path, t.keys) / w, lzma=lzma, bound=t.bound / w,
                         mask=t.mask_bits / w if t.mask_bits else None,
                         two_level=t.two_level / w if t.mask_bits else None,
-                        **{k: getattr(t, k) / w if t.streams else None for k in ("streams", "groups", "auto")}))
+                        **{k: getattr(t, k) / w if t.streams else None for k in ("streams", "compact", "auto")}))
         print("  read %s" % name, file=sys.stderr)
     return out
 
@@ -156,9 +171,9 @@ def table(found: List[Dict[str, object]]) -> str:
     def f(v: Optional[float]) -> str:
         return "-" if v is None else "%.3f" % v
 
-    columns = ("resident", "flash", "lzma", "bound", "mask", "two_level", "streams", "groups", "auto")
+    columns = ("resident", "flash", "lzma", "bound", "mask", "two_level", "streams", "compact", "auto")
     lines = ["| bundle (8 tasks) | resident | flash | flash, lzma | order-0 bound | masks as bitmaps "
-             "| masks two-level | T-Switch terms as streams | as groups | auto |", "|---" * 10 + "|"]
+             "| masks two-level | codes as streams | compact | auto |", "|---" * 10 + "|"]
     for r in found:
         lines.append("| %s | %s |" % (r["scheme"], " | ".join(f(r[c]) for c in columns)))
     return "\n".join(lines)

@@ -2,14 +2,16 @@
 
     python -m bench.layouts [--cache ~/.cache/tvswitch/text8] [--repeat 12] [--out FILE]
 
-For T-Switch at keep 0.1, 0.3 and 0.5 on the eight MiniLM fine-tunes of bench/text8 (or
-synthetic task vectors of the same shapes, bench/rebuild_cpu.load_checkpoints), one bundle
-per layout (streams: a mask and a sign bitmap; groups: section 3.3), then per layout:
+For T-Switch at keep 0.1, 0.3 and 0.5, TVQ at 2 and 3 bits and RTVQ(3+2) on the eight
+MiniLM fine-tunes of bench/text8 (or synthetic task vectors of the same shapes,
+bench/rebuild_cpu.load_checkpoints), one bundle per layout (streams: code streams and
+bitmaps; compact: T-Switch's groups, section 3.3, and sparse codes, 3.4; auto: compact
+where that at least halves a term, the exporter's default), then per layout:
 bits per weight resident (the packed payloads), and the CPU rebuild of one task and of the
 8-task mix on one thread, into the same fp32 buffers. The layouts' rebuilds alternate call
 by call and each figure is the fastest of ``repeat`` (a shared machine's noise falls on
 both alike); the ratio to copy is bench/copyref.py's, measured in the same run. Every
-rebuild of a groups bundle is checked bit for bit against the streams bundle's.
+rebuild of the other bundles is checked bit for bit against the streams bundle's.
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ from tvswitch.kernels import cpu
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.rebuild import CpuRebuilder
 
-LAYOUTS = ("streams", "groups")
+LAYOUTS = ("streams", "compact", "auto")
+#: (label, export settings) of each scheme measured.
+SCHEMES = [("T-Switch keep %.1f" % k, dict(name="tswitch", keep=k)) for k in (0.1, 0.3, 0.5)] + [
+    ("TVQ-INT2", dict(name="tvq", bits=2)), ("TVQ-INT3", dict(name="tvq", bits=3)), ("RTVQ(3+2)", dict(name="rtvq"))]
 
 
 def resident_bits(bundle: Bundle) -> float:
@@ -72,11 +77,11 @@ def main(argv: List[str] = None) -> int:
         "| scheme | layout | resident bits | mix | ms | ratio to copy | time vs streams | bits identical |",
         "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
-        for keep in (0.1, 0.3, 0.5):
+        for label, settings in SCHEMES:
             bundles = {}
             for layout in LAYOUTS:
                 path = os.path.join(tmp, "%s.tvs" % layout)
-                bundles[layout] = export_bundle(base, tasks, path, name="tswitch", keep=keep, mask_layout=layout)
+                bundles[layout] = export_bundle(base, tasks, path, layout=layout, **settings)
             rebuilders = {layout: CpuRebuilder(b, base, threads=1) for layout, b in bundles.items()}
             bits = {layout: resident_bits(b) for layout, b in bundles.items()}
             out = rebuilders["streams"].allocate("float32")
@@ -86,14 +91,14 @@ def main(argv: List[str] = None) -> int:
                 for layout, r in rebuilders.items():
                     r.rebuild(mix, out)
                     results[layout] = {n: a.copy() for n, a in out.items()}
-                identical = same_bits(results["streams"], results["groups"])
+                identical = all(same_bits(results["streams"], results[layout]) for layout in LAYOUTS)
                 for layout, r in rebuilders.items():
                     moved = r.bytes_moved(mix)
                     ratio = moved / seconds[layout] / copy_bandwidth(moved, args.repeat)
-                    lines.append("| T-Switch keep %.1f | %s | %.3f | %s | %.2f | %.2f | %.2fx | %s |" % (
-                        keep, layout, bits[layout], mix_label, 1e3 * seconds[layout], ratio,
+                    lines.append("| %s | %s | %.3f | %s | %.2f | %.2f | %.2fx | %s |" % (
+                        label, layout, bits[layout], mix_label, 1e3 * seconds[layout], ratio,
                         seconds[layout] / seconds["streams"], "yes" if identical else "NO"))
-                print(lines[-2] + "\n" + lines[-1], flush=True)
+                print("\n".join(lines[-len(LAYOUTS):]), flush=True)
             for b in bundles.values():
                 os.unlink(b.path)
     text = "\n".join(lines)

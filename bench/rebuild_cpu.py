@@ -82,12 +82,12 @@ def main(argv: List[str] = None) -> int:
         ("TVQ-INT2", dict(name="tvq", bits=2), 2.0),
         ("RTVQ(3+2)", dict(name="rtvq"), 2.0 + 3 / 8),
         ("RTVQ budget 2.375", dict(name="rtvq", budget_bits=2.375), 2.375),
-        ("T-Switch keep 0.3, streams", dict(name="tswitch", keep=0.3, mask_layout="streams"), 2.0),
-        ("T-Switch keep 0.3, groups", dict(name="tswitch", keep=0.3, mask_layout="groups"), groups_bits(0.3)),
-        ("T-Switch keep 0.1, groups", dict(name="tswitch", keep=0.1, mask_layout="groups"), groups_bits(0.1)),
+        ("T-Switch keep 0.3, streams", dict(name="tswitch", keep=0.3, layout="streams"), 2.0),
+        ("T-Switch keep 0.3, groups", dict(name="tswitch", keep=0.3, layout="compact"), groups_bits(0.3)),
+        ("T-Switch keep 0.1, groups", dict(name="tswitch", keep=0.1, layout="compact"), groups_bits(0.1)),
         ("TVQ-INT2 + lzma", dict(name="tvq", bits=2, entropy="lzma"), 2.0),
         ("RTVQ(3+2) + lzma", dict(name="rtvq", entropy="lzma"), 2.375),
-        ("T-Switch keep 0.3, streams + lzma", dict(name="tswitch", keep=0.3, mask_layout="streams", entropy="lzma"),
+        ("T-Switch keep 0.3, streams + lzma", dict(name="tswitch", keep=0.3, layout="streams", entropy="lzma"),
          2.0),
     ]
     size_rows, speed_rows = [], []

@@ -69,8 +69,8 @@ def make_bundles(folder: str) -> Tuple[List[str], str]:
     paths = []
     for name, fields in (("tvq", dict(name="tvq", bits=3, entropy="zlib")),
                          ("rtvq", dict(name="rtvq", include_base="float16")),
-                         ("tswitch", dict(name="tswitch", entropy="lzma", mask_layout="streams")),
-                         ("tswitch-groups", dict(name="tswitch", keep=0.1, mask_layout="groups"))):
+                         ("tswitch", dict(name="tswitch", entropy="lzma", layout="streams")),
+                         ("tswitch-groups", dict(name="tswitch", keep=0.1, layout="compact"))):
         path = os.path.join(folder, name + ".tvs")
         export_bundle(base, tasks, path, **fields)
         paths.append(path)

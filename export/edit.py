@@ -24,7 +24,7 @@ from tvswitch.export.exporter import Scheme, add_queries, codes_term, encode_ten
 from tvswitch.export.lora import load_task
 from tvswitch.export.quantize import quantize
 from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
-from tvswitch.kernels.packing import unpack_codes
+from tvswitch.kernels.packing import unpack_codes, unpack_sparse
 from tvswitch.kernels.reference import dequantize
 from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
@@ -102,7 +102,7 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
         old = next((bundle.manifest["entries"][t][name] for t in bundle.tasks
                     if name in bundle.manifest["entries"][t]), None)
         if scheme.name == "rtvq" and old is not None:
-            entries[name] = _rtvq_entry(bundle, old, task, name, taus[0], store)
+            entries[name] = _rtvq_entry(bundle, old, task, name, taus[0], store, scheme.layout)
         else:
             width = (old["terms"][0]["bits"],) if scheme.name == "tvq" and old else None
             entries[name] = encode_tensor(scheme, name, base_ck.tensors[name].shape, [task], taus, flat_base,
@@ -141,13 +141,18 @@ def set_query_sets(path: str, query_sets: Mapping[str, np.ndarray], router: Any,
     return Bundle.open(out or path)
 
 
-def _rtvq_entry(bundle: Bundle, old: dict, task: str, name: str, tau: np.ndarray, store: PayloadStore) -> dict:
+def _rtvq_entry(bundle: Bundle, old: dict, task: str, name: str, tau: np.ndarray, store: PayloadStore,
+                layout: str) -> dict:
+    """A new task's RTVQ entry: the shared base vector as the other tasks have it, and the
+    task's own offset from it."""
     shared, offset = old["terms"]
+    t = fmt.parse_entry(bundle.path, name, old).terms[0]
     n = tau.size
-    ref = dequantize(unpack_codes(bundle.payload(shared["codes"]), shared["bits"], n),
-                     bundle.payload(shared["params"]), shared["group"])
+    codes = (unpack_sparse(bundle.payload(t.mask), bundle.payload(t.codes), t.bits, t.fill, n)
+             if t.layout == "sparse" else unpack_codes(bundle.payload(t.codes), t.bits, n))
+    ref = dequantize(codes, bundle.payload(t.params), t.group)
     q = quantize(tau - ref, offset["bits"], offset["group"])
-    return {"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (task, name), q)]}
+    return {"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (task, name), q, layout=layout)]}
 
 
 def _referenced(m: dict) -> set:

@@ -19,7 +19,7 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, task_vectors
 from tvswitch.export.lora import load_task
-from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask
+from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask, pack_sparse
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
@@ -33,8 +33,16 @@ from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import fingerprint
 from tvswitch.runtime.rebuild import CpuRebuilder
 
-#: Scheme.mask_layout's values: a term layout of FORMAT.md, or the smaller per tensor.
-MASK_LAYOUTS = ("auto",) + fmt.LAYOUTS
+#: Scheme.layout's values: codes as streams (FORMAT.md 3.1), compact (groups of four that
+#: hold nothing of their own left out: the groups layout of 3.3 for T-Switch's masked signs,
+#: the sparse layout of 3.4 for codes without a mask), or auto: compact for a term where it
+#: takes at most AUTO_COMPACT of the streams' bits.
+TERM_LAYOUTS = ("auto", "streams", "compact")
+#: A compact row decodes slower than a stream's where stored and unstored groups mix
+#: (docs/kernels.md: up to 2-3x for 3-bit codes, docs/results/layouts.md), so auto takes the
+#: compact form only where it at least halves a term; a saving that large comes from
+#: tensors fine-tuning left mostly alone, whose rows are all fill and decode fast.
+AUTO_COMPACT = 0.5
 #: RTVQ (base bits, offset bits) pairs the budget allocator may choose per tensor.
 RTVQ_OPTIONS = ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (3, 3), (4, 3), (5, 3), (4, 4), (6, 4))
 #: Elements on which the allocator estimates each option's error (the steps use them all).
@@ -61,10 +69,8 @@ class Scheme:
     offset_bits: int = 2
     budget_bits: Optional[float] = None
     keep: float = 0.3
-    #: tswitch: how each tensor's mask and signs are held (FORMAT.md "Groups"): "streams"
-    #: (a bitmap and a sign bit per element, 2 bits), "groups" (a byte per group of four
-    #: with a kept element, and an index), or "auto": per tensor, the smaller
-    mask_layout: str = "auto"
+    #: how each term's codes are held (TERM_LAYOUTS): "streams", "compact" or "auto"
+    layout: str = "auto"
     raw_dtype: str = "float16"
     task_specific: List[str] = field(default_factory=list)
 
@@ -84,8 +90,8 @@ class Scheme:
                 raise TvswitchError("--budget-bits must be positive, got %g" % self.budget_bits)
         if self.name == "tswitch" and not 0 < self.keep <= 1:
             raise TvswitchError("--keep must be in (0, 1], got %g" % self.keep)
-        if self.mask_layout not in MASK_LAYOUTS:
-            raise TvswitchError("--mask-layout must be one of %s, got %r" % (", ".join(MASK_LAYOUTS), self.mask_layout))
+        if self.layout not in TERM_LAYOUTS:
+            raise TvswitchError("--layout must be one of %s, got %r" % (", ".join(TERM_LAYOUTS), self.layout))
 
 
 def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optional[Scheme] = None, *,
@@ -257,11 +263,30 @@ def add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mappin
 
 # ---- per-scheme encoding of one tensor --------------------------------------------------
 
-def codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np.ndarray] = None) -> dict:
-    """A codes term (FORMAT.md section 4) whose payloads go into ``store`` under ``prefix``."""
+def codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np.ndarray] = None,
+               layout: str = "streams") -> dict:
+    """A codes term (FORMAT.md section 4) whose payloads go into ``store`` under ``prefix``,
+    in ``layout`` (TERM_LAYOUTS): compact is the groups layout for masked 1-bit codes and
+    the sparse layout, with the most common code as the fill, for codes without a mask;
+    other terms, and under auto a compact form above AUTO_COMPACT of the streams, stay streams."""
+    n = q.codes.size
+    streams_words = code_words(n, q.bits) + (code_words(n, 1) if mask is not None else 0)
+    params = lambda: store.add(prefix + "/params", q.params, compress=False)  # noqa: E731
+    if layout != "streams" and mask is not None and q.bits == 1:
+        index, data = pack_groups(mask, q.codes)
+        if layout == "compact" or index.size + data.size <= AUTO_COMPACT * streams_words:
+            return {"kind": "codes", "layout": "groups", "bits": 1, "group": q.group,
+                    "codes": store.add(prefix + "/bytes", data), "mask": store.add(prefix + "/index", index),
+                    "params": params()}
+    if layout != "streams" and mask is None and n:
+        fill = int(np.bincount(q.codes.reshape(-1)).argmax())
+        index, words = pack_sparse(q.codes, q.bits, fill)
+        if layout == "compact" or index.size + words.size <= AUTO_COMPACT * streams_words:
+            return {"kind": "codes", "layout": "sparse", "bits": q.bits, "group": q.group, "fill": fill,
+                    "codes": store.add(prefix + "/codes", words), "mask": store.add(prefix + "/index", index),
+                    "params": params()}
     term = {"kind": "codes", "bits": q.bits, "group": q.group,
-            "codes": store.add(prefix + "/codes", pack_codes(q.codes, q.bits)),
-            "params": store.add(prefix + "/params", q.params, compress=False)}
+            "codes": store.add(prefix + "/codes", pack_codes(q.codes, q.bits)), "params": params()}
     if mask is not None:
         term["mask"] = store.add(prefix + "/mask", pack_mask(mask))
     return term
@@ -295,17 +320,19 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
     group = group_size(shape, scheme.granularity)
     if scheme.name == "tvq":
         bits = width[0] if width else scheme.bits
-        return [{"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), quantize(tau, bits, group))]}
+        return [{"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), quantize(tau, bits, group),
+                                                       layout=scheme.layout)]}
                 for t, tau in zip(tasks, taus)]
     if scheme.name == "fq":
         return [{"mode": "absolute",
-                 "terms": [codes_term(store, "%s/%s" % (t, name), quantize(tau + flat_base, scheme.bits, group))]}
+                 "terms": [codes_term(store, "%s/%s" % (t, name), quantize(tau + flat_base, scheme.bits, group),
+                                      layout=scheme.layout)]}
                 for t, tau in zip(tasks, taus)]
     if scheme.name == "rtvq":
         base_bits, offset_bits = width if width else (scheme.base_bits, scheme.offset_bits)
         res = quantize_residual(taus, base_bits, offset_bits, group)
-        shared = codes_term(store, "@shared/%s" % name, res.base)
-        return [{"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (t, name), off)]}
+        shared = codes_term(store, "@shared/%s" % name, res.base, layout=scheme.layout)
+        return [{"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (t, name), off, layout=scheme.layout)]}
                 for t, off in zip(tasks, res.offsets)]
     # tswitch: the sign as a masked 1-bit code, (scale, offset) = (2*lambda, -lambda)
     out = []
@@ -314,16 +341,8 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
         lam = np.float32(sw.scale)
         q = Quantized(codes=sw.positive.astype(np.uint8), params=np.array([2 * lam, -lam], dtype=np.float32),
                       group=max(tau.size, 1), bits=1)
-        prefix = "%s/%s" % (t, name)
-        index, data = pack_groups(sw.mask, q.codes)
-        groups_smaller = index.size + data.size < 2 * code_words(tau.size, 1)
-        if scheme.mask_layout == "groups" or (scheme.mask_layout == "auto" and groups_smaller):
-            term = {"kind": "codes", "layout": "groups", "bits": 1, "group": q.group,
-                    "codes": store.add(prefix + "/bytes", data), "mask": store.add(prefix + "/index", index),
-                    "params": store.add(prefix + "/params", q.params, compress=False)}
-        else:
-            term = codes_term(store, prefix, q, mask=sw.mask)
-        out.append({"mode": "delta", "terms": [term]})
+        out.append({"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), q, mask=sw.mask,
+                                                          layout=scheme.layout)]})
     return out
 
 

@@ -14,6 +14,7 @@ KIND_CODES = 0
 KIND_RAW_F32 = 1
 KIND_RAW_F16 = 2
 KIND_GROUPS = 3
+KIND_SPARSE = 4
 
 F32 = 0
 F16 = 1
@@ -31,9 +32,10 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 TERM_DTYPE = np.dtype(
     {
-        "names": ["codes", "mask", "params", "group", "weight", "kind", "bits", "aux"],
-        "formats": ["<u8", "<u8", "<u8", "<u8", "<f4", "<u4", "<u4", "<u4"],
-        "offsets": [0, 8, 16, 24, 32, 36, 40, 44],
+        # "fill" last by name (tables are filled with tuples in this order), at offset 28
+        "names": ["codes", "mask", "params", "group", "weight", "kind", "bits", "aux", "fill"],
+        "formats": ["<u8", "<u8", "<u8", "<u4", "<f4", "<u4", "<u4", "<u4", "<u4"],
+        "offsets": [0, 8, 16, 24, 32, 36, 40, 44, 28],
         "itemsize": 48,
     }
 )

@@ -14,7 +14,8 @@
  * at a time with per-lane shifts.  The path is picked once at first use (AVX2, else
  * portable); tv_cpu_set_path() lets the tests run each one on one machine.  A groups term
  * (FORMAT.md 3.3) is turned row by row into the code and mask words of the same 1-bit
- * term as streams and then takes the 1-bit row of its path; the scalar path decodes it
+ * term as streams and then takes the 1-bit row of its path, and a sparse term (3.4) into
+ * the row of codes a stream would hold, then the b-bit row; the scalar path decodes both
  * element by element with tv_term_value.
  */
 #include "decode.h"
@@ -48,7 +49,8 @@
 enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3 };
 
 /* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers;
- * 3: TV_KIND_GROUPS terms (tv_term.aux: their byte stream's words). */
+ * 3: TV_KIND_GROUPS and TV_KIND_SPARSE terms (tv_term.aux: their stream's words; tv_term.fill;
+ *    tv_term.group 32-bit). */
 int tv_abi_version(void) { return 3; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
@@ -262,13 +264,128 @@ static inline TV_ALWAYS_INLINE void row1_portable(float *acc, const uint32_t *wo
 }
 TV_DEFINE_GROUP_ROWS(groups_portable, , group_row_words, row1_portable)
 
-/* The scalar path's GROUPS rows: decode.h alone, element by element (tv_term_value). */
-static void groups_scalar(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
+/* The scalar path's GROUPS and SPARSE rows: decode.h alone, element by element
+ * (tv_term_value). */
+static void elementwise_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
 {
     (void)n;
     for (uint32_t k = 0; k < rows; ++k)
         accum32_generic(acc + 32u * k, t, i + 32u * k);
 }
+
+/*
+ * A SPARSE term's row as the b words of codes a CODES term would hold there: groups g ..
+ * g+7 (r the rank of group g) each give four codes, read from the stream at the group's
+ * rank or, for a group not stored, four fill codes (fill4; fill_row: a row of them).  A
+ * row with no group stored is fill_row, one with all eight stored is b words of the stream
+ * from code 4r on (the two cases that fill a tensor's rows where it is mostly unchanged or
+ * mostly changed, each a branch that stays predicted within a tensor).  Other rows read
+ * the stream for every group (at rank r <= R, the sentinel group after the R stored ones
+ * keeping the read inside it) and choose with masks: no branch on the flags.  Returns the
+ * rank of group g + 8.
+ */
+static inline TV_ALWAYS_INLINE uint32_t sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r,
+                                                          uint32_t bits, uint32_t fill4, const uint32_t *fill_row,
+                                                          uint32_t *row)
+{
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t *stream = (const uint32_t *)t->codes;
+    row[bits] = 0u; /* the trailing word a stream has (tv_field may read it) */
+    if (flags == 0u) {
+        for (uint32_t w = 0; w < bits; ++w)
+            row[w] = fill_row[w];
+        return r;
+    }
+    if (flags == 0xffu) {
+        const uint32_t first = tv_code_word(4u * r, bits), shift = tv_code_shift(4u * r, bits);
+        for (uint32_t w = 0; w < bits; ++w)
+            row[w] = tv_window(stream[first + w], stream[first + w + 1u], shift);
+        return r + 8u;
+    }
+    uint64_t pending = 0u;
+    uint32_t filled = 0u, w = 0u;
+    for (uint32_t k = 0; k < 8u; ++k) {
+        const uint32_t f = (flags >> k) & 1u, stored = tv_field(stream, bits, 4u * r, 4u);
+        pending |= (uint64_t)((stored & (0u - f)) | (fill4 & (f - 1u))) << filled;
+        r += f;
+        filled += 4u * bits;
+        if (filled >= 32u) {
+            row[w++] = (uint32_t)pending;
+            pending >>= 32;
+            filled -= 32u;
+        }
+    }
+    return r;
+}
+
+/* A row of 32 fill codes as b words (fill4 eight times over). */
+static inline TV_ALWAYS_INLINE void fill_row_words(uint32_t fill4, uint32_t bits, uint32_t *row)
+{
+    uint64_t pending = 0u;
+    uint32_t filled = 0u, w = 0u;
+    for (uint32_t k = 0; k < 8u; ++k) {
+        pending |= (uint64_t)fill4 << filled;
+        filled += 4u * bits;
+        if (filled >= 32u) {
+            row[w++] = (uint32_t)pending;
+            pending >>= 32;
+            filled -= 32u;
+        }
+    }
+}
+
+/*
+ * One SPARSE term of constant width B over `rows` rows: each row's codes (ROW_CODES, with
+ * sparse_row_codes' arguments), then the unmasked B-bit row of instruction path
+ * ROW(acc, row, B, weight, scale, offset).
+ */
+#define TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, B)                                   \
+    ATTR static void NAME##_##B(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows) \
+    {                                                                                         \
+        float scale, offset;                                                                  \
+        const uint32_t fill4 = tv_sparse_fill4(t, B);                                         \
+        uint32_t r = tv_group_rank(t, i >> 2), fill_row[B];                                   \
+        fill_row_words(fill4, B, fill_row);                                                   \
+        for (uint32_t k = 0; k < rows; ++k, i += 32u) {                                       \
+            uint32_t row[B + 1];                                                              \
+            r = ROW_CODES(t, i >> 2, r, B, fill4, fill_row, row);                             \
+            if (row_params(t, i, n, &scale, &offset))                                         \
+                ROW(acc + 32u * k, row, B, t->weight, scale, offset);                         \
+            else                                                                              \
+                accum32_generic(acc + 32u * k, t, i);                                         \
+        }                                                                                     \
+    }
+#define TV_DEFINE_SPARSE(NAME, ATTR, ROW_CODES, ROW)                                           \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 1)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 2)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 3)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 4)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 5)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 6)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 7)                                      \
+    TV_DEFINE_SPARSE_ROWS(NAME, ATTR, ROW_CODES, ROW, 8)                                      \
+    ATTR static void NAME(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows) \
+    {                                                                                         \
+        switch (t->bits) {                                                                    \
+        case 1: NAME##_1(acc, t, i, n, rows); break;                                          \
+        case 2: NAME##_2(acc, t, i, n, rows); break;                                          \
+        case 3: NAME##_3(acc, t, i, n, rows); break;                                          \
+        case 4: NAME##_4(acc, t, i, n, rows); break;                                          \
+        case 5: NAME##_5(acc, t, i, n, rows); break;                                          \
+        case 6: NAME##_6(acc, t, i, n, rows); break;                                          \
+        case 7: NAME##_7(acc, t, i, n, rows); break;                                          \
+        default: NAME##_8(acc, t, i, n, rows); break;                                         \
+        }                                                                                     \
+    }
+
+static inline TV_ALWAYS_INLINE void row_portable(float *acc, const uint32_t *row, uint32_t bits, float w,
+                                                 float scale, float offset)
+{
+    float qf[32];
+    unpack32_float(row, bits, qf);
+    finish32(acc, qf, w, scale, offset, 0, 0u);
+}
+TV_DEFINE_SPARSE(sparse_portable, , sparse_row_codes, row_portable)
 
 #ifdef TV_HAVE_AVX2_PATH
 #define TV_AVX2 __attribute__((target("avx2"))) static inline TV_ALWAYS_INLINE
@@ -339,30 +456,67 @@ static inline TV_ALWAYS_INLINE uint32_t nibbles8(uint64_t x)
 }
 
 /*
- * group_row_words with one byte shuffle (SSSE3, which every AVX2 CPU has): a row's bytes
- * are consecutive from rank r, so they are loaded as one 8-byte field and each moved to
- * its group's place, the shuffle's control for group k being the count of flags below k
- * (0x80, a zero byte, where k has none).  Near the end of the bytes, where that load
- * would pass them, the loop of group_row_words.
+ * The 8 bytes of a row's groups, stored ones consecutive from byte r of `src`: one 8-byte
+ * load, each byte moved to its group's place by one byte shuffle (SSSE3, which every AVX2
+ * CPU has), zero where a group is not stored.  The shuffle's control for group k is the
+ * count of flags below k, 0x80 (a zero byte) where k has none; *unstored gets 0xff in the
+ * bytes of groups not stored.  The caller keeps r + 8 within the bytes.
  */
-TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code, uint32_t *keep)
+TV_AVX2 uint64_t avx2_spread_bytes(const uint8_t *src, uint32_t r, uint32_t flags, uint64_t *unstored)
 {
     const uint64_t lanes = 0x0101010101010101ull;
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
-    if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
-        return group_row_words(t, g, r, code, keep);
     /* byte k of `ones`: flag k; ones * lanes: the flags up to k (at most 8, no carries) */
-    const uint64_t ones = ((((uint64_t)flags * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7 & lanes;
+    const uint64_t ones = ((((uint64_t)(flags & 0xffu) * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7
+                          & lanes;
     const uint64_t control = (ones * lanes - ones) | ((ones ^ lanes) << 7);
     uint64_t bytes;
-    memcpy(&bytes, (const uint8_t *)t->codes + r, sizeof bytes); /* little-endian: byte r first */
-    const uint64_t x = (uint64_t)_mm_cvtsi128_si64(
+    memcpy(&bytes, src + r, sizeof bytes); /* little-endian: byte r first */
+    *unstored = (ones ^ lanes) * 0xffu;
+    return (uint64_t)_mm_cvtsi128_si64(
         _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)bytes), _mm_cvtsi64_si128((long long)control)));
+}
+
+/* group_row_words by avx2_spread_bytes; near the end of the bytes, where its load would pass
+ * them, the loop of group_row_words. */
+TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code, uint32_t *keep)
+{
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    uint64_t unstored;
+    if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
+        return group_row_words(t, g, r, code, keep);
+    const uint64_t x = avx2_spread_bytes((const uint8_t *)t->codes, r, flags, &unstored);
     *keep = nibbles8(x & 0x0f0f0f0f0f0f0f0full);
     *code = nibbles8((x >> 4) & 0x0f0f0f0f0f0f0f0full);
     return r + tv_popcount(flags);
 }
 TV_DEFINE_GROUP_ROWS(groups_avx2, __attribute__((target("avx2"))), avx2_group_row_words, row1_avx2)
+
+/*
+ * sparse_row_codes for 2-bit codes, where a group's four codes are one byte of the stream
+ * (byte r: group rank r): the row's 64 bits of codes are avx2_spread_bytes' bytes, with
+ * the fill byte where a group is not stored.  Other widths, and the end of the stream, take
+ * sparse_row_codes.
+ */
+TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits, uint32_t fill4,
+                                       const uint32_t *fill_row, uint32_t *row)
+{
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    uint64_t unstored;
+    if (bits != 2u || (uint64_t)r + 8u > 4u * (uint64_t)t->aux)
+        return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
+    const uint64_t x = avx2_spread_bytes((const uint8_t *)t->codes, r, flags, &unstored)
+                       | ((uint64_t)fill4 * 0x0101010101010101ull & unstored);
+    row[0] = (uint32_t)x;
+    row[1] = (uint32_t)(x >> 32);
+    row[2] = 0u;
+    return r + tv_popcount(flags);
+}
+
+TV_AVX2 void row_avx2(float *acc, const uint32_t *row, uint32_t bits, float w, float scale, float offset)
+{
+    avx2_row(acc, row, bits, w, scale, offset, 0, 0u);
+}
+TV_DEFINE_SPARSE(sparse_avx2, __attribute__((target("avx2"))), avx2_sparse_row_codes, row_avx2)
 
 /* One CODES term over `rows` rows, AVX2 path: the width becomes a constant. */
 TV_AVX2 void accum_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
@@ -407,7 +561,7 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
  * ACCUM_CODES(acc, t, i, n, rows) adds one CODES term over `rows` rows.
  */
 #define TV_ROWS 8
-#define TV_DEFINE_TILE(NAME, ATTR, ACCUM_CODES, ACCUM_GROUPS)                                \
+#define TV_DEFINE_TILE(NAME, ATTR, ACCUM_CODES, ACCUM_GROUPS, ACCUM_SPARSE)                  \
     ATTR static void NAME(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len) \
     {                                                                                        \
         const uint32_t n = (uint32_t)s->n;                                                   \
@@ -432,6 +586,8 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
                     ACCUM_CODES(acc, t, i, n, rows);                                         \
                 else if (t->kind == TV_KIND_GROUPS)                                          \
                     ACCUM_GROUPS(acc, t, i, n, rows);                                        \
+                else if (t->kind == TV_KIND_SPARSE)                                          \
+                    ACCUM_SPARSE(acc, t, i, n, rows);                                        \
                 else                                                                         \
                     for (uint32_t r = 0; r < rows; ++r)                                      \
                         accum32_generic(acc + 32u * r, t, i + 32u * r);                      \
@@ -449,10 +605,10 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
             tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));              \
     }
 
-TV_DEFINE_TILE(rebuild_tile_scalar, , accum_scalar, groups_scalar)
-TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable)
+TV_DEFINE_TILE(rebuild_tile_scalar, , accum_scalar, elementwise_rows, elementwise_rows)
+TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable, sparse_portable)
 #ifdef TV_HAVE_AVX2_PATH
-TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum_avx2, groups_avx2)
+TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum_avx2, groups_avx2, sparse_avx2)
 
 /* accum_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
 __attribute__((target("avx2"))) static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)
@@ -576,9 +732,21 @@ static int check_term(const tv_term *t, uint64_t n, const tv_extent *ext, uint32
         if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
             return TV_CHECK_PARAMS;
     } else if (t->kind == TV_KIND_GROUPS) {
-        /* The index's counts and flags are the reader's to check (FORMAT.md "Groups"): with
+        /* The index's counts and flags are the reader's to check (FORMAT.md 3.3): with
          * them consistent every byte rank is below 4 * (aux - 1), so these extents bound every read. */
         if (t->bits != 1 || t->group < 1 || t->aux < 1 || !t->mask)
+            return TV_CHECK_TERM;
+        if (!inside(ext, next, t->codes, 4 * (uint64_t)t->aux))
+            return TV_CHECK_CODES;
+        if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
+            return TV_CHECK_PARAMS;
+        if (!inside(ext, next, t->mask, 4 * TV_INDEX_RECORD * (((n + 3) / 4 + TV_BLOCK_GROUPS - 1) / TV_BLOCK_GROUPS)))
+            return TV_CHECK_MASK;
+        return TV_CHECK_OK;
+    } else if (t->kind == TV_KIND_SPARSE) {
+        /* As for GROUPS: with the index consistent (the reader's check), every code read,
+         * the sentinel group's included, lies in the aux words of the stream. */
+        if (t->bits < 1 || t->bits > 8 || t->group < 1 || t->aux < 1 || !t->mask || (t->fill >> t->bits) != 0)
             return TV_CHECK_TERM;
         if (!inside(ext, next, t->codes, 4 * (uint64_t)t->aux))
             return TV_CHECK_CODES;

@@ -10,7 +10,8 @@
  * What each build takes from here (docs/kernels.md has the same list):
  * - both hot paths: tv_code_word/tv_code_shift (where a code lies), tv_window/tv_cut
  *   (codes from a loaded pair of words), tv_field_code, tv_mask_field and tv_bit (the mask
- *   as a 1-bit stream), tv_group_* (the group layout's bytes), tv_params (a group's scale
+ *   as a 1-bit stream), tv_group_* (the groups and sparse layouts' index and bytes),
+ *   tv_sparse_code/tv_sparse_fill4 (a sparse term's codes), tv_params (a group's scale
  *   and offset), tv_dequant = tv_affine of
  *   tv_code_float, tv_keep and tv_accumulate: one function per operation of the contract
  *   below, in its order;
@@ -23,7 +24,8 @@
  * alone): the CPU's SIMD code conversion (cpu_rebuild.c's unpack32_float: SSE2 on x86-64,
  * NEON on aarch64, run under qemu), its AVX2 row (avx2_codes8 + avx2_row) and its
  * gathering of a groups term's bytes into a row's code and mask words (group_row_words,
- * with a byte shuffle on AVX2 CPUs: avx2_group_row_words), held to tv_term_value.
+ * with a byte shuffle on AVX2 CPUs: avx2_group_row_words) and of a sparse term's codes into
+ * a row of codes (sparse_row_codes, avx2_sparse_row_codes), held to tv_term_value.
  *
  * Plain C99 that CUDA 10.2 (JetPack 4) also accepts: no C++ templates, no cuda_fp16.h
  * (half and bfloat16 are converted by bit manipulation, identically on host and device).
@@ -60,7 +62,8 @@ enum {
     TV_KIND_CODES = 0,   /* b-bit codes with a (scale, offset) pair per group */
     TV_KIND_RAW_F32 = 1, /* the values themselves, binary32 */
     TV_KIND_RAW_F16 = 2, /* the values themselves, binary16 */
-    TV_KIND_GROUPS = 3   /* masked 1-bit codes in the group layout (FORMAT.md "Groups") */
+    TV_KIND_GROUPS = 3,  /* masked 1-bit codes in the groups layout (FORMAT.md 3.3) */
+    TV_KIND_SPARSE = 4   /* b-bit codes in the sparse layout: groups of fill codes left out (3.4) */
 };
 enum { TV_F32 = 0, TV_F16 = 1, TV_BF16 = 2 };
 
@@ -81,14 +84,17 @@ enum { TV_F32 = 0, TV_F16 = 1, TV_BF16 = 2 };
  * packs 32 values in 3 words with no waste.  A mask is a 1-bit stream of the same form.
  */
 typedef struct tv_term {
-    uint64_t codes;  /* uint32 code stream (CODES), the raw element array (RAW_*), the group bytes (GROUPS) */
-    uint64_t mask;   /* uint32 1-bit stream, 0 = no mask (every element kept); GROUPS: the group index */
-    uint64_t params; /* float32 [scale, offset] per group (CODES, GROUPS) */
-    uint64_t group;  /* elements per group: the tensor, one output channel, or G */
+    uint64_t codes;  /* uint32 code stream (CODES, SPARSE: its stored groups'), the raw element array
+                        (RAW_*), the group bytes (GROUPS) */
+    uint64_t mask;   /* uint32 1-bit stream, 0 = no mask (every element kept); GROUPS, SPARSE: the group index */
+    uint64_t params; /* float32 [scale, offset] per group (CODES, GROUPS, SPARSE) */
+    uint32_t group;  /* elements per group: the tensor, one output channel, or G */
+    uint32_t fill;   /* SPARSE: the code of every element of a group the index does not flag; else 0 */
     float weight;    /* mix weight of this term, rescaler included */
     uint32_t kind;   /* TV_KIND_* */
-    uint32_t bits;   /* code width b, 1..8 (CODES; GROUPS: 1) */
-    uint32_t aux;    /* GROUPS: uint32 words of the group bytes (what the buffer checks bound); else 0 */
+    uint32_t bits;   /* code width b, 1..8 (CODES, SPARSE; GROUPS: 1) */
+    uint32_t aux;    /* GROUPS, SPARSE: uint32 words of the bytes or code stream (what the buffer
+                        checks bound); else 0 */
 } tv_term;
 TV_STATIC_ASSERT(sizeof(tv_term) == 48, tv_term_is_48_bytes);
 
@@ -340,14 +346,17 @@ TV_HD void tv_store(uint64_t ptr, uint32_t dtype, uint32_t i, float v)
         ((uint16_t *)ptr)[i] = tv_float_to_bf16(v);
 }
 
-/* ---- the group layout (FORMAT.md "Groups") ----
+/* ---- the groups and sparse layouts (FORMAT.md 3.3, 3.4) ----
  *
- * A masked 1-bit term, stored by groups of four elements: groups with a kept element have
- * a byte (bits 0-3: keep of elements 0..3, bits 4-7: their codes), in order; the index
- * holds, per block of 256 groups (1024 elements, one CUDA block), a word counting the
- * flagged groups before the block and 8 words of flags (bit g & 31 of word (g >> 5) & 7:
- * group g has a byte).  A group's byte is found by its rank: the block's count plus the
- * flags before it in the block, at most 8 popcounts.
+ * Both store a term by groups of four elements and leave out the groups that hold nothing
+ * of their own.  GROUPS (a masked 1-bit term): groups with a kept element have a byte
+ * (bits 0-3: keep of elements 0..3, bits 4-7: their codes), in order.  SPARSE (b-bit
+ * codes): groups whose codes are not all the term's fill code have their four codes in a
+ * b-bit stream, in order, followed by one sentinel group of fill codes.  The index holds,
+ * per block of 256 groups (1024 elements, one CUDA block), a word counting the flagged
+ * groups before the block and 8 words of flags (bit g & 31 of word (g >> 5) & 7: group g
+ * is stored).  A stored group is found by its rank: the block's count plus the flags
+ * before it in the block, at most 8 popcounts.
  */
 #define TV_BLOCK_GROUPS 256u
 #define TV_INDEX_RECORD 9u
@@ -383,12 +392,34 @@ TV_HD uint32_t tv_group_byte_at(const tv_term *t, uint32_t r)
     return (((const uint32_t *)t->codes)[r >> 2] >> (8u * (r & 3u))) & 0xffu;
 }
 
+/* 1 when group g is stored (flagged in the index). */
+TV_HD uint32_t tv_group_stored(const tv_term *t, uint32_t g)
+{
+    return (tv_group_flags(t, g) >> (g & 31u)) & 1u;
+}
+
 /* Group g's byte: 0 (nothing kept) for a group without one. */
 TV_HD uint32_t tv_group_byte(const tv_term *t, uint32_t g)
 {
-    if (!((tv_group_flags(t, g) >> (g & 31u)) & 1u))
+    if (!tv_group_stored(t, g))
         return 0u;
     return tv_group_byte_at(t, tv_group_rank(t, g));
+}
+
+/* A SPARSE term's fill code four times, as the field of a group of b-bit codes. */
+TV_HD uint32_t tv_sparse_fill4(const tv_term *t, uint32_t bits)
+{
+    return t->fill * (1u | 1u << bits | 1u << 2u * bits | 1u << 3u * bits);
+}
+
+/* The code of element i of a SPARSE term: from its group's four codes in the stream, or
+ * the fill code where the group is not stored. */
+TV_HD uint32_t tv_sparse_code(const tv_term *t, uint32_t i)
+{
+    const uint32_t g = i >> 2;
+    if (!tv_group_stored(t, g))
+        return t->fill;
+    return tv_code((const uint32_t *)t->codes, t->bits, 4u * tv_group_rank(t, g) + (i & 3u));
 }
 
 /* Value of one term at element i, before its weight. */
@@ -399,6 +430,10 @@ TV_HD float tv_term_value(const tv_term *t, uint32_t i)
         const uint32_t byte = tv_group_byte(t, i >> 2), j = i & 3u;
         const float *p = tv_params(t, i);
         return tv_keep(tv_dequant((byte >> (4u + j)) & 1u, p[0], p[1]), (byte >> j) & 1u);
+    }
+    if (t->kind == TV_KIND_SPARSE) { /* no mask: the mask field holds the index */
+        const float *p = tv_params(t, i);
+        return tv_dequant(tv_sparse_code(t, i), p[0], p[1]);
     }
     if (t->kind == TV_KIND_CODES) {
         const float *p = tv_params(t, i);

@@ -1,5 +1,6 @@
 """Bit packing and unpacking: decode.h's code streams in numpy (FORMAT.md, "Code streams"),
-and the group layout of a masked 1-bit term (FORMAT.md, "Groups").
+the groups layout of a masked 1-bit term (FORMAT.md 3.3) and the sparse layout of b-bit
+codes (FORMAT.md 3.4), which share the group index.
 
 Value i of a b-bit stream sits at stream bits [b*i, b*i + b); stream bit k is bit k & 31
 of little-endian uint32 word k >> 5; one zero word ends every stream.  32 values of b
@@ -75,6 +76,40 @@ def group_index_words(n: int) -> int:
     return INDEX_RECORD_WORDS * -(-(-(-n // GROUP_ELEMS)) // BLOCK_GROUPS)
 
 
+def _flag_index(flags: np.ndarray) -> np.ndarray:
+    """The group index (FORMAT.md 3.3) of one flag per group: per block of 256 groups the
+    count of flagged groups before it, then the block's flags."""
+    groups = flags.size
+    blocks = -(-groups // BLOCK_GROUPS)
+    padded = np.pad(flags, (0, blocks * BLOCK_GROUPS - groups))
+    counts = padded.reshape(blocks, BLOCK_GROUPS).sum(1)
+    index = np.zeros((blocks, INDEX_RECORD_WORDS), dtype=np.uint32)
+    index[:, 0] = np.cumsum(counts) - counts
+    index[:, 1:] = pack_mask(padded)[:-1].reshape(blocks, GROUP_FLAG_WORDS)
+    return index.reshape(-1)
+
+
+def _index_flags(index: np.ndarray, groups: int) -> np.ndarray:
+    """The flags of groups 0..groups-1 of a group index, as bool."""
+    records = index.reshape(-1, INDEX_RECORD_WORDS)
+    return np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little")[:groups].astype(bool)
+
+
+def _index_error(index: np.ndarray, n: int) -> "tuple[str | None, int]":
+    """(what is wrong with a group index of n elements or None, its count of flagged groups)."""
+    groups = -(-n // GROUP_ELEMS)
+    if index.dtype != np.uint32 or index.size != group_index_words(n):
+        return "index needs %d uint32 words" % group_index_words(n), 0
+    records = index.reshape(-1, INDEX_RECORD_WORDS)
+    flags = np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little").reshape(-1, BLOCK_GROUPS)
+    if flags.reshape(-1)[groups:].any():
+        return "index flags a group past the tensor's %d" % groups, 0
+    counts = flags.sum(1, dtype=np.int64)
+    if not np.array_equal(records[:, 0].astype(np.int64), np.cumsum(counts) - counts):
+        return "index block offsets are not the counts of flagged groups before each block", 0
+    return None, int(counts.sum())
+
+
 def pack_groups(keep: np.ndarray, codes: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
     """(index, bytes) of a masked 1-bit code stream in the group layout: per group of four
     elements with a kept one, a byte (keep bits 0-3, code bits 4-7); per block of 256
@@ -88,48 +123,74 @@ def pack_groups(keep: np.ndarray, codes: np.ndarray) -> "tuple[np.ndarray, np.nd
     q4 = np.pad(bits, (0, pad)).reshape(groups, GROUP_ELEMS) & k4  # a code counts where kept only
     byte = (k4 << np.arange(4, dtype=np.uint8)).sum(1) | ((q4 << np.arange(4, 8, dtype=np.uint8)).sum(1))
     flags = k4.any(axis=1)
-    blocks = -(-groups // BLOCK_GROUPS)
-    flag_words = pack_mask(np.pad(flags, (0, blocks * BLOCK_GROUPS - groups)))[:-1].reshape(blocks, GROUP_FLAG_WORDS)
-    counts = np.pad(flags, (0, blocks * BLOCK_GROUPS - groups)).reshape(blocks, BLOCK_GROUPS).sum(1)
-    index = np.zeros((blocks, INDEX_RECORD_WORDS), dtype=np.uint32)
-    index[:, 0] = np.cumsum(counts) - counts
-    index[:, 1:] = flag_words
     kept_bytes = byte[flags].astype(np.uint8)
     words = np.zeros(-(-kept_bytes.size // 4) + 1, dtype=np.uint32)
     words.view(np.uint8)[: kept_bytes.size] = kept_bytes  # byte r is byte r & 3 of word r >> 2
     if words.dtype.byteorder == ">":  # pragma: no cover - every supported host is little-endian
         raise RuntimeError("the group layout is packed on little-endian hosts only")
-    return index.reshape(-1), words
+    return _flag_index(flags), words
 
 
 def group_layout_error(index: np.ndarray, data: np.ndarray, n: int) -> "str | None":
     """What is wrong with a group-layout (index, bytes) pair of n elements, or None: the
     index's size, each block's offset (the count of flagged groups before it), no flag past
     the last group, and room in the bytes for every flagged group. A decoder trusts all four."""
-    groups = -(-n // GROUP_ELEMS)
-    if index.dtype != np.uint32 or index.size != group_index_words(n):
-        return "index needs %d uint32 words" % group_index_words(n)
-    records = index.reshape(-1, INDEX_RECORD_WORDS)
-    flags = np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little").reshape(-1, BLOCK_GROUPS)
-    if flags.reshape(-1)[groups:].any():
-        return "index flags a group past the tensor's %d" % groups
-    counts = flags.sum(1, dtype=np.int64)
-    if not np.array_equal(records[:, 0].astype(np.int64), np.cumsum(counts) - counts):
-        return "index block offsets are not the counts of flagged groups before each block"
-    need = -(-int(counts.sum()) // 4) + 1
+    error, flagged = _index_error(index, n)
+    if error is not None:
+        return error
+    need = -(-flagged // 4) + 1
     if data.dtype != np.uint32 or data.ndim != 1 or data.size != need:
-        return "bytes need %d uint32 words for %d flagged groups" % (need, int(counts.sum()))
+        return "bytes need %d uint32 words for %d flagged groups" % (need, flagged)
     return None
 
 
 def unpack_groups(index: np.ndarray, data: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
     """(keep, codes) of elements 0..n-1 of a group-layout term (the inverse of pack_groups)."""
     groups = -(-n // GROUP_ELEMS)
-    records = index.reshape(-1, INDEX_RECORD_WORDS)
-    flags = np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little")[:groups].astype(bool)
+    flags = _index_flags(index, groups)
     byte = np.zeros(groups, dtype=np.uint8)
     byte[flags] = data.astype("<u4").view(np.uint8)[: int(flags.sum())]
     shifts = np.arange(4, dtype=np.uint8)
     keep = ((byte[:, None] >> shifts) & 1).astype(bool).reshape(-1)[:n]
     codes = ((byte[:, None] >> (shifts + 4)) & 1).astype(np.uint32).reshape(-1)[:n]
     return keep, codes
+
+
+def sparse_words(stored: int, bits: int) -> int:
+    """uint32 words of a sparse term's code stream with ``stored`` groups: their codes and
+    the four fill codes of the sentinel group after them (FORMAT.md 3.4)."""
+    return code_words(GROUP_ELEMS * (stored + 1), bits)
+
+
+def pack_sparse(codes: np.ndarray, bits: int, fill: int) -> "tuple[np.ndarray, np.ndarray]":
+    """(index, code stream) of n b-bit codes in the sparse layout: a group of four is stored
+    unless all its codes are ``fill``; the stream holds the stored groups' codes, four per
+    group in order, then one sentinel group of fill codes."""
+    codes = np.asarray(codes).reshape(-1).astype(np.uint32)
+    n = codes.size
+    groups = -(-n // GROUP_ELEMS)
+    c4 = np.pad(codes, (0, groups * GROUP_ELEMS - n), constant_values=fill).reshape(groups, GROUP_ELEMS)
+    flags = (c4 != fill).any(axis=1)
+    stored = np.concatenate([c4[flags].reshape(-1), np.full(GROUP_ELEMS, fill, dtype=np.uint32)])
+    return _flag_index(flags), pack_codes(stored, bits)
+
+
+def unpack_sparse(index: np.ndarray, words: np.ndarray, bits: int, fill: int, n: int) -> np.ndarray:
+    """Codes 0..n-1 of a sparse-layout term (the inverse of pack_sparse)."""
+    groups = -(-n // GROUP_ELEMS)
+    flags = _index_flags(index, groups)
+    c4 = np.full((groups, GROUP_ELEMS), fill, dtype=np.uint32)
+    c4[flags] = unpack_codes(words, bits, GROUP_ELEMS * int(flags.sum())).reshape(-1, GROUP_ELEMS)
+    return c4.reshape(-1)[:n]
+
+
+def sparse_layout_error(index: np.ndarray, words: np.ndarray, bits: int, n: int) -> "str | None":
+    """What is wrong with a sparse-layout (index, code stream) pair of n b-bit codes, or None:
+    the index as for the groups layout, and a stream sized for its stored groups."""
+    error, stored = _index_error(index, n)
+    if error is not None:
+        return error
+    need = sparse_words(stored, bits)
+    if words.dtype != np.uint32 or words.ndim != 1 or words.size != need:
+        return "code stream needs %d uint32 words for %d stored groups of %d-bit codes" % (need, stored, bits)
+    return None

@@ -137,8 +137,8 @@ __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t
                                          tv_fetched *f)
 {
     f->fast = 0;
-    const int groups = t->kind == TV_KIND_GROUPS;
-    if ((t->kind != TV_KIND_CODES && !groups) || t->bits < 1u || t->bits > 8u)
+    const int groups = t->kind == TV_KIND_GROUPS, sparse = t->kind == TV_KIND_SPARSE;
+    if ((t->kind != TV_KIND_CODES && !groups && !sparse) || t->bits < 1u || t->bits > 8u)
         return;
     /* One (scale, offset) pair for the four elements: per-tensor scales need no divide. */
     const float *p = (const float *)t->params;
@@ -161,6 +161,18 @@ __device__ __forceinline__ void tv_fetch(const tv_term *t, uint32_t i0, uint32_t
     }
     const uint32_t b = t->bits;
     const uint32_t *codes = (const uint32_t *)t->codes;
+    if (sparse) {
+        /* One group, too: its four codes from the stream at its rank, or four fill codes,
+         * placed where tv_window at i0's shift finds them; no mask. */
+        const uint32_t g = i0 >> 2;
+        const uint32_t field = tv_group_stored(t, g) ? tv_field(codes, b, 4u * tv_group_rank(t, g), 4u)
+                                                     : tv_sparse_fill4(t, b);
+        const uint64_t placed = (uint64_t)field << tv_code_shift(i0, b);
+        f->lo = (uint32_t)placed;
+        f->hi = (uint32_t)(placed >> 32);
+        f->mask = 0xffffffffu;
+        return;
+    }
     const uint32_t w = tv_code_word(i0, b);
     const uint32_t s = tv_code_shift(i0, b);
     f->lo = codes[w];

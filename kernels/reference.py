@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from tvswitch.kernels import abi
-from tvswitch.kernels.packing import unpack_codes, unpack_groups, unpack_mask
+from tvswitch.kernels.packing import unpack_codes, unpack_groups, unpack_mask, unpack_sparse
 
 
 def dequantize(codes: np.ndarray, params: np.ndarray, group: int) -> np.ndarray:
@@ -30,6 +30,10 @@ def term_value(term: np.void, n: int, arrays: dict) -> np.ndarray:
         keep, codes = unpack_groups(arrays[int(term["mask"])], arrays[int(term["codes"])], n)
         v = dequantize(codes, arrays[int(term["params"])], int(term["group"]))
         return np.where(keep, v, np.float32(0))
+    if kind == abi.KIND_SPARSE:  # the mask field holds the group index, and there is no mask
+        codes = unpack_sparse(arrays[int(term["mask"])], arrays[int(term["codes"])], int(term["bits"]),
+                              int(term["fill"]), n)
+        return dequantize(codes, arrays[int(term["params"])], int(term["group"]))
     if kind == abi.KIND_CODES:
         codes = unpack_codes(arrays[int(term["codes"])], int(term["bits"]), n)
         v = dequantize(codes, arrays[int(term["params"])], int(term["group"]))

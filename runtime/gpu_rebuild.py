@@ -68,8 +68,9 @@ RESIDENT_BASE = ("the resident base (every switch reads it, so no rebuild may wr
 
 
 def check_terms(mix_tables: MixTables) -> None:
-    """What the kernel relies on and the bundle reader does not promise: groups within 32 bits."""
-    codes = mix_tables.terms[np.isin(mix_tables.terms["kind"], (abi.KIND_CODES, abi.KIND_GROUPS))]
+    """What the kernel relies on of a table it did not build: group sizes of 1..MAX_ELEMENTS
+    elements and code widths of 1..8 bits (decode.h divides by the one and shifts by the other)."""
+    codes = mix_tables.terms[np.isin(mix_tables.terms["kind"], (abi.KIND_CODES, abi.KIND_GROUPS, abi.KIND_SPARSE))]
     if len(codes) and (codes["group"].min() < 1 or codes["group"].max() > abi.MAX_ELEMENTS):
         raise TvswitchError("a term's group size is outside 1..%d" % abi.MAX_ELEMENTS)
     if len(codes) and (codes["bits"].min() < 1 or codes["bits"].max() > 8):

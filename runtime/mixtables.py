@@ -119,15 +119,19 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:
+    """decode.h's tv_term for one term, as abi.TERM_DTYPE's tuple (``fill`` last)."""
     if t.layout == "groups":  # decode.h's GROUPS term: the bytes in codes, the index in mask
         return (address(t.codes), address(t.mask), address(t.params), t.group, weight, abi.KIND_GROUPS, 1,
-                bundle.payload(t.codes).size)
+                bundle.payload(t.codes).size, 0)
+    if t.layout == "sparse":  # SPARSE: the stored groups' codes in codes, the index in mask
+        return (address(t.codes), address(t.mask), address(t.params), t.group, weight, abi.KIND_SPARSE, t.bits,
+                bundle.payload(t.codes).size, t.fill)
     if t.kind == "codes":
         return (address(t.codes), address(t.mask) if t.mask else 0, address(t.params), t.group,
-                weight, abi.KIND_CODES, t.bits, 0)
+                weight, abi.KIND_CODES, t.bits, 0, 0)
     values = bundle.payload(t.values)
     kind = abi.KIND_RAW_F32 if values.dtype == np.float32 else abi.KIND_RAW_F16
-    return (address(t.values), address(t.mask) if t.mask else 0, 0, 1, weight, kind, 0, 0)
+    return (address(t.values), address(t.mask) if t.mask else 0, 0, 1, weight, kind, 0, 0, 0)
 
 
 def term_bound(bundle: Bundle, t) -> float:

@@ -21,6 +21,8 @@ def describe_entry(entry: Entry, bundle: Bundle) -> str:
             parts.append("raw " + bundle.payload(t.values).dtype.name)
         elif t.layout == "groups":
             parts.append("mask+sign groups")
+        elif t.layout == "sparse":
+            parts.append("%d sparse" % t.bits)
         elif t.mask is not None and t.bits == 1:
             parts.append("mask+sign")
         else:
@@ -39,9 +41,9 @@ def entry_widths(entry: Entry, bundle: Bundle) -> List[int]:
 
 def budget_bits(bundle: Bundle) -> float:
     """What ``--budget-bits`` holds to (FORMAT.md section 6): the bits of the task vectors' codes
-    terms (code streams with their trailing word, 64 bits per (scale, offset) group; a shared
-    payload such as RTVQ's base vector once), per weight and task over the tensors that are
-    task vectors (not stored as-is)."""
+    terms (code streams with their trailing word, a sparse term's group index, 64 bits per
+    (scale, offset) group; a shared payload such as RTVQ's base vector once), per weight and
+    task over the tensors that are task vectors (not stored as-is)."""
     keys, weights = set(), 0
     for name, spec in bundle.shared_specs.items():
         entries = [bundle.entries(t).get(name) for t in bundle.tasks]
@@ -50,7 +52,7 @@ def budget_bits(bundle: Bundle) -> float:
         weights += spec.numel
         for e in entries:
             for t in e.terms if e is not None else ():
-                keys.update((t.codes, t.params))
+                keys.update((t.codes, t.params, t.mask) if t.layout == "sparse" else (t.codes, t.params))
     bits = sum(8 * bundle.payload(k).nbytes for k in keys)
     return bits / float(weights * len(bundle.tasks)) if weights and bundle.tasks else 0.0
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from tvswitch.errors import BundleError
 from tvswitch.kernels.abi import FLOAT32_MAX, MAX_ELEMENTS, code_words
-from tvswitch.kernels.packing import group_index_words, group_layout_error
+from tvswitch.kernels.packing import group_index_words, group_layout_error, sparse_layout_error
 
 #: A manifest larger than this is refused before it is parsed (8 tasks of MiniLM: 60 kB).
 MAX_MANIFEST_BYTES = 64 << 20
@@ -25,13 +25,13 @@ VERSION = 1
 MANIFEST_KEY = "tvswitch.manifest"
 DIGEST_KEY = "tvswitch.manifest.sha256"
 CODECS = ("none", "zlib", "lzma")
-#: How a codes term's codes and mask are laid out (Term.layout).
-LAYOUTS = ("streams", "groups")
+#: How a codes term's codes and mask are laid out (Term.layout, FORMAT.md 3.2-3.4).
+LAYOUTS = ("streams", "groups", "sparse")
 #: The schemes, each with the settings (Scheme fields, CLI flags) it reads; the manifest
 #: records them all, and the CLI refuses a flag the chosen scheme would ignore.
-SCHEMES = {"fq": ("bits", "granularity"), "tvq": ("bits", "granularity", "budget_bits"),
-           "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits"), "tswitch": ("keep", "mask_layout"),
-           "emr": ("bits", "granularity")}
+SCHEMES = {"fq": ("bits", "granularity", "layout"), "tvq": ("bits", "granularity", "budget_bits", "layout"),
+           "rtvq": ("base_bits", "offset_bits", "granularity", "budget_bits", "layout"),
+           "tswitch": ("keep", "layout"), "emr": ("bits", "granularity")}
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ELEMENT_DTYPES = ("float32", "float16")
 PAYLOAD_DTYPES = ("uint32", "float32", "float16", "uint8", "int8", "int16", "int32", "int64",
@@ -51,9 +51,12 @@ class Term:
     values: Optional[str] = None
     mask: Optional[str] = None
     #: how a codes term's codes and mask are laid out: "streams" (a code stream and a 1-bit
-    #: mask stream) or "groups" (1-bit codes under a mask, by groups of four: ``codes`` names
-    #: the group bytes, ``mask`` the group index; FORMAT.md "Groups")
+    #: mask stream), "groups" (1-bit codes under a mask, by groups of four: ``codes`` names
+    #: the group bytes, ``mask`` the group index; FORMAT.md 3.3) or "sparse" (b-bit codes
+    #: of the groups not all ``fill``: ``codes`` names their stream, ``mask`` the group
+    #: index, and there is no mask; FORMAT.md 3.4)
     layout: str = "streams"
+    fill: int = 0
 
     @property
     def payloads(self) -> Tuple[str, ...]:
@@ -115,8 +118,13 @@ def parse_entry(path: str, where: str, raw: Any) -> Entry:
             _require(layout in LAYOUTS, path, "term layout must be one of %s in %s" % (", ".join(LAYOUTS), where))
             _require(layout != "groups" or (t["bits"] == 1 and mask is not None), path,
                      "the groups layout holds masked 1-bit codes only, in %s" % where)
-            terms.append(Term("codes", float(scale), codes=t["codes"], params=t["params"],
-                              bits=t["bits"], group=t["group"], mask=mask, layout=layout))
+            fill = t.get("fill", 0)
+            _require(layout != "sparse" or (mask is not None and _is_int(fill) and 0 <= fill < 1 << t["bits"]),
+                     path, "a sparse term needs its group index and a fill code of %d bits, in %s" % (t["bits"], where))
+            _require(layout == "sparse" or "fill" not in t, path,
+                     "a fill code outside the sparse layout, in %s" % where)
+            terms.append(Term("codes", float(scale), codes=t["codes"], params=t["params"], bits=t["bits"],
+                              group=t["group"], mask=mask, layout=layout, fill=fill if layout == "sparse" else 0))
         else:
             _require(_is_key(t.get("values")), path, "bad payload key in %s" % where)
             terms.append(Term("raw", float(scale), values=t["values"], mask=mask))
@@ -261,12 +269,13 @@ def _check_payload(path: str, key: str, info: Any, stored: Tuple[str, Tuple[int,
 
 def _check_term(path: str, where: str, t: Term, n: int, roles: _Roles) -> None:
     """Each payload a term reads has the dtype and element count its use implies (for the
-    groups layout, what can be known before the payloads are read: ``check_group_layouts``
-    checks their contents)."""
-    if t.layout == "groups":
-        info = roles.claim(t.codes, "group bytes", where)
+    groups and sparse layouts, what can be known before the payloads are read:
+    ``check_group_layouts`` checks their contents)."""
+    if t.layout in ("groups", "sparse"):
+        role = "group bytes" if t.layout == "groups" else "sparse codes"
+        info = roles.claim(t.codes, role, where)
         _require(info["dtype"] == "uint32" and len(info["shape"]) == 1, path,
-                 "group bytes of %s: a 1-D uint32 array is needed" % where)
+                 "%s of %s: a 1-D uint32 array is needed" % (role, where))
         info = roles.claim(t.mask, "group index", where)
         _require(info["dtype"] == "uint32" and info["shape"] == [group_index_words(n)], path,
                  "group index of %s: need %d uint32 words" % (where, group_index_words(n)))
@@ -294,12 +303,16 @@ def _check_term(path: str, where: str, t: Term, n: int, roles: _Roles) -> None:
 
 
 def check_group_layouts(path: str, manifest: Mapping, payloads: Mapping[str, np.ndarray]) -> None:
-    """Refuse a groups-layout term whose index and bytes disagree (FORMAT.md "Groups",
-    rule 8): the decoders find a byte by counting flags and trust the counts."""
+    """Refuse a groups or sparse term whose index and stored groups disagree (FORMAT.md
+    3.3-3.4, rule 8): the decoders find a group by counting flags and trust the counts."""
     for task, entries in manifest["entries"].items():
         for name, raw in entries.items():
             n = _numel(manifest["tensors"][name]["shape"])
             for t in parse_entry(path, "%s/%s" % (task, name), raw).terms:
                 if t.layout == "groups":
                     error = group_layout_error(payloads[t.mask], payloads[t.codes], n)
-                    _require(error is None, path, "groups term of %s/%s: %s" % (task, name, error))
+                elif t.layout == "sparse":
+                    error = sparse_layout_error(payloads[t.mask], payloads[t.codes], t.bits, n)
+                else:
+                    continue
+                _require(error is None, path, "%s term of %s/%s: %s" % (t.layout, task, name, error))

@@ -32,7 +32,7 @@ def cli(*args):
 def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     bundle = tmp_path / "t.tvs"
     assert main(["export", "--base", str(example / "base.safetensors"), *_tasks(example), "--scheme", "tswitch",
-                 "--keep", "0.2", "--mask-layout", "streams", "--no-progress", "-o", str(bundle)]) == 0
+                 "--keep", "0.2", "--layout", "streams", "--no-progress", "-o", str(bundle)]) == 0
     assert main(["inspect", str(bundle), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert stats["tasks"] == ["detect", "gauge", "line"]
@@ -60,26 +60,34 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     assert got["pool.bn.num_batches_tracked"] == ft["pool.bn.num_batches_tracked"]
 
 
-def test_tswitch_in_the_group_layout_rebuilds_the_same_weights_in_fewer_bits(example, tmp_path, capsys):
+@pytest.mark.parametrize("scheme,flags,label", [
+    ("tswitch", ["--keep", "0.05"], "mask+sign groups"),
+    ("tvq", ["--bits", "2"], "2 sparse bit"),
+    ("rtvq", [], "3 sparse+2 sparse bit"),
+])
+def test_the_compact_layout_rebuilds_the_same_weights(example, tmp_path, capsys, scheme, flags, label):
+    """compact against streams: the same weights bit for bit, from groups (T-Switch) or
+    sparse codes (TVQ, RTVQ); at keep 0.05 T-Switch's groups hold under 0.6 of the bits."""
     from safetensors.numpy import load_file
 
     base = str(example / "base.safetensors")
     rebuilt = {}
-    for layout in ("streams", "groups"):
+    for layout in ("streams", "compact"):
         capsys.readouterr()
         bundle = tmp_path / (layout + ".tvs")
-        assert main(["export", "--base", base, *_tasks(example), "--scheme", "tswitch", "--keep", "0.05",
-                     "--mask-layout", layout, "--no-progress", "-o", str(bundle)]) == 0
+        assert main(["export", "--base", base, *_tasks(example), "--scheme", scheme, *flags,
+                     "--layout", layout, "--no-progress", "-o", str(bundle)]) == 0
         assert main(["inspect", str(bundle), "--json"]) == 0
         stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
         rebuilt[layout] = stats["bits_per_task_vector_weight"]
         out = tmp_path / (layout + ".safetensors")
         assert main(["rebuild", str(bundle), "--mix", "detect=0.6,line=-0.4", "--base", base, "-o", str(out)]) == 0
         rebuilt[layout, "weights"] = load_file(str(out))
-    assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == "mask+sign groups"
-    assert rebuilt["groups"] < 0.6 * rebuilt["streams"], rebuilt
+    assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == label
+    if scheme == "tswitch":
+        assert rebuilt["compact"] < 0.6 * rebuilt["streams"], rebuilt
     for name, a in rebuilt["streams", "weights"].items():
-        assert a.tobytes() == rebuilt["groups", "weights"][name].tobytes(), name
+        assert a.tobytes() == rebuilt["compact", "weights"][name].tobytes(), name
 
 
 def test_mix_and_arithmetic(example, tmp_path):

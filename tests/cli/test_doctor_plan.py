@@ -244,7 +244,7 @@ def test_what_if_rtvq_plans_what_a_real_rtvq_bundle_plans(capsys, tmp_path):
     tasks = {t: {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
              for t in ("a", "b", "c", "d")}
     path = str(tmp_path / "rtvq.tvs")
-    export_bundle(base, tasks, path, name="rtvq")
+    export_bundle(base, tasks, path, name="rtvq", layout="streams")  # the what-if's layout: b bits per weight
     assert main(["plan", path, "--device", "nano-4gb", "--json"]) == 0
     real = json.loads(capsys.readouterr().out)
     params = real["bundle"]["num_shared_params"]

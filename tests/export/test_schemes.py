@@ -5,6 +5,7 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.rtvq import quantize_residual, reconstruct
 from tvswitch.export.tswitch import binarize
+from tvswitch.runtime.stats import budget_bits
 
 
 def test_error_correction_lowers_rtvq_error():
@@ -98,9 +99,13 @@ def test_budget_counts_scales_and_offsets(tmp_path, scheme, granularity, budget)
     fts = {t: {n: (w + rng.laplace(0, 0.002 * (1 + k), w.shape)).astype(np.float32) for k, (n, w) in
                enumerate(base.items())} for t in "xyz"}
     bundle = export_bundle(base, fts, str(tmp_path / "b.tvs"), name=scheme, granularity=granularity,
-                           budget_bits=budget)
+                           budget_bits=budget, layout="streams")
     measured = _coded_bits_per_weight(bundle)
     assert budget - 1.0 < measured <= budget
+    # widths are chosen as streams; the compact layout can only store fewer bits than that
+    compact = export_bundle(base, fts, str(tmp_path / "c.tvs"), name=scheme, granularity=granularity,
+                            budget_bits=budget, layout="auto")
+    assert budget_bits(compact) <= budget_bits(bundle) <= budget
     widths = {n: tuple(t.bits for t in bundle.entries("x")[n].terms) for n in shapes}
     assert len(set(widths.values())) > 1  # the budget was spent unevenly, not one width for all
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tvswitch.kernels import abi, cpu
-from tvswitch.kernels.packing import pack_groups
+from tvswitch.kernels.packing import pack_groups, pack_sparse
 
 ELEM = {abi.F32: np.float32, abi.F16: np.float16, abi.BF16: np.uint16}
 #: Bytes around every output array that no rebuild may touch.
@@ -118,16 +118,24 @@ def _term(rng: np.random.Generator, n: int, keep) -> tuple:
         words = rng.integers(0, 2**32, size=abi.code_words(n, 1), dtype=np.uint64).astype(np.uint32)
         words[-1] = 0
         mask = keep(words)
-    kind = rng.choice(["codes"] * 6 + ["f32", "f16", "groups"])
-    if kind == "groups":  # masked 1-bit codes by groups of four (FORMAT.md "Groups"), sparse or dense
+    kind = rng.choice(["codes"] * 6 + ["f32", "f16", "groups", "sparse"])
+    if kind == "groups":  # masked 1-bit codes by groups of four (FORMAT.md 3.3), sparse or dense
         index, data = pack_groups(rng.random(n) < rng.choice([0.02, 0.3, 0.9]), rng.integers(0, 2, n))
         group = int(rng.choice([max(n, 1), 64, 1000]))
         params = rng.uniform(-0.1, 0.1, size=2 * max(-(-n // group), 1)).astype(np.float32)
-        return (keep(data), keep(index), keep(params), group, weight, abi.KIND_GROUPS, 1, data.size)
+        return (keep(data), keep(index), keep(params), group, weight, abi.KIND_GROUPS, 1, data.size, 0)
+    if kind == "sparse":  # b-bit codes, groups of the fill code left out (FORMAT.md 3.4)
+        bits = int(rng.integers(1, 9))
+        fill = int(rng.integers(0, 1 << bits))
+        codes = np.where(rng.random(n) < rng.choice([0.02, 0.3, 0.9]), rng.integers(0, 1 << bits, n), fill)
+        index, words = pack_sparse(codes, bits, fill)
+        group = int(rng.choice([max(n, 1), 3, 64, 1000]))
+        params = rng.uniform(-0.1, 0.1, size=2 * max(-(-n // group), 1)).astype(np.float32)
+        return (keep(words), keep(index), keep(params), group, weight, abi.KIND_SPARSE, bits, words.size, fill)
     if kind == "f32":
-        return (keep(rng.normal(size=n).astype(np.float32)), mask, 0, 1, weight, abi.KIND_RAW_F32, 0, 0)
+        return (keep(rng.normal(size=n).astype(np.float32)), mask, 0, 1, weight, abi.KIND_RAW_F32, 0, 0, 0)
     if kind == "f16":
-        return (keep(_f16_specials(rng, n).astype(np.float16)), mask, 0, 1, weight, abi.KIND_RAW_F16, 0, 0)
+        return (keep(_f16_specials(rng, n).astype(np.float16)), mask, 0, 1, weight, abi.KIND_RAW_F16, 0, 0, 0)
     bits = int(rng.integers(1, 9))
     group = int(rng.choice([max(n, 1), 1, 3, 7, 64, 100, 384, 1000]))
     words = rng.integers(0, 2**32, size=abi.code_words(n, bits), dtype=np.uint64).astype(np.uint32)
@@ -136,7 +144,7 @@ def _term(rng: np.random.Generator, n: int, keep) -> tuple:
     params = np.empty(2 * groups, dtype=np.float32)
     params[0::2] = rng.uniform(1e-3, 0.1, size=groups)
     params[1::2] = rng.uniform(-0.2, 0.0, size=groups)
-    return (keep(words), mask, keep(params), group, weight, abi.KIND_CODES, bits, 0)
+    return (keep(words), mask, keep(params), group, weight, abi.KIND_CODES, bits, 0, 0)
 
 
 #: Sizes with every shape of tail: empty, one element, under a tile, exact tiles, odd.

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask
+from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask, pack_sparse
 from tvswitch.kernels import abi, cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
@@ -62,7 +62,7 @@ def test_simd_rows_equal_decode_h_scalar_functions(bits, masked):
     params = rng.normal(0, 0.1, 2 * -(-n // group)).astype(np.float32)
     term = np.zeros(1, dtype=abi.TERM_DTYPE)
     term[0] = (words.ctypes.data, mask.ctypes.data if masked else 0, params.ctypes.data, group,
-               float(rng.normal()), abi.KIND_CODES, bits, 0)
+               float(rng.normal()), abi.KIND_CODES, bits, 0, 0)
     for i in range(0, n, 32):
         start = rng.normal(0, 1, 32).astype(np.float32)
         want = _aligned_row(start)
@@ -112,14 +112,26 @@ def _random_tables(rng, n_segments, out_code, base_code):
         outs.append(out)
         begin = len(rows)
         for _ in range(int(rng.integers(0, 4))):
-            kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS]))
+            kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS,
+                                   abi.KIND_SPARSE]))
+            if kind == abi.KIND_SPARSE:
+                bits, share = int(rng.integers(1, 9)), rng.choice([0.0, 0.05, 0.5, 1.0])
+                fill = int(rng.integers(0, 1 << bits))
+                index, words = pack_sparse(np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill),
+                                           bits, fill)
+                group = int(rng.choice([n, 33, 96]))
+                params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
+                keep += [index, words, params]
+                rows.append((words.ctypes.data, index.ctypes.data, params.ctypes.data, group, float(rng.normal()),
+                             kind, bits, words.size, fill))
+                continue
             if kind == abi.KIND_GROUPS:
                 index, data = pack_groups(rng.random(n) < rng.choice([0.0, 0.05, 0.5, 1.0]), rng.integers(0, 2, n))
                 group = int(rng.choice([n, 33, 96]))
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [index, data, params]
                 rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, group, float(rng.normal()),
-                             kind, 1, data.size))
+                             kind, 1, data.size, 0))
                 continue
             mask_addr = 0
             if rng.random() < 0.4:
@@ -133,11 +145,11 @@ def _random_tables(rng, n_segments, out_code, base_code):
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [words, params]
                 rows.append((words.ctypes.data, mask_addr, params.ctypes.data, group,
-                             float(rng.normal()), kind, bits, 0))
+                             float(rng.normal()), kind, bits, 0, 0))
             else:
                 vals = rng.normal(0, 0.1, n).astype(np.float32 if kind == abi.KIND_RAW_F32 else np.float16)
                 keep.append(vals)
-                rows.append((vals.ctypes.data, mask_addr, 0, 1, float(rng.normal()), kind, 0, 0))
+                rows.append((vals.ctypes.data, mask_addr, 0, 1, float(rng.normal()), kind, 0, 0, 0))
         coef = float(rng.choice([1.0, 0.0, 0.25]))
         segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, coef, base_code, out_code, begin, len(rows) - begin, 0)
     terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
@@ -168,7 +180,7 @@ def test_half_conversion_matches_numpy_everywhere(path):
                         np.random.default_rng(0).normal(0, 1000, 100000).astype(np.float32),
                         np.array([65519.0, 65520.0, 1e-8, -6e-8, 3e-5], np.float32)])
     out = np.zeros(x.size, dtype=np.float16)
-    terms = np.array([(x.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
+    terms = np.array([(x.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0, 0)], dtype=abi.TERM_DTYPE)
     segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
     segs[0] = (0, out.ctypes.data, x.size, 0, 0.0, abi.F32, abi.F16, 0, 1, 0)
     cpu.rebuild(segs, terms, [x, out], 1)
@@ -198,8 +210,8 @@ def test_tables_that_reach_outside_their_buffers_are_refused_before_any_write(fa
     named = {"base": base, "out": out, "codes": words, "params": params, "mask": mask, "values": values}
     # the table is right and one buffer given is one element short (or the term range is too long)
     buffers = [a[:-1] if name == fault else a for name, a in named.items()]
-    terms = np.array([(words.ctypes.data, mask.ctypes.data, params.ctypes.data, n, 1.0, abi.KIND_CODES, bits, 0),
-                      (values.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F16, 0, 0)], dtype=abi.TERM_DTYPE)
+    terms = np.array([(words.ctypes.data, mask.ctypes.data, params.ctypes.data, n, 1.0, abi.KIND_CODES, bits, 0, 0),
+                      (values.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F16, 0, 0, 0)], dtype=abi.TERM_DTYPE)
     segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
     segs[0] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, abi.F32, 0, 3 if fault == "terms" else 2, 0)
     with pytest.raises(TvswitchError, match="reach outside the buffers given \\(segment 0"):

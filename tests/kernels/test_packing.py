@@ -53,7 +53,7 @@ def test_compiled_decoder_reads_what_the_packer_wrote(bits, n, seed):
     words = pack_codes(codes, bits)
     params = np.array([1.0, 0.0], dtype=np.float32)  # value = q exactly
     out = np.full(n, np.nan, dtype=np.float32)
-    terms = np.array([(words.ctypes.data, 0, params.ctypes.data, n, 1.0, abi.KIND_CODES, bits, 0)],
+    terms = np.array([(words.ctypes.data, 0, params.ctypes.data, n, 1.0, abi.KIND_CODES, bits, 0, 0)],
                      dtype=abi.TERM_DTYPE)
     segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
     segs[0] = (0, out.ctypes.data, n, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
@@ -108,3 +108,82 @@ def test_a_damaged_group_layout_is_named(damage, says):
     index, data = damage(*pack_groups(keep, keep))
     error = group_layout_error(index, data, 1030)
     assert error is None if says is None else says in error
+
+
+# ---- the sparse layout (FORMAT.md 3.4) ----
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 3000), bits=st.integers(1, 8), share=st.sampled_from([0.0, 0.01, 0.2, 0.7, 1.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_sparse_codes_round_trip_and_pass_their_own_check(n, bits, share, seed):
+    from tvswitch.kernels.packing import pack_sparse, sparse_layout_error, sparse_words, unpack_sparse
+
+    rng = np.random.default_rng(seed)
+    fill = int(rng.integers(0, 1 << bits))
+    codes = np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill).astype(np.uint32)
+    index, words = pack_sparse(codes, bits, fill)
+    assert sparse_layout_error(index, words, bits, n) is None
+    assert np.array_equal(unpack_sparse(index, words, bits, fill, n), codes)
+    stored = int((np.pad(codes, (0, -n % 4), constant_values=fill).reshape(-1, 4) != fill).any(1).sum())
+    assert words.size == sparse_words(stored, bits)  # four codes per stored group and the sentinel, no more
+    assert np.all(unpack_codes(words, bits, 4 * (stored + 1))[4 * stored:] == fill)  # the sentinel group
+
+
+def test_sparse_layout_is_the_documented_one():
+    from tvswitch.kernels.packing import pack_sparse
+
+    codes = np.full(1030, 2)  # 2-bit codes, fill 2
+    codes[5] = 1  # group 1 stored: codes 2, 1, 2, 2
+    codes[1029] = 0  # group 257 (block 1, the partial last group): 2, 0, then padding 2, 2
+    index, words = pack_sparse(codes, 2, 2)
+    assert index[0] == 0 and index[1:9].tolist() == [1 << 1] + [0] * 7
+    assert index[9] == 1 and index[10] == 1 << 1
+    # each stored group one byte of 2-bit codes (code k at bits 2k), then the fill sentinel
+    assert words.view(np.uint8)[:3].tolist() == [0b10_10_01_10, 0b10_10_00_10, 0b10_10_10_10]
+    assert words.size == 2 and words[-1] == 0
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda i, w: (i, w), None),
+    (lambda i, w: (i.__setitem__(9, 0) or i, w), "block offsets"),
+    (lambda i, w: (i.__setitem__(17, 1 << 31) or i, w), "past the tensor"),
+    (lambda i, w: (i, w[:-1]), "code stream needs"),
+    (lambda i, w: (i[:9], w), "index needs 18"),
+])
+def test_a_damaged_sparse_layout_is_named(damage, says):
+    from tvswitch.kernels.packing import pack_sparse, sparse_layout_error
+
+    rng = np.random.default_rng(0)
+    codes = np.where(rng.random(1030) < 0.3, rng.integers(0, 8, 1030), 3)
+    index, words = damage(*pack_sparse(codes, 3, 3))
+    error = sparse_layout_error(index, words, 3, 1030)
+    assert error is None if says is None else says in error
+
+
+@pytest.mark.skipif(not cpu.available(), reason="CPU library not built")
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 5000), share=st.sampled_from([0.0, 0.1, 0.6, 1.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_compiled_decoder_reads_sparse_codes(bits, n, share, seed):
+    """Each path of the C build gives every element its code: stored, or the fill."""
+    from tvswitch.kernels.packing import pack_sparse
+
+    rng = np.random.default_rng(seed)
+    fill = int(rng.integers(0, 1 << bits))
+    codes = np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill).astype(np.uint32)
+    index, words = pack_sparse(codes, bits, fill)
+    params = np.array([1.0, 0.0], dtype=np.float32)  # value = q exactly
+    out = np.full(n, np.nan, dtype=np.float32)
+    terms = np.array([(words.ctypes.data, index.ctypes.data, params.ctypes.data, n, 1.0, abi.KIND_SPARSE, bits,
+                       words.size, fill)], dtype=abi.TERM_DTYPE)
+    segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    segs[0] = (0, out.ctypes.data, n, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
+    for path in ("scalar", "portable", "avx2"):
+        try:
+            cpu.set_path(path)
+        except ValueError:
+            continue
+        out[:] = np.nan
+        cpu.rebuild(segs, terms, [words, index, params, out], threads=1)
+        assert np.array_equal(out, codes.astype(np.float32)), path
+    cpu.set_path("auto")

@@ -84,7 +84,7 @@ def test_tiles_no_segment_owns_are_skipped(emulator, kit):
     seed = fresh_seed()
     decoy_in = np.ones(4096, np.float32)
     decoy_out = np.zeros(4096, np.float32)
-    decoy_terms = np.array([(decoy_in.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
+    decoy_terms = np.array([(decoy_in.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0, 0)], dtype=abi.TERM_DTYPE)
     decoy = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
     decoy[0] = (0, decoy_out.ctypes.data, 4096, 0, 0.0, abi.F32, abi.F32, 0, 1, 0)
     case = kit.make_case(seed, (1500, 17, 4096), terms_per_segment=(1, 3))
@@ -112,7 +112,7 @@ n = 1024
 base = np.ones(n, np.float32)
 out = np.zeros(n + 4, np.float32)  # the output starts one float in: 4-byte, not 16-byte, aligned
 values = np.full(n, 0.5, np.float32)
-terms = np.array([(values.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0)], dtype=abi.TERM_DTYPE)
+terms = np.array([(values.ctypes.data, 0, 0, 1, 1.0, abi.KIND_RAW_F32, 0, 0, 0)], dtype=abi.TERM_DTYPE)
 segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
 segs[0] = (base.ctypes.data, out.ctypes.data + 4 * int(sys.argv[3]), n, 0, 1.0, abi.F32, abi.F32, 0, 1, 0)
 run(2, segs, terms, 1)
@@ -189,13 +189,49 @@ def test_group_layout_terms_match_the_cpu_library_and_the_reference(emulator, sh
             params = np.array([0.02, -0.01], np.float32)
             keep += [index, data, params]
             rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, abi.KIND_GROUPS, 1,
-                         data.size))
+                         data.size, 0))
         keep += [base, out]
         outs.append(out)
         segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, out_code, begin, 2, 0)
     segs["first_block"] = np.concatenate([[0], np.cumsum(-(-segs["n"].astype(np.int64) // abi.BLOCK_ELEMS))[:-1]])
     terms = np.array(rows, dtype=abi.TERM_DTYPE)
     emulator(4, segs, terms, 1)
+    got = [o.copy() for o in outs]
+    cpu.rebuild(segs, terms, keep, 1)
+    for g, o in zip(got, outs):
+        assert np.array_equal(g.view(np.uint8), o.view(np.uint8))
+    reference.rebuild_reference(segs, terms, keep)
+    for g, o in zip(got, outs):
+        assert np.array_equal(g.view(np.uint8), o.view(np.uint8))
+
+
+@pytest.mark.parametrize("share", [0.03, 0.4])
+def test_sparse_layout_terms_match_the_cpu_library_and_the_reference(emulator, share):
+    """Terms in the sparse layout only (a thread's group found by its rank, or filled), every
+    width, over sizes with partial groups and blocks, into fp32 and fp16 outputs."""
+    from tvswitch.kernels import cpu, reference
+    from tvswitch.kernels.packing import pack_sparse
+
+    rng = np.random.default_rng(12)
+    keep, outs, segs, rows = [], [], np.zeros(3, dtype=abi.SEGMENT_DTYPE), []
+    for s, (n, out_code) in enumerate(((5003, abi.F32), (1024, abi.F16), (6, abi.F32))):
+        base = rng.normal(size=n).astype(np.float32)
+        out = np.zeros(n, np.float32 if out_code == abi.F32 else np.uint16)
+        begin = len(rows)
+        for bits, weight in zip(range(1, 9), (0.5, -1.25, 0.75, 1.0, -0.5, 0.25, 2.0, -0.125)):
+            fill = int(rng.integers(0, 1 << bits))
+            codes = np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill)
+            index, words = pack_sparse(codes, bits, fill)
+            params = np.array([0.02, -0.01], np.float32)
+            keep += [index, words, params]
+            rows.append((words.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, abi.KIND_SPARSE, bits,
+                         words.size, fill))
+        keep += [base, out]
+        outs.append(out)
+        segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, out_code, begin, 8, 0)
+    segs["first_block"] = np.concatenate([[0], np.cumsum(-(-segs["n"].astype(np.int64) // abi.BLOCK_ELEMS))[:-1]])
+    terms = np.array(rows, dtype=abi.TERM_DTYPE)
+    emulator(10, segs, terms, 1)
     got = [o.copy() for o in outs]
     cpu.rebuild(segs, terms, keep, 1)
     for g, o in zip(got, outs):

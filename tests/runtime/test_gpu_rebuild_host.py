@@ -367,11 +367,12 @@ def test_cuda_array_interface_outputs():
         G.DeviceTensor.of(arr)
 
 
-def test_group_sizes_beyond_32_bits_are_refused():
+@pytest.mark.parametrize("group", [0, 2**31 + 5])
+def test_group_sizes_outside_a_tensor_are_refused(group):
     plan = SimpleNamespace(terms=np.zeros(2, dtype=abi.TERM_DTYPE))
     plan.terms["kind"] = abi.KIND_CODES
     plan.terms["bits"] = 4
-    plan.terms["group"] = [5, 2**32 + 5]  # decode.h would divide by 5: params read out of range
+    plan.terms["group"] = [5, group]  # 0: a divide by zero; past 2^31 - 1: indices decode.h does not take
     with pytest.raises(TvswitchError, match="group"):
         G.check_terms(plan)
 

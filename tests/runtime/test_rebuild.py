@@ -21,11 +21,18 @@ def _deq64(bundle, term, n):
     if term.kind == "raw":
         v = bundle.payload(term.values).reshape(-1).astype(np.float64)
     else:
-        q = unpack_codes(bundle.payload(term.codes), term.bits, n).astype(np.float64)
+        if term.layout == "sparse":  # four codes per flagged group, in order; the fill elsewhere
+            flags = np.unpackbits(bundle.payload(term.mask).reshape(-1, 9)[:, 1:].view(np.uint8),
+                                  bitorder="little")[: -(-n // 4)].astype(bool)
+            q4 = np.full((flags.size, 4), float(term.fill))
+            q4[flags] = unpack_codes(bundle.payload(term.codes), term.bits, 4 * int(flags.sum())).reshape(-1, 4)
+            q = q4.reshape(-1)[:n]
+        else:
+            q = unpack_codes(bundle.payload(term.codes), term.bits, n).astype(np.float64)
         p = bundle.payload(term.params).astype(np.float64)
         g = np.arange(n) // term.group
         v = q * p[0::2][g] + p[1::2][g]
-    if term.mask:
+    if term.mask and term.layout == "streams":
         v = v * unpack_mask(bundle.payload(term.mask), n)
     return v
 
@@ -49,8 +56,9 @@ def reference64(bundle, base, mix):
 
 @pytest.mark.parametrize("scheme,kw", [
     ("tvq", dict(bits=4)), ("tvq", dict(bits=3, granularity="channel")), ("tvq", dict(bits=2, granularity="group:16")),
-    ("fq", dict(bits=4)), ("rtvq", {}), ("rtvq", dict(budget_bits=2.4)), ("tswitch", dict(keep=0.25, mask_layout="streams")),
-    ("tswitch", dict(keep=0.1, mask_layout="groups")),
+    ("fq", dict(bits=4)), ("rtvq", {}), ("rtvq", dict(budget_bits=2.4)), ("tswitch", dict(keep=0.25, layout="streams")),
+    ("tswitch", dict(keep=0.1, layout="compact")), ("tvq", dict(bits=2, layout="compact")),
+    ("rtvq", dict(layout="compact")),
     ("emr", dict(bits=4)),
 ])
 @pytest.mark.parametrize("mix", [{"a": 1.0}, {"a": 0.5, "c": 0.25}, {"a": 0.3, "b": 0.3, "c": 0.3}])

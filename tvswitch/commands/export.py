@@ -16,7 +16,7 @@ HELP = "pack the task vectors of fine-tuned checkpoints into a bundle"
 #: not silently ignored (``--keep`` with tvq would otherwise look like it did something).
 FLAGS = {"bits": "--bits", "granularity": "--granularity", "base_bits": "--base-bits",
          "offset_bits": "--offset-bits", "budget_bits": "--budget-bits", "keep": "--keep",
-         "mask_layout": "--mask-layout"}
+         "layout": "--layout"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,10 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "average at most X per weight; tensors stored as-is (norm statistics, "
                         "--task-specific, heads) and the file header are outside it")
     p.add_argument("--keep", type=float, help="tswitch: share of entries kept (default 0.3)")
-    p.add_argument("--mask-layout", choices=["auto", "streams", "groups"],
-                   help="tswitch: streams (a mask bit and a sign bit per weight), groups (a byte per group of "
-                        "four weights with a kept one: below one bit per weight at small --keep), or auto "
-                        "(default: the smaller, per tensor)")
+    p.add_argument("--layout", choices=["auto", "streams", "compact"],
+                   help="fq/tvq/rtvq/tswitch: how codes are held in memory. streams (b bits per weight; "
+                        "T-Switch a mask and a sign bit), compact (groups of four weights that hold "
+                        "nothing of their own left out: below one bit per weight where most codes are "
+                        "the zero point, TVQ-INT2, or few weights are kept, T-Switch at small --keep; "
+                        "a switch decodes slower), or auto (default: compact for the tensors where it at "
+                        "least halves the bits)")
     p.add_argument("--task-specific", action="append", default=[], metavar="PATTERN",
                    help="glob of tensors stored per task as-is (e.g. 'classifier.*'); repeatable")
     p.add_argument("--raw-dtype", choices=["float16", "float32"], default="float16",

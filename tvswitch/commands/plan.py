@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(_ITEMSIZE), help="what-if: base dtype")
     parser.add_argument("--tasks", type=int, help="what-if: number of tasks")
     parser.add_argument("--bits", type=float, help="what-if: bits per weight each task stores (TVQ: its code "
-                        "width; RTVQ: the offsets' width, 2 by default)")
+                        "width as streams; RTVQ: the offsets' width, 2 by default; the compact layout stores "
+                        "fewer: `tvswitch inspect` of a real bundle says how many)")
     parser.add_argument("--base-bits", type=float,
                         help="what-if RTVQ: bits per weight of the base vector all tasks share and every switch "
                              "reads (RTVQ's default is 3; leave it out for schemes without one)")

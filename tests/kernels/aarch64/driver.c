@@ -6,7 +6,8 @@
  * AddressSanitizer and UBSan (tests/kernels/test_sanitized.py), every buffer is malloc'd
  * at exactly the size the format gives it, so any read or write past one is caught (the
  * 1-bit cases add the same codes and mask in the groups layout, packed here by
- * pack_groups below, FORMAT.md 3.3, so its 8-byte loads near the end are checked); and
+ * pack_groups below, FORMAT.md 3.3, and every case a term of mostly-fill codes in the
+ * sparse layout, 3.4, by pack_sparse, so their 8-byte loads near the end are checked); and
  * each case's tables are also run with one buffer declared a word short, which
  * tv_rebuild_cpu_checked must refuse without touching the output.
  */
@@ -52,6 +53,45 @@ static uint32_t pack_groups(const uint32_t *codes, const uint32_t *mask, uint32_
         (*bytes)[r / 4] |= (uint32_t)b[r] << (8 * (r % 4));
     free(b);
     return words;
+}
+
+/*
+ * The sparse layout of n b-bit codes with fill code `fill` (FORMAT.md 3.4): *index and
+ * *words (the stored groups' codes, then a sentinel group of fill codes), malloc'd at their
+ * exact sizes; returns the stream's words.
+ */
+static uint32_t pack_sparse(const uint32_t *codes, uint32_t n, uint32_t bits, uint32_t fill, uint32_t **index,
+                            uint32_t **words)
+{
+    const uint32_t groups = (n + 3) / 4, blocks = (groups + 255) / 256;
+    uint32_t stored = 0;
+    *index = calloc(9 * blocks, 4);
+    for (uint32_t g = 0; g < groups; ++g) {
+        int differs = 0;
+        for (uint32_t j = 0; j < 4 && 4 * g + j < n; ++j)
+            differs |= codes[4 * g + j] != fill;
+        if (g % 256 == 0)
+            (*index)[9 * (g / 256)] = stored;
+        if (differs) {
+            (*index)[9 * (g / 256) + 1 + (g / 32) % 8] |= 1u << (g % 32);
+            ++stored;
+        }
+    }
+    const uint32_t count = 4 * (stored + 1), nwords = (count * bits + 31) / 32 + 1;
+    uint32_t k = 0;
+    *words = calloc(nwords, 4);
+    for (uint32_t g = 0; g <= groups; ++g) {
+        if (g < groups && !(((*index)[9 * (g / 256) + 1 + (g / 32) % 8] >> (g % 32)) & 1u))
+            continue;
+        for (uint32_t j = 0; j < 4; ++j, ++k) { /* g == groups: the sentinel */
+            const uint32_t q = g < groups && 4 * g + j < n ? codes[4 * g + j] : fill;
+            const uint64_t bit = (uint64_t)k * bits;
+            (*words)[bit / 32] |= q << (bit % 32);
+            if (bit % 32 + bits > 32)
+                (*words)[bit / 32 + 1] |= q >> (32 - bit % 32);
+        }
+    }
+    return nwords;
 }
 
 static uint32_t state = 12345u;
@@ -121,10 +161,15 @@ int main(void)
                 for (uint32_t i = 0; i + 1 < mwords; ++i) mask[i] = next();
                 for (uint32_t g = 0; g < 2 * groups; ++g) params[g] = uniform() * 0.01f;
                 for (uint32_t i = 0; i < n; ++i) { base[i] = uniform(); raw[i] = uniform() * 0.001f; }
-                uint32_t *index = NULL, *bytes = NULL, bwords = 0;
+                uint32_t *index = NULL, *bytes = NULL, bwords = 0, *sindex = NULL, *swords = NULL;
+                uint32_t *scodes = malloc(4 * n + 4);
+                const uint32_t fill = next() & ((1u << bits) - 1u);
                 if (bits == 1)
                     bwords = pack_groups(codes, mask, n, &index, &bytes);
-                tv_term t[3];
+                for (uint32_t i = 0; i < n; ++i)
+                    scodes[i] = next() % 5 == 0 ? next() & ((1u << bits) - 1u) : fill;
+                const uint32_t swcount = pack_sparse(scodes, n, bits, fill, &sindex, &swords);
+                tv_term t[4];
                 memset(t, 0, sizeof t);
                 t[0].codes = (uint64_t)(uintptr_t)codes; t[0].params = (uint64_t)(uintptr_t)params;
                 t[0].group = group; t[0].weight = 0.7f; t[0].kind = TV_KIND_CODES; t[0].bits = bits;
@@ -134,16 +179,23 @@ int main(void)
                 t[2].codes = (uint64_t)(uintptr_t)bytes; t[2].mask = (uint64_t)(uintptr_t)index;
                 t[2].params = (uint64_t)(uintptr_t)params; t[2].group = group; t[2].weight = -1.3f;
                 t[2].kind = TV_KIND_GROUPS; t[2].bits = 1; t[2].aux = bwords;
+                t[3].codes = (uint64_t)(uintptr_t)swords; t[3].mask = (uint64_t)(uintptr_t)sindex;
+                t[3].params = (uint64_t)(uintptr_t)params; t[3].group = group; t[3].weight = 0.45f;
+                t[3].kind = TV_KIND_SPARSE; t[3].bits = bits; t[3].aux = swcount; t[3].fill = fill;
+                if (bits != 1)
+                    t[2] = t[3]; /* terms 0, 1 and the sparse one */
                 tv_segment s;
                 memset(&s, 0, sizeof s);
                 s.base = (uint64_t)(uintptr_t)base; s.out = (uint64_t)(uintptr_t)out; s.n = n;
-                s.base_coef = 1.0f; s.base_dtype = TV_F32; s.out_dtype = out_dtype; s.term_count = bits == 1 ? 3 : 2;
+                s.base_coef = 1.0f; s.base_dtype = TV_F32; s.out_dtype = out_dtype; s.term_count = bits == 1 ? 4 : 3;
                 const uint32_t gblocks = ((n + 3) / 4 + 255) / 256;
-                extent ext[8] = {{(uint64_t)(uintptr_t)codes, 4ull * words}, {(uint64_t)(uintptr_t)mask, 4ull * mwords},
-                                 {(uint64_t)(uintptr_t)params, 8ull * groups}, {(uint64_t)(uintptr_t)base, 4ull * n},
-                                 {(uint64_t)(uintptr_t)raw, 4ull * n}, {(uint64_t)(uintptr_t)out, 4ull * n},
-                                 {(uint64_t)(uintptr_t)bytes, 4ull * bwords}, {(uint64_t)(uintptr_t)index, 36ull * gblocks}};
-                const uint32_t next_ = bits == 1 ? 8 : 6;
+                extent ext[10] = {{(uint64_t)(uintptr_t)codes, 4ull * words}, {(uint64_t)(uintptr_t)mask, 4ull * mwords},
+                                  {(uint64_t)(uintptr_t)params, 8ull * groups}, {(uint64_t)(uintptr_t)base, 4ull * n},
+                                  {(uint64_t)(uintptr_t)raw, 4ull * n}, {(uint64_t)(uintptr_t)out, 4ull * n},
+                                  {(uint64_t)(uintptr_t)swords, 4ull * swcount},
+                                  {(uint64_t)(uintptr_t)sindex, 36ull * gblocks},
+                                  {(uint64_t)(uintptr_t)bytes, 4ull * bwords}, {(uint64_t)(uintptr_t)index, 36ull * gblocks}};
+                const uint32_t next_ = bits == 1 ? 10 : 8;
                 uint32_t where = 0;
                 memset(out, 0, 4 * n);
                 ext[0].bytes -= 4; /* the codes one word short: refused, nothing written */
@@ -158,6 +210,7 @@ int main(void)
                 }
                 fwrite(out, out_dtype == TV_F32 ? 4 : 2, n, stdout);
                 free(codes); free(mask); free(params); free(base); free(raw); free(out); free(index); free(bytes);
+                free(scodes); free(sindex); free(swords);
             }
         }
     }

@@ -104,18 +104,21 @@ def test_out_of_range_group_is_refused(bundle_factory, tmp_path):
         Bundle.open(p)
 
 
-def test_a_group_index_that_disagrees_with_its_bytes_is_refused_though_its_crc_is_right(bundle_factory, tmp_path):
-    """The decoders find a group's byte by counting flags: an index whose counts lie would
-    send them past the bytes, so the reader recounts every one."""
+@pytest.mark.parametrize("scheme,settings,layout", [("tswitch", dict(keep=0.1), "groups"),
+                                                     ("tvq", dict(bits=2), "sparse")])
+def test_a_group_index_that_disagrees_with_its_groups_is_refused_though_its_crc_is_right(
+        bundle_factory, tmp_path, scheme, settings, layout):
+    """The decoders find a stored group by counting flags: an index whose counts lie would
+    send them past the stored groups, so the reader recounts every one."""
     import zlib
 
     from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
     import hashlib
 
-    b = bundle_factory("tswitch", keep=0.1, mask_layout="groups")
+    b = bundle_factory(scheme, layout="compact", **settings)
     term = b.entries("a")["mlp.weight"].terms[0]
-    assert term.layout == "groups"
+    assert term.layout == layout
     tensors = load_file(b.path)
     with safe_open(b.path, framework="numpy") as f:
         m = json.loads(f.metadata()["tvswitch.manifest"])
@@ -127,14 +130,20 @@ def test_a_group_index_that_disagrees_with_its_bytes_is_refused_though_its_crc_i
     p = str(tmp_path / "index.tvs")
     save_file(tensors, p, metadata={"tvswitch.manifest": text,
                                     "tvswitch.manifest.sha256": hashlib.sha256(text.encode()).hexdigest()})
-    with pytest.raises(BundleError, match="groups term of a/mlp.weight: index flags a group past"):
+    with pytest.raises(BundleError, match="%s term of a/mlp.weight: index flags a group past" % layout):
         Bundle.open(p)
 
 
-@pytest.mark.parametrize("edit,says", [(dict(layout="rows"), "term layout must be one of streams, groups"),
-                                       (dict(bits=2), "groups layout holds masked 1-bit codes only")])
-def test_a_bad_term_layout_is_refused(bundle_factory, tmp_path, edit, says):
-    b = bundle_factory("tswitch", keep=0.1, mask_layout="groups")
+@pytest.mark.parametrize("scheme,edit,says", [
+    ("tswitch", dict(layout="rows"), "term layout must be one of streams, groups, sparse"),
+    ("tswitch", dict(bits=2), "groups layout holds masked 1-bit codes only"),
+    ("tswitch", dict(fill=0), "a fill code outside the sparse layout"),
+    ("tvq", dict(fill=4), "a sparse term needs its group index and a fill code of 2 bits"),
+    ("tvq", dict(fill=True), "a sparse term needs its group index and a fill code of 2 bits"),
+])
+def test_a_bad_term_layout_is_refused(bundle_factory, tmp_path, scheme, edit, says):
+    b = bundle_factory(scheme, keep=0.1, layout="compact") if scheme == "tswitch" else \
+        bundle_factory(scheme, bits=2, layout="compact")
     p = str(tmp_path / "layout.tvs")
     _rewrite_manifest(b.path, p, lambda m: m["entries"]["a"]["mlp.weight"]["terms"][0].update(edit))
     with pytest.raises(BundleError, match=says):
