@@ -2,7 +2,7 @@
 
     python -m bench.layouts [--cache ~/.cache/tvswitch/text8] [--repeat 12] [--out FILE]
 
-For T-Switch at keep 0.1, 0.3 and 0.5, TVQ at 2 and 3 bits and RTVQ(3+2) on the eight
+For T-Switch at keep 0.1, 0.3 and 0.5, TVQ at 2, 3 and 4 bits and RTVQ(3+2) on the eight
 MiniLM fine-tunes of bench/text8 (or synthetic task vectors of the same shapes,
 bench/rebuild_cpu.load_checkpoints), one bundle per layout (streams: code streams and
 bitmaps; compact: T-Switch's groups, section 3.3, and sparse codes, 3.4; auto: compact
@@ -35,7 +35,8 @@ from tvswitch.runtime.rebuild import CpuRebuilder
 LAYOUTS = ("streams", "compact", "auto")
 #: (label, export settings) of each scheme measured.
 SCHEMES = [("T-Switch keep %.1f" % k, dict(name="tswitch", keep=k)) for k in (0.1, 0.3, 0.5)] + [
-    ("TVQ-INT2", dict(name="tvq", bits=2)), ("TVQ-INT3", dict(name="tvq", bits=3)), ("RTVQ(3+2)", dict(name="rtvq"))]
+    ("TVQ-INT2", dict(name="tvq", bits=2)), ("TVQ-INT3", dict(name="tvq", bits=3)), ("TVQ-INT4", dict(name="tvq", bits=4)),
+    ("RTVQ(3+2)", dict(name="rtvq"))]
 
 
 def resident_bits(bundle: Bundle) -> float:

@@ -388,7 +388,10 @@ static inline TV_ALWAYS_INLINE void row_portable(float *acc, const uint32_t *row
 TV_DEFINE_SPARSE(sparse_portable, , sparse_row_codes, row_portable)
 
 #ifdef TV_HAVE_AVX2_PATH
-#define TV_AVX2 __attribute__((target("avx2"))) static inline TV_ALWAYS_INLINE
+/* AVX2 code, with POPCNT (every AVX2 CPU has it; without it __builtin_popcount is a libgcc
+ * call, which the groups and sparse ranks would pay per row). */
+#define TV_AVX2_TARGET __attribute__((target("avx2,popcnt")))
+#define TV_AVX2 TV_AVX2_TARGET static inline TV_ALWAYS_INLINE
 
 /*
  * Codes 8k .. 8k+7 of a row as eight float lanes, exactly tv_code_float()'s values.  Up
@@ -489,34 +492,104 @@ TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, 
     *code = nibbles8((x >> 4) & 0x0f0f0f0f0f0f0f0full);
     return r + tv_popcount(flags);
 }
-TV_DEFINE_GROUP_ROWS(groups_avx2, __attribute__((target("avx2"))), avx2_group_row_words, row1_avx2)
+TV_DEFINE_GROUP_ROWS(groups_avx2, TV_AVX2_TARGET, avx2_group_row_words, row1_avx2)
 
 /*
- * sparse_row_codes for 2-bit codes, where a group's four codes are one byte of the stream
- * (byte r: group rank r): the row's 64 bits of codes are avx2_spread_bytes' bytes, with
- * the fill byte where a group is not stored.  Other widths, and the end of the stream, take
- * sparse_row_codes.
+ * The shuffle control of avx2_spread_bytes for groups of two bytes (4-bit codes): group k's
+ * bytes 2c, 2c+1 for its control byte c, 0x80 twice where it has none.
+ */
+TV_AVX2 __m128i avx2_pair_control(uint64_t control)
+{
+    const __m128i c = _mm_cvtsi64_si128((long long)control);
+    const __m128i twice = _mm_unpacklo_epi8(c, c); /* c0 c0 c1 c1 ... */
+    const __m128i none = _mm_and_si128(twice, _mm_set1_epi8((char)0x80));
+    return _mm_or_si128(_mm_add_epi8(_mm_add_epi8(twice, twice), _mm_set1_epi16(0x0100)), none);
+}
+
+/* Four 12-bit fields at bits 16j of x to bits 12j (48 bits). */
+static inline TV_ALWAYS_INLINE uint64_t pack12x4(uint64_t x)
+{
+    return (x & 0xfffull) | ((x >> 4) & 0xfff000ull) | ((x >> 8) & 0xfff000000ull) | ((x >> 12) & 0xfff000000000ull);
+}
+
+/*
+ * A 3-bit sparse row: a group's four codes are 12 bits, at bit 12p of the stream for
+ * rank p, so byte 3p/2 (rounded down) and the next hold them, shifted by 4 when p is odd.
+ * One shuffle brings each stored group's two bytes to a 16-bit lane (the control counted
+ * from the load's first byte, 3r/2), the odd ones shift down, the fill goes where a group
+ * is not stored, and the eight 12-bit lanes are packed into the row's three words.
+ */
+TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, uint32_t flags, uint32_t r, uint32_t fill4,
+                                        uint32_t *row)
+{
+    const uint64_t lanes = 0x0101010101010101ull;
+    const uint64_t ones = ((((uint64_t)flags * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7 & lanes;
+    const __m128i zero = _mm_setzero_si128(), odd = _mm_set1_epi16((short)(r & 1u));
+    const __m128i before = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)(ones * lanes - ones)), zero);
+    const __m128i none = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)((ones ^ lanes) * 0xffu)), zero);
+    const __m128i none16 = _mm_or_si128(none, _mm_slli_epi16(none, 8)); /* 0xffff where not stored */
+    /* group k's rank from the load's first byte: c = before_k; its bytes (3c + odd) / 2 and next */
+    const __m128i first = _mm_srli_epi16(_mm_add_epi16(_mm_add_epi16(_mm_add_epi16(before, before), before), odd), 1);
+    const __m128i control = _mm_or_si128(_mm_add_epi16(_mm_mullo_epi16(first, _mm_set1_epi16(0x0101)),
+                                                       _mm_set1_epi16(0x0100)),
+                                         _mm_and_si128(none16, _mm_set1_epi16((short)0x8080)));
+    const uint8_t *stream = (const uint8_t *)t->codes + (3u * r >> 1);
+    __m128i x = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)stream), control);
+    const __m128i shifted = _mm_sub_epi16(zero, _mm_and_si128(_mm_add_epi16(before, odd), _mm_set1_epi16(1)));
+    x = _mm_or_si128(_mm_andnot_si128(shifted, x), _mm_and_si128(shifted, _mm_srli_epi16(x, 4)));
+    x = _mm_or_si128(_mm_and_si128(x, _mm_set1_epi16(0x0fff)), _mm_and_si128(none16, _mm_set1_epi16((short)fill4)));
+    const uint64_t lo = pack12x4((uint64_t)_mm_cvtsi128_si64(x));
+    const uint64_t hi = pack12x4((uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(x, x)));
+    row[0] = (uint32_t)lo;
+    row[1] = (uint32_t)((lo >> 32) | (hi << 16));
+    row[2] = (uint32_t)(hi >> 16);
+    row[3] = 0u;
+    return r + tv_popcount(flags);
+}
+
+/*
+ * sparse_row_codes for 2-bit and 4-bit codes, where a group's four codes are one byte or
+ * two of the stream (group rank r at byte r or 2r): the row's codes are those bytes moved
+ * to their groups' places by one shuffle (avx2_spread_bytes' control, doubled for pairs),
+ * with the fill where a group is not stored; 3-bit codes by avx2_sparse_row_codes3.  The
+ * loads (16 bytes at most, from the row's first rank, at most the sentinel's) stay inside the
+ * stream: its three zero words after the sentinel are for them (FORMAT.md 3.4).  Other
+ * widths take sparse_row_codes.
  */
 TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits, uint32_t fill4,
                                        const uint32_t *fill_row, uint32_t *row)
 {
+    const uint64_t lanes = 0x0101010101010101ull;
     const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint8_t *stream = (const uint8_t *)t->codes;
     uint64_t unstored;
-    if (bits != 2u || (uint64_t)r + 8u > 4u * (uint64_t)t->aux)
-        return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
-    const uint64_t x = avx2_spread_bytes((const uint8_t *)t->codes, r, flags, &unstored)
-                       | ((uint64_t)fill4 * 0x0101010101010101ull & unstored);
-    row[0] = (uint32_t)x;
-    row[1] = (uint32_t)(x >> 32);
-    row[2] = 0u;
-    return r + tv_popcount(flags);
+    if (bits == 2u) {
+        const uint64_t x = avx2_spread_bytes(stream, r, flags, &unstored) | ((uint64_t)fill4 * lanes & unstored);
+        row[0] = (uint32_t)x;
+        row[1] = (uint32_t)(x >> 32);
+        row[2] = 0u;
+        return r + tv_popcount(flags);
+    }
+    if (bits == 4u) {
+        const uint64_t ones = ((((uint64_t)flags * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7 & lanes;
+        const __m128i pairs = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(stream + 2u * r)),
+                                               avx2_pair_control((ones * lanes - ones) | ((ones ^ lanes) << 7)));
+        const __m128i none = _mm_cvtsi64_si128((long long)((ones ^ lanes) * 0xffu));
+        const __m128i fill = _mm_and_si128(_mm_set1_epi16((short)fill4), _mm_unpacklo_epi8(none, none));
+        _mm_storeu_si128((__m128i *)row, _mm_or_si128(pairs, fill));
+        row[4] = 0u;
+        return r + tv_popcount(flags);
+    }
+    if (bits == 3u)
+        return avx2_sparse_row_codes3(t, flags, r, fill4, row);
+    return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
 }
 
 TV_AVX2 void row_avx2(float *acc, const uint32_t *row, uint32_t bits, float w, float scale, float offset)
 {
     avx2_row(acc, row, bits, w, scale, offset, 0, 0u);
 }
-TV_DEFINE_SPARSE(sparse_avx2, __attribute__((target("avx2"))), avx2_sparse_row_codes, row_avx2)
+TV_DEFINE_SPARSE(sparse_avx2, TV_AVX2_TARGET, avx2_sparse_row_codes, row_avx2)
 
 /* One CODES term over `rows` rows, AVX2 path: the width becomes a constant. */
 TV_AVX2 void accum_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
@@ -608,10 +681,10 @@ static inline TV_ALWAYS_INLINE void store32_f32(float *dst, const float *acc, in
 TV_DEFINE_TILE(rebuild_tile_scalar, , accum_scalar, elementwise_rows, elementwise_rows)
 TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable, sparse_portable)
 #ifdef TV_HAVE_AVX2_PATH
-TV_DEFINE_TILE(rebuild_tile_avx2, __attribute__((target("avx2"))), accum_avx2, groups_avx2, sparse_avx2)
+TV_DEFINE_TILE(rebuild_tile_avx2, TV_AVX2_TARGET, accum_avx2, groups_avx2, sparse_avx2)
 
 /* accum_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
-__attribute__((target("avx2"))) static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+TV_AVX2_TARGET static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)
 {
     accum_avx2(acc, t, i, n, 1u);
 }
@@ -621,7 +694,7 @@ static int avx2_supported(void)
 {
 #ifdef TV_HAVE_AVX2_PATH
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("popcnt") != 0;
 #else
     return 0;
 #endif

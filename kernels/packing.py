@@ -156,10 +156,15 @@ def unpack_groups(index: np.ndarray, data: np.ndarray, n: int) -> "tuple[np.ndar
     return keep, codes
 
 
+#: Zero words after a sparse term's code stream: room for a decoder's 16-byte load of the
+#: stored groups of a row from any rank up to the sentinel's (FORMAT.md 3.4).
+SPARSE_PAD_WORDS = 3
+
+
 def sparse_words(stored: int, bits: int) -> int:
-    """uint32 words of a sparse term's code stream with ``stored`` groups: their codes and
-    the four fill codes of the sentinel group after them (FORMAT.md 3.4)."""
-    return code_words(GROUP_ELEMS * (stored + 1), bits)
+    """uint32 words of a sparse term's code stream with ``stored`` groups: their codes, the
+    four fill codes of the sentinel group after them, and SPARSE_PAD_WORDS (FORMAT.md 3.4)."""
+    return code_words(GROUP_ELEMS * (stored + 1), bits) + SPARSE_PAD_WORDS
 
 
 def pack_sparse(codes: np.ndarray, bits: int, fill: int) -> "tuple[np.ndarray, np.ndarray]":
@@ -172,7 +177,7 @@ def pack_sparse(codes: np.ndarray, bits: int, fill: int) -> "tuple[np.ndarray, n
     c4 = np.pad(codes, (0, groups * GROUP_ELEMS - n), constant_values=fill).reshape(groups, GROUP_ELEMS)
     flags = (c4 != fill).any(axis=1)
     stored = np.concatenate([c4[flags].reshape(-1), np.full(GROUP_ELEMS, fill, dtype=np.uint32)])
-    return _flag_index(flags), pack_codes(stored, bits)
+    return _flag_index(flags), np.concatenate([pack_codes(stored, bits), np.zeros(SPARSE_PAD_WORDS, np.uint32)])
 
 
 def unpack_sparse(index: np.ndarray, words: np.ndarray, bits: int, fill: int, n: int) -> np.ndarray:
@@ -180,7 +185,8 @@ def unpack_sparse(index: np.ndarray, words: np.ndarray, bits: int, fill: int, n:
     groups = -(-n // GROUP_ELEMS)
     flags = _index_flags(index, groups)
     c4 = np.full((groups, GROUP_ELEMS), fill, dtype=np.uint32)
-    c4[flags] = unpack_codes(words, bits, GROUP_ELEMS * int(flags.sum())).reshape(-1, GROUP_ELEMS)
+    stored = GROUP_ELEMS * int(flags.sum())
+    c4[flags] = unpack_codes(words[:code_words(stored, bits)], bits, stored).reshape(-1, GROUP_ELEMS)
     return c4.reshape(-1)[:n]
 
 

@@ -125,8 +125,10 @@ def test_sparse_codes_round_trip_and_pass_their_own_check(n, bits, share, seed):
     assert sparse_layout_error(index, words, bits, n) is None
     assert np.array_equal(unpack_sparse(index, words, bits, fill, n), codes)
     stored = int((np.pad(codes, (0, -n % 4), constant_values=fill).reshape(-1, 4) != fill).any(1).sum())
-    assert words.size == sparse_words(stored, bits)  # four codes per stored group and the sentinel, no more
-    assert np.all(unpack_codes(words, bits, 4 * (stored + 1))[4 * stored:] == fill)  # the sentinel group
+    assert words.size == sparse_words(stored, bits)  # four codes per stored group, the sentinel, the pad
+    codes_and_sentinel = words[:abi.code_words(4 * (stored + 1), bits)]
+    assert np.all(unpack_codes(codes_and_sentinel, bits, 4 * (stored + 1))[4 * stored:] == fill)
+    assert not words[codes_and_sentinel.size:].any()  # the stream's zero word and three pad words
 
 
 def test_sparse_layout_is_the_documented_one():
@@ -140,7 +142,7 @@ def test_sparse_layout_is_the_documented_one():
     assert index[9] == 1 and index[10] == 1 << 1
     # each stored group one byte of 2-bit codes (code k at bits 2k), then the fill sentinel
     assert words.view(np.uint8)[:3].tolist() == [0b10_10_01_10, 0b10_10_00_10, 0b10_10_10_10]
-    assert words.size == 2 and words[-1] == 0
+    assert words.size == 5 and not words[1:].any()  # the stream's zero word, then 3 pad words
 
 
 @pytest.mark.parametrize("damage,says", [

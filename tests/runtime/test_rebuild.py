@@ -25,7 +25,8 @@ def _deq64(bundle, term, n):
             flags = np.unpackbits(bundle.payload(term.mask).reshape(-1, 9)[:, 1:].view(np.uint8),
                                   bitorder="little")[: -(-n // 4)].astype(bool)
             q4 = np.full((flags.size, 4), float(term.fill))
-            q4[flags] = unpack_codes(bundle.payload(term.codes), term.bits, 4 * int(flags.sum())).reshape(-1, 4)
+            stored = 4 * int(flags.sum())  # the stream: ceil(stored * b / 32) + 1 words, then 3 pad words
+            q4[flags] = unpack_codes(bundle.payload(term.codes)[:-3], term.bits, stored).reshape(-1, 4)
             q = q4.reshape(-1)[:n]
         else:
             q = unpack_codes(bundle.payload(term.codes), term.bits, n).astype(np.float64)

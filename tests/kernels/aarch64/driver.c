@@ -57,8 +57,8 @@ static uint32_t pack_groups(const uint32_t *codes, const uint32_t *mask, uint32_
 
 /*
  * The sparse layout of n b-bit codes with fill code `fill` (FORMAT.md 3.4): *index and
- * *words (the stored groups' codes, then a sentinel group of fill codes), malloc'd at their
- * exact sizes; returns the stream's words.
+ * *words (the stored groups' codes, a sentinel group of fill codes, the stream's zero word
+ * and three pad words), malloc'd at their exact sizes; returns the stream's words.
  */
 static uint32_t pack_sparse(const uint32_t *codes, uint32_t n, uint32_t bits, uint32_t fill, uint32_t **index,
                             uint32_t **words)
@@ -77,7 +77,7 @@ static uint32_t pack_sparse(const uint32_t *codes, uint32_t n, uint32_t bits, ui
             ++stored;
         }
     }
-    const uint32_t count = 4 * (stored + 1), nwords = (count * bits + 31) / 32 + 1;
+    const uint32_t count = 4 * (stored + 1), nwords = (count * bits + 31) / 32 + 1 + 3; /* 3 pad words */
     uint32_t k = 0;
     *words = calloc(nwords, 4);
     for (uint32_t g = 0; g <= groups; ++g) {
