@@ -39,9 +39,9 @@ from tvswitch.runtime.rebuild import CpuRebuilder
 #: takes at most AUTO_COMPACT of the streams' bits.
 TERM_LAYOUTS = ("auto", "streams", "compact")
 #: A compact row decodes slower than a stream's where stored and unstored groups mix
-#: (docs/kernels.md: up to 2-3x for 3-bit codes, docs/results/layouts.md), so auto takes the
-#: compact form only where it at least halves a term; a saving that large comes from
-#: tensors fine-tuning left mostly alone, whose rows are all fill and decode fast.
+#: (docs/results/layouts.md: an 8-task mix of 3-bit codes, all compact, takes 2.5x), so
+#: auto takes the compact form only where it at least halves a term; a saving that large
+#: comes from tensors fine-tuning left mostly alone, whose rows are all fill and decode fast.
 AUTO_COMPACT = 0.5
 #: RTVQ (base bits, offset bits) pairs the budget allocator may choose per tensor.
 RTVQ_OPTIONS = ((2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (3, 3), (4, 3), (5, 3), (4, 4), (6, 4))

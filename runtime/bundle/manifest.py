@@ -25,7 +25,7 @@ VERSION = 1
 MANIFEST_KEY = "tvswitch.manifest"
 DIGEST_KEY = "tvswitch.manifest.sha256"
 CODECS = ("none", "zlib", "lzma")
-#: How a codes term's codes and mask are laid out (Term.layout, FORMAT.md 3.2-3.4).
+#: How a codes term's codes and mask are laid out (Term.layout, FORMAT.md 3.1, 3.3, 3.4).
 LAYOUTS = ("streams", "groups", "sparse")
 #: The schemes, each with the settings (Scheme fields, CLI flags) it reads; the manifest
 #: records them all, and the CLI refuses a flag the chosen scheme would ignore.
