@@ -86,6 +86,7 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
     record = dict(bundle.manifest["scheme"])
     if record.get("name") == "emr":
         raise TvswitchError("%s: EMR's unified vector depends on every task; re-export to add one" % path)
+    record.setdefault("layout", "streams")  # written before the compact layouts: every term a stream
     scheme = Scheme(**{k: v for k, v in record.items() if k in Scheme.__dataclass_fields__})
     ck = _in_bundle_names(load_task(source, base_ck, task), bundle, task)
     covered = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))

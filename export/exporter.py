@@ -92,6 +92,9 @@ class Scheme:
             raise TvswitchError("--keep must be in (0, 1], got %g" % self.keep)
         if self.layout not in TERM_LAYOUTS:
             raise TvswitchError("--layout must be one of %s, got %r" % (", ".join(TERM_LAYOUTS), self.layout))
+        if self.layout == "compact" and self.budget_bits is not None:
+            raise TvswitchError("--layout compact can store a term in more bits than its stream, past --budget-bits: "
+                                "use --layout auto (the default) or streams with a budget")
 
 
 def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optional[Scheme] = None, *,

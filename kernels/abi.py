@@ -68,7 +68,7 @@ CHECK_FAULTS = {
 }
 
 #: The C library's tv_abi_version(): what these tables and entry points are.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 #: decode.h's element types, by dtype name.
 ELEMENT_CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}

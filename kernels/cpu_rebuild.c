@@ -49,9 +49,9 @@
 enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3 };
 
 /* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers;
- * 3: TV_KIND_GROUPS and TV_KIND_SPARSE terms (tv_term.aux: their stream's words; tv_term.fill;
- *    tv_term.group 32-bit). */
-int tv_abi_version(void) { return 3; }
+ * 3: TV_KIND_GROUPS terms (tv_term.aux: their byte stream's words);
+ * 4: TV_KIND_SPARSE terms, tv_term.fill, tv_term.group 32-bit. */
+int tv_abi_version(void) { return 4; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 

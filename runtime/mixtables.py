@@ -90,7 +90,7 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
             if entry.mode == "absolute":
                 base_coef -= w
             for t in entry.terms:
-                key = (t.kind, t.codes or t.values, t.params, t.mask, t.bits, t.group)
+                key = (t.kind, t.codes or t.values, t.params, t.mask, t.bits, t.group, t.layout, t.fill)
                 if key in merged:
                     merged[key][1] += w * t.scale
                 else:

@@ -127,6 +127,7 @@ def parse_entry(path: str, where: str, raw: Any) -> Entry:
                               group=t["group"], mask=mask, layout=layout, fill=fill if layout == "sparse" else 0))
         else:
             _require(_is_key(t.get("values")), path, "bad payload key in %s" % where)
+            _require("fill" not in t and "layout" not in t, path, "a raw term with a layout or fill, in %s" % where)
             terms.append(Term("raw", float(scale), values=t["values"], mask=mask))
     return Entry(raw["mode"], tuple(terms))
 

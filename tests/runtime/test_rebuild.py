@@ -205,3 +205,39 @@ def test_negative_threads_are_refused(bundle_factory, checkpoints):
     base, _ = checkpoints
     with pytest.raises(TvswitchError, match="threads must be 0"):
         CpuRebuilder(bundle_factory("tvq"), base, threads=-3)
+
+
+def test_sparse_terms_that_share_payloads_but_not_their_fill_are_not_merged(tmp_path):
+    """A mix merges terms that several tasks share; two sparse terms over the same codes,
+    index and params but with other fill codes are different terms (from a review)."""
+    from tvswitch.kernels.packing import pack_sparse, unpack_sparse
+    from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
+    from tvswitch.runtime.checkpoint import fingerprint
+
+    n = 64
+    codes = np.zeros(n, np.uint32)
+    codes[:4] = [1, 2, 3, 0]  # group 0 stored, the others all fill
+    index, words = pack_sparse(codes, 2, 0)
+    base = np.zeros(n, np.float32)
+    store = PayloadStore()
+    store.add("c", words)
+    store.add("i", index)
+    store.add("p", np.array([1.0, 0.0], np.float32), compress=False)
+
+    def term(fill):
+        return {"kind": "codes", "layout": "sparse", "bits": 2, "fill": fill, "group": n, "codes": "c", "mask": "i",
+                "params": "p"}
+
+    m = {"scheme": {"name": "tvq", "bits": 2}, "base": {"fingerprint": fingerprint({"w": base}, ["w"]), "other": [],
+                                                        "embedded": None},
+         "tasks": ["a", "b"], "tensors": {"w": {"shape": [n], "dtype": "float32"}},
+         "entries": {"a": {"w": {"mode": "delta", "terms": [term(0)]}}, "b": {"w": {"mode": "delta", "terms": [term(3)]}}},
+         "task_specific": {"a": {}, "b": {}}}
+    path = str(tmp_path / "fill.tvs")
+    write_bundle(path, m, store)
+    r = CpuRebuilder(Bundle.open(path), {"w": base})
+    out = r.allocate("float32")
+    r.rebuild({"a": 1.0, "b": 1.0}, out)
+    want = unpack_sparse(index, words, 2, 0, n) + unpack_sparse(index, words, 2, 3, n)
+    assert np.array_equal(out["w"], want.astype(np.float32))

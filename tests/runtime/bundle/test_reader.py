@@ -140,12 +140,16 @@ def test_a_group_index_that_disagrees_with_its_groups_is_refused_though_its_crc_
     ("tswitch", dict(fill=0), "a fill code outside the sparse layout"),
     ("tvq", dict(fill=4), "a sparse term needs its group index and a fill code of 2 bits"),
     ("tvq", dict(fill=True), "a sparse term needs its group index and a fill code of 2 bits"),
+    ("raw", dict(fill=0), "a raw term with a layout or fill"),
 ])
 def test_a_bad_term_layout_is_refused(bundle_factory, tmp_path, scheme, edit, says):
     b = bundle_factory(scheme, keep=0.1, layout="compact") if scheme == "tswitch" else \
-        bundle_factory(scheme, bits=2, layout="compact")
+        bundle_factory("tvq", bits=2, layout="compact")
+    name = "mlp.weight"
+    if scheme == "raw":  # a tensor stored as-is (norm statistics)
+        name = next(k for k, e in b.entries("a").items() if e.terms[0].kind == "raw")
     p = str(tmp_path / "layout.tvs")
-    _rewrite_manifest(b.path, p, lambda m: m["entries"]["a"]["mlp.weight"]["terms"][0].update(edit))
+    _rewrite_manifest(b.path, p, lambda m: m["entries"]["a"][name]["terms"][0].update(edit))
     with pytest.raises(BundleError, match=says):
         Bundle.open(p)
 
