@@ -459,24 +459,42 @@ static inline TV_ALWAYS_INLINE uint32_t nibbles8(uint64_t x)
 }
 
 /*
- * The 8 bytes of a row's groups, stored ones consecutive from byte r of `src`: one 8-byte
- * load, each byte moved to its group's place by one byte shuffle (SSSE3, which every AVX2
- * CPU has), zero where a group is not stored.  The shuffle's control for group k is the
- * count of flags below k, 0x80 (a zero byte) where k has none; *unstored gets 0xff in the
- * bytes of groups not stored.  The caller keeps r + 8 within the bytes.
+ * A row's 8 group flags as bytes, what the byte shuffles below are steered by: byte k of
+ * `before`, the count of flags below k (group k's rank counted from the row's first stored
+ * group); byte k of `unstored`, 0xff where group k is not stored, else 0.
  */
-TV_AVX2 uint64_t avx2_spread_bytes(const uint8_t *src, uint32_t r, uint32_t flags, uint64_t *unstored)
+typedef struct {
+    uint64_t before, unstored;
+} tv_flag_bytes;
+
+static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes(uint32_t flags)
 {
     const uint64_t lanes = 0x0101010101010101ull;
     /* byte k of `ones`: flag k; ones * lanes: the flags up to k (at most 8, no carries) */
     const uint64_t ones = ((((uint64_t)(flags & 0xffu) * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7
                           & lanes;
-    const uint64_t control = (ones * lanes - ones) | ((ones ^ lanes) << 7);
+    const tv_flag_bytes f = {ones * lanes - ones, (ones ^ lanes) * 0xffu};
+    return f;
+}
+
+/* The control of a byte shuffle moving each stored group's byte to byte k: `before`, with
+ * 0x80 (a zero byte) where a group is not stored. */
+static inline TV_ALWAYS_INLINE uint64_t byte_control(tv_flag_bytes f)
+{
+    return f.before | (f.unstored & 0x8080808080808080ull);
+}
+
+/*
+ * The 8 bytes of a row's groups, stored ones consecutive from byte r of `src`: one 8-byte
+ * load, each byte moved to its group's place by one byte shuffle (SSSE3, which every AVX2
+ * CPU has), zero where a group is not stored.  The caller keeps r + 8 within the bytes.
+ */
+TV_AVX2 uint64_t avx2_spread_bytes(const uint8_t *src, uint32_t r, tv_flag_bytes f)
+{
     uint64_t bytes;
     memcpy(&bytes, src + r, sizeof bytes); /* little-endian: byte r first */
-    *unstored = (ones ^ lanes) * 0xffu;
     return (uint64_t)_mm_cvtsi128_si64(
-        _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)bytes), _mm_cvtsi64_si128((long long)control)));
+        _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)bytes), _mm_cvtsi64_si128((long long)byte_control(f))));
 }
 
 /* group_row_words by avx2_spread_bytes; near the end of the bytes, where its load would pass
@@ -484,10 +502,9 @@ TV_AVX2 uint64_t avx2_spread_bytes(const uint8_t *src, uint32_t r, uint32_t flag
 TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code, uint32_t *keep)
 {
     const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
-    uint64_t unstored;
     if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
         return group_row_words(t, g, r, code, keep);
-    const uint64_t x = avx2_spread_bytes((const uint8_t *)t->codes, r, flags, &unstored);
+    const uint64_t x = avx2_spread_bytes((const uint8_t *)t->codes, r, flag_bytes(flags));
     *keep = nibbles8(x & 0x0f0f0f0f0f0f0f0full);
     *code = nibbles8((x >> 4) & 0x0f0f0f0f0f0f0f0full);
     return r + tv_popcount(flags);
@@ -495,7 +512,7 @@ TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, 
 TV_DEFINE_GROUP_ROWS(groups_avx2, TV_AVX2_TARGET, avx2_group_row_words, row1_avx2)
 
 /*
- * The shuffle control of avx2_spread_bytes for groups of two bytes (4-bit codes): group k's
+ * byte_control for groups of two bytes (4-bit codes): group k's
  * bytes 2c, 2c+1 for its control byte c, 0x80 twice where it has none.
  */
 TV_AVX2 __m128i avx2_pair_control(uint64_t control)
@@ -519,14 +536,12 @@ static inline TV_ALWAYS_INLINE uint64_t pack12x4(uint64_t x)
  * from the load's first byte, 3r/2), the odd ones shift down, the fill goes where a group
  * is not stored, and the eight 12-bit lanes are packed into the row's three words.
  */
-TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, uint32_t flags, uint32_t r, uint32_t fill4,
-                                        uint32_t *row)
+TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, tv_flag_bytes f, uint32_t flags, uint32_t r,
+                                        uint32_t fill4, uint32_t *row)
 {
-    const uint64_t lanes = 0x0101010101010101ull;
-    const uint64_t ones = ((((uint64_t)flags * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7 & lanes;
     const __m128i zero = _mm_setzero_si128(), odd = _mm_set1_epi16((short)(r & 1u));
-    const __m128i before = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)(ones * lanes - ones)), zero);
-    const __m128i none = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)((ones ^ lanes) * 0xffu)), zero);
+    const __m128i before = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)f.before), zero);
+    const __m128i none = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)f.unstored), zero);
     const __m128i none16 = _mm_or_si128(none, _mm_slli_epi16(none, 8)); /* 0xffff where not stored */
     /* group k's rank from the load's first byte: c = before_k; its bytes (3c + odd) / 2 and next */
     const __m128i first = _mm_srli_epi16(_mm_add_epi16(_mm_add_epi16(_mm_add_epi16(before, before), before), odd), 1);
@@ -559,29 +574,27 @@ TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, uint32_t flags, uint32
 TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits, uint32_t fill4,
                                        const uint32_t *fill_row, uint32_t *row)
 {
-    const uint64_t lanes = 0x0101010101010101ull;
     const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
     const uint8_t *stream = (const uint8_t *)t->codes;
-    uint64_t unstored;
+    const tv_flag_bytes f = flag_bytes(flags);
     if (bits == 2u) {
-        const uint64_t x = avx2_spread_bytes(stream, r, flags, &unstored) | ((uint64_t)fill4 * lanes & unstored);
+        const uint64_t x = avx2_spread_bytes(stream, r, f) | ((uint64_t)fill4 * 0x0101010101010101ull & f.unstored);
         row[0] = (uint32_t)x;
         row[1] = (uint32_t)(x >> 32);
         row[2] = 0u;
         return r + tv_popcount(flags);
     }
     if (bits == 4u) {
-        const uint64_t ones = ((((uint64_t)flags * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7 & lanes;
         const __m128i pairs = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(stream + 2u * r)),
-                                               avx2_pair_control((ones * lanes - ones) | ((ones ^ lanes) << 7)));
-        const __m128i none = _mm_cvtsi64_si128((long long)((ones ^ lanes) * 0xffu));
+                                               avx2_pair_control(byte_control(f)));
+        const __m128i none = _mm_cvtsi64_si128((long long)f.unstored);
         const __m128i fill = _mm_and_si128(_mm_set1_epi16((short)fill4), _mm_unpacklo_epi8(none, none));
         _mm_storeu_si128((__m128i *)row, _mm_or_si128(pairs, fill));
         row[4] = 0u;
         return r + tv_popcount(flags);
     }
     if (bits == 3u)
-        return avx2_sparse_row_codes3(t, flags, r, fill4, row);
+        return avx2_sparse_row_codes3(t, f, flags, r, fill4, row);
     return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
 }
 
@@ -804,22 +817,13 @@ static int check_term(const tv_term *t, uint64_t n, const tv_extent *ext, uint32
             return TV_CHECK_CODES;
         if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
             return TV_CHECK_PARAMS;
-    } else if (t->kind == TV_KIND_GROUPS) {
-        /* The index's counts and flags are the reader's to check (FORMAT.md 3.3): with
-         * them consistent every byte rank is below 4 * (aux - 1), so these extents bound every read. */
-        if (t->bits != 1 || t->group < 1 || t->aux < 1 || !t->mask)
-            return TV_CHECK_TERM;
-        if (!inside(ext, next, t->codes, 4 * (uint64_t)t->aux))
-            return TV_CHECK_CODES;
-        if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
-            return TV_CHECK_PARAMS;
-        if (!inside(ext, next, t->mask, 4 * TV_INDEX_RECORD * (((n + 3) / 4 + TV_BLOCK_GROUPS - 1) / TV_BLOCK_GROUPS)))
-            return TV_CHECK_MASK;
-        return TV_CHECK_OK;
-    } else if (t->kind == TV_KIND_SPARSE) {
-        /* As for GROUPS: with the index consistent (the reader's check), every code read,
-         * the sentinel group's included, lies in the aux words of the stream. */
-        if (t->bits < 1 || t->bits > 8 || t->group < 1 || t->aux < 1 || !t->mask || (t->fill >> t->bits) != 0)
+    } else if (t->kind == TV_KIND_GROUPS || t->kind == TV_KIND_SPARSE) {
+        /* The index's counts and flags are the reader's to check (FORMAT.md 3.3, 3.4): with
+         * them consistent every byte or code read (a sparse term's sentinel group and pad
+         * included) lies in the aux words of the stream, so these extents bound every read. */
+        const int width_ok = t->kind == TV_KIND_GROUPS ? t->bits == 1
+                                                       : t->bits >= 1 && t->bits <= 8 && (t->fill >> t->bits) == 0;
+        if (!width_ok || t->group < 1 || t->aux < 1 || !t->mask)
             return TV_CHECK_TERM;
         if (!inside(ext, next, t->codes, 4 * (uint64_t)t->aux))
             return TV_CHECK_CODES;
