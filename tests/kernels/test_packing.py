@@ -112,15 +112,20 @@ def test_a_damaged_group_layout_is_named(damage, says):
 
 # ---- the sparse layout (FORMAT.md 3.4) ----
 
+def _mostly_fill(seed: int, n: int, bits: int, share: float):
+    """(codes, fill): n b-bit codes, each a random code with probability ``share``, else the fill."""
+    rng = np.random.default_rng(seed)
+    fill = int(rng.integers(0, 1 << bits))
+    return np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill).astype(np.uint32), fill
+
+
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(0, 3000), bits=st.integers(1, 8), share=st.sampled_from([0.0, 0.01, 0.2, 0.7, 1.0]),
        seed=st.integers(0, 2**32 - 1))
 def test_sparse_codes_round_trip_and_pass_their_own_check(n, bits, share, seed):
     from tvswitch.kernels.packing import pack_sparse, sparse_layout_error, sparse_words, unpack_sparse
 
-    rng = np.random.default_rng(seed)
-    fill = int(rng.integers(0, 1 << bits))
-    codes = np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill).astype(np.uint32)
+    codes, fill = _mostly_fill(seed, n, bits, share)
     index, words = pack_sparse(codes, bits, fill)
     assert sparse_layout_error(index, words, bits, n) is None
     assert np.array_equal(unpack_sparse(index, words, bits, fill, n), codes)
@@ -170,9 +175,7 @@ def test_compiled_decoder_reads_sparse_codes(bits, n, share, seed):
     """Each path of the C build gives every element its code: stored, or the fill."""
     from tvswitch.kernels.packing import pack_sparse
 
-    rng = np.random.default_rng(seed)
-    fill = int(rng.integers(0, 1 << bits))
-    codes = np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill).astype(np.uint32)
+    codes, fill = _mostly_fill(seed, n, bits, share)
     index, words = pack_sparse(codes, bits, fill)
     params = np.array([1.0, 0.0], dtype=np.float32)  # value = q exactly
     out = np.full(n, np.nan, dtype=np.float32)

@@ -171,31 +171,25 @@ def test_output_may_alias_its_base(emulator, kit):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("share", [0.03, 0.4])
-def test_group_layout_terms_match_the_cpu_library_and_the_reference(emulator, share):
-    """Terms in the group layout only (each found by its rank in the index), over sizes with
-    partial groups and blocks, summed into fp32 and fp16 outputs."""
+def _indexed_terms_match(emulator, prefetch, sizes, term_rows):
+    """Segments of the given (size, output dtype) whose terms ``term_rows(n, keep)`` gives
+    (table rows, their arrays kept alive in ``keep``): the CUDA source under emulation, the
+    CPU library and the numpy reference write the same bytes."""
     from tvswitch.kernels import cpu, reference
-    from tvswitch.kernels.packing import pack_groups
 
     rng = np.random.default_rng(11)
-    keep, outs, segs, rows = [], [], np.zeros(3, dtype=abi.SEGMENT_DTYPE), []
-    for s, (n, out_code) in enumerate(((5003, abi.F32), (1024, abi.F16), (4, abi.F32))):
+    keep, outs, segs, rows = [], [], np.zeros(len(sizes), dtype=abi.SEGMENT_DTYPE), []
+    for s, (n, out_code) in enumerate(sizes):
         base = rng.normal(size=n).astype(np.float32)
         out = np.zeros(n, np.float32 if out_code == abi.F32 else np.uint16)
         begin = len(rows)
-        for weight in (0.5, -1.25):
-            index, data = pack_groups(rng.random(n) < share, rng.integers(0, 2, n))
-            params = np.array([0.02, -0.01], np.float32)
-            keep += [index, data, params]
-            rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, abi.KIND_GROUPS, 1,
-                         data.size, 0))
+        rows += term_rows(n, keep)
         keep += [base, out]
         outs.append(out)
-        segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, out_code, begin, 2, 0)
+        segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, out_code, begin, len(rows) - begin, 0)
     segs["first_block"] = np.concatenate([[0], np.cumsum(-(-segs["n"].astype(np.int64) // abi.BLOCK_ELEMS))[:-1]])
     terms = np.array(rows, dtype=abi.TERM_DTYPE)
-    emulator(4, segs, terms, 1)
+    emulator(prefetch, segs, terms, 1)
     got = [o.copy() for o in outs]
     cpu.rebuild(segs, terms, keep, 1)
     for g, o in zip(got, outs):
@@ -206,18 +200,36 @@ def test_group_layout_terms_match_the_cpu_library_and_the_reference(emulator, sh
 
 
 @pytest.mark.parametrize("share", [0.03, 0.4])
+def test_group_layout_terms_match_the_cpu_library_and_the_reference(emulator, share):
+    """Terms in the group layout only (each found by its rank in the index), over sizes with
+    partial groups and blocks, summed into fp32 and fp16 outputs."""
+    from tvswitch.kernels.packing import pack_groups
+
+    rng = np.random.default_rng(11)
+
+    def term_rows(n, keep):
+        rows = []
+        for weight in (0.5, -1.25):
+            index, data = pack_groups(rng.random(n) < share, rng.integers(0, 2, n))
+            params = np.array([0.02, -0.01], np.float32)
+            keep += [index, data, params]
+            rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, abi.KIND_GROUPS, 1,
+                         data.size, 0))
+        return rows
+
+    _indexed_terms_match(emulator, 4, ((5003, abi.F32), (1024, abi.F16), (4, abi.F32)), term_rows)
+
+
+@pytest.mark.parametrize("share", [0.03, 0.4])
 def test_sparse_layout_terms_match_the_cpu_library_and_the_reference(emulator, share):
     """Terms in the sparse layout only (a thread's group found by its rank, or filled), every
     width, over sizes with partial groups and blocks, into fp32 and fp16 outputs."""
-    from tvswitch.kernels import cpu, reference
     from tvswitch.kernels.packing import pack_sparse
 
     rng = np.random.default_rng(12)
-    keep, outs, segs, rows = [], [], np.zeros(3, dtype=abi.SEGMENT_DTYPE), []
-    for s, (n, out_code) in enumerate(((5003, abi.F32), (1024, abi.F16), (6, abi.F32))):
-        base = rng.normal(size=n).astype(np.float32)
-        out = np.zeros(n, np.float32 if out_code == abi.F32 else np.uint16)
-        begin = len(rows)
+
+    def term_rows(n, keep):
+        rows = []
         for bits, weight in zip(range(1, 9), (0.5, -1.25, 0.75, 1.0, -0.5, 0.25, 2.0, -0.125)):
             fill = int(rng.integers(0, 1 << bits))
             codes = np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill)
@@ -226,16 +238,6 @@ def test_sparse_layout_terms_match_the_cpu_library_and_the_reference(emulator, s
             keep += [index, words, params]
             rows.append((words.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, abi.KIND_SPARSE, bits,
                          words.size, fill))
-        keep += [base, out]
-        outs.append(out)
-        segs[s] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, out_code, begin, 8, 0)
-    segs["first_block"] = np.concatenate([[0], np.cumsum(-(-segs["n"].astype(np.int64) // abi.BLOCK_ELEMS))[:-1]])
-    terms = np.array(rows, dtype=abi.TERM_DTYPE)
-    emulator(10, segs, terms, 1)
-    got = [o.copy() for o in outs]
-    cpu.rebuild(segs, terms, keep, 1)
-    for g, o in zip(got, outs):
-        assert np.array_equal(g.view(np.uint8), o.view(np.uint8))
-    reference.rebuild_reference(segs, terms, keep)
-    for g, o in zip(got, outs):
-        assert np.array_equal(g.view(np.uint8), o.view(np.uint8))
+        return rows
+
+    _indexed_terms_match(emulator, 10, ((5003, abi.F32), (1024, abi.F16), (6, abi.F32)), term_rows)
