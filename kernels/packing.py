@@ -101,7 +101,7 @@ def _index_error(index: np.ndarray, n: int) -> "tuple[str | None, int]":
     if index.dtype != np.uint32 or index.size != group_index_words(n):
         return "index needs %d uint32 words" % group_index_words(n), 0
     records = index.reshape(-1, INDEX_RECORD_WORDS)
-    flags = np.unpackbits(records[:, 1:].astype("<u4").view(np.uint8), bitorder="little").reshape(-1, BLOCK_GROUPS)
+    flags = _index_flags(index, records.shape[0] * BLOCK_GROUPS).reshape(-1, BLOCK_GROUPS)
     if flags.reshape(-1)[groups:].any():
         return "index flags a group past the tensor's %d" % groups, 0
     counts = flags.sum(1, dtype=np.int64)
@@ -170,7 +170,7 @@ def sparse_words(stored: int, bits: int) -> int:
 def pack_sparse(codes: np.ndarray, bits: int, fill: int) -> "tuple[np.ndarray, np.ndarray]":
     """(index, code stream) of n b-bit codes in the sparse layout: a group of four is stored
     unless all its codes are ``fill``; the stream holds the stored groups' codes, four per
-    group in order, then one sentinel group of fill codes."""
+    group in order, one sentinel group of fill codes, its zero word and SPARSE_PAD_WORDS."""
     codes = np.asarray(codes).reshape(-1).astype(np.uint32)
     n = codes.size
     groups = -(-n // GROUP_ELEMS)
