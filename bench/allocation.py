@@ -7,6 +7,9 @@ Needs bench/text8's cached fine-tunes (real MiniLM checkpoints) and its data pac
 For every task: rebuild its encoder from each bundle, run the task's validation texts,
 and compare with the fine-tuned FP32 model: relative error of the pooled features
 ||f - f_ft|| / ||f_ft||, and validation accuracy through the task's own head.
+Budgets run twice, with widths priced as streams and as the terms ``--layout auto``
+writes (sparse where that halves a term), so the table shows what spending the sparse
+terms' saving buys at the same budget.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 from typing import Dict, List
 
 import numpy as np
@@ -43,12 +47,17 @@ def main(argv: List[str] = None) -> int:
     fts = {t: read_safetensors(str(cache / ("%s.safetensors" % t))) for t in tasks}
     T = len(tasks)
     configs = [
-        ("TVQ-INT2 uniform", dict(name="tvq", bits=2)),
-        ("TVQ budget 2.0", dict(name="tvq", budget_bits=2.0)),
-        ("RTVQ(3+2) uniform", dict(name="rtvq", base_bits=3, offset_bits=2)),
-        ("RTVQ budget %.3f" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T)),
-        ("TVQ-INT3 uniform", dict(name="tvq", bits=3)),
-        ("TVQ budget 3.0", dict(name="tvq", budget_bits=3.0)),
+        ("TVQ-INT2 uniform, streams", dict(name="tvq", bits=2, layout="streams")),
+        ("TVQ budget 2.0, streams", dict(name="tvq", budget_bits=2.0, layout="streams")),
+        ("TVQ budget 2.0, auto", dict(name="tvq", budget_bits=2.0, layout="auto")),
+        ("TVQ-INT2 uniform, auto", dict(name="tvq", bits=2, layout="auto")),
+        ("TVQ budget 1.0, auto", dict(name="tvq", budget_bits=1.0, layout="auto")),
+        ("RTVQ(3+2) uniform, streams", dict(name="rtvq", base_bits=3, offset_bits=2, layout="streams")),
+        ("RTVQ budget %.3f, streams" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T, layout="streams")),
+        ("RTVQ budget %.3f, auto" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T, layout="auto")),
+        ("TVQ-INT3 uniform, streams", dict(name="tvq", bits=3, layout="streams")),
+        ("TVQ budget 3.0, streams", dict(name="tvq", budget_bits=3.0, layout="streams")),
+        ("TVQ budget 3.0, auto", dict(name="tvq", budget_bits=3.0, layout="auto")),
     ]
     tok = M.load_tokenizer()
     net = M.Classifier(M.load_encoder())
@@ -62,12 +71,15 @@ def main(argv: List[str] = None) -> int:
         M.load_weights(net.encoder, enc)
         reference[t] = M.features(net, tokenized[t])
         acc_ft[t] = float(np.mean(M.predict(net, tokenized[t], head) == labels[t]))
-    rows = ["| configuration | bits per weight (file) | feature error | val accuracy |", "|---|---|---|---|",
-            "| fine-tuned FP32 | 32 | 0 | %.4f |" % np.mean(list(acc_ft.values()))]
+    rows = ["| configuration | codes bits per weight (budget's count) | bits per weight (file) | feature error "
+            "| val accuracy | export |", "|---|---|---|---|---|---|",
+            "| fine-tuned FP32 | 32 | 32 | 0 | %.4f | |" % np.mean(list(acc_ft.values()))]
     with tempfile.TemporaryDirectory() as tmp:
         for label, kw in configs:
+            start = time.perf_counter()
             bundle = export_bundle(base, fts, os.path.join(tmp, "b.tvs"), **kw)
-            bits = bundle_stats(bundle)["bits_per_task_vector_weight"]
+            seconds = time.perf_counter() - start
+            stats = bundle_stats(bundle)
             r = CpuRebuilder(bundle, base)
             out = r.allocate()
             errs, accs = [], []
@@ -79,7 +91,9 @@ def main(argv: List[str] = None) -> int:
                                           / np.linalg.norm(reference[t], axis=1))))
                 _, head = M.split_state(fts[t])
                 accs.append(float(np.mean(M.predict(net, tokenized[t], head) == labels[t])))
-            rows.append("| %s | %.3f | %.5f | %.4f |" % (label, bits, np.mean(errs), np.mean(accs)))
+            rows.append("| %s | %.3f | %.3f | %.5f | %.4f | %.0f s |" % (
+                label, stats["budget_bits_per_weight"], stats["bits_per_task_vector_weight"], np.mean(errs),
+                np.mean(accs), seconds))
             print(rows[-1], flush=True)
     report = "\n".join(["# Bit allocation vs uniform widths at equal budget, MiniLM, %d tasks" % T, "",
                         "- tasks: %s (fine-tuned checkpoints from %s)" % (", ".join(tasks), cache),
@@ -87,6 +101,9 @@ def main(argv: List[str] = None) -> int:
                         "of mean-pooled encoder features" % args.texts,
                         "- allocator: relative error with the part along the task vector counted "
                         "COHERENT_GAIN = %g more (docs/allocation.md)" % COHERENT_GAIN,
+                        "- codes bits: what --budget-bits holds to (codes, group index, scale pairs; "
+                        "FORMAT.md section 6); file bits: all of the file but the base; export: seconds "
+                        "to write the bundle, allocation included",
                         "- command: `python -m bench.allocation`", "", *rows, ""])
     print(report)
     if args.out:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -19,7 +19,8 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, task_vectors
 from tvswitch.export.lora import load_task
-from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask, pack_sparse
+from tvswitch.kernels.packing import (group_data_words, group_index_words, kept_groups, pack_codes, pack_groups,
+                                      pack_mask, pack_sparse, sparse_words, stored_groups)
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
@@ -92,9 +93,6 @@ class Scheme:
             raise TvswitchError("--keep must be in (0, 1], got %g" % self.keep)
         if self.layout not in TERM_LAYOUTS:
             raise TvswitchError("--layout must be one of %s, got %r" % (", ".join(TERM_LAYOUTS), self.layout))
-        if self.layout == "compact" and self.budget_bits is not None:
-            raise TvswitchError("--layout compact can store a term in more bits than its stream, past --budget-bits: "
-                                "use --layout auto (the default) or streams with a budget")
 
 
 def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optional[Scheme] = None, *,
@@ -142,8 +140,8 @@ def export_bundle(base: Any, tasks: Mapping[str, Any], out: str, scheme: Optiona
         _encode_emr(scheme, base_ck, cks, layout, entries, store)
     for name in _progress(layout.vectors if scheme.name != "emr" else [], progress, "encode"):
         taus, flat_base = task_vectors(base_ck, cks, name)
-        changed = [i for i, tau in enumerate(taus) if tau.any()]  # an unchanged tensor is stored for no task
-        if not changed:
+        changed = changed_tasks(taus)  # an unchanged tensor is stored for no task
+        if not changed.size:
             continue
         names = [list(cks)[i] for i in changed]
         encoded = encode_tensor(scheme, name, base_ck.tensors[name].shape, names, taus[changed], flat_base,
@@ -266,32 +264,44 @@ def add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mappin
 
 # ---- per-scheme encoding of one tensor --------------------------------------------------
 
+def term_form(codes: np.ndarray, bits: int, mask: Optional[np.ndarray], layout: str) -> Tuple[str, int, Optional[int]]:
+    """(layout, uint32 words of codes and index, fill) a codes term is stored in under
+    ``layout`` (TERM_LAYOUTS): compact is the groups layout for masked 1-bit codes and the
+    sparse layout, with the most common code as the fill, for codes without a mask; other
+    terms, and under auto a compact form above AUTO_COMPACT of the streams, stay streams.
+    The exporter stores by it and the budget allocator prices by it, so a budget holds to
+    what is written."""
+    n = codes.size
+    streams = ("streams", code_words(n, bits) + (code_words(n, 1) if mask is not None else 0), None)
+    if layout == "streams" or (mask is not None and bits != 1) or not n:
+        return streams
+    if mask is not None:
+        compact = ("groups", group_index_words(n) + group_data_words(kept_groups(mask)), None)
+    else:
+        fill = int(np.bincount(codes.reshape(-1)).argmax())
+        compact = ("sparse", group_index_words(n) + sparse_words(stored_groups(codes, fill), bits), fill)
+    return compact if layout == "compact" or compact[1] <= AUTO_COMPACT * streams[1] else streams
+
+
 def codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np.ndarray] = None,
                layout: str = "streams") -> dict:
     """A codes term (FORMAT.md section 4) whose payloads go into ``store`` under ``prefix``,
-    in ``layout`` (TERM_LAYOUTS): compact is the groups layout for masked 1-bit codes and
-    the sparse layout, with the most common code as the fill, for codes without a mask;
-    other terms, and under auto a compact form above AUTO_COMPACT of the streams, stay streams."""
-    n = q.codes.size
-    streams_words = code_words(n, q.bits) + (code_words(n, 1) if mask is not None else 0)
-    params = lambda: store.add(prefix + "/params", q.params, compress=False)  # noqa: E731
-    if layout != "streams" and mask is not None and q.bits == 1:
+    in the form ``term_form`` picks for ``layout``."""
+    form, _, fill = term_form(q.codes, q.bits, mask, layout)
+    if form == "groups":
         index, data = pack_groups(mask, q.codes)
-        if layout == "compact" or index.size + data.size <= AUTO_COMPACT * streams_words:
-            return {"kind": "codes", "layout": "groups", "bits": 1, "group": q.group,
-                    "codes": store.add(prefix + "/bytes", data), "mask": store.add(prefix + "/index", index),
-                    "params": params()}
-    if layout != "streams" and mask is None and n:
-        fill = int(np.bincount(q.codes.reshape(-1)).argmax())
+        term = {"kind": "codes", "layout": "groups", "bits": 1, "group": q.group,
+                "codes": store.add(prefix + "/bytes", data), "mask": store.add(prefix + "/index", index)}
+    elif form == "sparse":
         index, words = pack_sparse(q.codes, q.bits, fill)
-        if layout == "compact" or index.size + words.size <= AUTO_COMPACT * streams_words:
-            return {"kind": "codes", "layout": "sparse", "bits": q.bits, "group": q.group, "fill": fill,
-                    "codes": store.add(prefix + "/codes", words), "mask": store.add(prefix + "/index", index),
-                    "params": params()}
-    term = {"kind": "codes", "bits": q.bits, "group": q.group,
-            "codes": store.add(prefix + "/codes", pack_codes(q.codes, q.bits)), "params": params()}
-    if mask is not None:
-        term["mask"] = store.add(prefix + "/mask", pack_mask(mask))
+        term = {"kind": "codes", "layout": "sparse", "bits": q.bits, "group": q.group, "fill": fill,
+                "codes": store.add(prefix + "/codes", words), "mask": store.add(prefix + "/index", index)}
+    else:
+        term = {"kind": "codes", "bits": q.bits, "group": q.group,
+                "codes": store.add(prefix + "/codes", pack_codes(q.codes, q.bits))}
+        if mask is not None:
+            term["mask"] = store.add(prefix + "/mask", pack_mask(mask))
+    term["params"] = store.add(prefix + "/params", q.params, compress=False)
     return term
 
 
@@ -351,16 +361,27 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
 
 # ---- bit allocation under a budget ------------------------------------------------------
 
-def term_bits(n: int, bits: int, group: int) -> int:
-    """Bits one codes term of an ``n``-element tensor stores: its code stream (with the
-    trailing word) and a float32 (scale, offset) pair per group.  What ``--budget-bits``
-    counts: at ``group:32`` the pairs alone are 2 bits per weight."""
-    return 32 * code_words(n, bits) + 64 * (-(-n // group))
+def term_bits(x: np.ndarray, bits: int, group: int, layout: str) -> int:
+    """Bits a codes term of flat ``x`` at ``bits`` stores, as ``--budget-bits`` counts them:
+    its code words (and index) in the form ``term_form`` picks for ``layout``, and a float32
+    (scale, offset) pair per group: at ``group:32`` the pairs alone are 2 bits per weight."""
+    n = x.size
+    words = (code_words(n, bits) if layout == "streams"
+             else term_form(quantize(x, bits, group).codes, bits, None, layout)[1])
+    return 32 * words + 64 * (-(-n // group))
+
+
+def changed_tasks(taus: np.ndarray) -> np.ndarray:
+    """Rows of a tensor's stacked task vectors that are not all zero: the tasks it is stored for."""
+    return np.flatnonzero(taus.any(axis=1))
 
 
 def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], layout: Layout,
             progress: bool) -> Dict[str, tuple]:
-    """Per-tensor widths chosen under ``--budget-bits`` (empty: the scheme's uniform widths)."""
+    """Per-tensor widths chosen under ``--budget-bits`` (empty: the scheme's uniform widths).
+    Each option is priced as it would be written (``term_bits``, over the tasks the tensor
+    is stored for, a shared base once), so under ``--layout auto`` or ``compact`` the bits a
+    sparse term saves are spent on wider codes elsewhere."""
     if scheme.budget_bits is None or not layout.vectors:
         return {}
     T = len(cks)
@@ -371,6 +392,11 @@ def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], lay
         taus, flat_base = task_vectors(base, cks, name)
         n = taus.shape[1]
         total += n
+        changed = changed_tasks(taus)
+        if not changed.size:  # stored for no task: costs nothing at any width
+            options.append([alloc.Option(cost=0.0, error=0.0)])
+            continue
+        taus = taus[changed]
         group = group_size(base.tensors[name].shape, scheme.granularity)
         idx = np.sort(rng.choice(n, ERROR_SAMPLE, replace=False)) if n > ERROR_SAMPLE else None
         ft_norm = float(np.mean([np.sum((tau + flat_base).astype(np.float64) ** 2) for tau in taus]))
@@ -379,18 +405,21 @@ def _widths(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint], lay
         if scheme.name == "tvq":
             for b in range(1, 9):
                 err = sum(sampled_error(tau, b, group, idx, along=tau, gain=COHERENT_GAIN) for tau in taus)
-                opts.append(alloc.Option(cost=term_bits(n, b, group), error=weight * err, label=(b,)))
+                cost = sum(term_bits(tau, b, group, scheme.layout) for tau in taus) / T
+                opts.append(alloc.Option(cost=cost, error=weight * err, label=(b,)))
         else:
             mean = taus.mean(axis=0, dtype=np.float64).astype(np.float32)
             refs = {bb: dequantize(quantize(mean, bb, group)) for bb in sorted({o[0] for o in RTVQ_OPTIONS})}
             for bb, bo in RTVQ_OPTIONS:
-                ref = refs[bb]
-                err = sum(sampled_error(tau - ref, bo, group, idx, along=tau, gain=COHERENT_GAIN) for tau in taus)
-                cost = term_bits(n, bb, group) / T + term_bits(n, bo, group)
-                opts.append(alloc.Option(cost=cost, error=weight * err, label=(bb, bo)))
+                err, cost = 0.0, term_bits(mean, bb, group, scheme.layout)
+                for tau in taus:
+                    offset = tau - refs[bb]
+                    err += sampled_error(offset, bo, group, idx, along=tau, gain=COHERENT_GAIN)
+                    cost += term_bits(offset, bo, group, scheme.layout)
+                opts.append(alloc.Option(cost=cost / T, error=weight * err, label=(bb, bo)))
         options.append(opts)
     choice = alloc.allocate(options, scheme.budget_bits * total, weights=total)
-    return {name: opts[c].label for name, opts, c in zip(layout.vectors, options, choice)}
+    return {name: opts[c].label for name, opts, c in zip(layout.vectors, options, choice) if opts[c].label}
 
 
 def _progress(items: Sequence[str], enabled: bool, what: str):

@@ -110,21 +110,34 @@ def _index_error(index: np.ndarray, n: int) -> "tuple[str | None, int]":
     return None, int(counts.sum())
 
 
+def _groups_of_four(values: np.ndarray, pad) -> np.ndarray:
+    """Flat ``values`` as rows of GROUP_ELEMS, the last padded with ``pad``."""
+    groups = -(-values.size // GROUP_ELEMS)
+    return np.pad(values, (0, groups * GROUP_ELEMS - values.size), constant_values=pad).reshape(groups, GROUP_ELEMS)
+
+
+def kept_groups(keep: np.ndarray) -> int:
+    """Groups of four that hold a kept element: the ones a group-layout term stores."""
+    return int(_groups_of_four(np.asarray(keep, dtype=bool).reshape(-1), False).any(axis=1).sum())
+
+
+def group_data_words(flagged: int) -> int:
+    """uint32 words of a group-layout term's bytes for ``flagged`` groups (with a trailing word)."""
+    return -(-flagged // 4) + 1
+
+
 def pack_groups(keep: np.ndarray, codes: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
     """(index, bytes) of a masked 1-bit code stream in the group layout: per group of four
     elements with a kept one, a byte (keep bits 0-3, code bits 4-7); per block of 256
     groups, the count of such groups before it and the block's 256 flags."""
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     bits = (np.asarray(codes).reshape(-1) & 1).astype(np.uint8)
-    n = keep.size
-    groups = -(-n // GROUP_ELEMS)
-    pad = groups * GROUP_ELEMS - n
-    k4 = np.pad(keep, (0, pad)).reshape(groups, GROUP_ELEMS).astype(np.uint8)
-    q4 = np.pad(bits, (0, pad)).reshape(groups, GROUP_ELEMS) & k4  # a code counts where kept only
+    k4 = _groups_of_four(keep, False).astype(np.uint8)
+    q4 = _groups_of_four(bits, 0) & k4  # a code counts where kept only
     byte = (k4 << np.arange(4, dtype=np.uint8)).sum(1) | ((q4 << np.arange(4, 8, dtype=np.uint8)).sum(1))
     flags = k4.any(axis=1)
     kept_bytes = byte[flags].astype(np.uint8)
-    words = np.zeros(-(-kept_bytes.size // 4) + 1, dtype=np.uint32)
+    words = np.zeros(group_data_words(kept_bytes.size), dtype=np.uint32)
     words.view(np.uint8)[: kept_bytes.size] = kept_bytes  # byte r is byte r & 3 of word r >> 2
     if words.dtype.byteorder == ">":  # pragma: no cover - every supported host is little-endian
         raise RuntimeError("the group layout is packed on little-endian hosts only")
@@ -138,7 +151,7 @@ def group_layout_error(index: np.ndarray, data: np.ndarray, n: int) -> "str | No
     error, flagged = _index_error(index, n)
     if error is not None:
         return error
-    need = -(-flagged // 4) + 1
+    need = group_data_words(flagged)
     if data.dtype != np.uint32 or data.ndim != 1 or data.size != need:
         return "bytes need %d uint32 words for %d flagged groups" % (need, flagged)
     return None
@@ -167,14 +180,16 @@ def sparse_words(stored: int, bits: int) -> int:
     return code_words(GROUP_ELEMS * (stored + 1), bits) + SPARSE_PAD_WORDS
 
 
+def stored_groups(codes: np.ndarray, fill: int) -> int:
+    """Groups of four whose codes are not all ``fill``: the ones a sparse term stores."""
+    return int((_groups_of_four(np.asarray(codes).reshape(-1), fill) != fill).any(axis=1).sum())
+
+
 def pack_sparse(codes: np.ndarray, bits: int, fill: int) -> "tuple[np.ndarray, np.ndarray]":
     """(index, code stream) of n b-bit codes in the sparse layout: a group of four is stored
     unless all its codes are ``fill``; the stream holds the stored groups' codes, four per
     group in order, one sentinel group of fill codes, its zero word and SPARSE_PAD_WORDS."""
-    codes = np.asarray(codes).reshape(-1).astype(np.uint32)
-    n = codes.size
-    groups = -(-n // GROUP_ELEMS)
-    c4 = np.pad(codes, (0, groups * GROUP_ELEMS - n), constant_values=fill).reshape(groups, GROUP_ELEMS)
+    c4 = _groups_of_four(np.asarray(codes).reshape(-1).astype(np.uint32), fill)
     flags = (c4 != fill).any(axis=1)
     stored = np.concatenate([c4[flags].reshape(-1), np.full(GROUP_ELEMS, fill, dtype=np.uint32)])
     return _flag_index(flags), np.concatenate([pack_codes(stored, bits), np.zeros(SPARSE_PAD_WORDS, np.uint32)])

@@ -1,9 +1,10 @@
 """How the exporter lays a term out: streams, compact, or auto's choice between them."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tvswitch.errors import TvswitchError
-from tvswitch.export.exporter import AUTO_COMPACT, Scheme, codes_term
+from tvswitch.export.exporter import AUTO_COMPACT, TERM_LAYOUTS, codes_term, term_form
 from tvswitch.export.quantize import Quantized
 from tvswitch.kernels.packing import pack_groups, pack_sparse, unpack_sparse
 from tvswitch.runtime.bundle.writer import PayloadStore
@@ -48,11 +49,69 @@ def test_auto_takes_groups_for_masked_signs_where_they_halve_the_term(keep, want
     assert (index.size + data.size <= AUTO_COMPACT * 2 * (8192 // 32 + 1)) == (want == "groups")
 
 
-def test_compact_is_refused_under_a_budget():
-    """Compact may store a term in more bits than its stream, so it cannot promise a budget."""
-    with pytest.raises(TvswitchError, match="--layout compact"):
-        Scheme(name="tvq", bits=2, budget_bits=2.5, layout="compact").check()
-    Scheme(name="tvq", bits=2, budget_bits=2.5, layout="auto").check()
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 3000), bits=st.integers(1, 8), changed=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+       layout=st.sampled_from(TERM_LAYOUTS), masked=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_a_term_is_priced_as_it_is_written(n, bits, changed, layout, masked, seed):
+    """term_form's word count, which --budget-bits prices by, is the words codes_term writes."""
+    bits = 1 if masked else bits
+    q = _codes(n, bits, changed, seed)
+    mask = np.random.default_rng(seed).random(n) < changed if masked else None
+    store = PayloadStore()
+    term = codes_term(store, "t/w", q, mask=mask, layout=layout)
+    form, words, fill = term_form(q.codes, bits, mask, layout)
+    assert term.get("layout", "streams") == form and term.get("fill") == fill
+    assert words == sum(store.stored[term[k]].size for k in ("codes", "mask") if k in term)
+
+
+def _row_tuned(seed: int, tasks: str = "xyz"):
+    """A base and fine-tunes that each change a few rows of every tensor, as partial
+    fine-tuning does: task vectors whose codes are mostly the zero point."""
+    rng = np.random.default_rng(seed)
+    shapes = {"a.weight": (256, 64), "b.weight": (128, 96), "c.weight": (64, 33)}
+    base = {n: rng.normal(0, 0.05, s).astype(np.float32) for n, s in shapes.items()}
+    fts = {}
+    for t in tasks:
+        fts[t] = {}
+        for n, w in base.items():
+            ft = w.copy()
+            rows = rng.choice(w.shape[0], w.shape[0] // 4, replace=False)
+            ft[rows] += rng.normal(0, 0.01, (rows.size, w.shape[1])).astype(np.float32)
+            fts[t][n] = ft
+    return base, fts
+
+
+@pytest.mark.parametrize("scheme", ["tvq", "rtvq"])
+@pytest.mark.parametrize("layout", ["auto", "compact"])
+def test_a_budget_is_priced_as_written_and_spends_what_compact_saves(tmp_path, scheme, layout):
+    """Under a compact layout the allocator prices every width as the term it writes, so the
+    bundle holds to the budget and spends the bits the sparse terms save on wider codes;
+    priced as streams, the same budget buys narrower codes and is left mostly unspent."""
+    from tvswitch.export.exporter import export_bundle
+    from tvswitch.runtime.stats import budget_bits
+
+    base, fts = _row_tuned(7)
+    budget = 2.0
+    streams = export_bundle(base, fts, str(tmp_path / "s.tvs"), name=scheme, budget_bits=budget, layout="streams")
+    compact = export_bundle(base, fts, str(tmp_path / "c.tvs"), name=scheme, budget_bits=budget, layout=layout)
+    assert budget - 0.5 < budget_bits(streams) <= budget
+    assert budget - 0.5 < budget_bits(compact) <= budget
+    widths = {b: {n: tuple(t.bits for t in b.entries("x")[n].terms) for n in base} for b in (streams, compact)}
+    assert sum(map(sum, widths[compact].values())) > sum(map(sum, widths[streams].values()))
+    assert any(t.layout == "sparse" for e in compact.entries("x").values() for t in e.terms)
+
+
+def test_an_unchanged_task_costs_no_budget(tmp_path):
+    """A tensor a task leaves as the base has it is stored for no task that does, so the
+    allocator does not price it for that task: the others get the bits."""
+    from tvswitch.export.exporter import export_bundle
+    from tvswitch.runtime.stats import budget_bits
+
+    base, fts = _row_tuned(8, tasks="xy")
+    fts["idle"] = {n: w.copy() for n, w in base.items()}
+    bundle = export_bundle(base, fts, str(tmp_path / "b.tvs"), name="tvq", budget_bits=2.0, layout="streams")
+    assert not bundle.entries("idle")
+    assert 2.0 * 2 / 3 - 0.5 < budget_bits(bundle) <= 2.0  # over three tasks, two of which store
 
 
 @pytest.mark.parametrize("recorded,want", [(None, "streams"), ("auto", "sparse")])

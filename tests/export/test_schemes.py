@@ -102,10 +102,10 @@ def test_budget_counts_scales_and_offsets(tmp_path, scheme, granularity, budget)
                            budget_bits=budget, layout="streams")
     measured = _coded_bits_per_weight(bundle)
     assert budget - 1.0 < measured <= budget
-    # widths are chosen as streams; the compact layout can only store fewer bits than that
+    # under auto the widths are priced as the terms auto writes, and the budget still holds
     compact = export_bundle(base, fts, str(tmp_path / "c.tvs"), name=scheme, granularity=granularity,
                             budget_bits=budget, layout="auto")
-    assert budget_bits(compact) <= budget_bits(bundle) <= budget
+    assert budget_bits(compact) <= budget
     widths = {n: tuple(t.bits for t in bundle.entries("x")[n].terms) for n in shapes}
     assert len(set(widths.values())) > 1  # the budget was spent unevenly, not one width for all
 

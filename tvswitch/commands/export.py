@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-bits", type=float,
                    help="tvq/rtvq: choose per-tensor widths so that the task vectors' stored bits (codes, "
                         "the (scale, offset) pairs of every group, RTVQ's shared base split over the tasks) "
-                        "average at most X per weight; tensors stored as-is (norm statistics, "
-                        "--task-specific, heads) and the file header are outside it")
+                        "average at most X per weight, each width priced in the --layout it is written "
+                        "in; tensors stored as-is (norm statistics, --task-specific, heads) and the file "
+                        "header are outside it")
     p.add_argument("--keep", type=float, help="tswitch: share of entries kept (default 0.3)")
     p.add_argument("--layout", choices=["auto", "streams", "compact"],
                    help="fq/tvq/rtvq/tswitch: how codes are held in memory. streams (b bits per weight; "
