@@ -402,7 +402,13 @@ TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
 {
     const int b = (int)bits;
     __m256i lanes;
-    if (bits <= 4u) {
+    if (bits == 1u || bits == 2u || bits == 4u) {
+        /* the eight codes lie in one word: broadcast it from memory, no scalar cut */
+        const int s = (int)((8u * k * bits) & 31u);
+        lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)row[(8u * k * bits) >> 5]),
+                                  _mm256_setr_epi32(s, s + b, s + 2 * b, s + 3 * b, s + 4 * b, s + 5 * b,
+                                                    s + 6 * b, s + 7 * b));
+    } else if (bits <= 4u) {
         lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)tv_field(row, bits, 8u * k, 8u)),
                                   _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b));
     } else {
