@@ -51,7 +51,10 @@ def main(argv: List[str] = None) -> int:
         ("TVQ budget 2.0, streams", dict(name="tvq", budget_bits=2.0, layout="streams")),
         ("TVQ budget 2.0, auto", dict(name="tvq", budget_bits=2.0, layout="auto")),
         ("TVQ-INT2 uniform, auto", dict(name="tvq", bits=2, layout="auto")),
-        ("TVQ budget 1.0, auto", dict(name="tvq", budget_bits=1.0, layout="auto")),
+        # a budget of a row above is that row's codes bits: the allocation at equal bits
+        ("TVQ budget = the row above's bits, auto", dict(name="tvq", budget_bits="TVQ-INT2 uniform, auto",
+                                                         layout="auto")),
+        ("TVQ budget 1.5, auto", dict(name="tvq", budget_bits=1.5, layout="auto")),
         ("RTVQ(3+2) uniform, streams", dict(name="rtvq", base_bits=3, offset_bits=2, layout="streams")),
         ("RTVQ budget %.3f, streams" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T, layout="streams")),
         ("RTVQ budget %.3f, auto" % (2 + 3 / T), dict(name="rtvq", budget_bits=2 + 3 / T, layout="auto")),
@@ -75,11 +78,15 @@ def main(argv: List[str] = None) -> int:
             "| val accuracy | export |", "|---|---|---|---|---|---|",
             "| fine-tuned FP32 | 32 | 32 | 0 | %.4f | |" % np.mean(list(acc_ft.values()))]
     with tempfile.TemporaryDirectory() as tmp:
+        codes_bits: Dict[str, float] = {}
         for label, kw in configs:
+            if isinstance(kw.get("budget_bits"), str):
+                kw = dict(kw, budget_bits=codes_bits[kw["budget_bits"]])
             start = time.perf_counter()
             bundle = export_bundle(base, fts, os.path.join(tmp, "b.tvs"), **kw)
             seconds = time.perf_counter() - start
             stats = bundle_stats(bundle)
+            codes_bits[label] = stats["budget_bits_per_weight"]
             r = CpuRebuilder(bundle, base)
             out = r.allocate()
             errs, accs = [], []

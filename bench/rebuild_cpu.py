@@ -76,19 +76,22 @@ def main(argv: List[str] = None) -> int:
              "- CPU library path: %s; date: %s" % (cpu.path(), time.strftime("%Y-%m-%d")),
              "- command: `python -m bench.rebuild_cpu%s`" % (" " + " ".join(argv or sys.argv[1:])).rstrip(),
              ""]
+    streams = dict(layout="streams")
     configs = [
-        ("TVQ-INT4", dict(name="tvq", bits=4), 4.0),
-        ("TVQ-INT3", dict(name="tvq", bits=3), 3.0),
-        ("TVQ-INT2", dict(name="tvq", bits=2), 2.0),
-        ("RTVQ(3+2)", dict(name="rtvq"), 2.0 + 3 / 8),
-        ("RTVQ budget 2.375", dict(name="rtvq", budget_bits=2.375), 2.375),
-        ("T-Switch keep 0.3, streams", dict(name="tswitch", keep=0.3, layout="streams"), 2.0),
+        ("TVQ-INT4", dict(name="tvq", bits=4, **streams), 4.0),
+        ("TVQ-INT3", dict(name="tvq", bits=3, **streams), 3.0),
+        ("TVQ-INT2", dict(name="tvq", bits=2, **streams), 2.0),
+        ("TVQ-INT2, auto", dict(name="tvq", bits=2, layout="auto"), 2.0),
+        ("RTVQ(3+2)", dict(name="rtvq", **streams), 2.0 + 3 / 8),
+        ("RTVQ(3+2), auto", dict(name="rtvq", layout="auto"), 2.0 + 3 / 8),
+        ("RTVQ budget 2.375", dict(name="rtvq", budget_bits=2.375, **streams), 2.375),
+        ("RTVQ budget 2.375, auto", dict(name="rtvq", budget_bits=2.375, layout="auto"), 2.375),
+        ("T-Switch keep 0.3, streams", dict(name="tswitch", keep=0.3, **streams), 2.0),
         ("T-Switch keep 0.3, groups", dict(name="tswitch", keep=0.3, layout="compact"), groups_bits(0.3)),
         ("T-Switch keep 0.1, groups", dict(name="tswitch", keep=0.1, layout="compact"), groups_bits(0.1)),
-        ("TVQ-INT2 + lzma", dict(name="tvq", bits=2, entropy="lzma"), 2.0),
-        ("RTVQ(3+2) + lzma", dict(name="rtvq", entropy="lzma"), 2.375),
-        ("T-Switch keep 0.3, streams + lzma", dict(name="tswitch", keep=0.3, layout="streams", entropy="lzma"),
-         2.0),
+        ("TVQ-INT2 + lzma", dict(name="tvq", bits=2, entropy="lzma", **streams), 2.0),
+        ("RTVQ(3+2) + lzma", dict(name="rtvq", entropy="lzma", **streams), 2.375),
+        ("T-Switch keep 0.3, streams + lzma", dict(name="tswitch", keep=0.3, entropy="lzma", **streams), 2.0),
     ]
     size_rows, speed_rows = [], []
     first = next(iter(tasks))
