@@ -393,29 +393,43 @@ TV_DEFINE_SPARSE(sparse_portable, , sparse_row_codes, row_portable)
 #define TV_AVX2_TARGET __attribute__((target("avx2,popcnt")))
 #define TV_AVX2 TV_AVX2_TARGET static inline TV_ALWAYS_INLINE
 
+/* The little-endian 32 bits from byte `byte` of a row of codes on: an unaligned load, the
+ * vector broadcasts' source.  The callers read no further than tv_field would (the word
+ * after the code's word), which a stream's trailing word and a sparse row's extra word hold. */
+static inline TV_ALWAYS_INLINE uint32_t row_bytes32(const uint32_t *row, uint32_t byte)
+{
+    uint32_t v;
+    memcpy(&v, (const unsigned char *)row + byte, sizeof v);
+    return v;
+}
+
 /*
  * Codes 8k .. 8k+7 of a row as eight float lanes, exactly tv_code_float()'s values.  Up
- * to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields (tv_field
- * keeps both within 32 bits); each lane then shifts its code down by its own amount.
+ * to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields; each is
+ * broadcast to its lanes straight from memory (no scalar cut) and each lane then shifts
+ * its code down by its own amount.
  */
 TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
 {
     const int b = (int)bits;
     __m256i lanes;
     if (bits == 1u || bits == 2u || bits == 4u) {
-        /* the eight codes lie in one word: broadcast it from memory, no scalar cut */
+        /* the eight codes lie in one word: broadcast it from memory (a groups row is one word) */
         const int s = (int)((8u * k * bits) & 31u);
         lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)row[(8u * k * bits) >> 5]),
                                   _mm256_setr_epi32(s, s + b, s + 2 * b, s + 3 * b, s + 4 * b, s + 5 * b,
                                                     s + 6 * b, s + 7 * b));
-    } else if (bits <= 4u) {
-        lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)tv_field(row, bits, 8u * k, 8u)),
+    } else if (bits == 3u) {
+        /* eight 3-bit codes are three bytes from byte 3k on */
+        lanes = _mm256_srlv_epi32(_mm256_set1_epi32((int)row_bytes32(row, 3u * k)),
                                   _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b));
     } else {
-        const __m128i lo = _mm_set1_epi32((int)tv_field(row, bits, 8u * k, 4u));
-        const __m128i hi = _mm_set1_epi32((int)tv_field(row, bits, 8u * k + 4u, 4u));
+        /* four codes from byte kb on, four from bit 4b past it (a half byte in for odd b) */
+        const int s = (int)((4u * bits) & 7u);
+        const __m128i lo = _mm_set1_epi32((int)row_bytes32(row, k * bits));
+        const __m128i hi = _mm_set1_epi32((int)row_bytes32(row, k * bits + ((4u * bits) >> 3)));
         lanes = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
-                                  _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b));
+                                  _mm256_setr_epi32(0, b, 2 * b, 3 * b, s, s + b, s + 2 * b, s + 3 * b));
     }
     return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((int)((1u << bits) - 1u))));
 }
