@@ -409,7 +409,7 @@ static inline TV_ALWAYS_INLINE uint32_t row_bytes32(const uint32_t *row, uint32_
  * broadcast to its lanes straight from memory (no scalar cut) and each lane then shifts
  * its code down by its own amount.
  */
-TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
+TV_AVX2 __m256i avx2_codes8_int(const uint32_t *row, uint32_t bits, uint32_t k)
 {
     const int b = (int)bits;
     __m256i lanes;
@@ -431,7 +431,12 @@ TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
         lanes = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
                                   _mm256_setr_epi32(0, b, 2 * b, 3 * b, s, s + b, s + 2 * b, s + 3 * b));
     }
-    return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((int)((1u << bits) - 1u))));
+    return _mm256_and_si256(lanes, _mm256_set1_epi32((int)((1u << bits) - 1u)));
+}
+
+TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
+{
+    return _mm256_cvtepi32_ps(avx2_codes8_int(row, bits, k));
 }
 
 /* finish32's arithmetic (tv_affine, tv_keep, tv_accumulate), eight lanes at a time, on
@@ -442,6 +447,25 @@ TV_AVX2 void avx2_row(float *acc, const uint32_t *row, uint32_t bits, float weig
 {
     const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset), w = _mm256_set1_ps(weight);
     const __m256i m = _mm256_set1_epi32((int)mask);
+    if (bits <= 3u) {
+        /* at most 8 codes: lane q of `table` is w * (q * scale + offset), the ops below in
+         * their order, so a lookup gives each lane's weighted value bit for bit; a lane the
+         * mask drops gets w * +0, as the and-then-multiply below does */
+        const __m256 table = _mm256_mul_ps(
+            w, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), s), o));
+        const __m256 dropped = _mm256_mul_ps(w, _mm256_setzero_ps());
+        for (uint32_t k = 0; k < 4u; ++k) {
+            __m256 v = _mm256_permutevar8x32_ps(table, avx2_codes8_int(row, bits, k));
+            if (masked) {
+                const int c = 31 - 8 * (int)k;
+                const __m256i up =
+                    _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
+                v = _mm256_blendv_ps(dropped, v, _mm256_castsi256_ps(up));
+            }
+            _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), v));
+        }
+        return;
+    }
     for (uint32_t k = 0; k < 4u; ++k) {
         __m256 v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), s), o);
         if (masked) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
