@@ -439,43 +439,60 @@ TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
     return _mm256_cvtepi32_ps(avx2_codes8_int(row, bits, k));
 }
 
+/* What a row's arithmetic needs of its term: scale, offset and weight in every lane, and
+ * for codes of at most 3 bits the table of weighted values.  Made once per row, or once
+ * per pass where the term has one (scale, offset) for the whole tensor. */
+typedef struct avx2_consts {
+    __m256 s, o, w, table, dropped;
+} avx2_consts;
+
+TV_AVX2 avx2_consts avx2_prepare(uint32_t bits, float weight, float scale, float offset)
+{
+    avx2_consts c;
+    c.s = _mm256_set1_ps(scale);
+    c.o = _mm256_set1_ps(offset);
+    c.w = _mm256_set1_ps(weight);
+    /* lane q of the table is w * (q * scale + offset), the ops of the lane path below in
+     * their order, so a lookup gives each lane's weighted value bit for bit; a lane the
+     * mask drops gets w * +0, as the lane path's and-then-multiply does */
+    c.table = bits <= 3u ? _mm256_mul_ps(c.w, _mm256_add_ps(_mm256_mul_ps(
+                               _mm256_cvtepi32_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), c.s), c.o))
+                         : _mm256_setzero_ps();
+    c.dropped = _mm256_mul_ps(c.w, _mm256_setzero_ps());
+    return c;
+}
+
 /* finish32's arithmetic (tv_affine, tv_keep, tv_accumulate), eight lanes at a time, on
- * avx2_codes8's floats of one row of codes; acc is 32-byte aligned.  Held to the scalar
- * path by the tests. */
+ * avx2_codes8's codes of one row; acc is 32-byte aligned.  Codes of at most 3 bits take
+ * their weighted value from the table (one lookup for a convert, two multiplies and an
+ * add).  Held to the scalar path by the tests. */
+TV_AVX2 void avx2_row_with(float *acc, const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked,
+                           uint32_t mask)
+{
+    const __m256i m = _mm256_set1_epi32((int)mask);
+    for (uint32_t k = 0; k < 4u; ++k) {
+        const int sh = 31 - 8 * (int)k; /* mask bit 8k+j of the row to the sign of lane j */
+        const __m256i shifts = _mm256_setr_epi32(sh, sh - 1, sh - 2, sh - 3, sh - 4, sh - 5, sh - 6, sh - 7);
+        __m256 v;
+        if (bits <= 3u) {
+            v = _mm256_permutevar8x32_ps(c->table, avx2_codes8_int(row, bits, k));
+            if (masked)
+                v = _mm256_blendv_ps(c->dropped, v, _mm256_castsi256_ps(_mm256_sllv_epi32(m, shifts)));
+        } else {
+            v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), c->s), c->o);
+            if (masked)
+                v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_srai_epi32(_mm256_sllv_epi32(m, shifts), 31)));
+            v = _mm256_mul_ps(c->w, v);
+        }
+        _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), v));
+    }
+}
+
 TV_AVX2 void avx2_row(float *acc, const uint32_t *row, uint32_t bits, float weight, float scale, float offset,
                       int masked, uint32_t mask)
 {
-    const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset), w = _mm256_set1_ps(weight);
-    const __m256i m = _mm256_set1_epi32((int)mask);
-    if (bits <= 3u) {
-        /* at most 8 codes: lane q of `table` is w * (q * scale + offset), the ops below in
-         * their order, so a lookup gives each lane's weighted value bit for bit; a lane the
-         * mask drops gets w * +0, as the and-then-multiply below does */
-        const __m256 table = _mm256_mul_ps(
-            w, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), s), o));
-        const __m256 dropped = _mm256_mul_ps(w, _mm256_setzero_ps());
-        for (uint32_t k = 0; k < 4u; ++k) {
-            __m256 v = _mm256_permutevar8x32_ps(table, avx2_codes8_int(row, bits, k));
-            if (masked) {
-                const int c = 31 - 8 * (int)k;
-                const __m256i up =
-                    _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
-                v = _mm256_blendv_ps(dropped, v, _mm256_castsi256_ps(up));
-            }
-            _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), v));
-        }
-        return;
-    }
-    for (uint32_t k = 0; k < 4u; ++k) {
-        __m256 v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), s), o);
-        if (masked) { /* mask bit 8k+j of the row to the sign of lane j, then to all of it */
-            const int c = 31 - 8 * (int)k;
-            const __m256i up =
-                _mm256_sllv_epi32(m, _mm256_setr_epi32(c, c - 1, c - 2, c - 3, c - 4, c - 5, c - 6, c - 7));
-            v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_srai_epi32(up, 31)));
-        }
-        _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), _mm256_mul_ps(w, v)));
-    }
+    const avx2_consts c = avx2_prepare(bits, weight, scale, offset);
+    avx2_row_with(acc, row, bits, &c, masked, mask);
 }
 
 /* One row of a CODES term (i a multiple of 32). */
@@ -648,18 +665,34 @@ TV_AVX2 void row_avx2(float *acc, const uint32_t *row, uint32_t bits, float w, f
 }
 TV_DEFINE_SPARSE(sparse_avx2, TV_AVX2_TARGET, avx2_sparse_row_codes, row_avx2)
 
+/* `rows` rows of a CODES term of width `bits`; one (scale, offset) for the tensor makes
+ * the row constants once for the pass. */
+TV_AVX2 void avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows, uint32_t bits)
+{
+    if ((uint32_t)t->group >= n) {
+        const float *p = (const float *)t->params;
+        const avx2_consts c = avx2_prepare(bits, t->weight, p[0], p[1]);
+        for (uint32_t r = 0; r < rows; ++r, i += 32u)
+            avx2_row_with(acc + 32u * r, (const uint32_t *)t->codes + tv_code_word(i, bits), bits, &c,
+                          t->mask != 0, t->mask ? row_mask(t, i) : 0u);
+        return;
+    }
+    for (uint32_t r = 0; r < rows; ++r)
+        avx2_accum32(acc + 32u * r, t, i + 32u * r, n, bits);
+}
+
 /* One CODES term over `rows` rows, AVX2 path: the width becomes a constant. */
 TV_AVX2 void accum_avx2(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows)
 {
     switch (t->bits) {
-    case 1: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 1); break;
-    case 2: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 2); break;
-    case 3: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 3); break;
-    case 4: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 4); break;
-    case 5: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 5); break;
-    case 6: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 6); break;
-    case 7: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 7); break;
-    default: for (uint32_t r = 0; r < rows; ++r) avx2_accum32(acc + 32u * r, t, i + 32u * r, n, 8); break;
+    case 1: avx2_rows(acc, t, i, n, rows, 1); break;
+    case 2: avx2_rows(acc, t, i, n, rows, 2); break;
+    case 3: avx2_rows(acc, t, i, n, rows, 3); break;
+    case 4: avx2_rows(acc, t, i, n, rows, 4); break;
+    case 5: avx2_rows(acc, t, i, n, rows, 5); break;
+    case 6: avx2_rows(acc, t, i, n, rows, 6); break;
+    case 7: avx2_rows(acc, t, i, n, rows, 7); break;
+    default: avx2_rows(acc, t, i, n, rows, 8); break;
     }
 }
 #endif
