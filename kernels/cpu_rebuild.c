@@ -244,12 +244,22 @@ static inline TV_ALWAYS_INLINE uint32_t group_row_words(const tv_term *t, uint32
     ATTR static void NAME(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows) \
     {                                                                                         \
         float scale, offset;                                                                  \
+        const float w = t->weight;                                                            \
         uint32_t r = tv_group_rank(t, i >> 2);                                                \
+        if ((uint32_t)t->group >= n) { /* one (scale, offset): ROW1's constants the loop's */ \
+            const float s0 = ((const float *)t->params)[0], o0 = ((const float *)t->params)[1]; \
+            for (uint32_t k = 0; k < rows; ++k, i += 32u) {                                   \
+                uint32_t words[2] = {0u, 0u}, keep;                                           \
+                r = WORDS(t, i >> 2, r, &words[0], &keep);                                    \
+                ROW1(acc + 32u * k, words, w, s0, o0, keep);                                  \
+            }                                                                                 \
+            return;                                                                           \
+        }                                                                                     \
         for (uint32_t k = 0; k < rows; ++k, i += 32u) {                                       \
             uint32_t words[2] = {0u, 0u}, keep;                                               \
             r = WORDS(t, i >> 2, r, &words[0], &keep);                                        \
             if (row_params(t, i, n, &scale, &offset))                                         \
-                ROW1(acc + 32u * k, words, t->weight, scale, offset, keep);                   \
+                ROW1(acc + 32u * k, words, w, scale, offset, keep);                           \
             else                                                                              \
                 accum32_generic(acc + 32u * k, t, i);                                         \
         }                                                                                     \
@@ -343,14 +353,24 @@ static inline TV_ALWAYS_INLINE void fill_row_words(uint32_t fill4, uint32_t bits
     ATTR static void NAME##_##B(float *acc, const tv_term *t, uint32_t i, uint32_t n, uint32_t rows) \
     {                                                                                         \
         float scale, offset;                                                                  \
+        const float w = t->weight;                                                            \
         const uint32_t fill4 = tv_sparse_fill4(t, B);                                         \
         uint32_t r = tv_group_rank(t, i >> 2), fill_row[B];                                   \
         fill_row_words(fill4, B, fill_row);                                                   \
+        if ((uint32_t)t->group >= n) { /* one (scale, offset): ROW's constants the loop's */  \
+            const float s0 = ((const float *)t->params)[0], o0 = ((const float *)t->params)[1]; \
+            for (uint32_t k = 0; k < rows; ++k, i += 32u) {                                   \
+                uint32_t row[B + 1];                                                          \
+                r = ROW_CODES(t, i >> 2, r, B, fill4, fill_row, row);                         \
+                ROW(acc + 32u * k, row, B, w, s0, o0);                                        \
+            }                                                                                 \
+            return;                                                                           \
+        }                                                                                     \
         for (uint32_t k = 0; k < rows; ++k, i += 32u) {                                       \
             uint32_t row[B + 1];                                                              \
             r = ROW_CODES(t, i >> 2, r, B, fill4, fill_row, row);                             \
             if (row_params(t, i, n, &scale, &offset))                                         \
-                ROW(acc + 32u * k, row, B, t->weight, scale, offset);                         \
+                ROW(acc + 32u * k, row, B, w, scale, offset);                                 \
             else                                                                              \
                 accum32_generic(acc + 32u * k, t, i);                                         \
         }                                                                                     \
