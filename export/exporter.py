@@ -40,7 +40,7 @@ from tvswitch.runtime.rebuild import CpuRebuilder
 #: takes at most AUTO_COMPACT of the streams' bits.
 TERM_LAYOUTS = ("auto", "streams", "compact")
 #: A compact row decodes slower than a stream's where stored and unstored groups mix
-#: (docs/results/layouts.md: an 8-task mix of 3-bit codes, all compact, takes 2.5x), so
+#: (docs/results/layouts.md: an 8-task mix of 3-bit codes, all compact, takes 3.3x), so
 #: auto takes the compact form only where it at least halves a term; a saving that large
 #: comes from tensors fine-tuning left mostly alone, whose rows are all fill and decode fast.
 AUTO_COMPACT = 0.5
