@@ -88,6 +88,31 @@ def test_simd_rows_equal_decode_h_scalar_functions(bits, masked):
     assert np.array_equal(acc.view(np.uint32), (np.float32(0) + np.float32(term[0]["weight"]) * v).view(np.uint32))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("weight", [-0.75, 0.75])
+def test_a_masked_out_lane_adds_what_the_scalar_path_adds_even_to_minus_zero(bits, weight):
+    """A lane the mask drops adds w * +0 (negative zero for a negative weight), so on an
+    accumulator of -0 the SIMD rows, table lookups included, give the scalar path's sign."""
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    n = 64
+    words = pack_codes(np.arange(n) % (1 << bits), bits)
+    mask = pack_mask(np.arange(n) % 3 == 0)
+    params = np.array([0.25, -0.5], np.float32)
+    term = np.zeros(1, dtype=abi.TERM_DTYPE)
+    term[0] = (words.ctypes.data, mask.ctypes.data, params.ctypes.data, n, weight, abi.KIND_CODES, bits, 0, 0)
+    for i in (0, 32):
+        want = _aligned_row(np.full(32, -0.0, np.float32))
+        cpu.accumulate_row("scalar", want, term, i, n)
+        for name in set(cpu.PATHS) - {"auto", "scalar"}:
+            got = _aligned_row(np.full(32, -0.0, np.float32))
+            try:
+                cpu.accumulate_row(name, got, term, i, n)
+            except ValueError:
+                continue
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (name, bits, weight, i)
+
+
 def test_auto_picks_the_fastest_path_this_cpu_has():
     has_avx2 = "avx2" in open("/proc/cpuinfo").read().split() if pathlib.Path("/proc/cpuinfo").exists() else None
     if has_avx2 is None:
