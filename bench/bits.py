@@ -18,8 +18,9 @@ For every bundle the text8 benchmark wrote (bench/text8; a ``NAME-lzma-HASH.tvs`
 - the codes in each layout of docs/FORMAT.md: streams (a b-bit stream, for T-Switch a
   mask and a sign bitmap), compact (T-Switch's masked signs in the groups layout of
   section 3.3, other codes in the sparse layout of 3.4 with the most common code as the
-  fill, packed by the exporter's own functions), and auto, compact per term where it takes
-  at most the exporter's AUTO_COMPACT of the streams' bits (what ``--layout auto`` stores).
+  fill), and auto, compact per term where it takes at most the exporter's AUTO_COMPACT of
+  the streams' bits; each counted by ``exporter.term_form``, which picks what ``--layout``
+  stores.
   Over every codes term that has a compact form (EMR's masked shared codes have none); a
   bundle stored in any layout gives the same figures: they are computed from the decoded
   codes and masks.
@@ -41,10 +42,9 @@ from typing import Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
-from tvswitch.export.exporter import AUTO_COMPACT
+from tvswitch.export.exporter import term_form
 from tvswitch.kernels.abi import code_words
-from tvswitch.kernels.packing import (pack_groups, pack_sparse, unpack_codes, unpack_groups, unpack_mask,
-                                      unpack_sparse)
+from tvswitch.kernels.packing import unpack_codes, unpack_groups, unpack_mask, unpack_sparse
 from tvswitch.runtime.bundle import Bundle
 
 DEFAULT = os.path.expanduser("~/.cache/tvswitch/text8/bundles")
@@ -112,17 +112,11 @@ def tally(bundle: Bundle) -> Tally:
                     if codes is None:
                         codes = unpack_codes(bundle.payload(term.codes), term.bits, n)
                     t.bound += entropy_bits(codes if keep is None or users[term.codes] > 1 else codes[keep])
-                    compact = None
-                    if keep is not None and term.bits == 1 and users[term.codes] == 1:
-                        compact = sum(a.size for a in pack_groups(keep, codes))
-                    elif keep is None and n:
-                        compact = sum(a.size for a in pack_sparse(codes, term.bits,
-                                                                  int(np.bincount(codes).argmax())))
-                    if compact is not None:
-                        streams = 32 * code_words(n, term.bits) + (32 * code_words(n, 1) if keep is not None else 0)
-                        t.streams += streams
-                        t.compact += 32 * compact
-                        t.auto += 32 * compact if 32 * compact <= AUTO_COMPACT * streams else streams
+                    # a compact form: groups for a task's own masked signs, sparse for unmasked codes
+                    if (keep is not None and term.bits == 1 and users[term.codes] == 1) or (keep is None and n):
+                        t.streams += 32 * term_form(codes, term.bits, keep, "streams")[1]
+                        t.compact += 32 * term_form(codes, term.bits, keep, "compact")[1]
+                        t.auto += 32 * term_form(codes, term.bits, keep, "auto")[1]
                 if term.params is not None and term.params not in t.keys:
                     t.bound += 8 * bundle.payload(term.params).nbytes
                 if term.kind == "raw" and term.values not in t.keys:
