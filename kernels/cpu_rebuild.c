@@ -424,12 +424,12 @@ static inline TV_ALWAYS_INLINE uint32_t row_bytes32(const uint32_t *row, uint32_
 }
 
 /*
- * Codes 8k .. 8k+7 of a row as eight float lanes, exactly tv_code_float()'s values.  Up
- * to 4 bits the eight codes are one 8b-bit field, beyond that two 4b-bit fields; each is
- * broadcast to its lanes straight from memory (no scalar cut) and each lane then shifts
- * its code down by its own amount.
+ * Codes 8k .. 8k+7 of a row, code j in the low bits of lane j with the bits above it left
+ * as they come (avx2_codes8 clears them).  Up to 4 bits the eight codes are one
+ * 8b-bit field, beyond that two 4b-bit fields; each is broadcast to its lanes straight
+ * from memory (no scalar cut) and each lane then shifts its code down by its own amount.
  */
-TV_AVX2 __m256i avx2_codes8_int(const uint32_t *row, uint32_t bits, uint32_t k)
+TV_AVX2 __m256i avx2_codes8_lanes(const uint32_t *row, uint32_t bits, uint32_t k)
 {
     const int b = (int)bits;
     __m256i lanes;
@@ -451,19 +451,22 @@ TV_AVX2 __m256i avx2_codes8_int(const uint32_t *row, uint32_t bits, uint32_t k)
         lanes = _mm256_srlv_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1),
                                   _mm256_setr_epi32(0, b, 2 * b, 3 * b, s, s + b, s + 2 * b, s + 3 * b));
     }
-    return _mm256_and_si256(lanes, _mm256_set1_epi32((int)((1u << bits) - 1u)));
+    return lanes;
 }
 
+/* Codes 8k .. 8k+7 of a row as eight float lanes, exactly tv_code_float()'s values. */
 TV_AVX2 __m256 avx2_codes8(const uint32_t *row, uint32_t bits, uint32_t k)
 {
-    return _mm256_cvtepi32_ps(avx2_codes8_int(row, bits, k));
+    return _mm256_cvtepi32_ps(
+        _mm256_and_si256(avx2_codes8_lanes(row, bits, k), _mm256_set1_epi32((int)((1u << bits) - 1u))));
 }
 
 /* What a row's arithmetic needs of its term: scale, offset and weight in every lane, and
- * for codes of at most 3 bits the table of weighted values.  Made once per row, or once
- * per pass where the term has one (scale, offset) for the whole tensor. */
+ * for codes of at most 4 bits the table of weighted values (codes 0-7, and 8-15 in
+ * table_hi).  Made once per row, or once per pass where the term has one (scale, offset)
+ * for the whole tensor. */
 typedef struct avx2_consts {
-    __m256 s, o, w, table, dropped;
+    __m256 s, o, w, table, table_hi, dropped;
 } avx2_consts;
 
 TV_AVX2 avx2_consts avx2_prepare(uint32_t bits, float weight, float scale, float offset)
@@ -472,40 +475,57 @@ TV_AVX2 avx2_consts avx2_prepare(uint32_t bits, float weight, float scale, float
     c.s = _mm256_set1_ps(scale);
     c.o = _mm256_set1_ps(offset);
     c.w = _mm256_set1_ps(weight);
-    /* lane q of the table is w * (q * scale + offset), the ops of the lane path below in
-     * their order, so a lookup gives each lane's weighted value bit for bit; a lane the
-     * mask drops gets w * +0, as the lane path's and-then-multiply does */
-    c.table = bits <= 3u ? _mm256_mul_ps(c.w, _mm256_add_ps(_mm256_mul_ps(
-                               _mm256_cvtepi32_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), c.s), c.o))
+    /* lane q of the table is w * ((q mod 2^b) * scale + offset), the ops of the lane path
+     * below in their order, so a lookup gives each lane's weighted value bit for bit.  The
+     * lookup reads the low 3 bits of a lane, a code and for b < 3 the next code's low bits:
+     * the table repeats every 2^b lanes, so those need no clearing.  A lane the mask drops
+     * gets w * +0, as the lane path's and-then-multiply does. */
+    const __m256i q = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm256_set1_epi32((int)((1u << bits) - 1u)));
+    const __m256i q_hi = _mm256_add_epi32(q, _mm256_set1_epi32(8));
+    c.table = bits <= 4u ? _mm256_mul_ps(c.w, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), c.s), c.o))
                          : _mm256_setzero_ps();
+    c.table_hi = bits == 4u
+                     ? _mm256_mul_ps(c.w, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q_hi), c.s), c.o))
+                     : _mm256_setzero_ps();
     c.dropped = _mm256_mul_ps(c.w, _mm256_setzero_ps());
     return c;
 }
 
-/* finish32's arithmetic (tv_affine, tv_keep, tv_accumulate), eight lanes at a time, on
- * avx2_codes8's codes of one row; acc is 32-byte aligned.  Codes of at most 3 bits take
- * their weighted value from the table (one lookup for a convert, two multiplies and an
- * add).  Held to the scalar path by the tests. */
+/* finish32's weighted value (tv_affine, tv_keep, the product of tv_accumulate) of codes
+ * 8k .. 8k+7 of one row, m the row's mask word in every lane.  Codes of at most 3 bits
+ * take it from the table (one lookup for a convert, two multiplies and an add), 4-bit
+ * codes from two, chosen by the code's top bit.  Held to the scalar path by the tests. */
+TV_AVX2 __m256 avx2_value8(const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked, __m256i m,
+                           uint32_t k)
+{
+    const int sh = 31 - 8 * (int)k; /* mask bit 8k+j of the row to the sign of lane j */
+    const __m256i shifts = _mm256_setr_epi32(sh, sh - 1, sh - 2, sh - 3, sh - 4, sh - 5, sh - 6, sh - 7);
+    __m256 v;
+    if (bits <= 4u) {
+        const __m256i q = avx2_codes8_lanes(row, bits, k);
+        v = _mm256_permutevar8x32_ps(c->table, q);
+        if (bits == 4u) /* code bit 3 to the lane's sign: the blend's selector */
+            v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(c->table_hi, q),
+                                 _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+        if (masked)
+            v = _mm256_blendv_ps(c->dropped, v, _mm256_castsi256_ps(_mm256_sllv_epi32(m, shifts)));
+        return v;
+    }
+    v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), c->s), c->o);
+    if (masked)
+        v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_srai_epi32(_mm256_sllv_epi32(m, shifts), 31)));
+    return _mm256_mul_ps(c->w, v);
+}
+
+/* One row's values added to acc (32-byte aligned), tv_accumulate's add. */
 TV_AVX2 void avx2_row_with(float *acc, const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked,
                            uint32_t mask)
 {
     const __m256i m = _mm256_set1_epi32((int)mask);
-    for (uint32_t k = 0; k < 4u; ++k) {
-        const int sh = 31 - 8 * (int)k; /* mask bit 8k+j of the row to the sign of lane j */
-        const __m256i shifts = _mm256_setr_epi32(sh, sh - 1, sh - 2, sh - 3, sh - 4, sh - 5, sh - 6, sh - 7);
-        __m256 v;
-        if (bits <= 3u) {
-            v = _mm256_permutevar8x32_ps(c->table, avx2_codes8_int(row, bits, k));
-            if (masked)
-                v = _mm256_blendv_ps(c->dropped, v, _mm256_castsi256_ps(_mm256_sllv_epi32(m, shifts)));
-        } else {
-            v = _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), c->s), c->o);
-            if (masked)
-                v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_srai_epi32(_mm256_sllv_epi32(m, shifts), 31)));
-            v = _mm256_mul_ps(c->w, v);
-        }
-        _mm256_store_ps(acc + 8u * k, _mm256_add_ps(_mm256_load_ps(acc + 8u * k), v));
-    }
+    for (uint32_t k = 0; k < 4u; ++k)
+        _mm256_store_ps(acc + 8u * k,
+                        _mm256_add_ps(_mm256_load_ps(acc + 8u * k), avx2_value8(row, bits, c, masked, m, k)));
 }
 
 TV_AVX2 void avx2_row(float *acc, const uint32_t *row, uint32_t bits, float weight, float scale, float offset,
@@ -793,6 +813,127 @@ TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable, sparse_
 #ifdef TV_HAVE_AVX2_PATH
 TV_DEFINE_TILE(rebuild_tile_avx2, TV_AVX2_TARGET, accum_avx2, groups_avx2, sparse_avx2)
 
+/*
+ * The tile of a segment whose terms are all CODES terms with one (scale, offset) for the
+ * tensor, the streams layout's common case (TVQ, RTVQ, T-Switch streams, every mix of
+ * them): each row's 32 sums stay in four registers from the base through every term to the
+ * store, where rebuild_tile_avx2 adds each term to a row in memory (a load and a store per
+ * eight lanes and term, most of a table lookup's cost again).  Each term's constants are
+ * made once per tile.  The same values in the same order as rebuild_tile_avx2: exact.
+ * Returns 0, having done nothing, for a segment it does not take.
+ */
+#define TV_PLAN_TERMS 32
+/* The base and every term's codes and mask are prefetched 16 rows ahead: with a row's
+ * terms between two loads of a stream, and 10-18 streams in an 8-task mix, the hardware's
+ * prefetch alone left a quarter of the mix's time waiting on loads (docs/kernels.md). */
+#define TV_PF_FLOATS 512u
+typedef struct avx2_plan {
+    avx2_consts c;
+    const uint32_t *codes, *mask; /* mask 0: every element kept */
+} avx2_plan;
+
+/* Consecutive planned terms of one width and masking: one branch per row for all of them. */
+typedef struct avx2_run {
+    uint32_t begin, count, bits, masked;
+} avx2_run;
+
+/* Row i of the terms of a run (width BITS, masked or not) added to the row's sums a[0..3]. */
+TV_AVX2 void avx2_run_row(__m256 a[4], const avx2_plan *p, uint32_t count, uint32_t i, uint32_t bits,
+                          int masked)
+{
+    const uint32_t word = tv_code_word(i, bits), mask_word = tv_code_word(i, 1u);
+    for (uint32_t t = 0; t < count; ++t, ++p) {
+        _mm_prefetch((const char *)(p->codes + word + TV_PF_FLOATS / 32u * bits), _MM_HINT_T0);
+        if (masked)
+            _mm_prefetch((const char *)(p->mask + mask_word + TV_PF_FLOATS / 32u), _MM_HINT_T0);
+        const __m256i m = _mm256_set1_epi32(masked ? (int)tv_mask_field(p->mask[mask_word], i) : 0);
+        for (uint32_t k = 0; k < 4u; ++k)
+            a[k] = _mm256_add_ps(a[k], avx2_value8(p->codes + word, bits, &p->c, masked, m, k));
+    }
+}
+
+#define TV_RUN_CASE(B)                                                                        \
+    case 2 * B: avx2_run_row(a, p, r->count, i, B, 0); break;                                 \
+    case 2 * B + 1: avx2_run_row(a, p, r->count, i, B, 1); break;
+
+TV_AVX2 void avx2_runs_row(__m256 a[4], const avx2_plan *plans, const avx2_run *runs, uint32_t nruns, uint32_t i)
+{
+    for (const avx2_run *r = runs; r < runs + nruns; ++r) {
+        const avx2_plan *p = plans + r->begin;
+        switch (2u * r->bits + (uint32_t)r->masked) {
+        TV_RUN_CASE(1) TV_RUN_CASE(2) TV_RUN_CASE(3) TV_RUN_CASE(4)
+        TV_RUN_CASE(5) TV_RUN_CASE(6) TV_RUN_CASE(7)
+        default: avx2_run_row(a, p, r->count, i, 8, r->masked); break;
+        }
+    }
+}
+
+TV_AVX2_TARGET static int rebuild_tile_avx2_planned(const tv_segment *s, const tv_term *terms, uint32_t start,
+                                                    uint32_t len)
+{
+    const uint32_t n = (uint32_t)s->n, count = s->term_count, end = start + len;
+    avx2_plan plans[TV_PLAN_TERMS];
+    avx2_run runs[TV_PLAN_TERMS];
+    uint32_t nruns = 0;
+    if (count > TV_PLAN_TERMS)
+        return 0;
+    for (uint32_t k = 0; k < count; ++k) {
+        const tv_term *t = &terms[s->term_begin + k];
+        if (t->kind != TV_KIND_CODES || (uint32_t)t->group < n)
+            return 0;
+        const float *p = (const float *)t->params;
+        const uint32_t masked = t->mask != 0;
+        plans[k].c = avx2_prepare(t->bits, t->weight, p[0], p[1]);
+        plans[k].codes = (const uint32_t *)t->codes;
+        plans[k].mask = (const uint32_t *)t->mask;
+        if (nruns && runs[nruns - 1].bits == t->bits && runs[nruns - 1].masked == masked)
+            ++runs[nruns - 1].count;
+        else
+            runs[nruns++] = (avx2_run){k, 1u, t->bits, masked};
+    }
+    const int f32_out = s->out_dtype == TV_F32, stream = f32_out && ((uintptr_t)s->out & 15u) == 0;
+    const int copy_base = s->base_dtype == TV_F32 && s->base_coef == 1.0f;
+    uint32_t i = start;
+    for (; i + 32u <= end; i += 32u) {
+        float row[32] __attribute__((aligned(32)));
+        __m256 a[4];
+        if (s->base_coef == 0.0f) {
+            for (uint32_t k = 0; k < 4u; ++k)
+                a[k] = _mm256_setzero_ps();
+        } else if (copy_base) {
+            const float *b = (const float *)s->base + i;
+            _mm_prefetch((const char *)(b + TV_PF_FLOATS), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + TV_PF_FLOATS + 16u), _MM_HINT_T0);
+            for (uint32_t k = 0; k < 4u; ++k)
+                a[k] = _mm256_loadu_ps(b + 8u * k);
+        } else {
+            for (uint32_t j = 0; j < 32u; ++j)
+                row[j] = tv_base_term(s, i + j);
+            for (uint32_t k = 0; k < 4u; ++k)
+                a[k] = _mm256_load_ps(row + 8u * k);
+        }
+        avx2_runs_row(a, plans, runs, nruns, i);
+        float *out = (float *)s->out + i;
+        if (stream) { /* why streaming: store32_f32 */
+            for (uint32_t k = 0; k < 4u; ++k) {
+                _mm_stream_ps(out + 8u * k, _mm256_castps256_ps128(a[k]));
+                _mm_stream_ps(out + 8u * k + 4u, _mm256_extractf128_ps(a[k], 1));
+            }
+        } else if (f32_out) {
+            for (uint32_t k = 0; k < 4u; ++k)
+                _mm256_storeu_ps(out + 8u * k, a[k]);
+        } else {
+            for (uint32_t k = 0; k < 4u; ++k)
+                _mm256_store_ps(row + 8u * k, a[k]);
+            for (uint32_t j = 0; j < 32u; ++j)
+                tv_store(s->out, s->out_dtype, i + j, row[j]);
+        }
+    }
+    for (; i < end; ++i)
+        tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));
+    return 1;
+}
+
 /* accum_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
 TV_AVX2_TARGET static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)
 {
@@ -859,7 +1000,8 @@ static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t sta
 {
 #ifdef TV_HAVE_AVX2_PATH
     if (path_in_use == TV_PATH_AVX2) {
-        rebuild_tile_avx2(s, terms, start, len);
+        if (!rebuild_tile_avx2_planned(s, terms, start, len))
+            rebuild_tile_avx2(s, terms, start, len);
         return;
     }
 #endif

@@ -120,7 +120,10 @@ def test_auto_picks_the_fastest_path_this_cpu_has():
     assert cpu.set_path("auto") == ("avx2" if has_avx2 and platform.machine() == "x86_64" else "portable")
 
 
-def _random_tables(rng, n_segments, out_code, base_code):
+def _random_tables(rng, n_segments, out_code, base_code, streams_only=False):
+    """Random segments of every term kind; streams_only: only CODES terms with one (scale,
+    offset) for the tensor, 1-40 of them (the AVX2 path's register-held rows, and past its
+    32-term limit the per-term rows), in runs of one width or of mixed widths and masks."""
     keep = []
     segs = np.zeros(n_segments, dtype=abi.SEGMENT_DTYPE)
     rows = []
@@ -138,9 +141,11 @@ def _random_tables(rng, n_segments, out_code, base_code):
         keep += [base, out]
         outs.append(out)
         begin = len(rows)
-        for _ in range(int(rng.integers(0, 4))):
-            kind = int(rng.choice([abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS,
-                                   abi.KIND_SPARSE]))
+        count = int(rng.choice([1, 2, 8, 9, 32, 33, 40])) if streams_only else int(rng.integers(0, 4))
+        one_width = int(rng.integers(1, 9)) if streams_only and rng.random() < 0.5 else 0
+        for _ in range(count):
+            kind = abi.KIND_CODES if streams_only else int(rng.choice(
+                [abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS, abi.KIND_SPARSE]))
             if kind == abi.KIND_SPARSE:
                 bits, share = int(rng.integers(1, 9)), rng.choice([0.0, 0.05, 0.5, 1.0])
                 fill = int(rng.integers(0, 1 << bits))
@@ -166,8 +171,8 @@ def _random_tables(rng, n_segments, out_code, base_code):
                 keep.append(m)
                 mask_addr = m.ctypes.data
             if kind == abi.KIND_CODES:
-                bits = int(rng.integers(1, 9))
-                group = int(rng.choice([n, max(1, n // 7), 33, 1]))
+                bits = one_width or int(rng.integers(1, 9))
+                group = n if streams_only else int(rng.choice([n, max(1, n // 7), 33, 1]))
                 words = pack_codes(rng.integers(0, 1 << bits, n), bits)
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [words, params]
@@ -190,6 +195,19 @@ def _random_tables(rng, n_segments, out_code, base_code):
 def test_compiled_equals_reference_bit_for_bit(path, seed, out_code, base_code, threads):
     rng = np.random.default_rng(seed)
     segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 5)), out_code, base_code)
+    _assert_rebuild_is_reference(segs, terms, keep, outs, threads)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), out_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]),
+       base_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]))
+def test_mixes_of_streams_terms_equal_reference_bit_for_bit(path, seed, out_code, base_code):
+    rng = np.random.default_rng(seed)
+    segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 3)), out_code, base_code, streams_only=True)
+    _assert_rebuild_is_reference(segs, terms, keep, outs, 1)
+
+
+def _assert_rebuild_is_reference(segs, terms, keep, outs, threads):
     cpu.rebuild(segs, terms, keep, threads=threads)
     got = [o.copy() for o in outs]
     for o in outs:
