@@ -13,7 +13,7 @@ setup(
         Extension(
             "tvswitch.kernels._tvcpu",
             sources=["kernels/cpu_rebuild.c"],
-            depends=["kernels/decode.h"],
+            depends=["kernels/decode.h", "kernels/cpu_planned.h"],
             include_dirs=["kernels"],
             extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-strict-aliasing", *openmp],
             extra_link_args=openmp,

@@ -46,7 +46,7 @@
 #define TV_ALWAYS_INLINE __attribute__((always_inline))
 
 /* tv_cpu_path() values. */
-enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3 };
+enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3, TV_PATH_AVX512 = 4 };
 
 /* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers;
  * 3: TV_KIND_GROUPS terms (tv_term.aux: their byte stream's words);
@@ -496,9 +496,10 @@ TV_AVX2 avx2_consts avx2_prepare(uint32_t bits, float weight, float scale, float
  * 8k .. 8k+7 of one row, m the row's mask word in every lane.  Codes of at most 3 bits
  * take it from the table (one lookup for a convert, two multiplies and an add), 4-bit
  * codes from two, chosen by the code's top bit.  Held to the scalar path by the tests. */
-TV_AVX2 __m256 avx2_value8(const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked, __m256i m,
+TV_AVX2 __m256 avx2_value8(const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked, uint32_t mask,
                            uint32_t k)
 {
+    const __m256i m = _mm256_set1_epi32((int)mask);
     const int sh = 31 - 8 * (int)k; /* mask bit 8k+j of the row to the sign of lane j */
     const __m256i shifts = _mm256_setr_epi32(sh, sh - 1, sh - 2, sh - 3, sh - 4, sh - 5, sh - 6, sh - 7);
     __m256 v;
@@ -522,10 +523,9 @@ TV_AVX2 __m256 avx2_value8(const uint32_t *row, uint32_t bits, const avx2_consts
 TV_AVX2 void avx2_row_with(float *acc, const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked,
                            uint32_t mask)
 {
-    const __m256i m = _mm256_set1_epi32((int)mask);
     for (uint32_t k = 0; k < 4u; ++k)
         _mm256_store_ps(acc + 8u * k,
-                        _mm256_add_ps(_mm256_load_ps(acc + 8u * k), avx2_value8(row, bits, c, masked, m, k)));
+                        _mm256_add_ps(_mm256_load_ps(acc + 8u * k), avx2_value8(row, bits, c, masked, mask, k)));
 }
 
 TV_AVX2 void avx2_row(float *acc, const uint32_t *row, uint32_t bits, float weight, float scale, float offset,
@@ -813,16 +813,10 @@ TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable, sparse_
 #ifdef TV_HAVE_AVX2_PATH
 TV_DEFINE_TILE(rebuild_tile_avx2, TV_AVX2_TARGET, accum_avx2, groups_avx2, sparse_avx2)
 
-/*
- * The tile of a segment whose terms are all CODES terms with one (scale, offset) for the
- * tensor, the streams layout's common case (TVQ, RTVQ, T-Switch streams, every mix of
- * them): each row's 32 sums stay in four registers from the base through every term to the
- * store, where rebuild_tile_avx2 adds each term to a row in memory (a load and a store per
- * eight lanes and term, most of a table lookup's cost again).  Each term's constants are
- * made once per tile.  The same values in the same order as rebuild_tile_avx2: exact.
- * Returns 0, having done nothing, for a segment it does not take.
- */
+/* Planned segments (avx2_make_plans; the rows: cpu_planned.h).  A plan holds at most
+ * TV_PLAN_TERMS terms; a segment with more takes the per-term rows. */
 #define TV_PLAN_TERMS 32
+#define TV_PLAN_ROWS 2u /* rows per pass over the runs: 5-10 % on one task over one */
 /* The base and every term's codes and mask are prefetched 16 rows ahead: with a row's
  * terms between two loads of a stream, and 10-18 streams in an 8-task mix, the hardware's
  * prefetch alone left a quarter of the mix's time waiting on loads (docs/kernels.md). */
@@ -837,101 +831,89 @@ typedef struct avx2_run {
     uint32_t begin, count, bits, masked;
 } avx2_run;
 
-/* Row i of the terms of a run (width BITS, masked or not) added to the row's sums a[0..3]. */
-TV_AVX2 void avx2_run_row(__m256 a[4], const avx2_plan *p, uint32_t count, uint32_t i, uint32_t bits,
-                          int masked)
+/* The plans and runs of a segment whose terms are all CODES terms with one (scale, offset)
+ * for the tensor, the streams layout's common case (TVQ, RTVQ, T-Switch streams, every
+ * mix of them), each term's constants made once per tile; 0 for any other segment. */
+TV_AVX2 int avx2_make_plans(const tv_segment *s, const tv_term *terms, avx2_plan *plans, avx2_run *runs,
+                            uint32_t *nruns)
 {
-    const uint32_t word = tv_code_word(i, bits), mask_word = tv_code_word(i, 1u);
-    for (uint32_t t = 0; t < count; ++t, ++p) {
-        _mm_prefetch((const char *)(p->codes + word + TV_PF_FLOATS / 32u * bits), _MM_HINT_T0);
-        if (masked)
-            _mm_prefetch((const char *)(p->mask + mask_word + TV_PF_FLOATS / 32u), _MM_HINT_T0);
-        const __m256i m = _mm256_set1_epi32(masked ? (int)tv_mask_field(p->mask[mask_word], i) : 0);
-        for (uint32_t k = 0; k < 4u; ++k)
-            a[k] = _mm256_add_ps(a[k], avx2_value8(p->codes + word, bits, &p->c, masked, m, k));
-    }
-}
-
-#define TV_RUN_CASE(B)                                                                        \
-    case 2 * B: avx2_run_row(a, p, r->count, i, B, 0); break;                                 \
-    case 2 * B + 1: avx2_run_row(a, p, r->count, i, B, 1); break;
-
-TV_AVX2 void avx2_runs_row(__m256 a[4], const avx2_plan *plans, const avx2_run *runs, uint32_t nruns, uint32_t i)
-{
-    for (const avx2_run *r = runs; r < runs + nruns; ++r) {
-        const avx2_plan *p = plans + r->begin;
-        switch (2u * r->bits + (uint32_t)r->masked) {
-        TV_RUN_CASE(1) TV_RUN_CASE(2) TV_RUN_CASE(3) TV_RUN_CASE(4)
-        TV_RUN_CASE(5) TV_RUN_CASE(6) TV_RUN_CASE(7)
-        default: avx2_run_row(a, p, r->count, i, 8, r->masked); break;
-        }
-    }
-}
-
-TV_AVX2_TARGET static int rebuild_tile_avx2_planned(const tv_segment *s, const tv_term *terms, uint32_t start,
-                                                    uint32_t len)
-{
-    const uint32_t n = (uint32_t)s->n, count = s->term_count, end = start + len;
-    avx2_plan plans[TV_PLAN_TERMS];
-    avx2_run runs[TV_PLAN_TERMS];
-    uint32_t nruns = 0;
+    const uint32_t n = (uint32_t)s->n, count = s->term_count;
     if (count > TV_PLAN_TERMS)
         return 0;
+    *nruns = 0;
     for (uint32_t k = 0; k < count; ++k) {
         const tv_term *t = &terms[s->term_begin + k];
         if (t->kind != TV_KIND_CODES || (uint32_t)t->group < n)
             return 0;
         const float *p = (const float *)t->params;
         const uint32_t masked = t->mask != 0;
+        avx2_run *last = *nruns ? &runs[*nruns - 1] : NULL;
         plans[k].c = avx2_prepare(t->bits, t->weight, p[0], p[1]);
         plans[k].codes = (const uint32_t *)t->codes;
         plans[k].mask = (const uint32_t *)t->mask;
-        if (nruns && runs[nruns - 1].bits == t->bits && runs[nruns - 1].masked == masked)
-            ++runs[nruns - 1].count;
+        if (last && last->bits == t->bits && last->masked == masked)
+            ++last->count;
         else
-            runs[nruns++] = (avx2_run){k, 1u, t->bits, masked};
+            runs[(*nruns)++] = (avx2_run){k, 1u, t->bits, masked};
     }
-    const int f32_out = s->out_dtype == TV_F32, stream = f32_out && ((uintptr_t)s->out & 15u) == 0;
-    const int copy_base = s->base_dtype == TV_F32 && s->base_coef == 1.0f;
-    uint32_t i = start;
-    for (; i + 32u <= end; i += 32u) {
-        float row[32] __attribute__((aligned(32)));
-        __m256 a[4];
-        if (s->base_coef == 0.0f) {
-            for (uint32_t k = 0; k < 4u; ++k)
-                a[k] = _mm256_setzero_ps();
-        } else if (copy_base) {
-            const float *b = (const float *)s->base + i;
-            _mm_prefetch((const char *)(b + TV_PF_FLOATS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + TV_PF_FLOATS + 16u), _MM_HINT_T0);
-            for (uint32_t k = 0; k < 4u; ++k)
-                a[k] = _mm256_loadu_ps(b + 8u * k);
-        } else {
-            for (uint32_t j = 0; j < 32u; ++j)
-                row[j] = tv_base_term(s, i + j);
-            for (uint32_t k = 0; k < 4u; ++k)
-                a[k] = _mm256_load_ps(row + 8u * k);
-        }
-        avx2_runs_row(a, plans, runs, nruns, i);
-        float *out = (float *)s->out + i;
-        if (stream) { /* why streaming: store32_f32 */
-            for (uint32_t k = 0; k < 4u; ++k) {
-                _mm_stream_ps(out + 8u * k, _mm256_castps256_ps128(a[k]));
-                _mm_stream_ps(out + 8u * k + 4u, _mm256_extractf128_ps(a[k], 1));
-            }
-        } else if (f32_out) {
-            for (uint32_t k = 0; k < 4u; ++k)
-                _mm256_storeu_ps(out + 8u * k, a[k]);
-        } else {
-            for (uint32_t k = 0; k < 4u; ++k)
-                _mm256_store_ps(row + 8u * k, a[k]);
-            for (uint32_t j = 0; j < 32u; ++j)
-                tv_store(s->out, s->out_dtype, i + j, row[j]);
-        }
-    }
-    for (; i < end; ++i)
-        tv_store(s->out, s->out_dtype, i, tv_rebuild_element(s, terms, i));
     return 1;
+}
+
+#define TV_PLANNED(name) avx2_##name
+#define TV_PLANNED_TARGET TV_AVX2_TARGET
+#define TV_PLANNED_VALUE8 avx2_value8
+#include "cpu_planned.h"
+
+/*
+ * The AVX-512 path: AVX2's rows at 256 bits with two AVX-512VL instructions where they
+ * save work: a 4-bit code's value is one two-table lookup (vpermt2ps, 16 entries) instead
+ * of two lookups and a blend, and a mask's byte is a mask register that picks the dropped
+ * value (vblendmps) instead of a per-lane shift and a blend.  256-bit vectors: on cores
+ * that split 512-bit operations in two (AMD Zen 4) a 512-bit row ran at 0.85-1.00x AVX2's
+ * (docs/kernels.md), and these instructions are full speed at 256 bits on every AVX-512 CPU.
+ * Segments the plans do not take go through the AVX2 rows.
+ */
+#define TV_AVX512_TARGET __attribute__((target("avx2,avx512f,avx512vl,avx512bw,avx512dq,popcnt")))
+#define TV_AVX512 TV_AVX512_TARGET static inline TV_ALWAYS_INLINE
+
+/* avx2_value8's values bit for bit: the same table entries and lane arithmetic, and for a
+ * dropped lane the same w * +0. */
+TV_AVX512 __m256 avx512_value8(const uint32_t *row, uint32_t bits, const avx2_consts *c, int masked, uint32_t mask,
+                               uint32_t k)
+{
+    __m256 v;
+    if (bits <= 4u) {
+        const __m256i q = avx2_codes8_lanes(row, bits, k);
+        v = bits == 4u ? _mm256_permutex2var_ps(c->table, q, c->table_hi) : _mm256_permutevar8x32_ps(c->table, q);
+    } else {
+        v = _mm256_mul_ps(c->w, _mm256_add_ps(_mm256_mul_ps(avx2_codes8(row, bits, k), c->s), c->o));
+    }
+    return masked ? _mm256_mask_blend_ps((__mmask8)(mask >> (8u * k)), c->dropped, v) : v;
+}
+
+#define TV_PLANNED(name) avx512_##name
+#define TV_PLANNED_TARGET TV_AVX512_TARGET
+#define TV_PLANNED_VALUE8 avx512_value8
+#include "cpu_planned.h"
+
+/* One row of CODES term t added to acc (32 floats, 32-byte aligned) by the AVX-512 rows:
+ * what tv_cpu_accum_row holds to the scalar path. */
+TV_AVX512_TARGET static void avx512_accum_row(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    float scale, offset;
+    if (!row_params(t, i, n, &scale, &offset)) {
+        accum32_generic(acc, t, i);
+        return;
+    }
+    const avx2_plan plan = {avx2_prepare(t->bits, t->weight, scale, offset), (const uint32_t *)t->codes,
+                            (const uint32_t *)t->mask};
+    const avx2_run run = {0u, 1u, t->bits, t->mask != 0};
+    __m256 a[4 * TV_PLAN_ROWS];
+    for (uint32_t k = 0; k < 4u; ++k)
+        a[k] = _mm256_load_ps(acc + 8u * k);
+    avx512_runs_rows(a, &plan, &run, 1u, i, 1u);
+    for (uint32_t k = 0; k < 4u; ++k)
+        _mm256_store_ps(acc + 8u * k, a[k]);
 }
 
 /* accum_avx2 callable from code compiled for any x86-64 (tv_cpu_accum_row). */
@@ -951,19 +933,35 @@ static int avx2_supported(void)
 #endif
 }
 
+static int avx512_supported(void)
+{
+#ifdef TV_HAVE_AVX2_PATH
+    return avx2_supported() && __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512vl") != 0 &&
+           __builtin_cpu_supports("avx512bw") != 0 && __builtin_cpu_supports("avx512dq") != 0;
+#else
+    return 0;
+#endif
+}
+
+static int path_supported(int path)
+{
+    return path == TV_PATH_PORTABLE || path == TV_PATH_SCALAR || (path == TV_PATH_AVX2 && avx2_supported()) ||
+           (path == TV_PATH_AVX512 && avx512_supported());
+}
+
 static int path_in_use = TV_PATH_AUTO;
 
 /*
- * Choose the instruction path: TV_PATH_AUTO (the fastest this CPU runs), PORTABLE, AVX2
- * or SCALAR (decode.h alone, the others' reference).  Returns the path now in use, or -1
+ * Choose the instruction path: TV_PATH_AUTO (the fastest this CPU runs), PORTABLE, AVX2,
+ * AVX512 or SCALAR (decode.h alone, the others' reference).  Returns the path now in use, or -1
  * (and changes nothing) for one this CPU or build lacks.  Not to be called while a
  * rebuild runs.
  */
 int tv_cpu_set_path(int path)
 {
     if (path == TV_PATH_AUTO)
-        path = avx2_supported() ? TV_PATH_AVX2 : TV_PATH_PORTABLE;
-    if (path != TV_PATH_PORTABLE && path != TV_PATH_SCALAR && !(path == TV_PATH_AVX2 && avx2_supported()))
+        path = avx512_supported() ? TV_PATH_AVX512 : avx2_supported() ? TV_PATH_AVX2 : TV_PATH_PORTABLE;
+    if (!path_supported(path))
         return -1;
     path_in_use = path;
     return path;
@@ -990,6 +988,8 @@ int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_
 #ifdef TV_HAVE_AVX2_PATH
     else if (path == TV_PATH_AVX2 && avx2_supported())
         accum_avx2_rows(acc, t, i, n);
+    else if (path == TV_PATH_AVX512 && avx512_supported())
+        avx512_accum_row(acc, t, i, n);
 #endif
     else
         return -1;
@@ -999,8 +999,9 @@ int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_
 static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t start, uint32_t len)
 {
 #ifdef TV_HAVE_AVX2_PATH
-    if (path_in_use == TV_PATH_AVX2) {
-        if (!rebuild_tile_avx2_planned(s, terms, start, len))
+    if (path_in_use == TV_PATH_AVX2 || path_in_use == TV_PATH_AVX512) {
+        if (!(path_in_use == TV_PATH_AVX512 ? avx512_tile_planned(s, terms, start, len)
+                                            : avx2_tile_planned(s, terms, start, len)))
             rebuild_tile_avx2(s, terms, start, len);
         return;
     }
