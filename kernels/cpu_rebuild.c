@@ -22,6 +22,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __SSE2__ /* every x86-64 CPU */
 #include <emmintrin.h>
@@ -1038,24 +1039,78 @@ enum {
     TV_CHECK_VALUES = 8
 };
 
-static int inside(const tv_extent *ext, uint32_t next, uint64_t p, uint64_t bytes)
+/*
+ * The buffers as the checks search them: sorted by begin address, each with the furthest
+ * end of it and the buffers before it, so a range lies inside one of them exactly when the
+ * last buffer beginning at or below it has a furthest end at or past the range's end (a
+ * binary search: an 8-task mix names about 1,800 buffers and makes about 1,900 checks,
+ * which a scan over the buffers took 1 ms for, against 16 ms of rebuild).  Without
+ * memory for the copy, the checks scan the caller's table.
+ */
+typedef struct tv_spans {
+    const tv_extent *ext; /* the caller's table, next entries */
+    uint32_t next;
+    tv_extent *sorted; /* begin, and in `bytes` the furthest end so far; 0 when not made */
+} tv_spans;
+
+static uint64_t extent_end(const tv_extent *e)
 {
-    for (uint32_t i = 0; i < next; ++i)
-        if (p >= ext[i].begin && bytes <= ext[i].bytes && p - ext[i].begin <= ext[i].bytes - bytes)
-            return 1;
-    return 0;
+    return e->bytes > UINT64_MAX - e->begin ? UINT64_MAX : e->begin + e->bytes;
+}
+
+static int by_begin(const void *a, const void *b)
+{
+    const uint64_t x = ((const tv_extent *)a)->begin, y = ((const tv_extent *)b)->begin;
+    return x < y ? -1 : x > y;
+}
+
+static tv_spans make_spans(const tv_extent *ext, uint32_t next)
+{
+    tv_spans sp = {ext, next, next ? malloc(next * sizeof(tv_extent)) : NULL};
+    if (!sp.sorted)
+        return sp;
+    memcpy(sp.sorted, ext, next * sizeof(tv_extent));
+    qsort(sp.sorted, next, sizeof(tv_extent), by_begin);
+    uint64_t furthest = 0;
+    for (uint32_t i = 0; i < next; ++i) {
+        const uint64_t end = extent_end(&sp.sorted[i]);
+        furthest = end > furthest ? end : furthest;
+        sp.sorted[i].bytes = furthest;
+    }
+    return sp;
+}
+
+static int inside(const tv_spans *sp, uint64_t p, uint64_t bytes)
+{
+    if (bytes > UINT64_MAX - p)
+        return 0;
+    if (!sp->sorted) {
+        for (uint32_t i = 0; i < sp->next; ++i)
+            if (p >= sp->ext[i].begin && p + bytes <= extent_end(&sp->ext[i]))
+                return 1;
+        return 0;
+    }
+    uint32_t lo = 0, hi = sp->next; /* the first buffer beginning above p: hi */
+    while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        if (sp->sorted[mid].begin <= p)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return hi > 0 && sp->sorted[hi - 1].bytes >= p + bytes;
 }
 
 static uint64_t element_bytes(uint32_t dtype) { return dtype == TV_F32 ? 4 : 2; }
 
-static int check_term(const tv_term *t, uint64_t n, const tv_extent *ext, uint32_t next)
+static int check_term(const tv_term *t, uint64_t n, const tv_spans *sp)
 {
     if (t->kind == TV_KIND_CODES) {
         if (t->bits < 1 || t->bits > 8 || t->group < 1)
             return TV_CHECK_TERM;
-        if (!inside(ext, next, t->codes, 4 * ((n * t->bits + 31) / 32 + 1)))
+        if (!inside(sp, t->codes, 4 * ((n * t->bits + 31) / 32 + 1)))
             return TV_CHECK_CODES;
-        if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
+        if (!inside(sp, t->params, 8 * ((n + t->group - 1) / t->group)))
             return TV_CHECK_PARAMS;
     } else if (t->kind == TV_KIND_GROUPS || t->kind == TV_KIND_SPARSE) {
         /* The index's counts and flags are the reader's to check (FORMAT.md 3.3, 3.4): with
@@ -1065,27 +1120,26 @@ static int check_term(const tv_term *t, uint64_t n, const tv_extent *ext, uint32
                                                        : t->bits >= 1 && t->bits <= 8 && (t->fill >> t->bits) == 0;
         if (!width_ok || t->group < 1 || t->aux < 1 || !t->mask)
             return TV_CHECK_TERM;
-        if (!inside(ext, next, t->codes, 4 * (uint64_t)t->aux))
+        if (!inside(sp, t->codes, 4 * (uint64_t)t->aux))
             return TV_CHECK_CODES;
-        if (!inside(ext, next, t->params, 8 * ((n + t->group - 1) / t->group)))
+        if (!inside(sp, t->params, 8 * ((n + t->group - 1) / t->group)))
             return TV_CHECK_PARAMS;
-        if (!inside(ext, next, t->mask, 4 * TV_INDEX_RECORD * (((n + 3) / 4 + TV_BLOCK_GROUPS - 1) / TV_BLOCK_GROUPS)))
+        if (!inside(sp, t->mask, 4 * TV_INDEX_RECORD * (((n + 3) / 4 + TV_BLOCK_GROUPS - 1) / TV_BLOCK_GROUPS)))
             return TV_CHECK_MASK;
         return TV_CHECK_OK;
     } else if (t->kind == TV_KIND_RAW_F32 || t->kind == TV_KIND_RAW_F16) {
-        if (!inside(ext, next, t->codes, n * (t->kind == TV_KIND_RAW_F32 ? 4 : 2)))
+        if (!inside(sp, t->codes, n * (t->kind == TV_KIND_RAW_F32 ? 4 : 2)))
             return TV_CHECK_VALUES;
     } else {
         return TV_CHECK_TERM;
     }
-    if (t->mask && !inside(ext, next, t->mask, 4 * ((n + 31) / 32 + 1)))
+    if (t->mask && !inside(sp, t->mask, 4 * ((n + 31) / 32 + 1)))
         return TV_CHECK_MASK;
     return TV_CHECK_OK;
 }
 
-/* TV_CHECK_OK, or the first fault and (in *where) the segment it is in. */
-int tv_check_tables(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
-                    const tv_extent *ext, uint32_t next, uint32_t *where)
+static int check_segments(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
+                          const tv_spans *sp, uint32_t *where)
 {
     for (uint32_t s = 0; s < nseg; ++s) {
         const tv_segment *g = &segs[s];
@@ -1096,16 +1150,26 @@ int tv_check_tables(const tv_segment *segs, uint32_t nseg, const tv_term *terms,
             return TV_CHECK_SEGMENT;
         if (g->n == 0)
             continue;
-        if (g->base_coef != 0.0f && !inside(ext, next, g->base, g->n * element_bytes(g->base_dtype)))
+        if (g->base_coef != 0.0f && !inside(sp, g->base, g->n * element_bytes(g->base_dtype)))
             return TV_CHECK_BASE;
-        if (!inside(ext, next, g->out, g->n * element_bytes(g->out_dtype)))
+        if (!inside(sp, g->out, g->n * element_bytes(g->out_dtype)))
             return TV_CHECK_OUT;
         for (uint32_t j = 0; j < g->term_count && fault == TV_CHECK_OK; ++j)
-            fault = check_term(&terms[g->term_begin + j], g->n, ext, next);
+            fault = check_term(&terms[g->term_begin + j], g->n, sp);
         if (fault != TV_CHECK_OK)
             return fault;
     }
     return TV_CHECK_OK;
+}
+
+/* TV_CHECK_OK, or the first fault and (in *where) the segment it is in. */
+int tv_check_tables(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
+                    const tv_extent *ext, uint32_t next, uint32_t *where)
+{
+    tv_spans sp = make_spans(ext, next);
+    const int fault = check_segments(segs, nseg, terms, nterms, &sp, where);
+    free(sp.sorted);
+    return fault;
 }
 
 int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, int threads);

@@ -72,6 +72,7 @@ class CpuRebuilder:
         self._base = {name: contiguous(a) for name, a in
                       resolve_base(bundle, base, verify_base, base_label).items()}
         self._mix_tables: Dict[tuple, MixTables] = {}
+        self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
         self._bounds: Dict[str, float] = {}
         self._compiled = cpu.available()
         if not self._compiled:
@@ -95,17 +96,28 @@ class CpuRebuilder:
 
     def mix_tables(self, mix: Mapping[str, float]) -> MixTables:
         """The (cached) tables of a mix; checks the mix first."""
+        return self._mix_tables[self._cache(mix)]
+
+    def _cache(self, mix: Mapping[str, float]) -> tuple:
+        """The key of a checked mix, its tables cached under it."""
         mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
         key = mix_key(mix)
-        tables = self._mix_tables.get(key)
-        if tables is None:
+        if key not in self._mix_tables:
             tables = build_tables(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound)
             tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
             tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
             if len(self._mix_tables) > 64:
                 self._mix_tables.clear()
+                self._inputs.clear()
             self._mix_tables[key] = tables
-        return tables
+        return key
+
+    def _input_extents(self, key: tuple) -> cpu.Extents:
+        """The buffers a mix's tables read (its payloads, the base), made once per mix."""
+        if key not in self._inputs:
+            keys = self._mix_tables[key].keys
+            self._inputs[key] = cpu.Extents([self.bundle.payload(k) for k in keys] + list(self._base.values()))
+        return self._inputs[key]
 
     def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False,
                 since: Optional[Mapping[str, float]] = None) -> None:
@@ -118,7 +130,8 @@ class CpuRebuilder:
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
-        full = tables = self.mix_tables(mix)
+        key = self._cache(mix)
+        full = tables = self._mix_tables[key]
         if since is not None:
             tables = full.since(self.mix_tables(since))
         self._check_out(out)
@@ -126,7 +139,7 @@ class CpuRebuilder:
         segments["out"] = [out[n].ctypes.data for n in tables.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
-            buffers = [self.bundle.payload(k) for k in full.keys] + list(self._base.values()) + list(out.values())
+            buffers = self._input_extents(key) + cpu.Extents(out.values())
             run = lambda part: cpu.rebuild(part, tables.terms, buffers, self.threads)  # noqa: E731
         else:
             arrays = [self.bundle.payload(k) for k in full.keys]

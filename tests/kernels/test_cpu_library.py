@@ -271,3 +271,29 @@ def test_tables_that_reach_outside_their_buffers_are_refused_before_any_write(fa
         segs[0]["term_count"] = 2
         cpu.rebuild(segs, terms, list(named.values()), 1)  # and all given in full: it runs
         assert out.all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(spans=st.lists(st.tuples(st.integers(0, 2**12), st.integers(0, 2**10)), max_size=12),
+       start=st.integers(0, 2**12), n=st.integers(1, 300), top=st.booleans())
+def test_a_range_passes_the_buffer_check_exactly_when_one_buffer_holds_it(spans, start, n, top):
+    """The sorted search of tv_check_tables against the plain definition, with buffers that
+    overlap, nest, repeat, are empty, or end at the top of the address space."""
+    from tvswitch.errors import TvswitchError
+
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    last = 2**64 - 1
+    shift = 2**64 - 2**12 if top else 0  # near the top: an end past 2^64 must not wrap to a pass
+    spans = [(b + shift, size) for b, size in spans if b + shift <= last]
+    begin, size = start + shift, 4 * n
+    if begin > last:
+        return
+    segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    segs[0] = (0, begin, n, 0, 0.0, abi.F32, abi.F32, 0, 0, 0)  # no base read, no terms: the output's range
+    held = begin + size <= last and any(b <= begin and begin + size <= min(b + s, last) for b, s in spans)
+    if held:
+        cpu.check_tables(segs, np.zeros(0, dtype=abi.TERM_DTYPE), spans)
+    else:
+        with pytest.raises(TvswitchError, match="reach outside"):
+            cpu.check_tables(segs, np.zeros(0, dtype=abi.TERM_DTYPE), spans)
