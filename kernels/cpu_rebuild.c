@@ -824,19 +824,25 @@ TV_DEFINE_TILE(rebuild_tile_avx2, TV_AVX2_TARGET, accum_avx2, groups_avx2, spars
 #define TV_PF_FLOATS 512u
 typedef struct avx2_plan {
     avx2_consts c;
-    const uint32_t *codes, *mask; /* mask 0: every element kept */
+    const tv_term *t;
+    const uint32_t *codes, *mask; /* CODES: mask 0 when every element is kept */
+    uint32_t rank;                /* GROUPS, SPARSE: the rank of the next row's first group */
+    uint32_t fill4, fill_row[8];  /* SPARSE: four fill codes, a row of them */
 } avx2_plan;
 
-/* Consecutive planned terms of one width and masking: one branch per row for all of them. */
+/* Consecutive planned terms that decode alike (kind, width, masking): one branch per row
+ * for all of them.  op: a CODES term 2 bits + masked, GROUPS 18, SPARSE 18 + bits. */
 typedef struct avx2_run {
-    uint32_t begin, count, bits, masked;
+    uint32_t begin, count, op;
 } avx2_run;
 
-/* The plans and runs of a segment whose terms are all CODES terms with one (scale, offset)
- * for the tensor, the streams layout's common case (TVQ, RTVQ, T-Switch streams, every
- * mix of them), each term's constants made once per tile; 0 for any other segment. */
-TV_AVX2 int avx2_make_plans(const tv_segment *s, const tv_term *terms, avx2_plan *plans, avx2_run *runs,
-                            uint32_t *nruns)
+/* The plans and runs of the tile from element `start` of a segment whose terms all have
+ * one (scale, offset) for the tensor and are CODES, GROUPS or SPARSE terms (every layout's
+ * common case: TVQ, RTVQ, T-Switch, and auto's mixes of streams and compact terms), each
+ * term's constants made once per tile and a compact term's rank carried from row to row;
+ * 0 for any other segment. */
+TV_AVX2 int avx2_make_plans(const tv_segment *s, const tv_term *terms, uint32_t start, avx2_plan *plans,
+                            avx2_run *runs, uint32_t *nruns)
 {
     const uint32_t n = (uint32_t)s->n, count = s->term_count;
     if (count > TV_PLAN_TERMS)
@@ -844,18 +850,31 @@ TV_AVX2 int avx2_make_plans(const tv_segment *s, const tv_term *terms, avx2_plan
     *nruns = 0;
     for (uint32_t k = 0; k < count; ++k) {
         const tv_term *t = &terms[s->term_begin + k];
-        if (t->kind != TV_KIND_CODES || (uint32_t)t->group < n)
-            return 0;
         const float *p = (const float *)t->params;
-        const uint32_t masked = t->mask != 0;
-        avx2_run *last = *nruns ? &runs[*nruns - 1] : NULL;
-        plans[k].c = avx2_prepare(t->bits, t->weight, p[0], p[1]);
-        plans[k].codes = (const uint32_t *)t->codes;
-        plans[k].mask = (const uint32_t *)t->mask;
-        if (last && last->bits == t->bits && last->masked == masked)
-            ++last->count;
+        avx2_plan *plan = &plans[k];
+        uint32_t op;
+        if ((uint32_t)t->group < n)
+            return 0;
+        if (t->kind == TV_KIND_CODES)
+            op = 2u * t->bits + (t->mask != 0);
+        else if (t->kind == TV_KIND_GROUPS || t->kind == TV_KIND_SPARSE)
+            op = t->kind == TV_KIND_GROUPS ? 18u : 18u + t->bits;
         else
-            runs[(*nruns)++] = (avx2_run){k, 1u, t->bits, masked};
+            return 0;
+        plan->c = avx2_prepare(t->kind == TV_KIND_GROUPS ? 1u : t->bits, t->weight, p[0], p[1]);
+        plan->t = t;
+        plan->codes = (const uint32_t *)t->codes;
+        plan->mask = (const uint32_t *)t->mask;
+        if (t->kind != TV_KIND_CODES)
+            plan->rank = tv_group_rank(t, start >> 2);
+        if (t->kind == TV_KIND_SPARSE) {
+            plan->fill4 = tv_sparse_fill4(t, t->bits);
+            fill_row_words(plan->fill4, t->bits, plan->fill_row);
+        }
+        if (*nruns && runs[*nruns - 1].op == op)
+            ++runs[*nruns - 1].count;
+        else
+            runs[(*nruns)++] = (avx2_run){k, 1u, op};
     }
     return 1;
 }
@@ -906,13 +925,13 @@ TV_AVX512_TARGET static void avx512_accum_row(float *acc, const tv_term *t, uint
         accum32_generic(acc, t, i);
         return;
     }
-    const avx2_plan plan = {avx2_prepare(t->bits, t->weight, scale, offset), (const uint32_t *)t->codes,
-                            (const uint32_t *)t->mask};
-    const avx2_run run = {0u, 1u, t->bits, t->mask != 0};
+    avx2_plan plan = {avx2_prepare(t->bits, t->weight, scale, offset), t, (const uint32_t *)t->codes,
+                      (const uint32_t *)t->mask, 0u, 0u, {0u}};
+    const avx2_run run = {0u, 1u, 2u * t->bits + (t->mask != 0)};
     __m256 a[4 * TV_PLAN_ROWS];
     for (uint32_t k = 0; k < 4u; ++k)
         a[k] = _mm256_load_ps(acc + 8u * k);
-    avx512_runs_rows(a, &plan, &run, 1u, i, 1u);
+    avx512_runs_rows(a, &plan, &run, 1u, i, 1u, 0);
     for (uint32_t k = 0; k < 4u; ++k)
         _mm256_store_ps(acc + 8u * k, a[k]);
 }

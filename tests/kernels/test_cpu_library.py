@@ -125,10 +125,11 @@ def test_auto_picks_the_fastest_path_this_cpu_has():
     assert cpu.set_path("auto") == want
 
 
-def _random_tables(rng, n_segments, out_code, base_code, streams_only=False):
-    """Random segments of every term kind; streams_only: only CODES terms with one (scale,
-    offset) for the tensor, 1-40 of them (the AVX2 path's register-held rows, and past its
-    32-term limit the per-term rows), in runs of one width or of mixed widths and masks."""
+def _random_tables(rng, n_segments, out_code, base_code, tensor_wide=False):
+    """Random segments of every term kind; tensor_wide: only CODES, GROUPS and SPARSE terms
+    with one (scale, offset) for the tensor, 1-40 of them (the SIMD paths' register-held
+    rows, and past their 32-term limit the per-term rows), in runs of one kind and width or
+    of mixed kinds, widths and masks."""
     keep = []
     segs = np.zeros(n_segments, dtype=abi.SEGMENT_DTYPE)
     rows = []
@@ -146,17 +147,20 @@ def _random_tables(rng, n_segments, out_code, base_code, streams_only=False):
         keep += [base, out]
         outs.append(out)
         begin = len(rows)
-        count = int(rng.choice([1, 2, 8, 9, 32, 33, 40])) if streams_only else int(rng.integers(0, 4))
-        one_width = int(rng.integers(1, 9)) if streams_only and rng.random() < 0.5 else 0
+        count = int(rng.choice([1, 2, 8, 9, 32, 33, 40])) if tensor_wide else int(rng.integers(0, 4))
+        one_width = int(rng.integers(1, 9)) if tensor_wide and rng.random() < 0.5 else 0
+        kinds = [abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS, abi.KIND_SPARSE]
+        if tensor_wide:
+            kinds = [int(rng.choice([abi.KIND_CODES, abi.KIND_GROUPS, abi.KIND_SPARSE]))] if rng.random() < 0.5 else \
+                [abi.KIND_CODES, abi.KIND_GROUPS, abi.KIND_SPARSE]
         for _ in range(count):
-            kind = abi.KIND_CODES if streams_only else int(rng.choice(
-                [abi.KIND_CODES, abi.KIND_CODES, abi.KIND_RAW_F32, abi.KIND_RAW_F16, abi.KIND_GROUPS, abi.KIND_SPARSE]))
+            kind = int(rng.choice(kinds))
             if kind == abi.KIND_SPARSE:
-                bits, share = int(rng.integers(1, 9)), rng.choice([0.0, 0.05, 0.5, 1.0])
+                bits, share = one_width or int(rng.integers(1, 9)), rng.choice([0.0, 0.05, 0.5, 1.0])
                 fill = int(rng.integers(0, 1 << bits))
                 index, words = pack_sparse(np.where(rng.random(n) < share, rng.integers(0, 1 << bits, n), fill),
                                            bits, fill)
-                group = int(rng.choice([n, 33, 96]))
+                group = n if tensor_wide else int(rng.choice([n, 33, 96]))
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [index, words, params]
                 rows.append((words.ctypes.data, index.ctypes.data, params.ctypes.data, group, float(rng.normal()),
@@ -164,7 +168,7 @@ def _random_tables(rng, n_segments, out_code, base_code, streams_only=False):
                 continue
             if kind == abi.KIND_GROUPS:
                 index, data = pack_groups(rng.random(n) < rng.choice([0.0, 0.05, 0.5, 1.0]), rng.integers(0, 2, n))
-                group = int(rng.choice([n, 33, 96]))
+                group = n if tensor_wide else int(rng.choice([n, 33, 96]))
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [index, data, params]
                 rows.append((data.ctypes.data, index.ctypes.data, params.ctypes.data, group, float(rng.normal()),
@@ -177,7 +181,7 @@ def _random_tables(rng, n_segments, out_code, base_code, streams_only=False):
                 mask_addr = m.ctypes.data
             if kind == abi.KIND_CODES:
                 bits = one_width or int(rng.integers(1, 9))
-                group = n if streams_only else int(rng.choice([n, max(1, n // 7), 33, 1]))
+                group = n if tensor_wide else int(rng.choice([n, max(1, n // 7), 33, 1]))
                 words = pack_codes(rng.integers(0, 1 << bits, n), bits)
                 params = rng.normal(0, 0.1, 2 * (-(-n // group))).astype(np.float32)
                 keep += [words, params]
@@ -203,12 +207,12 @@ def test_compiled_equals_reference_bit_for_bit(path, seed, out_code, base_code, 
     _assert_rebuild_is_reference(segs, terms, keep, outs, threads)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), out_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]),
        base_code=st.sampled_from([abi.F32, abi.F16, abi.BF16]))
-def test_mixes_of_streams_terms_equal_reference_bit_for_bit(path, seed, out_code, base_code):
+def test_mixes_of_tensor_wide_terms_equal_reference_bit_for_bit(path, seed, out_code, base_code):
     rng = np.random.default_rng(seed)
-    segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 3)), out_code, base_code, streams_only=True)
+    segs, terms, keep, outs = _random_tables(rng, int(rng.integers(1, 3)), out_code, base_code, tensor_wide=True)
     _assert_rebuild_is_reference(segs, terms, keep, outs, 1)
 
 
