@@ -23,7 +23,7 @@ TV_PLANNED_FN void TV_PLANNED(codes_rows)(__m256 *a, const avx2_plan *p, uint32_
         if (masked)
             _mm_prefetch((const char *)(p->mask + mask_word + TV_PF_FLOATS / 32u), _MM_HINT_T0);
         for (uint32_t r = 0; r < rows; ++r) {
-            const uint32_t m = masked ? tv_mask_field(p->mask[mask_word + r], i) : 0u;
+            const uint32_t m = masked ? tv_mask_field(p->mask[mask_word + r], i + 32u * r) : 0u;
             for (uint32_t k = 0; k < 4u; ++k)
                 a[4u * r + k] = _mm256_add_ps(a[4u * r + k],
                                               TV_PLANNED_VALUE8(p->codes + word + r * bits, bits, &p->c, masked, m, k));
@@ -52,35 +52,35 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(__m256 *a, avx2_plan *p, uint32_t co
 }
 
 /* compact: whether any run is of GROUPS or SPARSE terms (a constant: a segment of CODES
- * terms alone, the streams layout's, runs without their cases, 1.1-1.3x faster). */
+ * terms alone, the streams layout's, runs a switch without their cases, 1.1-1.3x faster
+ * than with them). */
 TV_PLANNED_FN void TV_PLANNED(runs_rows)(__m256 *a, avx2_plan *plans, const avx2_run *runs, uint32_t nruns,
                                          uint32_t i, uint32_t rows, int compact)
 {
+#define TV_CODES_CASES(B)                                                                     \
+    case 2 * B: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, B, 0); break;                 \
+    case 2 * B + 1: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, B, 1); break;
+#define TV_SPARSE_CASE(B)                                                                     \
+    case 18 + B: TV_PLANNED(compact_rows)(a, p, r->count, i, rows, 0, B); break;
     for (const avx2_run *r = runs; r < runs + nruns; ++r) {
         avx2_plan *p = plans + r->begin;
         if (!compact) {
             switch (r->op) {
-#define TV_RUN_CASE(B)                                                                        \
-    case 2 * B: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, B, 0); break;                 \
-    case 2 * B + 1: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, B, 1); break;
-            TV_RUN_CASE(1) TV_RUN_CASE(2) TV_RUN_CASE(3) TV_RUN_CASE(4)
-            TV_RUN_CASE(5) TV_RUN_CASE(6) TV_RUN_CASE(7)
-            default: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, 8, r->op & 1u); break;
-#undef TV_RUN_CASE
+            TV_CODES_CASES(1) TV_CODES_CASES(2) TV_CODES_CASES(3) TV_CODES_CASES(4)
+            TV_CODES_CASES(5) TV_CODES_CASES(6) TV_CODES_CASES(7) TV_CODES_CASES(8)
             }
             continue;
         }
-#define TV_RUN_CASE(B)                                                                        \
-    case 2 * B: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, B, 0); break;                 \
-    case 2 * B + 1: TV_PLANNED(codes_rows)(a, p, r->count, i, rows, B, 1); break;             \
-    case 18 + B: TV_PLANNED(compact_rows)(a, p, r->count, i, rows, 0, B); break;
         switch (r->op) {
-        TV_RUN_CASE(1) TV_RUN_CASE(2) TV_RUN_CASE(3) TV_RUN_CASE(4)
-        TV_RUN_CASE(5) TV_RUN_CASE(6) TV_RUN_CASE(7) TV_RUN_CASE(8)
+        TV_CODES_CASES(1) TV_CODES_CASES(2) TV_CODES_CASES(3) TV_CODES_CASES(4)
+        TV_CODES_CASES(5) TV_CODES_CASES(6) TV_CODES_CASES(7) TV_CODES_CASES(8)
+        TV_SPARSE_CASE(1) TV_SPARSE_CASE(2) TV_SPARSE_CASE(3) TV_SPARSE_CASE(4)
+        TV_SPARSE_CASE(5) TV_SPARSE_CASE(6) TV_SPARSE_CASE(7) TV_SPARSE_CASE(8)
         default: TV_PLANNED(compact_rows)(a, p, r->count, i, rows, 1, 1); break; /* 18: GROUPS */
         }
-#undef TV_RUN_CASE
     }
+#undef TV_CODES_CASES
+#undef TV_SPARSE_CASE
 }
 
 /* `rows` rows of a planned segment from element i: base, every run, store. */
