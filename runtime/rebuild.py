@@ -112,11 +112,11 @@ class CpuRebuilder:
             self._mix_tables[key] = tables
         return key
 
-    def _input_extents(self, key: tuple) -> cpu.Extents:
-        """The buffers a mix's tables read (its payloads, the base), made once per mix."""
+    def _input_extents(self, key: tuple, tables: MixTables) -> cpu.Extents:
+        """The buffers the tables of mix ``key`` read (its payloads, the base), made once per
+        mix (the tables passed in: caching another mix may have cleared the cache since)."""
         if key not in self._inputs:
-            keys = self._mix_tables[key].keys
-            self._inputs[key] = cpu.Extents([self.bundle.payload(k) for k in keys] + list(self._base.values()))
+            self._inputs[key] = cpu.Extents([self.bundle.payload(k) for k in tables.keys] + list(self._base.values()))
         return self._inputs[key]
 
     def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False,
@@ -139,7 +139,7 @@ class CpuRebuilder:
         segments["out"] = [out[n].ctypes.data for n in tables.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
-            buffers = self._input_extents(key) + cpu.Extents(out.values())
+            buffers = self._input_extents(key, full) + cpu.Extents(out.values())
             run = lambda part: cpu.rebuild(part, tables.terms, buffers, self.threads)  # noqa: E731
         else:
             arrays = [self.bundle.payload(k) for k in full.keys]

@@ -125,6 +125,23 @@ def test_threads_do_not_change_the_result(bundle_factory, checkpoints):
         assert np.array_equal(outs[0][k], outs[1][k])
 
 
+def test_a_switch_whose_since_mix_fills_the_table_cache_still_rebuilds_its_mix(bundle_factory, checkpoints):
+    """The table cache clears when full (64 mixes): here while caching the mix the buffers
+    hold, after caching the mix being entered, whose buffers must still be found."""
+    base, _ = checkpoints
+    bundle = bundle_factory("tvq", bits=3)
+    since, mix = {"a": 0.5, "b": 0.5}, {"a": 0.9, "b": 0.1}
+    out, fresh = CpuRebuilder(bundle, base).allocate(), CpuRebuilder(bundle, base).allocate()
+    CpuRebuilder(bundle, base, threads=1).rebuild(since, out)  # out holds `since`
+    r = CpuRebuilder(bundle, base, threads=1)
+    for i in range(64):
+        r.mix_tables({"a": 0.001 * (i + 1)})
+    r.rebuild(mix, out, since=since)
+    CpuRebuilder(bundle, base, threads=1).rebuild(mix, fresh)
+    for k in out:
+        assert np.array_equal(out[k], fresh[k]), k
+
+
 def test_fp16_output_of_fp32_base(bundle_factory, checkpoints):
     base, _ = checkpoints
     r = CpuRebuilder(bundle_factory("tvq"), base)
