@@ -131,7 +131,7 @@ class Extents:
     """
 
     def __init__(self, buffers: Iterable[Buffer] = ()):
-        self._arrays = [b for b in buffers]
+        self._arrays = list(buffers)
         rows = [(b.ctypes.data, b.nbytes) if isinstance(b, np.ndarray) else (int(b[0]), int(b[1]))
                 for b in self._arrays]
         self.table = np.array(rows, dtype=abi.EXTENT_DTYPE) if rows else np.zeros(0, dtype=abi.EXTENT_DTYPE)

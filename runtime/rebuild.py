@@ -96,13 +96,14 @@ class CpuRebuilder:
 
     def mix_tables(self, mix: Mapping[str, float]) -> MixTables:
         """The (cached) tables of a mix; checks the mix first."""
-        return self._mix_tables[self._cache(mix)]
+        return self._cached(mix)[1]
 
-    def _cache(self, mix: Mapping[str, float]) -> tuple:
-        """The key of a checked mix, its tables cached under it."""
+    def _cached(self, mix: Mapping[str, float]) -> Tuple[tuple, MixTables]:
+        """A checked mix's key and its tables, cached under it."""
         mix = check_mix(mix, self.bundle.tasks, self.bundle.path)
         key = mix_key(mix)
-        if key not in self._mix_tables:
+        tables = self._mix_tables.get(key)
+        if tables is None:
             tables = build_tables(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound)
             tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
             tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
@@ -110,11 +111,10 @@ class CpuRebuilder:
                 self._mix_tables.clear()
                 self._inputs.clear()
             self._mix_tables[key] = tables
-        return key
+        return key, tables
 
     def _input_extents(self, key: tuple, tables: MixTables) -> cpu.Extents:
-        """The buffers the tables of mix ``key`` read (its payloads, the base), made once per
-        mix (the tables passed in: caching another mix may have cleared the cache since)."""
+        """The buffers the tables of mix ``key`` read (its payloads, the base), made once per mix."""
         if key not in self._inputs:
             self._inputs[key] = cpu.Extents([self.bundle.payload(k) for k in tables.keys] + list(self._base.values()))
         return self._inputs[key]
@@ -130,8 +130,8 @@ class CpuRebuilder:
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
-        key = self._cache(mix)
-        full = tables = self._mix_tables[key]
+        key, full = self._cached(mix)
+        tables = full
         if since is not None:
             tables = full.since(self.mix_tables(since))
         self._check_out(out)
