@@ -73,13 +73,15 @@ def unavailable_reason() -> Optional[str]:
 
 
 #: The library's instruction paths (tv_cpu_set_path's codes): ``scalar`` is decode.h alone,
-#: the reference the SIMD of ``portable`` (SSE2 or NEON code conversion), ``avx2`` and
-#: ``avx512`` (AVX2's rows with AVX-512VL lookups and mask registers, at 256 bits) is held to.
-PATHS = {"auto": 0, "portable": 1, "avx2": 2, "scalar": 3, "avx512": 4}
+#: the reference the SIMD of ``portable`` (SSE2 or NEON code conversion), ``avx2``,
+#: ``avx512`` (AVX2's rows with AVX-512VL lookups and mask registers, at 256 bits) and
+#: ``neon`` (aarch64: the register-held rows at four lanes) is held to.
+PATHS = {"auto": 0, "portable": 1, "avx2": 2, "scalar": 3, "avx512": 4, "neon": 5}
 
 
 def path() -> str:
-    """The instruction path rebuilds take: ``avx512``, ``avx2``, ``portable`` (SSE2, NEON or plain C) or ``scalar``."""
+    """The instruction path rebuilds take: ``avx512``, ``avx2``, ``neon``, ``portable`` (SSE2, NEON or plain C) or
+    ``scalar``."""
     lib = _require()
     code = lib.tv_cpu_path()
     return next(name for name, c in PATHS.items() if c == code)

@@ -47,7 +47,14 @@
 #define TV_ALWAYS_INLINE __attribute__((always_inline))
 
 /* tv_cpu_path() values. */
-enum { TV_PATH_AUTO = 0, TV_PATH_PORTABLE = 1, TV_PATH_AVX2 = 2, TV_PATH_SCALAR = 3, TV_PATH_AVX512 = 4 };
+enum {
+    TV_PATH_AUTO = 0,
+    TV_PATH_PORTABLE = 1,
+    TV_PATH_AVX2 = 2,
+    TV_PATH_SCALAR = 3,
+    TV_PATH_AVX512 = 4,
+    TV_PATH_NEON = 5
+};
 
 /* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers;
  * 3: TV_KIND_GROUPS terms (tv_term.aux: their byte stream's words);
@@ -407,6 +414,32 @@ static inline TV_ALWAYS_INLINE void row_portable(float *acc, const uint32_t *row
     finish32(acc, qf, w, scale, offset, 0, 0u);
 }
 TV_DEFINE_SPARSE(sparse_portable, , sparse_row_codes, row_portable)
+
+/*
+ * Planned segments (make_plans and the rows: cpu_planned.h), the SIMD paths' common case:
+ * a plan holds at most TV_PLAN_TERMS terms; a segment with more takes the per-term rows.
+ */
+#define TV_PLAN_TERMS 32
+#define TV_PLAN_ROWS 2u /* rows per pass over the runs: 5-10 % on one task over one */
+/* The base and every term's codes and mask are prefetched 16 rows ahead: with a row's
+ * terms between two loads of a stream, and 10-18 streams in an 8-task mix, the hardware's
+ * prefetch alone left a quarter of the mix's time waiting on loads (docs/kernels.md). */
+#define TV_PF_FLOATS 512u
+/* A planned term: its row constants (CONSTS, the path's) and where its rows are read. */
+#define TV_DEFINE_PLAN(NAME, CONSTS)                                                          \
+    typedef struct NAME {                                                                     \
+        CONSTS c;                                                                             \
+        const tv_term *t;                                                                     \
+        const uint32_t *codes, *mask; /* CODES: mask 0 when every element is kept */          \
+        uint32_t rank;                /* GROUPS, SPARSE: the rank of the next row's first group */ \
+        uint32_t fill4, fill_row[8];  /* SPARSE: four fill codes, a row of them */            \
+    } NAME;
+
+/* Consecutive planned terms that decode alike (kind, width, masking): one branch per row
+ * for all of them.  op: a CODES term 2 bits + masked, GROUPS 18, SPARSE 18 + bits. */
+typedef struct tv_plan_run {
+    uint32_t begin, count, op;
+} tv_plan_run;
 
 #ifdef TV_HAVE_AVX2_PATH
 /* AVX2 code, with POPCNT (every AVX2 CPU has it; without it __builtin_popcount is a libgcc
@@ -814,74 +847,23 @@ TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable, sparse_
 #ifdef TV_HAVE_AVX2_PATH
 TV_DEFINE_TILE(rebuild_tile_avx2, TV_AVX2_TARGET, accum_avx2, groups_avx2, sparse_avx2)
 
-/* Planned segments (avx2_make_plans; the rows: cpu_planned.h).  A plan holds at most
- * TV_PLAN_TERMS terms; a segment with more takes the per-term rows. */
-#define TV_PLAN_TERMS 32
-#define TV_PLAN_ROWS 2u /* rows per pass over the runs: 5-10 % on one task over one */
-/* The base and every term's codes and mask are prefetched 16 rows ahead: with a row's
- * terms between two loads of a stream, and 10-18 streams in an 8-task mix, the hardware's
- * prefetch alone left a quarter of the mix's time waiting on loads (docs/kernels.md). */
-#define TV_PF_FLOATS 512u
-typedef struct avx2_plan {
-    avx2_consts c;
-    const tv_term *t;
-    const uint32_t *codes, *mask; /* CODES: mask 0 when every element is kept */
-    uint32_t rank;                /* GROUPS, SPARSE: the rank of the next row's first group */
-    uint32_t fill4, fill_row[8];  /* SPARSE: four fill codes, a row of them */
-} avx2_plan;
-
-/* Consecutive planned terms that decode alike (kind, width, masking): one branch per row
- * for all of them.  op: a CODES term 2 bits + masked, GROUPS 18, SPARSE 18 + bits. */
-typedef struct avx2_run {
-    uint32_t begin, count, op;
-} avx2_run;
-
-/* The plans and runs of the tile from element `start` of a segment whose terms all have
- * one (scale, offset) for the tensor and are CODES, GROUPS or SPARSE terms (every layout's
- * common case: TVQ, RTVQ, T-Switch, and auto's mixes of streams and compact terms), each
- * term's constants made once per tile and a compact term's rank carried from row to row;
- * 0 for any other segment. */
-TV_AVX2 int avx2_make_plans(const tv_segment *s, const tv_term *terms, uint32_t start, avx2_plan *plans,
-                            avx2_run *runs, uint32_t *nruns)
-{
-    const uint32_t n = (uint32_t)s->n, count = s->term_count;
-    if (count > TV_PLAN_TERMS)
-        return 0;
-    *nruns = 0;
-    for (uint32_t k = 0; k < count; ++k) {
-        const tv_term *t = &terms[s->term_begin + k];
-        const float *p = (const float *)t->params;
-        avx2_plan *plan = &plans[k];
-        uint32_t op;
-        if ((uint32_t)t->group < n)
-            return 0;
-        if (t->kind == TV_KIND_CODES)
-            op = 2u * t->bits + (t->mask != 0);
-        else if (t->kind == TV_KIND_GROUPS || t->kind == TV_KIND_SPARSE)
-            op = t->kind == TV_KIND_GROUPS ? 18u : 18u + t->bits;
-        else
-            return 0;
-        plan->c = avx2_prepare(t->kind == TV_KIND_GROUPS ? 1u : t->bits, t->weight, p[0], p[1]);
-        plan->t = t;
-        plan->codes = (const uint32_t *)t->codes;
-        plan->mask = (const uint32_t *)t->mask;
-        if (t->kind != TV_KIND_CODES)
-            plan->rank = tv_group_rank(t, start >> 2);
-        if (t->kind == TV_KIND_SPARSE) {
-            plan->fill4 = tv_sparse_fill4(t, t->bits);
-            fill_row_words(plan->fill4, t->bits, plan->fill_row);
-        }
-        if (*nruns && runs[*nruns - 1].op == op)
-            ++runs[*nruns - 1].count;
-        else
-            runs[(*nruns)++] = (avx2_run){k, 1u, op};
-    }
-    return 1;
-}
+TV_DEFINE_PLAN(avx2_plan, avx2_consts)
 
 #define TV_PLANNED(name) avx2_##name
 #define TV_PLANNED_TARGET TV_AVX2_TARGET
-#define TV_PLANNED_VALUE8 avx2_value8
+#define TV_PLANNED_VALUE avx2_value8
+#define TV_PLANNED_PLAN avx2_plan
+#define TV_PLANNED_PREPARE avx2_prepare
+#define TV_PLANNED_VEC __m256
+#define TV_PLANNED_VECS 4u
+#define TV_PLANNED_ZERO _mm256_setzero_ps
+#define TV_PLANNED_ADD _mm256_add_ps
+#define TV_PLANNED_LOADU _mm256_loadu_ps
+#define TV_PLANNED_STOREU _mm256_storeu_ps
+#define TV_PLANNED_STREAM(p, v)                                                               \
+    (_mm_stream_ps((p), _mm256_castps256_ps128(v)), _mm_stream_ps((p) + 4, _mm256_extractf128_ps((v), 1)))
+#define TV_PLANNED_GROUP_ROW avx2_group_row_words
+#define TV_PLANNED_SPARSE_ROW avx2_sparse_row_codes
 #include "cpu_planned.h"
 
 /*
@@ -913,7 +895,7 @@ TV_AVX512 __m256 avx512_value8(const uint32_t *row, uint32_t bits, const avx2_co
 
 #define TV_PLANNED(name) avx512_##name
 #define TV_PLANNED_TARGET TV_AVX512_TARGET
-#define TV_PLANNED_VALUE8 avx512_value8
+#define TV_PLANNED_VALUE avx512_value8
 #include "cpu_planned.h"
 
 /* One row of CODES term t added to acc (32 floats, 32-byte aligned) by the AVX-512 rows:
@@ -927,7 +909,7 @@ TV_AVX512_TARGET static void avx512_accum_row(float *acc, const tv_term *t, uint
     }
     avx2_plan plan = {avx2_prepare(t->bits, t->weight, scale, offset), t, (const uint32_t *)t->codes,
                       (const uint32_t *)t->mask, 0u, 0u, {0u}};
-    const avx2_run run = {0u, 1u, 2u * t->bits + (t->mask != 0)};
+    const tv_plan_run run = {0u, 1u, 2u * t->bits + (t->mask != 0)};
     __m256 a[4 * TV_PLAN_ROWS];
     for (uint32_t k = 0; k < 4u; ++k)
         a[k] = _mm256_load_ps(acc + 8u * k);
@@ -940,6 +922,84 @@ TV_AVX512_TARGET static void avx512_accum_row(float *acc, const tv_term *t, uint
 TV_AVX2_TARGET static void accum_avx2_rows(float *acc, const tv_term *t, uint32_t i, uint32_t n)
 {
     accum_avx2(acc, t, i, n, 1u);
+}
+#endif
+
+#ifdef TV_HAVE_NEON
+/*
+ * The NEON path (aarch64: a Jetson's CPU): the planned rows of cpu_planned.h with four
+ * lanes to a vector, eight to a row, so two rows' sums take 16 of the 32 registers.  A
+ * value is computed in its lanes (convert, multiply, add, mask, multiply), the ops of
+ * finish32 in their order; the groups and sparse rows are decode's (group_row_words,
+ * sparse_row_codes).  Segments the plans do not take go through the portable rows.
+ * Checked for exactness under qemu (tests/kernels/test_aarch64.py); its speed needs the
+ * hardware and was not measured.
+ */
+typedef struct neon_consts {
+    float32x4_t s, o, w;
+} neon_consts;
+
+static inline TV_ALWAYS_INLINE neon_consts neon_prepare(uint32_t bits, float weight, float scale, float offset)
+{
+    (void)bits;
+    const neon_consts c = {vdupq_n_f32(scale), vdupq_n_f32(offset), vdupq_n_f32(weight)};
+    return c;
+}
+
+/* finish32's weighted value of codes 4k .. 4k+3 of a row, m the row's mask word: lane j
+ * shifts the row's field right by its own b*j (unpack32_float's cut) and keeps its value
+ * where mask bit 4k+j is set (tv_keep's AND; a dropped lane is w * +0). */
+static inline TV_ALWAYS_INLINE float32x4_t neon_value4(const uint32_t *row, uint32_t bits, const neon_consts *c,
+                                                        int masked, uint32_t mask, uint32_t k)
+{
+    const int32_t b = (int32_t)bits;
+    const int32x4_t right = {0, -b, -2 * b, -3 * b};
+    const uint32x4_t q = vandq_u32(vshlq_u32(vdupq_n_u32(tv_field(row, bits, 4u * k, 4u)), right),
+                                   vdupq_n_u32((1u << bits) - 1u));
+    float32x4_t v = vaddq_f32(vmulq_f32(vcvtq_f32_u32(q), c->s), c->o);
+    if (masked) {
+        const uint32x4_t lane_bits = {1u, 2u, 4u, 8u};
+        const uint32x4_t keep = vtstq_u32(vdupq_n_u32(mask >> (4u * k)), lane_bits);
+        v = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), keep));
+    }
+    return vmulq_f32(c->w, v);
+}
+
+TV_DEFINE_PLAN(neon_plan, neon_consts)
+
+#define TV_PLANNED(name) neon_##name
+#define TV_PLANNED_TARGET
+#define TV_PLANNED_VALUE neon_value4
+#define TV_PLANNED_PLAN neon_plan
+#define TV_PLANNED_PREPARE neon_prepare
+#define TV_PLANNED_VEC float32x4_t
+#define TV_PLANNED_VECS 8u
+#define TV_PLANNED_ZERO() vdupq_n_f32(0.0f)
+#define TV_PLANNED_ADD vaddq_f32
+#define TV_PLANNED_LOADU vld1q_f32
+#define TV_PLANNED_STOREU vst1q_f32
+#define TV_PLANNED_STREAM vst1q_f32 /* no streaming store intrinsic; STNP would need assembly */
+#define TV_PLANNED_GROUP_ROW group_row_words
+#define TV_PLANNED_SPARSE_ROW sparse_row_codes
+#include "cpu_planned.h"
+
+/* One row of CODES term t added to acc by the NEON planned rows (tv_cpu_accum_row). */
+static void neon_accum_row(float *acc, const tv_term *t, uint32_t i, uint32_t n)
+{
+    float scale, offset;
+    if (!row_params(t, i, n, &scale, &offset)) {
+        accum32_generic(acc, t, i);
+        return;
+    }
+    neon_plan plan = {neon_prepare(t->bits, t->weight, scale, offset), t, (const uint32_t *)t->codes,
+                      (const uint32_t *)t->mask, 0u, 0u, {0u}};
+    const tv_plan_run run = {0u, 1u, 2u * t->bits + (t->mask != 0)};
+    float32x4_t a[8 * TV_PLAN_ROWS];
+    for (uint32_t k = 0; k < 8u; ++k)
+        a[k] = vld1q_f32(acc + 4u * k);
+    neon_runs_rows(a, &plan, &run, 1u, i, 1u, 0);
+    for (uint32_t k = 0; k < 8u; ++k)
+        vst1q_f32(acc + 4u * k, a[k]);
 }
 #endif
 
@@ -963,24 +1023,36 @@ static int avx512_supported(void)
 #endif
 }
 
+static int neon_supported(void)
+{
+#ifdef TV_HAVE_NEON
+    return 1; /* every aarch64 CPU */
+#else
+    return 0;
+#endif
+}
+
 static int path_supported(int path)
 {
     return path == TV_PATH_PORTABLE || path == TV_PATH_SCALAR || (path == TV_PATH_AVX2 && avx2_supported()) ||
-           (path == TV_PATH_AVX512 && avx512_supported());
+           (path == TV_PATH_AVX512 && avx512_supported()) || (path == TV_PATH_NEON && neon_supported());
 }
 
 static int path_in_use = TV_PATH_AUTO;
 
 /*
  * Choose the instruction path: TV_PATH_AUTO (the fastest this CPU runs), PORTABLE, AVX2,
- * AVX512 or SCALAR (decode.h alone, the others' reference).  Returns the path now in use, or -1
+ * AVX512, NEON or SCALAR (decode.h alone, the others' reference).  Returns the path now in use, or -1
  * (and changes nothing) for one this CPU or build lacks.  Not to be called while a
  * rebuild runs.
  */
 int tv_cpu_set_path(int path)
 {
     if (path == TV_PATH_AUTO)
-        path = avx512_supported() ? TV_PATH_AVX512 : avx2_supported() ? TV_PATH_AVX2 : TV_PATH_PORTABLE;
+        path = avx512_supported() ? TV_PATH_AVX512
+               : avx2_supported() ? TV_PATH_AVX2
+               : neon_supported() ? TV_PATH_NEON
+                                  : TV_PATH_PORTABLE;
     if (!path_supported(path))
         return -1;
     path_in_use = path;
@@ -1011,6 +1083,10 @@ int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_
     else if (path == TV_PATH_AVX512 && avx512_supported())
         avx512_accum_row(acc, t, i, n);
 #endif
+#ifdef TV_HAVE_NEON
+    else if (path == TV_PATH_NEON)
+        neon_accum_row(acc, t, i, n);
+#endif
     else
         return -1;
     return 0;
@@ -1023,6 +1099,13 @@ static void rebuild_tile(const tv_segment *s, const tv_term *terms, uint32_t sta
         if (!(path_in_use == TV_PATH_AVX512 ? avx512_tile_planned(s, terms, start, len)
                                             : avx2_tile_planned(s, terms, start, len)))
             rebuild_tile_avx2(s, terms, start, len);
+        return;
+    }
+#endif
+#ifdef TV_HAVE_NEON
+    if (path_in_use == TV_PATH_NEON) {
+        if (!neon_tile_planned(s, terms, start, len))
+            rebuild_tile_portable(s, terms, start, len);
         return;
     }
 #endif

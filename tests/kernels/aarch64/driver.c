@@ -21,6 +21,7 @@ typedef struct { uint64_t begin, bytes; } extent;
 int tv_rebuild_cpu_checked(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
                            const extent *ext, uint32_t next, int threads, uint32_t *where);
 int tv_cpu_accum_row(int path, float *acc, const tv_term *t, uint32_t i, uint32_t n);
+int tv_cpu_set_path(int path);
 
 /*
  * The groups layout of n 1-bit codes under a mask (FORMAT.md 3.3): *index (9 words per
@@ -99,7 +100,8 @@ static uint32_t next(void) { state = state * 1664525u + 1013904223u; return stat
 static float uniform(void) { return (float)(next() >> 8) / 16777216.0f - 0.5f; }
 
 /*
- * Every SIMD row path this build has (NEON or SSE2 code conversion, AVX2) against the
+ * Every SIMD row path this build has (NEON or SSE2 code conversion, AVX2, AVX-512, the
+ * NEON planned rows) against the
  * scalar path, decode.h's functions alone: every width, with and without a mask, bit for
  * bit.  Returns the number of rows that differ (reported on stderr).
  */
@@ -126,7 +128,7 @@ static int check_rows(void)
                 for (uint32_t j = 0; j < 32; ++j) want[j] = uniform();
                 memcpy(got, want, sizeof got);
                 tv_cpu_accum_row(3, want, &t, i, N); /* scalar */
-                for (int path = 1; path <= 2; ++path) {
+                for (int path = 1; path <= 5; ++path) { /* portable, AVX2, -, AVX-512, NEON */
                     float acc[32] __attribute__((aligned(32)));
                     memcpy(acc, got, sizeof acc);
                     if (tv_cpu_accum_row(path, acc, &t, i, N) == 0 && memcmp(acc, want, sizeof acc) != 0) {
@@ -137,6 +139,49 @@ static int check_rows(void)
             }
         }
     }
+    return bad;
+}
+
+/*
+ * The same case's CODES, GROUPS and SPARSE terms with one (scale, offset) for the tensor
+ * and every CODES term masked, repeated to PLANNED_TERMS terms of varied weights (what
+ * the SIMD paths' register-held rows take), rebuilt by every path this build has; each
+ * must give the scalar path's bytes, which go to stdout.  Returns how many differ.
+ */
+#define PLANNED_TERMS 7
+static int planned_case(const tv_segment *seg, const tv_term *t, const extent *ext, uint32_t next_, uint32_t *out)
+{
+    tv_term pt[PLANNED_TERMS];
+    tv_segment s = *seg;
+    const uint32_t n = (uint32_t)s.n, kinds = s.term_count;
+    const size_t bytes = (size_t)n * (s.out_dtype == TV_F32 ? 4 : 2);
+    uint32_t *want = malloc(4 * n), where = 0;
+    int bad = 0;
+    for (uint32_t k = 0; k < PLANNED_TERMS; ++k) {
+        pt[k] = t[k % kinds == 1 ? 0 : k % kinds]; /* no raw term: it is not planned */
+        pt[k].group = n;
+        pt[k].weight = uniform() * 2.0f;
+        if (pt[k].kind == TV_KIND_CODES)
+            pt[k].mask = ext[1].begin;
+    }
+    s.term_count = PLANNED_TERMS;
+    tv_cpu_set_path(3);
+    if (tv_rebuild_cpu_checked(&s, 1, pt, PLANNED_TERMS, ext, next_, 1, &where) != 0)
+        return 1;
+    memcpy(want, out, bytes);
+    for (int path = 1; path <= 5; ++path) {
+        if (path == 3 || tv_cpu_set_path(path) < 0)
+            continue;
+        memset(out, 0, bytes);
+        if (tv_rebuild_cpu_checked(&s, 1, pt, PLANNED_TERMS, ext, next_, 1, &where) != 0 ||
+            memcmp(out, want, bytes) != 0) {
+            fprintf(stderr, "path %d's planned rows differ from scalar: n %u bits %u\n", path, n, pt[0].bits);
+            ++bad;
+        }
+    }
+    tv_cpu_set_path(0);
+    fwrite(want, 1, bytes, stdout);
+    free(want);
     return bad;
 }
 
@@ -209,6 +254,8 @@ int main(void)
                     return 3;
                 }
                 fwrite(out, out_dtype == TV_F32 ? 4 : 2, n, stdout);
+                if (planned_case(&s, t, ext, next_, out) != 0)
+                    return 4;
                 free(codes); free(mask); free(params); free(base); free(raw); free(out); free(index); free(bytes);
                 free(scodes); free(sindex); free(swords);
             }
