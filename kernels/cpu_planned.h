@@ -13,7 +13,11 @@
  *   TV_PLANNED_VALUE        (row, bits, consts, masked, mask word, k) -> the weighted
  *                           values of vector k of a row, exactly finish32's
  *   TV_PLANNED_GROUP_ROW    group_row_words or a faster equal, TV_PLANNED_SPARSE_ROW
- *                           sparse_row_codes or a faster equal
+ *                           sparse_row_codes or a faster equal; with
+ *   TV_PLANNED_SPARSE3_WORDS defined, its 3-bit rows are four words, word k holding
+ *                           codes 8k .. 8k+7 in its low 24 bits (one 16-byte store,
+ *                           which each vector's load then lies inside: the three-word
+ *                           row's loads straddle its stores and wait for them)
  * Each row's 32 sums stay in registers from the base through every term to the store,
  * where the per-term rows (TV_DEFINE_TILE) add each term to a row in memory (a load and a
  * store per vector and term, most of a table lookup's cost again).  The same values in
@@ -84,6 +88,19 @@ TV_PLANNED_FN void TV_PLANNED(codes_rows)(TV_PLANNED_VEC *a, const TV_PLANNED_PL
     }
 }
 
+/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep`; a 3-bit SPARSE row
+ * under TV_PLANNED_SPARSE3_WORDS is four words, word k codes 8k .. 8k+7, so vector k reads
+ * word k as a row's first vector. */
+TV_PLANNED_FN TV_PLANNED_VEC TV_PLANNED(row_value)(const uint32_t *row, int groups, uint32_t bits,
+                                                  const TV_PLANNED_PLAN *p, uint32_t keep, uint32_t k)
+{
+#ifdef TV_PLANNED_SPARSE3_WORDS
+    if (!groups && bits == 3u)
+        return TV_PLANNED_VALUE(row + k, 3u, &p->c, 0, 0u, 0u);
+#endif
+    return TV_PLANNED_VALUE(row, groups ? 1u : bits, &p->c, groups, keep, k);
+}
+
 /* The same for GROUPS terms (the 1-bit masked row group_row_words makes) and, with `bits`,
  * SPARSE terms (the b-bit row sparse_row_codes makes), each carrying its rank. */
 TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *p, uint32_t count, uint32_t i, uint32_t rows,
@@ -98,10 +115,19 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
             else
                 p->rank = TV_PLANNED_SPARSE_ROW(p->t, g, p->rank, bits, p->fill4, p->fill_row, row);
             for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
-                a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(
-                    a[TV_PLANNED_VECS * r + k], TV_PLANNED_VALUE(row, groups ? 1u : bits, &p->c, groups, keep, k));
+                a[TV_PLANNED_VECS * r + k] =
+                    TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], TV_PLANNED(row_value)(row, groups, bits, p, keep, k));
         }
     }
+}
+
+/* 3-bit SPARSE runs out of line: inlined, their rows changed the register allocation of
+ * every other case in tile_planned, and the T-Switch groups mix ran 0.88x as fast (0.93x
+ * out of line, docs/kernels.md). */
+TV_PLANNED_TARGET static __attribute__((noinline)) void TV_PLANNED(sparse3_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *p,
+                                                                               uint32_t count, uint32_t i, uint32_t rows)
+{
+    TV_PLANNED(compact_rows)(a, p, count, i, rows, 0, 3u);
 }
 
 /* compact: whether any run is of GROUPS or SPARSE terms (a constant: a segment of CODES
@@ -127,7 +153,8 @@ TV_PLANNED_FN void TV_PLANNED(runs_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *pla
         switch (r->op) {
         TV_CODES_CASES(1) TV_CODES_CASES(2) TV_CODES_CASES(3) TV_CODES_CASES(4)
         TV_CODES_CASES(5) TV_CODES_CASES(6) TV_CODES_CASES(7) TV_CODES_CASES(8)
-        TV_SPARSE_CASE(1) TV_SPARSE_CASE(2) TV_SPARSE_CASE(3) TV_SPARSE_CASE(4)
+        TV_SPARSE_CASE(1) TV_SPARSE_CASE(2) TV_SPARSE_CASE(4)
+        case 18 + 3: TV_PLANNED(sparse3_rows)(a, p, r->count, i, rows); break;
         TV_SPARSE_CASE(5) TV_SPARSE_CASE(6) TV_SPARSE_CASE(7) TV_SPARSE_CASE(8)
         default: TV_PLANNED(compact_rows)(a, p, r->count, i, rows, 1, 1); break; /* 18: GROUPS */
         }

@@ -668,11 +668,10 @@ static inline TV_ALWAYS_INLINE uint64_t pack12x4(uint64_t x)
  * A 3-bit sparse row: a group's four codes are 12 bits, at bit 12p of the stream for
  * rank p, so byte 3p/2 (rounded down) and the next hold them, shifted by 4 when p is odd.
  * One shuffle brings each stored group's two bytes to a 16-bit lane (the control counted
- * from the load's first byte, 3r/2), the odd ones shift down, the fill goes where a group
- * is not stored, and the eight 12-bit lanes are packed into the row's three words.
+ * from the load's first byte, 3r/2), the odd ones shift down, and the fill goes where a
+ * group is not stored: the row's eight groups, group k in 16-bit lane k.
  */
-TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, tv_flag_bytes f, uint32_t flags, uint32_t r,
-                                        uint32_t fill4, uint32_t *row)
+TV_AVX2 __m128i avx2_sparse_groups3(const tv_term *t, tv_flag_bytes f, uint32_t r, uint32_t fill4)
 {
     const __m128i zero = _mm_setzero_si128(), odd = _mm_set1_epi16((short)(r & 1u));
     const __m128i before = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)f.before), zero);
@@ -687,7 +686,14 @@ TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, tv_flag_bytes f, uint3
     __m128i x = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)stream), control);
     const __m128i shifted = _mm_sub_epi16(zero, _mm_and_si128(_mm_add_epi16(before, odd), _mm_set1_epi16(1)));
     x = _mm_or_si128(_mm_andnot_si128(shifted, x), _mm_and_si128(shifted, _mm_srli_epi16(x, 4)));
-    x = _mm_or_si128(_mm_and_si128(x, _mm_set1_epi16(0x0fff)), _mm_and_si128(none16, _mm_set1_epi16((short)fill4)));
+    return _mm_or_si128(_mm_and_si128(x, _mm_set1_epi16(0x0fff)), _mm_and_si128(none16, _mm_set1_epi16((short)fill4)));
+}
+
+/* The eight groups packed into the row's three words. */
+TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, tv_flag_bytes f, uint32_t flags, uint32_t r,
+                                        uint32_t fill4, uint32_t *row)
+{
+    const __m128i x = avx2_sparse_groups3(t, f, r, fill4);
     const uint64_t lo = pack12x4((uint64_t)_mm_cvtsi128_si64(x));
     const uint64_t hi = pack12x4((uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(x, x)));
     row[0] = (uint32_t)lo;
@@ -731,6 +737,21 @@ TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r,
     if (bits == 3u)
         return avx2_sparse_row_codes3(t, f, flags, r, fill4, row);
     return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
+}
+
+/* The planned rows' sparse row (TV_PLANNED_SPARSE3_WORDS): avx2_sparse_row_codes, but a
+ * 3-bit row as four words, word k holding codes 8k .. 8k+7 in its low 24 bits: the two
+ * 12-bit groups of 32-bit lane k of avx2_sparse_groups3 joined, one 16-byte store. */
+TV_AVX2 uint32_t avx2_sparse_row_planned(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits, uint32_t fill4,
+                                         const uint32_t *fill_row, uint32_t *row)
+{
+    if (bits != 3u)
+        return avx2_sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const __m128i x = avx2_sparse_groups3(t, flag_bytes(flags), r, fill4);
+    _mm_storeu_si128((__m128i *)row, _mm_or_si128(_mm_and_si128(x, _mm_set1_epi32(0xfff)),
+                                                  _mm_and_si128(_mm_srli_epi32(x, 4), _mm_set1_epi32(0xfff000))));
+    return r + tv_popcount(flags);
 }
 
 TV_AVX2 void row_avx2(float *acc, const uint32_t *row, uint32_t bits, float w, float scale, float offset)
@@ -863,7 +884,8 @@ TV_DEFINE_PLAN(avx2_plan, avx2_consts)
 #define TV_PLANNED_STREAM(p, v)                                                               \
     (_mm_stream_ps((p), _mm256_castps256_ps128(v)), _mm_stream_ps((p) + 4, _mm256_extractf128_ps((v), 1)))
 #define TV_PLANNED_GROUP_ROW avx2_group_row_words
-#define TV_PLANNED_SPARSE_ROW avx2_sparse_row_codes
+#define TV_PLANNED_SPARSE_ROW avx2_sparse_row_planned
+#define TV_PLANNED_SPARSE3_WORDS 1
 #include "cpu_planned.h"
 
 /*
