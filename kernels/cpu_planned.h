@@ -12,12 +12,14 @@
  *                           where the CPU has one, why: store32_f32)
  *   TV_PLANNED_VALUE        (row, bits, consts, masked, mask word, k) -> the weighted
  *                           values of vector k of a row, exactly finish32's
- *   TV_PLANNED_GROUP_ROW    group_row_words or a faster equal, TV_PLANNED_SPARSE_ROW
- *                           sparse_row_codes or a faster equal; with
- *   TV_PLANNED_SPARSE3_WORDS defined, its 3-bit rows are four words, word k holding
- *                           codes 8k .. 8k+7 in its low 24 bits (one 16-byte store,
- *                           which each vector's load then lies inside: the three-word
- *                           row's loads straddle its stores and wait for them)
+ *   TV_PLANNED_GROUP_ROW    group_row_words or a faster equal; with TV_PLANNED_GROUP_VALUE
+ *                           (row, consts, k) defined, a row as its eight group bytes (keep
+ *                           bits low, codes high) and GROUP_VALUE the values of its vector k
+ *   TV_PLANNED_SPARSE_ROW   sparse_row_codes or a faster equal; with TV_PLANNED_SPARSE3_WORDS
+ *                           defined, its 3-bit rows as four words, word k holding codes
+ *                           8k .. 8k+7 in its low 24 bits (one 16-byte store, which each
+ *                           vector's load then lies inside: the three-word row's loads
+ *                           straddle its stores and wait for them)
  * Each row's 32 sums stay in registers from the base through every term to the store,
  * where the per-term rows (TV_DEFINE_TILE) add each term to a row in memory (a load and a
  * store per vector and term, most of a table lookup's cost again).  The same values in
@@ -88,12 +90,17 @@ TV_PLANNED_FN void TV_PLANNED(codes_rows)(TV_PLANNED_VEC *a, const TV_PLANNED_PL
     }
 }
 
-/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep`; a 3-bit SPARSE row
+/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep` (or its bytes, under
+ * TV_PLANNED_GROUP_VALUE); a 3-bit SPARSE row
  * under TV_PLANNED_SPARSE3_WORDS is four words, word k codes 8k .. 8k+7, so vector k reads
  * word k as a row's first vector. */
 TV_PLANNED_FN TV_PLANNED_VEC TV_PLANNED(row_value)(const uint32_t *row, int groups, uint32_t bits,
                                                   const TV_PLANNED_PLAN *p, uint32_t keep, uint32_t k)
 {
+#ifdef TV_PLANNED_GROUP_VALUE
+    if (groups)
+        return TV_PLANNED_GROUP_VALUE(row, &p->c, k);
+#endif
 #ifdef TV_PLANNED_SPARSE3_WORDS
     if (!groups && bits == 3u)
         return TV_PLANNED_VALUE(row + k, 3u, &p->c, 0, 0u, 0u);
@@ -236,3 +243,4 @@ TV_PLANNED_TARGET static int TV_PLANNED(tile_planned)(const tv_segment *s, const
 #undef TV_PLANNED
 #undef TV_PLANNED_TARGET
 #undef TV_PLANNED_VALUE
+#undef TV_PLANNED_GROUP_VALUE

@@ -646,6 +646,47 @@ TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, 
 }
 TV_DEFINE_GROUP_ROWS(groups_avx2, TV_AVX2_TARGET, avx2_group_row_words, row1_avx2)
 
+/* The planned rows' groups row (TV_PLANNED_GROUP_VALUE): avx2_spread_bytes' eight bytes as
+ * they are, byte k group k's (keep bits in its low nibble, codes in its high one), which
+ * avx2_group_value8 reads without the two nibble gathers of avx2_group_row_words; near the
+ * end of the bytes, the same shuffle of a zero-padded copy of what is left. */
+TV_AVX2 uint32_t avx2_group_row_bytes(const tv_term *t, uint32_t g, uint32_t r, uint32_t *row, uint32_t *unused)
+{
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint64_t nbytes = 4u * (uint64_t)t->aux;
+    uint64_t x;
+    (void)unused;
+    if ((uint64_t)r + 8u > nbytes) {
+        uint8_t tail[8] = {0u};
+        memcpy(tail, (const uint8_t *)t->codes + r, (size_t)(nbytes > r ? nbytes - r : 0u));
+        x = avx2_spread_bytes(tail, 0u, flag_bytes(flags));
+    } else {
+        x = avx2_spread_bytes((const uint8_t *)t->codes, r, flag_bytes(flags));
+    }
+    memcpy(row, &x, sizeof x); /* little-endian: groups 0-3 in row[0] */
+    return r + tv_popcount(flags);
+}
+
+/* Codes 8k .. 8k+7 of a groups row held as bytes (avx2_group_row_bytes), code j in the low
+ * bit of lane j: group 2k + j / 4's high nibble, from the row's 16 bits at 16k. */
+TV_AVX2 __m256i avx2_group_codes8(__m256i word, uint32_t k)
+{
+    const int s = 16 * (int)(k & 1u);
+    return _mm256_srlv_epi32(word, _mm256_setr_epi32(s + 4, s + 5, s + 6, s + 7, s + 12, s + 13, s + 14, s + 15));
+}
+
+/* avx2_value8's masked 1-bit value of the row group_row_words makes, bit for bit (the same
+ * table lookup and blend), from the bytes: lane j's keep bit, the low nibble's, to its sign. */
+TV_AVX2 __m256 avx2_group_value8(const uint32_t *row, const avx2_consts *c, uint32_t k)
+{
+    const int s = 16 * (int)(k & 1u);
+    const __m256i word = _mm256_set1_epi32((int)row[k >> 1]);
+    const __m256i keep = _mm256_sllv_epi32(word, _mm256_setr_epi32(31 - s, 30 - s, 29 - s, 28 - s, 23 - s, 22 - s,
+                                                                   21 - s, 20 - s));
+    return _mm256_blendv_ps(c->dropped, _mm256_permutevar8x32_ps(c->table, avx2_group_codes8(word, k)),
+                            _mm256_castsi256_ps(keep));
+}
+
 /*
  * byte_control for groups of two bytes (4-bit codes): group k's
  * bytes 2c, 2c+1 for its control byte c, 0x80 twice where it has none.
@@ -883,7 +924,8 @@ TV_DEFINE_PLAN(avx2_plan, avx2_consts)
 #define TV_PLANNED_STOREU _mm256_storeu_ps
 #define TV_PLANNED_STREAM(p, v)                                                               \
     (_mm_stream_ps((p), _mm256_castps256_ps128(v)), _mm_stream_ps((p) + 4, _mm256_extractf128_ps((v), 1)))
-#define TV_PLANNED_GROUP_ROW avx2_group_row_words
+#define TV_PLANNED_GROUP_ROW avx2_group_row_bytes
+#define TV_PLANNED_GROUP_VALUE avx2_group_value8
 #define TV_PLANNED_SPARSE_ROW avx2_sparse_row_planned
 #define TV_PLANNED_SPARSE3_WORDS 1
 #include "cpu_planned.h"
@@ -915,9 +957,20 @@ TV_AVX512 __m256 avx512_value8(const uint32_t *row, uint32_t bits, const avx2_co
     return masked ? _mm256_mask_blend_ps((__mmask8)(mask >> (8u * k)), c->dropped, v) : v;
 }
 
+/* avx2_group_value8's values, the keep bits tested into a mask register. */
+TV_AVX512 __m256 avx512_group_value8(const uint32_t *row, const avx2_consts *c, uint32_t k)
+{
+    const int s = 16 * (int)(k & 1u);
+    const __m256i word = _mm256_set1_epi32((int)row[k >> 1]);
+    const __mmask8 keep = _mm256_test_epi32_mask(
+        word, _mm256_setr_epi32(1 << s, 2 << s, 4 << s, 8 << s, 0x100 << s, 0x200 << s, 0x400 << s, 0x800 << s));
+    return _mm256_mask_blend_ps(keep, c->dropped, _mm256_permutevar8x32_ps(c->table, avx2_group_codes8(word, k)));
+}
+
 #define TV_PLANNED(name) avx512_##name
 #define TV_PLANNED_TARGET TV_AVX512_TARGET
 #define TV_PLANNED_VALUE avx512_value8
+#define TV_PLANNED_GROUP_VALUE avx512_group_value8
 #include "cpu_planned.h"
 
 /* One row of CODES term t added to acc (32 floats, 32-byte aligned) by the AVX-512 rows:
