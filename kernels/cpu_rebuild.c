@@ -596,27 +596,42 @@ static inline TV_ALWAYS_INLINE uint32_t nibbles8(uint64_t x)
 /*
  * A row's 8 group flags as bytes, what the byte shuffles below are steered by: byte k of
  * `before`, the count of flags below k (group k's rank counted from the row's first stored
- * group); byte k of `unstored`, 0xff where group k is not stored, else 0.
+ * group); byte k of `unstored`, 0xff where group k is not stored, else 0; `control`, the
+ * control of a byte shuffle moving each stored group's byte to byte k (`before`, with 0x80,
+ * a zero byte, where a group is not stored).
  */
 typedef struct {
-    uint64_t before, unstored;
+    uint64_t before, unstored, control;
 } tv_flag_bytes;
 
-static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes(uint32_t flags)
+static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes_of(uint32_t flags)
 {
     const uint64_t lanes = 0x0101010101010101ull;
     /* byte k of `ones`: flag k; ones * lanes: the flags up to k (at most 8, no carries) */
     const uint64_t ones = ((((uint64_t)(flags & 0xffu) * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7
                           & lanes;
-    const tv_flag_bytes f = {ones * lanes - ones, (ones ^ lanes) * 0xffu};
+    const uint64_t before = ones * lanes - ones, unstored = (ones ^ lanes) * 0xffu;
+    const tv_flag_bytes f = {before, unstored, before | (unstored & 0x8080808080808080ull)};
     return f;
 }
 
-/* The control of a byte shuffle moving each stored group's byte to byte k: `before`, with
- * 0x80 (a zero byte) where a group is not stored. */
-static inline TV_ALWAYS_INLINE uint64_t byte_control(tv_flag_bytes f)
+/* The control of every flag byte, made when the library loads: a row's lookup (2 KB, which
+ * stays in L1 through a rebuild) in place of three multiplies and their dependent adds on
+ * the path from the flag word to the shuffle; `before` and `unstored` come back from it
+ * (before <= 7 leaves bit 7 of each byte to the 0x80). */
+static uint64_t tv_flag_controls[256];
+__attribute__((constructor)) static void tv_init_flag_controls(void)
 {
-    return f.before | (f.unstored & 0x8080808080808080ull);
+    for (uint32_t f = 0; f < 256u; ++f)
+        tv_flag_controls[f] = flag_bytes_of(f).control;
+}
+
+static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes(uint32_t flags)
+{
+    const uint64_t control = tv_flag_controls[flags & 0xffu];
+    const tv_flag_bytes f = {control & 0x7f7f7f7f7f7f7f7full, ((control >> 7) & 0x0101010101010101ull) * 0xffu,
+                             control};
+    return f;
 }
 
 /*
@@ -629,7 +644,7 @@ TV_AVX2 uint64_t avx2_spread_bytes(const uint8_t *src, uint32_t r, tv_flag_bytes
     uint64_t bytes;
     memcpy(&bytes, src + r, sizeof bytes); /* little-endian: byte r first */
     return (uint64_t)_mm_cvtsi128_si64(
-        _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)bytes), _mm_cvtsi64_si128((long long)byte_control(f))));
+        _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)bytes), _mm_cvtsi64_si128((long long)f.control)));
 }
 
 /* group_row_words by avx2_spread_bytes; near the end of the bytes, where its load would pass
@@ -688,7 +703,7 @@ TV_AVX2 __m256 avx2_group_value8(const uint32_t *row, const avx2_consts *c, uint
 }
 
 /*
- * byte_control for groups of two bytes (4-bit codes): group k's
+ * A flag byte's control for groups of two bytes (4-bit codes): group k's
  * bytes 2c, 2c+1 for its control byte c, 0x80 twice where it has none.
  */
 TV_AVX2 __m128i avx2_pair_control(uint64_t control)
@@ -768,7 +783,7 @@ TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r,
     }
     if (bits == 4u) {
         const __m128i pairs = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(stream + 2u * r)),
-                                               avx2_pair_control(byte_control(f)));
+                                               avx2_pair_control(f.control));
         const __m128i none = _mm_cvtsi64_si128((long long)f.unstored);
         const __m128i fill = _mm_and_si128(_mm_set1_epi16((short)fill4), _mm_unpacklo_epi8(none, none));
         _mm_storeu_si128((__m128i *)row, _mm_or_si128(pairs, fill));
