@@ -90,10 +90,9 @@ TV_PLANNED_FN void TV_PLANNED(codes_rows)(TV_PLANNED_VEC *a, const TV_PLANNED_PL
     }
 }
 
-/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep` (or its bytes, under
- * TV_PLANNED_GROUP_VALUE); a 3-bit SPARSE row
- * under TV_PLANNED_SPARSE3_WORDS is four words, word k codes 8k .. 8k+7, so vector k reads
- * word k as a row's first vector. */
+/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep` (its bytes under
+ * TV_PLANNED_GROUP_VALUE); a 3-bit SPARSE row under TV_PLANNED_SPARSE3_WORDS is four words,
+ * word k codes 8k .. 8k+7, so vector k reads word k as a row's first vector. */
 TV_PLANNED_FN TV_PLANNED_VEC TV_PLANNED(row_value)(const uint32_t *row, int groups, uint32_t bits,
                                                   const TV_PLANNED_PLAN *p, uint32_t keep, uint32_t k)
 {
@@ -236,7 +235,7 @@ TV_PLANNED_TARGET static int TV_PLANNED(tile_planned)(const tv_segment *s, const
     return 1;
 }
 
-/* The path's name, target and value function; the rest a second path of the same
+/* The path's name, target and value functions; the rest a second path of the same
  * instruction set keeps (AVX-512 at 256 bits, AVX2's). */
 #undef TV_PLANNED_FN
 #undef TV_PLANNED_ROW_VECS
