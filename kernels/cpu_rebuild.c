@@ -441,6 +441,67 @@ typedef struct tv_plan_run {
     uint32_t begin, count, op;
 } tv_plan_run;
 
+#if defined(TV_HAVE_AVX2_PATH) || defined(TV_HAVE_NEON)
+/* What the byte-shuffle compact rows of both instruction sets share. */
+/* Byte k's low nibble of x to bits 4k .. 4k+3 (x's high nibbles zero). */
+static inline TV_ALWAYS_INLINE uint32_t nibbles8(uint64_t x)
+{
+    x = (x | (x >> 4)) & 0x00ff00ff00ff00ffull;
+    x = (x | (x >> 8)) & 0x0000ffff0000ffffull;
+    return (uint32_t)(x | (x >> 16));
+}
+
+/*
+ * A row's 8 group flags as bytes, what the byte shuffles below are steered by: byte k of
+ * `before`, the count of flags below k (group k's rank counted from the row's first stored
+ * group); byte k of `unstored`, 0xff where group k is not stored, else 0; `control`, the
+ * control of a byte shuffle moving each stored group's byte to byte k (`before`, with 0x80,
+ * a zero byte, where a group is not stored).
+ */
+typedef struct {
+    uint64_t before, unstored, control;
+} tv_flag_bytes;
+
+static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes_of(uint32_t flags)
+{
+    const uint64_t lanes = 0x0101010101010101ull;
+    /* byte k of `ones`: flag k; ones * lanes: the flags up to k (at most 8, no carries) */
+    const uint64_t ones = ((((uint64_t)(flags & 0xffu) * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7
+                          & lanes;
+    const uint64_t before = ones * lanes - ones, unstored = (ones ^ lanes) * 0xffu;
+    const tv_flag_bytes f = {before, unstored, before | (unstored & 0x8080808080808080ull)};
+    return f;
+}
+
+/* The control of every flag byte, made when the library loads: a row's lookup (2 KB, which
+ * stays in L1 through a rebuild) in place of three multiplies and their dependent adds on
+ * the path from the flag word to the shuffle; `before` and `unstored` come back from it
+ * (before <= 7 leaves bit 7 of each byte to the 0x80). */
+static uint64_t tv_flag_controls[256];
+__attribute__((constructor)) static void tv_init_flag_controls(void)
+{
+    for (uint32_t f = 0; f < 256u; ++f)
+        tv_flag_controls[f] = flag_bytes_of(f).control;
+}
+
+static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes(uint32_t flags)
+{
+    const uint64_t control = tv_flag_controls[flags & 0xffu];
+    const tv_flag_bytes f = {control & 0x7f7f7f7f7f7f7f7full, ((control >> 7) & 0x0101010101010101ull) * 0xffu,
+                             control};
+    return f;
+}
+
+/* group_row_words' two words from a row's eight group bytes in place (byte k group k's,
+ * zero where it is not stored): the low nibbles the keep bits, the high ones the codes. */
+static inline TV_ALWAYS_INLINE void group_words(uint64_t x, uint32_t *code, uint32_t *keep)
+{
+    *keep = nibbles8(x & 0x0f0f0f0f0f0f0f0full);
+    *code = nibbles8((x >> 4) & 0x0f0f0f0f0f0f0f0full);
+}
+
+#endif
+
 #ifdef TV_HAVE_AVX2_PATH
 /* AVX2 code, with POPCNT (every AVX2 CPU has it; without it __builtin_popcount is a libgcc
  * call, which the groups and sparse ranks would pay per row). */
@@ -585,55 +646,6 @@ TV_AVX2 void row1_avx2(float *acc, const uint32_t *words, float w, float scale, 
 {
     avx2_row(acc, words, 1u, w, scale, offset, 1, keep);
 }
-/* Byte k's low nibble of x to bits 4k .. 4k+3 (x's high nibbles zero). */
-static inline TV_ALWAYS_INLINE uint32_t nibbles8(uint64_t x)
-{
-    x = (x | (x >> 4)) & 0x00ff00ff00ff00ffull;
-    x = (x | (x >> 8)) & 0x0000ffff0000ffffull;
-    return (uint32_t)(x | (x >> 16));
-}
-
-/*
- * A row's 8 group flags as bytes, what the byte shuffles below are steered by: byte k of
- * `before`, the count of flags below k (group k's rank counted from the row's first stored
- * group); byte k of `unstored`, 0xff where group k is not stored, else 0; `control`, the
- * control of a byte shuffle moving each stored group's byte to byte k (`before`, with 0x80,
- * a zero byte, where a group is not stored).
- */
-typedef struct {
-    uint64_t before, unstored, control;
-} tv_flag_bytes;
-
-static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes_of(uint32_t flags)
-{
-    const uint64_t lanes = 0x0101010101010101ull;
-    /* byte k of `ones`: flag k; ones * lanes: the flags up to k (at most 8, no carries) */
-    const uint64_t ones = ((((uint64_t)(flags & 0xffu) * lanes) & 0x8040201008040201ull) + 0x7f7f7f7f7f7f7f7full) >> 7
-                          & lanes;
-    const uint64_t before = ones * lanes - ones, unstored = (ones ^ lanes) * 0xffu;
-    const tv_flag_bytes f = {before, unstored, before | (unstored & 0x8080808080808080ull)};
-    return f;
-}
-
-/* The control of every flag byte, made when the library loads: a row's lookup (2 KB, which
- * stays in L1 through a rebuild) in place of three multiplies and their dependent adds on
- * the path from the flag word to the shuffle; `before` and `unstored` come back from it
- * (before <= 7 leaves bit 7 of each byte to the 0x80). */
-static uint64_t tv_flag_controls[256];
-__attribute__((constructor)) static void tv_init_flag_controls(void)
-{
-    for (uint32_t f = 0; f < 256u; ++f)
-        tv_flag_controls[f] = flag_bytes_of(f).control;
-}
-
-static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes(uint32_t flags)
-{
-    const uint64_t control = tv_flag_controls[flags & 0xffu];
-    const tv_flag_bytes f = {control & 0x7f7f7f7f7f7f7f7full, ((control >> 7) & 0x0101010101010101ull) * 0xffu,
-                             control};
-    return f;
-}
-
 /*
  * The 8 bytes of a row's groups, stored ones consecutive from byte r of `src`: one 8-byte
  * load, each byte moved to its group's place by one byte shuffle (SSSE3, which every AVX2
@@ -654,9 +666,7 @@ TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, 
     const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
     if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
         return group_row_words(t, g, r, code, keep);
-    const uint64_t x = avx2_spread_bytes((const uint8_t *)t->codes, r, flag_bytes(flags));
-    *keep = nibbles8(x & 0x0f0f0f0f0f0f0f0full);
-    *code = nibbles8((x >> 4) & 0x0f0f0f0f0f0f0f0full);
+    group_words(avx2_spread_bytes((const uint8_t *)t->codes, r, flag_bytes(flags)), code, keep);
     return r + tv_popcount(flags);
 }
 TV_DEFINE_GROUP_ROWS(groups_avx2, TV_AVX2_TARGET, avx2_group_row_words, row1_avx2)
@@ -1055,6 +1065,20 @@ static inline TV_ALWAYS_INLINE float32x4_t neon_value4(const uint32_t *row, uint
     return vmulq_f32(c->w, v);
 }
 
+/* avx2_group_row_words by NEON's byte table lookup (vtbl1_u8, where an index past 7, an
+ * unstored group's 0x80, gives a zero byte); near the end of the bytes, the loop. */
+static inline TV_ALWAYS_INLINE uint32_t neon_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code,
+                                                             uint32_t *keep)
+{
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
+        return group_row_words(t, g, r, code, keep);
+    const uint8x8_t bytes = vld1_u8((const uint8_t *)t->codes + r);
+    const uint8x8_t x = vtbl1_u8(bytes, vcreate_u8(flag_bytes(flags).control));
+    group_words(vget_lane_u64(vreinterpret_u64_u8(x), 0), code, keep);
+    return r + tv_popcount(flags);
+}
+
 TV_DEFINE_PLAN(neon_plan, neon_consts)
 
 #define TV_PLANNED(name) neon_##name
@@ -1069,7 +1093,7 @@ TV_DEFINE_PLAN(neon_plan, neon_consts)
 #define TV_PLANNED_LOADU vld1q_f32
 #define TV_PLANNED_STOREU vst1q_f32
 #define TV_PLANNED_STREAM vst1q_f32 /* no streaming store intrinsic; STNP would need assembly */
-#define TV_PLANNED_GROUP_ROW group_row_words
+#define TV_PLANNED_GROUP_ROW neon_group_row_words
 #define TV_PLANNED_SPARSE_ROW sparse_row_codes
 #include "cpu_planned.h"
 
