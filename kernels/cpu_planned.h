@@ -132,7 +132,8 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
  * out of line).  Since the groups rows read their bytes the two measure the same, within
  * 4 % for every scheme (docs/kernels.md). */
 TV_PLANNED_TARGET static __attribute__((noinline)) void TV_PLANNED(sparse3_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *p,
-                                                                               uint32_t count, uint32_t i, uint32_t rows)
+                                                                               uint32_t count, uint32_t i,
+                                                                               uint32_t rows)
 {
     TV_PLANNED(compact_rows)(a, p, count, i, rows, 0, 3u);
 }

@@ -1079,6 +1079,38 @@ static inline TV_ALWAYS_INLINE uint32_t neon_group_row_words(const tv_term *t, u
     return r + tv_popcount(flags);
 }
 
+/* avx2_sparse_row_codes' 2-bit and 4-bit rows by NEON's table lookups (the same loads, inside
+ * the stream by its pad words, FORMAT.md 3.4); other widths sparse_row_codes. */
+static inline TV_ALWAYS_INLINE uint32_t neon_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits,
+                                                              uint32_t fill4, const uint32_t *fill_row, uint32_t *row)
+{
+    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint8_t *stream = (const uint8_t *)t->codes;
+    const tv_flag_bytes f = flag_bytes(flags);
+    if (bits == 2u) {
+        const uint8x8_t x = vtbl1_u8(vld1_u8(stream + r), vcreate_u8(f.control));
+        const uint64_t codes = vget_lane_u64(vreinterpret_u64_u8(x), 0) |
+                               ((uint64_t)fill4 * 0x0101010101010101ull & f.unstored);
+        row[0] = (uint32_t)codes;
+        row[1] = (uint32_t)(codes >> 32);
+        row[2] = 0u;
+        return r + tv_popcount(flags);
+    }
+    if (bits == 4u) { /* group k's bytes 2c, 2c+1 for its control byte c; past 15 where none */
+        const uint8x8_t c = vcreate_u8(f.control);
+        const uint8x16_t twice = vcombine_u8(vzip1_u8(c, c), vzip2_u8(c, c));
+        const uint8x16_t pairs = vorrq_u8(vaddq_u8(vaddq_u8(twice, twice), vreinterpretq_u8_u16(vdupq_n_u16(0x0100))),
+                                          vandq_u8(twice, vdupq_n_u8(0x80)));
+        const uint8x8_t none = vcreate_u8(f.unstored);
+        const uint8x16_t none2 = vcombine_u8(vzip1_u8(none, none), vzip2_u8(none, none));
+        const uint8x16_t fill = vandq_u8(vreinterpretq_u8_u16(vdupq_n_u16((uint16_t)fill4)), none2);
+        vst1q_u32(row, vreinterpretq_u32_u8(vorrq_u8(vqtbl1q_u8(vld1q_u8(stream + 2u * r), pairs), fill)));
+        row[4] = 0u;
+        return r + tv_popcount(flags);
+    }
+    return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
+}
+
 TV_DEFINE_PLAN(neon_plan, neon_consts)
 
 #define TV_PLANNED(name) neon_##name
@@ -1094,7 +1126,7 @@ TV_DEFINE_PLAN(neon_plan, neon_consts)
 #define TV_PLANNED_STOREU vst1q_f32
 #define TV_PLANNED_STREAM vst1q_f32 /* no streaming store intrinsic; STNP would need assembly */
 #define TV_PLANNED_GROUP_ROW neon_group_row_words
-#define TV_PLANNED_SPARSE_ROW sparse_row_codes
+#define TV_PLANNED_SPARSE_ROW neon_sparse_row_codes
 #include "cpu_planned.h"
 
 /* One row of CODES term t added to acc by the NEON planned rows (tv_cpu_accum_row). */
