@@ -16,7 +16,8 @@ engine (one graph for all tasks, heads padded, as bench/switch_latency.py):
 
 For each: every ordered pair of tasks (8 x 7) and a sequence of random mixes of 2-3 tasks,
 each switch timed with skipping (a tensor whose inputs are the same in the mix left and
-the mix entered is neither read nor written) and without (every tensor rewritten), on two
+the mix entered is neither read nor written, nor is a 1024-element block where every term
+of both is +0.0) and without (every tensor rewritten), on two
 engines of their own; bytes moved per switch both ways (the rebuilder's own count); and
 the naive reload of that task (a new session from its own constant-weight ONNX file, in the
 page cache) in the same run. The copy reference is bench/copyref.py.
@@ -104,12 +105,15 @@ def mix_switches(server, mixes: List[Dict[str, float]]) -> List[float]:
     return [L.elapsed(lambda: server.switch(m)) for m in mixes[1:]]
 
 
-def moved(rebuilder, pairs: List[Tuple[Dict[str, float], Dict[str, float]]]) -> Tuple[float, float, float]:
-    """(mean bytes a switch moves with skipping, without, mean tensors rewritten with skipping)."""
+def moved(rebuilder, pairs: List[Tuple[Dict[str, float], Dict[str, float]]]) -> Tuple[float, float, float, float]:
+    """(mean bytes a switch moves with skipping, without, mean tensors rewritten with skipping,
+    mean share of the shared weights it writes)."""
     skip = [rebuilder.bytes_moved(b, since=a) for a, b in pairs]
     full = [rebuilder.bytes_moved(b) for _, b in pairs]
-    tensors = [len(rebuilder.mix_tables(b).since(rebuilder.mix_tables(a)).names) for a, b in pairs]
-    return float(np.mean(skip)), float(np.mean(full)), float(np.mean(tensors))
+    cuts = [rebuilder.mix_tables(b).since(rebuilder.mix_tables(a)) for a, b in pairs]
+    total = sum(spec.numel for spec in rebuilder.bundle.shared_specs.values())
+    return (float(np.mean(skip)), float(np.mean(full)), float(np.mean([len(c.names) for c in cuts])),
+            float(np.mean([c.written().sum() / total for c in cuts])))
 
 
 def suite(label: str, tasks: Dict[str, Dict[str, np.ndarray]], base: Dict[str, np.ndarray], bert, feeds,
@@ -164,12 +168,12 @@ def report(results: List[Dict[str, Any]], facts: Dict[str, Any], args: argparse.
         print("  one task to another (8x7 pairs x %d): skipping median %.2f ms p99 %.2f, every tensor median %.2f ms "
               "p99 %.2f -> %.2fx  [n=%d each]" % (args.rounds, sp["median_ms"], sp["p99_ms"], fp["median_ms"],
                                                   fp["p99_ms"], fp["median_ms"] / sp["median_ms"], sp["n"]))
-        print("    moved per switch: %.1f MB skipping (%.1f tensors rewritten), %.1f MB every tensor (%.3f of it)"
-              % (pb[0] / 1e6, pb[2], pb[1] / 1e6, pb[0] / pb[1]))
+        print("    moved per switch: %.1f MB skipping (%.1f tensors rewritten, %.3f of the weights), %.1f MB every "
+              "tensor (%.3f of it)" % (pb[0] / 1e6, pb[2], pb[3], pb[1] / 1e6, pb[0] / pb[1]))
         print("  random mixes of 2-3 tasks (%d switches): skipping median %.2f ms p99 %.2f, every tensor median %.2f "
-              "ms p99 %.2f -> %.2fx; moved %.1f vs %.1f MB (%.1f tensors rewritten)" % (
+              "ms p99 %.2f -> %.2fx; moved %.1f vs %.1f MB (%.1f tensors rewritten, %.3f of the weights)" % (
                   sm["n"], sm["median_ms"], sm["p99_ms"], fm["median_ms"], fm["p99_ms"],
-                  fm["median_ms"] / sm["median_ms"], mb[0] / 1e6, mb[1] / 1e6, mb[2]))
+                  fm["median_ms"] / sm["median_ms"], mb[0] / 1e6, mb[1] / 1e6, mb[2], mb[3]))
         print("  naive reload (a new session from the task's constant-weight file, warm): median %.1f ms -> the "
               "switch is %.1fx faster skipping, %.1fx rewriting everything" % (
                   nv["median_ms"], nv["median_ms"] / sp["median_ms"], nv["median_ms"] / fp["median_ms"]))

@@ -52,6 +52,14 @@ SEGMENT_DTYPE = np.dtype(
     }
 )
 
+#: Elements [start, start + len) of one segment (cpu_rebuild.c's tv_run): a work item of a
+#: rebuild that writes part of a tensor; start a multiple of 32, len at most CPU_TILE.
+RUN_DTYPE = np.dtype({"names": ["segment", "start", "len"], "formats": ["<u4", "<u4", "<u4"],
+                      "offsets": [0, 4, 8], "itemsize": 12})
+
+#: cpu_rebuild.c's TILE: the most elements one work item covers.
+CPU_TILE = 4096
+
 #: A buffer the tables may point into (cpu_rebuild.c's tv_extent): begin address, bytes.
 EXTENT_DTYPE = np.dtype({"names": ["begin", "bytes"], "formats": ["<u8", "<u8"], "offsets": [0, 8], "itemsize": 16})
 
@@ -65,10 +73,11 @@ CHECK_FAULTS = {
     6: "a term's (scale, offset) pairs",
     7: "a term's mask",
     8: "a term's values",
+    9: "a run's segment or element range",
 }
 
 #: The C library's tv_abi_version(): what these tables and entry points are.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 #: decode.h's element types, by dtype name.
 ELEMENT_CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}

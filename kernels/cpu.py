@@ -48,14 +48,19 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.tv_check_tables.restype = ctypes.c_int
     lib.tv_rebuild_cpu_checked.argtypes = tables + [ctypes.c_int, ctypes.POINTER(ctypes.c_uint32)]
     lib.tv_rebuild_cpu_checked.restype = ctypes.c_int
+    lib.tv_rebuild_cpu_runs_checked.argtypes = tables + [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                                         ctypes.POINTER(ctypes.c_uint32)]
+    lib.tv_rebuild_cpu_runs_checked.restype = ctypes.c_int
     lib.tv_sizeof_term.restype = ctypes.c_uint32
     lib.tv_sizeof_segment.restype = ctypes.c_uint32
+    lib.tv_sizeof_run.restype = ctypes.c_uint32
     lib.tv_cpu_set_path.argtypes = [ctypes.c_int]
     lib.tv_cpu_set_path.restype = ctypes.c_int
     lib.tv_cpu_path.restype = ctypes.c_int
     lib.tv_cpu_accum_row.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
     lib.tv_cpu_accum_row.restype = ctypes.c_int
-    if (lib.tv_sizeof_term(), lib.tv_sizeof_segment()) != (abi.TERM_DTYPE.itemsize, abi.SEGMENT_DTYPE.itemsize):
+    if (lib.tv_sizeof_term(), lib.tv_sizeof_segment(), lib.tv_sizeof_run()) != (
+            abi.TERM_DTYPE.itemsize, abi.SEGMENT_DTYPE.itemsize, abi.RUN_DTYPE.itemsize):
         _ERROR = "%s was built from another decode.h (struct sizes differ); rebuild it" % path
         return None
     lib.tv_cpu_path()  # pick the instruction path now, before any thread rebuilds
@@ -177,6 +182,23 @@ def rebuild(segments: np.ndarray, terms: np.ndarray, buffers: Buffers, threads: 
     _raise(fault, where.value)
 
 
+def rebuild_runs(segments: np.ndarray, terms: np.ndarray, runs: np.ndarray, buffers: Buffers,
+                 threads: int = 0) -> None:
+    """``rebuild`` over the element ranges ``runs`` (``abi.RUN_DTYPE``) only: what a switch
+    runs when whole blocks of a tensor hold the same bits before and after it.  Tables and
+    runs are checked first (a run outside its segment is refused, nothing written)."""
+    segments, terms = _tables(segments, terms)
+    if runs.dtype != abi.RUN_DTYPE:
+        raise TypeError("runs must use kernels.abi.RUN_DTYPE")
+    runs = np.ascontiguousarray(runs)
+    ext = extents(buffers).table
+    where = ctypes.c_uint32(0)
+    fault = _require().tv_rebuild_cpu_runs_checked(*_args(segments, terms, ext),
+                                                   runs.ctypes.data if len(runs) else None, len(runs),
+                                                   int(threads), ctypes.byref(where))
+    _raise(fault, where.value, "run" if fault == 9 else "segment")
+
+
 def _tables(segments: np.ndarray, terms: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     if segments.dtype != abi.SEGMENT_DTYPE or terms.dtype != abi.TERM_DTYPE:
         raise TypeError("segment and term tables must use kernels.abi's dtypes")
@@ -188,7 +210,7 @@ def _args(segments: np.ndarray, terms: np.ndarray, ext: np.ndarray) -> tuple:
             ext.ctypes.data if len(ext) else None, len(ext))
 
 
-def _raise(fault: int, segment: int) -> None:
+def _raise(fault: int, where: int, what: str = "segment") -> None:
     if fault:
-        raise TvswitchError("the rebuild tables reach outside the buffers given (segment %d: %s); refused before "
-                            "anything was read or written" % (segment, abi.CHECK_FAULTS.get(fault, "fault %d" % fault)))
+        raise TvswitchError("the rebuild tables reach outside the buffers given (%s %d: %s); refused before "
+                            "anything was read or written" % (what, where, abi.CHECK_FAULTS.get(fault, "fault %d" % fault)))

@@ -58,8 +58,9 @@ enum {
 
 /* 2: tv_check_tables and tv_rebuild_cpu_checked, which refuse tables outside their buffers;
  * 3: TV_KIND_GROUPS terms (tv_term.aux: their byte stream's words);
- * 4: TV_KIND_SPARSE terms, tv_term.fill, tv_term.group 32-bit. */
-int tv_abi_version(void) { return 4; }
+ * 4: TV_KIND_SPARSE terms, tv_term.fill, tv_term.group 32-bit;
+ * 5: tv_rebuild_cpu_runs_checked, a rebuild of listed element ranges only. */
+int tv_abi_version(void) { return 5; }
 uint32_t tv_sizeof_term(void) { return (uint32_t)sizeof(tv_term); }
 uint32_t tv_sizeof_segment(void) { return (uint32_t)sizeof(tv_segment); }
 
@@ -1284,7 +1285,8 @@ enum {
     TV_CHECK_CODES = 5,
     TV_CHECK_PARAMS = 6,
     TV_CHECK_MASK = 7,
-    TV_CHECK_VALUES = 8
+    TV_CHECK_VALUES = 8,
+    TV_CHECK_RUN = 9 /* a run's segment or element range (then *where is the run's index) */
 };
 
 /*
@@ -1420,7 +1422,34 @@ int tv_check_tables(const tv_segment *segs, uint32_t nseg, const tv_term *terms,
     return fault;
 }
 
+/*
+ * Elements [start, start + len) of segment `segment`: one work item of a rebuild that
+ * writes part of a tensor (runtime/mixtables.py lists the 1024-element blocks a switch
+ * must write, skipping those that hold the same bits before and after it).
+ */
+typedef struct tv_run {
+    uint32_t segment;
+    uint32_t start; /* a multiple of 32: rows of codes begin there */
+    uint32_t len;   /* 1..TILE, and start + len <= the segment's n */
+} tv_run;
+
+uint32_t tv_sizeof_run(void) { return (uint32_t)sizeof(tv_run); }
+
+static int check_runs(const tv_segment *segs, uint32_t nseg, const tv_run *runs, uint32_t nruns, uint32_t *where)
+{
+    for (uint32_t r = 0; r < nruns; ++r) {
+        const tv_run *u = &runs[r];
+        *where = r;
+        if (u->segment >= nseg || u->start % 32u || u->len < 1u || u->len > TILE ||
+            (uint64_t)u->start + u->len > segs[u->segment].n)
+            return TV_CHECK_RUN;
+    }
+    return TV_CHECK_OK;
+}
+
 int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, int threads);
+static void rebuild_runs(const tv_segment *segs, const tv_run *runs, uint32_t nruns, const tv_term *terms,
+                         int threads);
 
 /* tv_check_tables, then the rebuild if the tables pass: what the Python side calls. */
 int tv_rebuild_cpu_checked(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
@@ -1428,6 +1457,70 @@ int tv_rebuild_cpu_checked(const tv_segment *segs, uint32_t nseg, const tv_term 
 {
     int fault = tv_check_tables(segs, nseg, terms, nterms, ext, next, where);
     return fault != TV_CHECK_OK ? fault : tv_rebuild_cpu(segs, nseg, terms, threads);
+}
+
+/* The same for the listed runs only: a fault in the tables names a segment, one in the
+ * runs (TV_CHECK_RUN) a run. */
+int tv_rebuild_cpu_runs_checked(const tv_segment *segs, uint32_t nseg, const tv_term *terms, uint32_t nterms,
+                                const tv_extent *ext, uint32_t next, const tv_run *runs, uint32_t nruns,
+                                int threads, uint32_t *where)
+{
+    int fault = tv_check_tables(segs, nseg, terms, nterms, ext, next, where);
+    if (fault == TV_CHECK_OK)
+        fault = check_runs(segs, nseg, runs, nruns, where);
+    if (fault == TV_CHECK_OK)
+        rebuild_runs(segs, runs, nruns, terms, threads);
+    return fault;
+}
+
+/* The threads worth waking for `items` work items: a thread that is not scheduled on a
+ * loaded machine makes the others wait at the barrier for milliseconds. */
+static int team_size(uint64_t items, int threads)
+{
+#ifdef _OPENMP
+    if (threads <= 0)
+        threads = omp_get_max_threads();
+    if ((uint64_t)threads > items / MIN_TILES_PER_THREAD)
+        threads = items < MIN_TILES_PER_THREAD ? 1 : (int)(items / MIN_TILES_PER_THREAD);
+    return threads;
+#else
+    (void)items;
+    (void)threads;
+    return 1;
+#endif
+}
+
+/* This thread's share [*first, *last) of `items`, in one contiguous range per thread. */
+static void my_share(uint64_t items, uint64_t *first, uint64_t *last)
+{
+#ifdef _OPENMP
+    const uint64_t nt = (uint64_t)omp_get_num_threads(), id = (uint64_t)omp_get_thread_num();
+#else
+    const uint64_t nt = 1, id = 0;
+#endif
+    *first = items * id / nt;
+    *last = items * (id + 1) / nt;
+}
+
+static void rebuild_runs(const tv_segment *segs, const tv_run *runs, uint32_t nruns, const tv_term *terms,
+                         int threads)
+{
+    if (nruns == 0)
+        return;
+    const int team = team_size(nruns, threads);
+    (void)team;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+#endif
+    {
+        uint64_t first, last;
+        my_share(nruns, &first, &last);
+        for (uint64_t r = first; r < last; ++r)
+            rebuild_tile(&segs[runs[r].segment], terms, runs[r].start, runs[r].len);
+    }
+#ifdef TV_HAVE_SSE2
+    _mm_sfence(); /* streaming stores are visible to every thread once this returns */
+#endif
 }
 
 /*
@@ -1444,23 +1537,14 @@ int tv_rebuild_cpu(const tv_segment *segs, uint32_t nseg, const tv_term *terms, 
         total += tiles_of(&segs[s]);
     if (total == 0)
         return 0;
+    const int team = team_size(total, threads);
+    (void)team;
 #ifdef _OPENMP
-    if (threads <= 0)
-        threads = omp_get_max_threads();
-    /* A thread needs work worth waking it for: on a loaded machine a thread that is not
-     * scheduled makes the others wait at the barrier for milliseconds. */
-    if ((uint64_t)threads > total / MIN_TILES_PER_THREAD)
-        threads = total < MIN_TILES_PER_THREAD ? 1 : (int)(total / MIN_TILES_PER_THREAD);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team)
 #endif
     {
-#ifdef _OPENMP
-        const uint64_t nt = (uint64_t)omp_get_num_threads(), id = (uint64_t)omp_get_thread_num();
-#else
-        const uint64_t nt = 1, id = 0;
-        (void)threads;
-#endif
-        const uint64_t first = total * id / nt, last = total * (id + 1) / nt;
+        uint64_t first, last;
+        my_share(total, &first, &last);
         uint32_t s = 0;
         uint64_t before = 0; /* tiles of the segments before segment s */
         for (uint64_t t = first; t < last; ++t) {

@@ -6,7 +6,7 @@ also the rebuild of last resort where the CPU library could not be built.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -48,11 +48,20 @@ def term_value(term: np.void, n: int, arrays: dict) -> np.ndarray:
     return v
 
 
-def rebuild_reference(segments: np.ndarray, terms: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
-    """Run the tables like ``tv_rebuild_cpu``, with the arrays they point into given."""
+def rebuild_reference(segments: np.ndarray, terms: np.ndarray, arrays: Sequence[np.ndarray],
+                      runs: Optional[np.ndarray] = None) -> None:
+    """Run the tables like ``tv_rebuild_cpu``, with the arrays they point into given; with
+    ``runs`` (``abi.RUN_DTYPE``), like ``tv_rebuild_cpu_runs_checked``: only those elements
+    are written."""
     by_address = {a.__array_interface__["data"][0]: a for a in arrays}
-    for seg in segments:
+    for s, seg in enumerate(segments):
         n = int(seg["n"])
+        if runs is None:
+            where = slice(0, n)
+        else:
+            mine = runs[runs["segment"] == s]
+            where = np.concatenate([np.arange(r["start"], r["start"] + r["len"]) for r in mine]
+                                   + [np.zeros(0, dtype=np.int64)])
         coef = np.float32(seg["base_coef"])
         if coef == 0:
             acc = np.zeros(n, dtype=np.float32)
@@ -64,9 +73,9 @@ def rebuild_reference(segments: np.ndarray, terms: np.ndarray, arrays: Sequence[
         out = by_address[int(seg["out"])].reshape(-1)
         code = int(seg["out_dtype"])
         if code == abi.F32:
-            out.view(np.float32)[:n] = acc
+            out.view(np.float32)[where] = acc[where]
         else:  # 16-bit outputs are written as bits, whatever numpy type the buffer has
-            out.view(np.uint16)[:n] = _to_16bit(acc, code)
+            out.view(np.uint16)[where] = _to_16bit(acc, code)[where]
 
 
 def _as_float32(a: np.ndarray, code: int, n: int) -> np.ndarray:

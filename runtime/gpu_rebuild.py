@@ -17,7 +17,7 @@ every switch), and the launch's arguments are kept with the mix's tables.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,7 +27,7 @@ from tvswitch.kernels import abi, cpu, nvrtc
 from tvswitch.kernels.cuda import Device, DeviceTensor, open_device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key, total_blocks
+from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key, total_blocks, zero_signs_of
 from tvswitch.runtime.rebuild import resolve_base
 
 #: Every tensor and table starts on this boundary (the kernel's vector loads need 16 bytes).
@@ -120,6 +120,8 @@ class GpuRebuilder:
         #: max|base| per tensor, for the range check of a mix (``mix_tables.build_tables``): the base leaves the host
         self._base_bounds = {n: float(np.abs(a.astype(np.float32)).max()) if a.size else 0.0
                              for n, a in host_base.items()}
+        #: whether each base tensor holds -0.0 and +0.0, which decides what a switch may skip
+        self._zero_signs = {n: zero_signs_of(a) for n, a in host_base.items()}
         self._own_device = device is None
         self.device = device or open_device(ordinal, binding)
         self._owned: List[int] = []
@@ -227,7 +229,8 @@ class GpuRebuilder:
     def _host_tables(self, key: tuple) -> MixTables:
         mix_tables = self._mix_tables.get(key)
         if mix_tables is None:
-            mix_tables = build_tables(self.bundle, dict(key), self.address, self._base_bounds.get)
+            mix_tables = build_tables(self.bundle, dict(key), self.address, self._base_bounds.get,
+                                      self._zero_signs.get)
             check_terms(mix_tables)
             mix_tables.segments["base"] = [self._base[n].ptr for n in mix_tables.names]
             mix_tables.segments["base_dtype"] = [abi.element_code(self._base[n].dtype) for n in mix_tables.names]
@@ -271,9 +274,11 @@ class GpuRebuilder:
 
     def host_tables(self, mix: Mapping[str, float], since: Optional[Mapping[str, float]] = None) -> MixTables:
         """The host side of the launch tables of ``mix`` (over the tensors that differ from
-        ``since``'s, with one); what ``launch_of`` uploads, and what the host emulation runs."""
+        ``since``'s, with one); what ``launch_of`` uploads, and what the host emulation runs.
+        The kernels write whole tensors: a tensor of which a CPU switch would write some
+        blocks only (``MixTables.runs``) is launched whole, which is exact, only slower."""
         tables = self._host_tables(self._mix_key(mix))
-        return tables if since is None else tables.since(self._host_tables(self._mix_key(since)))
+        return tables if since is None else replace(tables.since(self._host_tables(self._mix_key(since))), runs=None)
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None,
                     since: Optional[Mapping[str, float]] = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi
 from tvswitch.kernels.abi import FLOAT32_MAX
 from tvswitch.runtime.bundle import Bundle
+from tvswitch.runtime.zeroblocks import ZERO_BLOCK, blocks_of, zero_blocks
 
 
 @dataclass
@@ -36,15 +37,42 @@ class MixTables:
     signatures: List[bytes] = field(default_factory=list)
     #: per segment, the payloads its terms read (``reads``, split by segment)
     segment_reads: List[List[str]] = field(default_factory=list)
+    #: per segment, per ZERO_BLOCK block, True where every term is +0.0 (None: no such
+    #: block), and what the value there is a function of: ``zero_keys`` (FORMAT.md 3.5)
+    zero: List[Optional[np.ndarray]] = field(default_factory=list)
+    zero_keys: List[tuple] = field(default_factory=list)
+    #: None: every element of every segment is written; else the element ranges that are
+    #: (``abi.RUN_DTYPE``, set by ``since`` where whole blocks hold the same bits)
+    runs: Optional[np.ndarray] = None
 
     def since(self, held: "MixTables") -> "MixTables":
-        """These tables cut to the tensors whose inputs differ from ``held``'s (tables of the
-        same rebuilder, so the same payload addresses): what a rebuild must write over buffers
-        that hold ``held``'s result. Every other tensor already holds these bits, because a
-        tensor's value is a fixed function of its base, coefficient and terms (decode.h's
-        arithmetic contract), so leaving it alone is exact."""
+        """These tables cut to what differs from ``held``'s (tables of the same rebuilder, so
+        the same payload addresses): what a rebuild must write over buffers that hold
+        ``held``'s result.  A tensor's value is a fixed function of its base, coefficient and
+        terms (decode.h's arithmetic contract), so a tensor whose inputs are the same in both
+        already holds these bits; so does a block of a tensor where every term of both
+        mixes is +0.0 and the base's coefficient is the same (``zero_keys``), so those
+        blocks are left out of ``runs``.  Leaving either alone is exact."""
         changed = [i for i, (a, b) in enumerate(zip(self.signatures, held.signatures)) if a != b]
-        return self.subset(changed)
+        keep, skips = [], []
+        for i in changed:
+            skip = self._same_blocks(held, i)
+            if skip is not None and skip.all():
+                continue  # every block of it holds these bits already
+            keep.append(i)
+            skips.append(skip)
+        cut = self.subset(keep)
+        if any(skip is not None for skip in skips):
+            cut.runs = element_runs(cut.segments["n"], skips)
+        return cut
+
+    def _same_blocks(self, held: "MixTables", i: int) -> Optional[np.ndarray]:
+        """Blocks of segment ``i`` that hold the same bits under both tables (None: none)."""
+        mine, theirs = self.zero[i], held.zero[i]
+        if mine is None or theirs is None or not _same_value(self.zero_keys[i], held.zero_keys[i]):
+            return None
+        both = mine & theirs
+        return both if both.any() else None
 
     def subset(self, indices: List[int]) -> "MixTables":
         """The tables of the segments at ``indices`` only, launch blocks counted afresh; the
@@ -56,12 +84,60 @@ class MixTables:
         return MixTables(names=[self.names[i] for i in indices], segments=segments, terms=self.terms,
                          keys=list(OrderedDict.fromkeys(reads)), reads=reads,
                          signatures=[self.signatures[i] for i in indices],
-                         segment_reads=[self.segment_reads[i] for i in indices])
+                         segment_reads=[self.segment_reads[i] for i in indices],
+                         zero=[self.zero[i] for i in indices], zero_keys=[self.zero_keys[i] for i in indices])
+
+    def written(self) -> np.ndarray:
+        """Elements written per segment (all of it, or what ``runs`` cover)."""
+        n = self.segments["n"].astype(np.int64)
+        if self.runs is None:
+            return n
+        return np.bincount(self.runs["segment"], weights=self.runs["len"], minlength=len(n)).astype(np.int64)
+
+
+def _same_value(a: tuple, b: tuple) -> bool:
+    """Whether an all-zero block is the same function of the base under zero keys ``a``
+    and ``b`` = (coefficient as float32 bytes, a term adds +0.0, c * base can be -0.0):
+    acc = c * base, then +-0.0 per term, which changes nothing but -0.0 + +0.0 = +0.0."""
+    return a[0] == b[0] and (a[1] == b[1] or not (a[2] or b[2]))
+
+
+def element_runs(n: np.ndarray, skips: List[Optional[np.ndarray]]) -> np.ndarray:
+    """The element ranges (``abi.RUN_DTYPE``) that cover each segment's blocks but those
+    ``skips[s]`` marks, at most ``abi.CPU_TILE`` elements each, in segment order.  One
+    pass over all blocks at once: a switch makes these for every pair of mixes it meets."""
+    per_tile = abi.CPU_TILE // ZERO_BLOCK
+    counts = n.astype(np.int64)
+    nblocks = -(-counts // ZERO_BLOCK)
+    write = np.concatenate([np.ones(b, dtype=bool) if skip is None else ~skip
+                            for b, skip in zip(nblocks, skips)] + [np.zeros(0, dtype=bool)])
+    segment_of = np.repeat(np.arange(len(counts)), nblocks)
+    block_in = np.arange(len(write)) - np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
+    picked = np.flatnonzero(write)
+    if not len(picked):
+        return np.zeros(0, dtype=abi.RUN_DTYPE)
+    seg, blk = segment_of[picked], block_in[picked]
+    new_stretch = np.ones(len(picked), dtype=bool)
+    new_stretch[1:] = (np.diff(picked) != 1) | (seg[1:] != seg[:-1])
+    stretch_head = np.flatnonzero(new_stretch)
+    position = np.arange(len(picked)) - stretch_head[np.cumsum(new_stretch) - 1]
+    head = np.flatnonzero(new_stretch | (position % per_tile == 0))
+    tail = np.concatenate([head[1:] - 1, [len(picked) - 1]])
+    runs = np.zeros(len(head), dtype=abi.RUN_DTYPE)
+    start = blk[head] * ZERO_BLOCK
+    runs["segment"], runs["start"] = seg[head], start
+    runs["len"] = np.minimum((blk[tail] + 1) * ZERO_BLOCK, counts[seg[head]]) - start
+    return runs
 
 
 def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
-                 base_bound: Optional[Callable[[str], float]] = None) -> MixTables:
+                 base_bound: Optional[Callable[[str], float]] = None,
+                 zero_signs: Optional[Callable[[str], Tuple[bool, bool]]] = None) -> MixTables:
     """Tables for ``mix`` (already checked), payload keys resolved through ``address``.
+
+    ``zero_signs(name)``: whether the base tensor holds -0.0 and +0.0 (``zero_signs_of``),
+    which lets a switch skip more blocks (``MixTables.since``); without it a block is
+    skipped only where both mixes add a +0.0 term there or neither does.
 
     Refused (``TvswitchError``) before any table exists: a mix whose folded weights would
     take some tensor past float32's range.  Each element is bounded by
@@ -75,6 +151,8 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
     reads: List[str] = []
     signatures: List[bytes] = []
     per_segment_reads: List[List[str]] = []
+    zero: List[Optional[np.ndarray]] = []
+    zero_keys: List[tuple] = []
     first_block = 0
     for s, name in enumerate(names):
         spec = bundle.shared_specs[name]
@@ -98,11 +176,25 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
         _check_range(bundle, mix, name, base_coef, merged.values(), base_bound)
         begin = len(rows)
         segment_reads: List[str] = []
+        all_zero: Optional[np.ndarray] = None  # so far: None before the first term, or its AND
+        adds_plus_zero = False
         for t, weight in merged.values():
             if weight != 0.0:
                 rows.append(_term_row(bundle, t, weight, address))
                 keys.update((k, None) for k in t.payloads)
                 segment_reads += t.payloads
+                adds_plus_zero = adds_plus_zero or not np.signbit(np.float32(weight))
+                if all_zero is not None or len(rows) == begin + 1:
+                    term_zero = zero_blocks(bundle, t, spec.numel)
+                    all_zero = None if term_zero is None else (term_zero if all_zero is None
+                                                               else all_zero & term_zero)
+        if len(rows) == begin:  # no term: the base alone in every block
+            all_zero = np.ones(blocks_of(spec.numel), dtype=bool)
+        zero.append(all_zero if all_zero is not None and all_zero.any() else None)
+        coef = np.float32(base_coef)
+        neg, pos = zero_signs(name) if zero_signs is not None else (True, True)
+        minus_zero = bool(coef != 0 and (neg if coef > 0 else pos))  # c * base can be -0.0
+        zero_keys.append((coef.tobytes(), adds_plus_zero, minus_zero))
         reads += segment_reads
         per_segment_reads.append(segment_reads)
         signatures.append(np.float32(base_coef).tobytes() + np.array(rows[begin:], dtype=abi.TERM_DTYPE).tobytes())
@@ -115,7 +207,13 @@ def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[st
         first_block += -(-n // abi.BLOCK_ELEMS)
     terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
     return MixTables(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads,
-                     signatures=signatures, segment_reads=per_segment_reads)
+                     signatures=signatures, segment_reads=per_segment_reads, zero=zero, zero_keys=zero_keys)
+
+
+def zero_signs_of(a: np.ndarray) -> Tuple[bool, bool]:
+    """Whether ``a`` holds -0.0 and whether it holds +0.0 (``build_tables``' zero_signs)."""
+    zeros = np.signbit(a[a == 0])
+    return bool(zeros.any()), bool((~zeros).any())
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:
@@ -176,9 +274,12 @@ def total_blocks(tables: MixTables) -> int:
 
 def bytes_moved(tables: MixTables, bundle: Bundle, base_itemsize: int, out_itemsize: int) -> int:
     """Bytes a rebuild of these tables moves: base read, every term's packed payloads (a payload
-    two terms read counts twice: EMR's shared codes in a mix), output write."""
-    total = sum(bundle.payload(k).nbytes for k in tables.reads)
-    for s in tables.segments:
-        n = int(s["n"])
-        total += n * out_itemsize + (n * base_itemsize if float(s["base_coef"]) != 0.0 else 0)
-    return total
+    two terms read counts twice: EMR's shared codes in a mix), output write.  Where ``runs``
+    cover part of a tensor, its base and output count for the elements written and its
+    payloads pro rata (the blocks left out are read no further than their index records)."""
+    total = 0.0
+    for s, written, reads in zip(tables.segments, tables.written(), tables.segment_reads):
+        n, m = int(s["n"]), int(written)
+        total += m * out_itemsize + (m * base_itemsize if float(s["base_coef"]) != 0.0 else 0)
+        total += sum(bundle.payload(k).nbytes for k in reads) * (m / n if n else 1.0)
+    return int(round(total))

@@ -20,7 +20,7 @@ from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key
+from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key, zero_signs_of
 
 
 def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapping[str, np.ndarray]],
@@ -72,6 +72,8 @@ class CpuRebuilder:
         self._base = {name: contiguous(a) for name, a in
                       resolve_base(bundle, base, verify_base, base_label).items()}
         self._mix_tables: Dict[tuple, MixTables] = {}
+        self._since: Dict[tuple, MixTables] = {}  # per (mix, held mix): what a switch writes
+        self._zero_signs: Dict[str, Tuple[bool, bool]] = {}
         self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
         self._bounds: Dict[str, float] = {}
         self._compiled = cpu.available()
@@ -89,6 +91,12 @@ class CpuRebuilder:
             self._bounds[name] = float(np.abs(a).max()) if a.size else 0.0
         return self._bounds[name]
 
+    def _base_zero_signs(self, name: str) -> Tuple[bool, bool]:
+        """Whether a base tensor holds -0.0 and +0.0, computed once (``mixtables.build_tables``)."""
+        if name not in self._zero_signs:
+            self._zero_signs[name] = zero_signs_of(self._base[name])
+        return self._zero_signs[name]
+
     def allocate(self, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
         """Output buffers for every tensor a rebuild writes (the base's dtype by default)."""
         return {name: np.empty(spec.shape, dtype=dtype or spec.dtype)
@@ -104,14 +112,28 @@ class CpuRebuilder:
         key = mix_key(mix)
         tables = self._mix_tables.get(key)
         if tables is None:
-            tables = build_tables(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound)
+            tables = build_tables(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound,
+                                  self._base_zero_signs)
             tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
             tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
             if len(self._mix_tables) > 64:
                 self._mix_tables.clear()
                 self._inputs.clear()
+                self._since.clear()
             self._mix_tables[key] = tables
         return key, tables
+
+    def _tables_since(self, mix: Mapping[str, float], since: Mapping[str, float]) -> MixTables:
+        """``MixTables.since`` of two mixes, cached per pair (a switch back and forth reuses it)."""
+        key, full = self._cached(mix)
+        held_key, held = self._cached(since)
+        cut = self._since.get((key, held_key))
+        if cut is None:
+            cut = full.since(held)
+            if len(self._since) > 256:
+                self._since.clear()
+            self._since[(key, held_key)] = cut
+        return cut
 
     def _input_extents(self, key: tuple, tables: MixTables) -> cpu.Extents:
         """The buffers the tables of mix ``key`` read (its payloads, the base), made once per mix."""
@@ -125,25 +147,30 @@ class CpuRebuilder:
 
         ``since``: the mix whose rebuild ``out`` holds now, whole and untouched since (the
         caller vouches for it: ``Server`` tracks what each slot holds). Then only the tensors
-        whose inputs differ between the two mixes are read and written
-        (``MixTables.since``); the result is bit for bit that of a full rebuild.
+        whose inputs differ between the two mixes are read and written, and of those not
+        the blocks where every term of both is +0.0 (``MixTables.since``); the result is
+        bit for bit that of a full rebuild.
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
         key, full = self._cached(mix)
-        tables = full
-        if since is not None:
-            tables = full.since(self.mix_tables(since))
+        tables = full if since is None else self._tables_since(mix, since)
         self._check_out(out)
         segments = tables.segments.copy()
         segments["out"] = [out[n].ctypes.data for n in tables.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
             buffers = self._input_extents(key, full) + cpu.Extents(out.values())
+            if tables.runs is not None:
+                cpu.rebuild_runs(segments, tables.terms, tables.runs, buffers, self.threads)
+                return
             run = lambda part: cpu.rebuild(part, tables.terms, buffers, self.threads)  # noqa: E731
         else:
             arrays = [self.bundle.payload(k) for k in full.keys]
             arrays += list(self._base.values()) + [out[n] for n in full.names]
+            if tables.runs is not None:
+                reference.rebuild_reference(segments, tables.terms, arrays, tables.runs)
+                return
             run = lambda part: reference.rebuild_reference(part, tables.terms, arrays)  # noqa: E731
         if not progress:
             run(segments)
@@ -159,9 +186,7 @@ class CpuRebuilder:
                     since: Optional[Mapping[str, float]] = None) -> int:
         """Bytes one rebuild of ``mix`` reads and writes (the switch floor, docs/architecture.md);
         ``since`` as for ``rebuild``."""
-        tables = self.mix_tables(mix)
-        if since is not None:
-            tables = tables.since(self.mix_tables(since))
+        tables = self.mix_tables(mix) if since is None else self._tables_since(mix, since)
         base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
         out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
         return bytes_moved(tables, self.bundle, base_size, out_size)

@@ -112,6 +112,79 @@ def test_the_gpu_launch_tables_cover_only_what_changed_and_stay_exact(bundles, s
     g.close()
 
 
+@pytest.fixture(scope="module")
+def row_bundles(tmp_path_factory):
+    """Tasks that move a few bands of rows of an embedding-like tensor: whole 1024-element
+    blocks are +0.0 in every term, and the base holds zeros of both signs."""
+    from tvswitch.export.exporter import export_bundle
+
+    rows = _load("test_zeroblocks_data", "test_zeroblocks.py")
+    base, fts = rows.row_sparse_checkpoints()
+    folder = tmp_path_factory.mktemp("rows")
+    return base, {"%s %s" % (s, kw): export_bundle(base, fts, str(folder / ("%d.tvs" % i)), name=s, **kw)
+                  for i, (s, kw) in enumerate(rows.SCHEMES)}
+
+
+ROW_SCHEMES = ["tvq {'bits': 2, 'layout': 'streams'}", "tvq {'bits': 3, 'layout': 'compact'}",
+               "rtvq {'layout': 'compact'}", "tswitch {'keep': 0.05, 'layout': 'compact'}",
+               "tswitch {'keep': 0.05, 'layout': 'streams'}"]
+
+
+@pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
+def test_a_switch_leaves_out_the_blocks_zero_in_both_mixes(row_bundles):
+    base, by_scheme = row_bundles
+    r = CpuRebuilder(by_scheme["tvq {'bits': 3, 'layout': 'compact'}"], base)
+    cut = r.mix_tables({"b": 1.0}).since(r.mix_tables({"a": 1.0}))
+    n = base["emb.weight"].size
+    written = dict(zip(cut.names, cut.written()))
+    assert cut.runs is not None and 0 < written["emb.weight"] < n
+    assert written["dense.weight"] == base["dense.weight"].size  # no zero block there
+    assert r.bytes_moved({"b": 1.0}, since={"a": 1.0}) < r.bytes_moved({"b": 1.0})
+    # the runs are whole blocks (or a tensor's end), at most one CPU tile each
+    assert (cut.runs["start"] % 1024 == 0).all() and (cut.runs["len"] <= 4096).all()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("scheme", ROW_SCHEMES)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(MIXES, min_size=2, max_size=7), half=st.booleans())
+def test_switches_that_skip_blocks_end_bit_for_bit_as_a_fresh_rebuild(row_bundles, scheme, compiled, sequence,
+                                                                       half, monkeypatch):
+    """Negative weights and the base's -0.0 included: the sign rule of a skipped block."""
+    if compiled and not cpu.available():
+        pytest.skip("CPU library not built: %s" % cpu.unavailable_reason())
+    base, by_scheme = row_bundles
+    r = CpuRebuilder(by_scheme[scheme], base)
+    r._compiled = compiled
+    dtype = "float16" if half else None
+    out = _fresh(r, sequence[0], dtype)
+    for previous, mix in zip(sequence, sequence[1:]):
+        r.rebuild(mix, out, since=previous)
+        _same(out, _fresh(r, mix, dtype), mix)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
+def test_runs_outside_their_segment_are_refused_before_any_write(row_bundles):
+    from tvswitch.errors import TvswitchError
+    from tvswitch.kernels import abi
+
+    base, by_scheme = row_bundles
+    r = CpuRebuilder(by_scheme["tvq {'bits': 2, 'layout': 'streams'}"], base)
+    out = _fresh(r, {"a": 1.0})
+    before = {k: v.copy() for k, v in out.items()}
+    cut = r.mix_tables({"b": 1.0}).since(r.mix_tables({"a": 1.0}))
+    segments = cut.segments.copy()
+    segments["out"] = [out[n].ctypes.data for n in cut.names]
+    buffers = r._input_extents(*r._cached({"b": 1.0})) + cpu.Extents(out.values())
+    for field, value in [("segment", len(segments)), ("start", 16), ("len", 4097), ("len", 0),
+                         ("start", int(segments[cut.runs[-1]["segment"]]["n"]))]:
+        runs = cut.runs.copy()
+        runs[-1][field] = value
+        with pytest.raises(TvswitchError, match="run %d" % (len(runs) - 1)):
+            cpu.rebuild_runs(segments, cut.terms, runs.astype(abi.RUN_DTYPE), buffers)
+        _same(out, before, field)
+
+
 def _load(name, *parts):
     """A module of tests/ by its path (the test folders are no packages)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), *parts))
