@@ -63,6 +63,9 @@ CPU_TILE = 4096
 #: A buffer the tables may point into (cpu_rebuild.c's tv_extent): begin address, bytes.
 EXTENT_DTYPE = np.dtype({"names": ["begin", "bytes"], "formats": ["<u8", "<u8"], "offsets": [0, 8], "itemsize": 16})
 
+#: tv_rebuild_cpu_runs_checked's fault for a run outside its segment (``where`` is then a run).
+CHECK_RUN = 9
+
 #: tv_check_tables' faults: what of a segment reaches outside the buffers it was given.
 CHECK_FAULTS = {
     1: "its size, dtype codes or term range",
@@ -73,7 +76,7 @@ CHECK_FAULTS = {
     6: "a term's (scale, offset) pairs",
     7: "a term's mask",
     8: "a term's values",
-    9: "a run's segment or element range",
+    CHECK_RUN: "a run's segment or element range",
 }
 
 #: The C library's tv_abi_version(): what these tables and entry points are.

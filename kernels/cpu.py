@@ -196,7 +196,7 @@ def rebuild_runs(segments: np.ndarray, terms: np.ndarray, runs: np.ndarray, buff
     fault = _require().tv_rebuild_cpu_runs_checked(*_args(segments, terms, ext),
                                                    runs.ctypes.data if len(runs) else None, len(runs),
                                                    int(threads), ctypes.byref(where))
-    _raise(fault, where.value, "run" if fault == 9 else "segment")
+    _raise(fault, where.value, "run" if fault == abi.CHECK_RUN else "segment")
 
 
 def _tables(segments: np.ndarray, terms: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
