@@ -44,7 +44,7 @@ SEGMENT_DTYPE = np.dtype(
     {
         "names": [
             "base", "out", "n", "first_block", "base_coef",
-            "base_dtype", "out_dtype", "term_begin", "term_count", "reserved",
+            "base_dtype", "out_dtype", "term_begin", "term_count", "block_offset",
         ],
         "formats": ["<u8", "<u8", "<u8", "<u8", "<f4", "<u4", "<u4", "<u4", "<u4", "<u4"],
         "offsets": [0, 8, 16, 24, 32, 36, 40, 44, 48, 52],
@@ -68,7 +68,7 @@ CHECK_RUN = 9
 
 #: tv_check_tables' faults: what of a segment reaches outside the buffers it was given.
 CHECK_FAULTS = {
-    1: "its size, dtype codes or term range",
+    1: "its size, dtype codes, term range or block offset",
     2: "its base",
     3: "its output",
     4: "a term's kind, width or group",

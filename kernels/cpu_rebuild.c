@@ -1278,7 +1278,8 @@ typedef struct tv_extent {
 
 enum {
     TV_CHECK_OK = 0,
-    TV_CHECK_SEGMENT = 1, /* n above 2^31 - 1, a dtype code unknown, or terms past the term table */
+    TV_CHECK_SEGMENT = 1, /* n above 2^31 - 1, a dtype code unknown, terms past the term table, or
+                             a block_offset past the tensor's last block */
     TV_CHECK_BASE = 2,
     TV_CHECK_OUT = 3,
     TV_CHECK_TERM = 4, /* kind, bits or group out of range */
@@ -1396,7 +1397,8 @@ static int check_segments(const tv_segment *segs, uint32_t nseg, const tv_term *
         int fault = TV_CHECK_OK;
         *where = s;
         if (g->n > 0x7fffffffu || g->base_dtype > TV_BF16 || g->out_dtype > TV_BF16 ||
-            (uint64_t)g->term_begin + g->term_count > nterms)
+            (uint64_t)g->term_begin + g->term_count > nterms ||
+            (g->block_offset && (uint64_t)g->block_offset * TV_BLOCK_ELEMS >= g->n))
             return TV_CHECK_SEGMENT;
         if (g->n == 0)
             continue;

@@ -109,7 +109,13 @@ typedef struct tv_segment {
     uint32_t out_dtype;
     uint32_t term_begin;  /* index of the first term in the term table */
     uint32_t term_count;
-    uint32_t reserved;
+    /* launch table: the tensor's blocks before this segment's first.  A GPU switch that
+     * writes part of a tensor lists it once per stretch of blocks (same base, out and
+     * terms): segment s then covers the tensor's blocks block_offset .. block_offset +
+     * (the next segment's first_block - first_block) - 1.  0 for a whole tensor.  The CPU
+     * rebuild writes each segment whole, whatever this says (it takes element runs for
+     * part of a tensor); tv_check_tables holds it inside the tensor. */
+    uint32_t block_offset;
 } tv_segment;
 TV_STATIC_ASSERT(sizeof(tv_segment) == 56, tv_segment_is_56_bytes);
 

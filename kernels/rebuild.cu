@@ -3,8 +3,9 @@
  * segment of a plan, in one launch.
  *
  * Grid: one CUDA block per `tiles_per_block` consecutive tiles of TV_BLOCK_ELEMS elements
- * (the launch table of decode.h: segment s owns tiles [first_block, first_block + ceil(n /
- * TV_BLOCK_ELEMS))).  Thread t of a tile rebuilds elements 4t..4t+3 of it, so consecutive
+ * (the launch table of decode.h: segment s owns tiles [first_block, the next segment's
+ * first_block), which are the tensor's blocks from block_offset on: all of them, ceil(n /
+ * TV_BLOCK_ELEMS), for a whole tensor; a stretch of them where a switch writes part of it).  Thread t of a tile rebuilds elements 4t..4t+3 of it, so consecutive
  * threads touch consecutive elements and consecutive code bits: a warp reads 128 elements
  * of the base as 512 (fp32) or 256 (fp16) contiguous bytes and 4b contiguous code words.
  *
@@ -298,7 +299,7 @@ __device__ __forceinline__ void tv_rebuild_tiles(const tv_segment *segs, uint32_
         }
         const tv_term *t = s_seg.term_count <= TV_SHARED_TERMS ? s_terms : terms + s_seg.term_begin;
         const uint32_t n = (uint32_t)s_seg.n;
-        const uint32_t i0 = (tile - (uint32_t)s_seg.first_block) * TV_BLOCK_ELEMS + 4u * tid;
+        const uint32_t i0 = (tile - (uint32_t)s_seg.first_block + s_seg.block_offset) * TV_BLOCK_ELEMS + 4u * tid;
         if (i0 < n)
             tv_rebuild4(&s_seg, t, i0, n, prefetch);
     }

@@ -265,13 +265,6 @@ def mix_key(mix: Mapping[str, float]) -> tuple:
     return tuple(sorted(mix.items()))
 
 
-def total_blocks(tables: MixTables) -> int:
-    if not len(tables.segments):
-        return 0
-    last = tables.segments[-1]
-    return int(last["first_block"]) + -(-int(last["n"]) // abi.BLOCK_ELEMS)
-
-
 def bytes_moved(tables: MixTables, bundle: Bundle, base_itemsize: int, out_itemsize: int) -> int:
     """Bytes a rebuild of these tables moves: base read, every term's packed payloads (a payload
     two terms read counts twice: EMR's shared codes in a mix), output write.  Where ``runs``

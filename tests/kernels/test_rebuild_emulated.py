@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import pytest
@@ -45,8 +45,11 @@ def load_emulator(lib: str):
                                ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
     dll.tv_emulate.restype = ctypes.c_int
 
-    def run(prefetch: int, segments: np.ndarray, terms: np.ndarray, tiles_per_block: int) -> None:
-        total = int(segments[-1]["first_block"]) + -(-int(segments[-1]["n"]) // abi.BLOCK_ELEMS)
+    def run(prefetch: int, segments: np.ndarray, terms: np.ndarray, tiles_per_block: int,
+            total: Optional[int] = None) -> None:
+        """``total``: the launch's blocks (default: the last segment's tensor to its end)."""
+        if total is None:
+            total = int(segments[-1]["first_block"]) + -(-int(segments[-1]["n"]) // abi.BLOCK_ELEMS)
         grid = -(-total // tiles_per_block)
         rc = dll.tv_emulate(prefetch, grid, segments.ctypes.data, len(segments),
                             terms.ctypes.data if len(terms) else None, total, tiles_per_block)

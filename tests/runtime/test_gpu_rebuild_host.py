@@ -74,13 +74,25 @@ class HostDevice(Device):
         self.launches.append(SimpleNamespace(function=function, grid=grid, segments=seg_table, terms=term_table))
         # GpuRebuilder checked these tables against every buffer they name before it uploaded them
         # (engines' device buffers too, which this device did not allocate); a GPU runs them unchecked.
-        cpu.rebuild(seg_table, term_table, [(0, 2**64 - 1)], 1)
+        cpu.rebuild_runs(seg_table, term_table, launch_runs(seg_table, total), [(0, 2**64 - 1)], 1)
 
     def synchronize(self):
         pass
 
     def make_current(self):
         self.made_current += 1
+
+
+def launch_runs(seg_table, total):
+    """The elements a launch of ``seg_table`` over ``total`` blocks writes, as CPU runs: segment
+    e covers its tensor's blocks block_offset .. block_offset + (the next first_block - its own) - 1."""
+    counts = np.diff(np.append(seg_table["first_block"].astype(np.int64), total))
+    runs = []
+    for e, (seg, count) in enumerate(zip(seg_table, counts)):
+        begin = int(seg["block_offset"]) * abi.BLOCK_ELEMS
+        end = min((int(seg["block_offset"]) + int(count)) * abi.BLOCK_ELEMS, int(seg["n"]))
+        runs += [(e, i, min(abi.CPU_TILE, end - i)) for i in range(begin, end, abi.CPU_TILE)]
+    return np.array(runs, dtype=abi.RUN_DTYPE)
 
 
 @pytest.fixture
@@ -154,7 +166,7 @@ class KernelDevice(HostDevice):
                                                                .max()) * abi.TERM_DTYPE.itemsize)).from_address(terms),
                                    dtype=np.uint8).view(abi.TERM_DTYPE)
         self.launches.append(SimpleNamespace(function=function, grid=grid, segments=seg_table.copy()))
-        self.kernel(width, seg_table, term_table, tiles)
+        self.kernel(width, seg_table, term_table, tiles, total)
 
 
 @pytest.mark.parametrize("scheme,kw", [("tvq", dict(bits=3, granularity="channel")), ("rtvq", {}),

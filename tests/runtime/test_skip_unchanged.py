@@ -104,9 +104,9 @@ def test_the_gpu_launch_tables_cover_only_what_changed_and_stay_exact(bundles, s
         g.rebuild(mix, out, since=previous)
         _same({n: g.download(t) for n, t in out.items()}, _fresh(ref, mix), mix)
         changed = ref.mix_tables(mix).since(ref.mix_tables(previous)).names
-        if changed:  # one launch whose table lists exactly the changed tensors
+        if changed:  # one launch whose table covers exactly the changed tensors
             assert len(device.launches) == launches + 1
-            assert len(device.launches[-1].segments) == len(changed)
+            assert len(set(device.launches[-1].segments["out"])) == len(changed)
         else:
             assert len(device.launches) == launches
     g.close()
@@ -161,6 +161,58 @@ def test_switches_that_skip_blocks_end_bit_for_bit_as_a_fresh_rebuild(row_bundle
     for previous, mix in zip(sequence, sequence[1:]):
         r.rebuild(mix, out, since=previous)
         _same(out, _fresh(r, mix, dtype), mix)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
+@pytest.mark.parametrize("scheme", ROW_SCHEMES)
+@pytest.mark.parametrize("kernel_source", [False, True])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(MIXES, min_size=2, max_size=6))
+def test_gpu_launches_leave_out_zero_blocks_and_stay_exact(row_bundles, emulated_kernel, scheme, kernel_source,
+                                                           sequence, monkeypatch):
+    """The launch tables of a switch list a tensor once per stretch of blocks it writes
+    (decode.h's block_offset), run by the host emulation or by rebuild.cu itself."""
+    from tvswitch.kernels import nvrtc
+    from tvswitch.runtime.gpu_rebuild import GpuRebuilder
+
+    host = _load("gpu_rebuild_host", "test_gpu_rebuild_host.py")
+    monkeypatch.setattr(nvrtc, "kernel_image", lambda cc: (b"image", "test"))
+    base, by_scheme = row_bundles
+    bundle = by_scheme[scheme]
+    device = host.KernelDevice(emulated_kernel) if kernel_source else host.HostDevice()
+    g, ref = GpuRebuilder(bundle, base, device=device, tiles_per_block=2), CpuRebuilder(bundle, base)
+    out = g.allocate()
+    g.rebuild(sequence[0], out)
+    for previous, mix in zip(sequence, sequence[1:]):
+        g.rebuild(mix, out, since=previous)
+        _same({n: g.download(t) for n, t in out.items()}, _fresh(ref, mix), mix)
+    g.close()
+
+
+def test_a_gpu_switch_between_row_sparse_tasks_launches_fewer_blocks(row_bundles, monkeypatch):
+    from tvswitch.kernels import nvrtc
+    from tvswitch.runtime.gpu_rebuild import GpuRebuilder, launch_segments
+
+    host = _load("gpu_rebuild_host", "test_gpu_rebuild_host.py")
+    monkeypatch.setattr(nvrtc, "kernel_image", lambda cc: (b"image", "test"))
+    base, by_scheme = row_bundles
+    g = GpuRebuilder(by_scheme["tvq {'bits': 3, 'layout': 'compact'}"], base, device=host.HostDevice())
+    _, _, whole = launch_segments(g.host_tables({"b": 1.0}))
+    segments, names, part = launch_segments(g.host_tables({"b": 1.0}, since={"a": 1.0}))
+    emb = np.array([n == "emb.weight" for n in names])
+    counts = np.diff(np.append(segments["first_block"].astype(np.int64), part))
+    assert part < whole and 0 < counts[emb].sum() < -(-base["emb.weight"].size // 1024)
+    assert segments["block_offset"][emb].any() or emb.sum() > 1  # the embedding written in part
+    assert g.bytes_moved({"b": 1.0}, since={"a": 1.0}) < g.bytes_moved({"b": 1.0})
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def emulated_kernel(tmp_path_factory):
+    """rebuild.cu on CPU threads (tests/kernels/emulate), as test_gpu_rebuild_host has it."""
+    host = _load("gpu_rebuild_host_emulation", "test_gpu_rebuild_host.py")
+    emulation = host._emulation()
+    return emulation.load_emulator(emulation.build_emulator(str(tmp_path_factory.mktemp("emu") / "emulate.so")))
 
 
 @pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
