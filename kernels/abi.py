@@ -88,13 +88,27 @@ ELEMENT_CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}
 
 def element_code(dtype: Any) -> Optional[int]:
     """decode.h's code for a float32, float16 or bfloat16 dtype or its name (a device buffer
-    of bfloat16 has only a name where ml_dtypes is not installed); None for any other."""
+    of bfloat16 has only a name where ml_dtypes is not installed); None for any other.
+
+    Remembered per dtype: a switch asks once per tensor, and a dtype's name takes
+    microseconds to make."""
     if isinstance(dtype, str):
         return ELEMENT_CODES.get(dtype)
     try:
-        return ELEMENT_CODES.get(np.dtype(dtype).name)
+        return _CODES_BY_DTYPE[dtype]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable: not a dtype
+        return None
+    try:
+        code = ELEMENT_CODES.get(np.dtype(dtype).name)
     except TypeError:
         return None
+    _CODES_BY_DTYPE[dtype] = code
+    return code
+
+
+_CODES_BY_DTYPE: dict = {}
 
 
 def dtype_code(dtype: Any) -> int:

@@ -42,6 +42,9 @@ def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapp
     return {name: base[name] for name in bundle.shared_specs}
 
 
+#: decode.h's codes of the output dtypes a CPU rebuild writes (manifest.ELEMENT_DTYPES).
+_OUT_CODES = tuple(abi.ELEMENT_CODES[name] for name in fmt.ELEMENT_DTYPES)
+
 #: Elements per call when a rebuild shows progress: enough to keep every core busy and
 #: make the calls' overhead (microseconds each) vanish.
 PROGRESS_CHUNK = 1 << 22
@@ -74,6 +77,7 @@ class CpuRebuilder:
         self._mix_tables: Dict[tuple, MixTables] = {}
         self._since: Dict[tuple, MixTables] = {}  # per (mix, held mix): what a switch writes
         self._zero_signs: Dict[str, Tuple[bool, bool]] = {}
+        self._addresses: Dict[str, int] = {}
         self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
         self._bounds: Dict[str, float] = {}
         self._compiled = cpu.available()
@@ -90,6 +94,13 @@ class CpuRebuilder:
             a = self._base[name]
             self._bounds[name] = float(np.abs(a).max()) if a.size else 0.0
         return self._bounds[name]
+
+    def _address(self, key: str) -> int:
+        """A resident payload's address, read once (a table of a mix names some 1,800)."""
+        address = self._addresses.get(key)
+        if address is None:
+            address = self._addresses[key] = self.bundle.payload(key).ctypes.data
+        return address
 
     def _base_zero_signs(self, name: str) -> Tuple[bool, bool]:
         """Whether a base tensor holds -0.0 and +0.0, computed once (``mixtables.build_tables``)."""
@@ -112,8 +123,7 @@ class CpuRebuilder:
         key = mix_key(mix)
         tables = self._mix_tables.get(key)
         if tables is None:
-            tables = build_tables(self.bundle, mix, lambda k: self.bundle.payload(k).ctypes.data, self._base_bound,
-                                  self._base_zero_signs)
+            tables = build_tables(self.bundle, mix, self._address, self._base_bound, self._base_zero_signs)
             tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
             tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
             if len(self._mix_tables) > 64:
@@ -156,11 +166,13 @@ class CpuRebuilder:
         key, full = self._cached(mix)
         tables = full if since is None else self._tables_since(mix, since)
         self._check_out(out)
+        addresses = {n: out[n].ctypes.data for n in self.bundle.shared_specs}  # read once: a microsecond each
         segments = tables.segments.copy()
-        segments["out"] = [out[n].ctypes.data for n in tables.names]
+        segments["out"] = [addresses[n] for n in tables.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
-            buffers = self._input_extents(key, full) + cpu.Extents(out.values())
+            outputs = cpu.Extents((a, out[n].nbytes) for n, a in addresses.items())  # ``out`` outlives the call
+            buffers = self._input_extents(key, full) + outputs
             if tables.runs is not None:
                 cpu.rebuild_runs(segments, tables.terms, tables.runs, buffers, self.threads)
                 return
@@ -196,7 +208,7 @@ class CpuRebuilder:
             a = out.get(name)
             if a is None:
                 raise TvswitchError("output buffers lack tensor %r" % name)
-            if tuple(a.shape) != spec.shape or a.dtype.name not in fmt.ELEMENT_DTYPES:
+            if tuple(a.shape) != spec.shape or abi.element_code(a.dtype) not in _OUT_CODES:
                 raise TvswitchError("output buffer %r is %s%s, need float32/float16 of shape %s"
                                     % (name, a.dtype, list(a.shape), list(spec.shape)))
             if not (a.flags.c_contiguous and a.flags.writeable):

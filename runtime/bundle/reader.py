@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # 1 for a 0-d tensor; plain ints: tables ask per switch
 
 
 #: The most memory an lzma payload's decoder may take (its dictionary, which the stream
