@@ -28,6 +28,23 @@
 #define TV_PLANNED_FN TV_PLANNED_TARGET static inline TV_ALWAYS_INLINE
 #define TV_PLANNED_ROW_VECS (TV_PLANNED_VECS * TV_PLAN_ROWS)
 
+/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep` (its bytes under
+ * TV_PLANNED_GROUP_VALUE); a 3-bit SPARSE row under TV_PLANNED_SPARSE3_WORDS is four words,
+ * word k codes 8k .. 8k+7, so vector k reads word k as a row's first vector. */
+TV_PLANNED_FN TV_PLANNED_VEC TV_PLANNED(row_value)(const uint32_t *row, int groups, uint32_t bits,
+                                                  const TV_PLANNED_PLAN *p, uint32_t keep, uint32_t k)
+{
+#ifdef TV_PLANNED_GROUP_VALUE
+    if (groups)
+        return TV_PLANNED_GROUP_VALUE(row, &p->c, k);
+#endif
+#ifdef TV_PLANNED_SPARSE3_WORDS
+    if (!groups && bits == 3u)
+        return TV_PLANNED_VALUE(row + k, 3u, &p->c, 0, 0u, 0u);
+#endif
+    return TV_PLANNED_VALUE(row, groups ? 1u : bits, &p->c, groups, keep, k);
+}
+
 /* The plans and runs of the tile from element `start` of a segment whose terms all have
  * one (scale, offset) for the tensor and are CODES, GROUPS or SPARSE terms (every layout's
  * common case: TVQ, RTVQ, T-Switch, and auto's mixes of streams and compact terms), each
@@ -57,11 +74,15 @@ TV_PLANNED_FN int TV_PLANNED(make_plans)(const tv_segment *s, const tv_term *ter
         plan->t = t;
         plan->codes = (const uint32_t *)t->codes;
         plan->mask = (const uint32_t *)t->mask;
-        if (t->kind != TV_KIND_CODES)
-            plan->rank = tv_group_rank(t, start >> 2);
         if (t->kind == TV_KIND_SPARSE) {
             plan->fill4 = tv_sparse_fill4(t, t->bits);
             fill_row_words(plan->fill4, t->bits, plan->fill_row);
+        }
+        if (t->kind != TV_KIND_CODES) {
+            const uint32_t none[8] = {0u}; /* a groups row with no group: no keep bit, no code */
+            plan->rank = tv_group_rank(t, start >> 2);
+            plan->empty = TV_PLANNED(row_value)(t->kind == TV_KIND_SPARSE ? plan->fill_row : none,
+                                                t->kind == TV_KIND_GROUPS, t->bits, plan, 0u, 0u);
         }
         if (*nruns && runs[*nruns - 1].op == op)
             ++runs[*nruns - 1].count;
@@ -90,23 +111,6 @@ TV_PLANNED_FN void TV_PLANNED(codes_rows)(TV_PLANNED_VEC *a, const TV_PLANNED_PL
     }
 }
 
-/* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep` (its bytes under
- * TV_PLANNED_GROUP_VALUE); a 3-bit SPARSE row under TV_PLANNED_SPARSE3_WORDS is four words,
- * word k codes 8k .. 8k+7, so vector k reads word k as a row's first vector. */
-TV_PLANNED_FN TV_PLANNED_VEC TV_PLANNED(row_value)(const uint32_t *row, int groups, uint32_t bits,
-                                                  const TV_PLANNED_PLAN *p, uint32_t keep, uint32_t k)
-{
-#ifdef TV_PLANNED_GROUP_VALUE
-    if (groups)
-        return TV_PLANNED_GROUP_VALUE(row, &p->c, k);
-#endif
-#ifdef TV_PLANNED_SPARSE3_WORDS
-    if (!groups && bits == 3u)
-        return TV_PLANNED_VALUE(row + k, 3u, &p->c, 0, 0u, 0u);
-#endif
-    return TV_PLANNED_VALUE(row, groups ? 1u : bits, &p->c, groups, keep, k);
-}
-
 /* The same for GROUPS terms (the 1-bit masked row group_row_words makes) and, with `bits`,
  * SPARSE terms (the b-bit row sparse_row_codes makes), each carrying its rank. */
 TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *p, uint32_t count, uint32_t i, uint32_t rows,
@@ -116,6 +120,11 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
         for (uint32_t r = 0; r < rows; ++r) {
             uint32_t row[9] = {0u}, keep = 0u;
             const uint32_t g = (i + 32u * r) >> 2;
+            if (!((tv_group_flags(p->t, g) >> (g & 31u)) & 0xffu)) {
+                for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
+                    a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], p->empty);
+                continue;
+            }
             if (groups)
                 p->rank = TV_PLANNED_GROUP_ROW(p->t, g, p->rank, &row[0], &keep);
             else

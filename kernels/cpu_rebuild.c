@@ -427,13 +427,14 @@ TV_DEFINE_SPARSE(sparse_portable, , sparse_row_codes, row_portable)
  * prefetch alone left a quarter of the mix's time waiting on loads (docs/kernels.md). */
 #define TV_PF_FLOATS 512u
 /* A planned term: its row constants (CONSTS, the path's) and where its rows are read. */
-#define TV_DEFINE_PLAN(NAME, CONSTS)                                                          \
+#define TV_DEFINE_PLAN(NAME, CONSTS, VEC)                                                     \
     typedef struct NAME {                                                                     \
         CONSTS c;                                                                             \
         const tv_term *t;                                                                     \
         const uint32_t *codes, *mask; /* CODES: mask 0 when every element is kept */          \
         uint32_t rank;                /* GROUPS, SPARSE: the rank of the next row's first group */ \
         uint32_t fill4, fill_row[8];  /* SPARSE: four fill codes, a row of them */            \
+        VEC empty;                    /* GROUPS, SPARSE: each value of a row with no group */ \
     } NAME;
 
 /* Consecutive planned terms that decode alike (kind, width, masking): one branch per row
@@ -935,7 +936,7 @@ TV_DEFINE_TILE(rebuild_tile_portable, , accum_portable, groups_portable, sparse_
 #ifdef TV_HAVE_AVX2_PATH
 TV_DEFINE_TILE(rebuild_tile_avx2, TV_AVX2_TARGET, accum_avx2, groups_avx2, sparse_avx2)
 
-TV_DEFINE_PLAN(avx2_plan, avx2_consts)
+TV_DEFINE_PLAN(avx2_plan, avx2_consts, __m256)
 
 #define TV_PLANNED(name) avx2_##name
 #define TV_PLANNED_TARGET TV_AVX2_TARGET
@@ -1009,7 +1010,7 @@ TV_AVX512_TARGET static void avx512_accum_row(float *acc, const tv_term *t, uint
         return;
     }
     avx2_plan plan = {avx2_prepare(t->bits, t->weight, scale, offset), t, (const uint32_t *)t->codes,
-                      (const uint32_t *)t->mask, 0u, 0u, {0u}};
+                      (const uint32_t *)t->mask, 0u, 0u, {0u}, _mm256_setzero_ps()};
     const tv_plan_run run = {0u, 1u, 2u * t->bits + (t->mask != 0)};
     __m256 a[4 * TV_PLAN_ROWS];
     for (uint32_t k = 0; k < 4u; ++k)
@@ -1112,7 +1113,7 @@ static inline TV_ALWAYS_INLINE uint32_t neon_sparse_row_codes(const tv_term *t, 
     return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
 }
 
-TV_DEFINE_PLAN(neon_plan, neon_consts)
+TV_DEFINE_PLAN(neon_plan, neon_consts, float32x4_t)
 
 #define TV_PLANNED(name) neon_##name
 #define TV_PLANNED_TARGET
@@ -1139,7 +1140,7 @@ static void neon_accum_row(float *acc, const tv_term *t, uint32_t i, uint32_t n)
         return;
     }
     neon_plan plan = {neon_prepare(t->bits, t->weight, scale, offset), t, (const uint32_t *)t->codes,
-                      (const uint32_t *)t->mask, 0u, 0u, {0u}};
+                      (const uint32_t *)t->mask, 0u, 0u, {0u}, vdupq_n_f32(0.0f)};
     const tv_plan_run run = {0u, 1u, 2u * t->bits + (t->mask != 0)};
     float32x4_t a[8 * TV_PLAN_ROWS];
     for (uint32_t k = 0; k < 8u; ++k)

@@ -27,7 +27,7 @@ from tvswitch.kernels import abi, cpu, nvrtc
 from tvswitch.kernels.cuda import Device, DeviceTensor, open_device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, element_runs, mix_key, zero_signs_of
+from tvswitch.runtime.mixtables import MixTables, TableMaker, bytes_moved, element_runs, mix_key, zero_signs_of
 from tvswitch.runtime.rebuild import resolve_base
 
 #: Every tensor and table starts on this boundary (the kernel's vector loads need 16 bytes).
@@ -154,7 +154,7 @@ class GpuRebuilder:
                 raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32, float16 or bfloat16"
                                     % (name, a.dtype))
         self._names = list(bundle.shared_specs)
-        #: max|base| per tensor, for the range check of a mix (``mix_tables.build_tables``): the base leaves the host
+        #: max|base| per tensor, for the range check of a mix (``mixtables.TableMaker``): the base leaves the host
         self._base_bounds = {n: float(np.abs(a.astype(np.float32)).max()) if a.size else 0.0
                              for n, a in host_base.items()}
         #: whether each base tensor holds -0.0 and +0.0, which decides what a switch may skip
@@ -164,6 +164,7 @@ class GpuRebuilder:
         self._owned: List[int] = []
         self._tables: "OrderedDict[tuple, _Tables]" = OrderedDict()
         self._mix_tables: Dict[tuple, MixTables] = {}
+        self._table_maker = TableMaker(bundle, self.address, self._base_bounds.get, self._zero_signs.get)
         self._mix_keys: Dict[tuple, tuple] = {}
         self._out_sets: "OrderedDict[tuple, _Outputs]" = OrderedDict()
         self._tokens: Dict[tuple, int] = {}
@@ -266,8 +267,7 @@ class GpuRebuilder:
     def _host_tables(self, key: tuple) -> MixTables:
         mix_tables = self._mix_tables.get(key)
         if mix_tables is None:
-            mix_tables = build_tables(self.bundle, dict(key), self.address, self._base_bounds.get,
-                                      self._zero_signs.get)
+            mix_tables = self._table_maker.tables(dict(key))
             check_terms(mix_tables)
             mix_tables.segments["base"] = [self._base[n].ptr for n in mix_tables.names]
             mix_tables.segments["base_dtype"] = [abi.element_code(self._base[n].dtype) for n in mix_tables.names]

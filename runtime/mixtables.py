@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -130,84 +130,188 @@ def element_runs(n: np.ndarray, skips: List[Optional[np.ndarray]]) -> np.ndarray
     return runs
 
 
+class TableMaker:
+    """Tables of mixes of one bundle for one rebuilder (``address`` resolves payload keys).
+
+    Everything in a mix's tables but its weights (which terms each tensor sums, where
+    they read, which blocks are zero) is a function of which tasks the mix holds.  That
+    part (``_Layout``) is made once per set of tasks, in a loop over tensors, tasks and
+    terms (some 800 terms for eight MiniLM tasks: 3 ms); a new mix of the same tasks then
+    costs a few array operations.  Auto-Switch meets a new mix on nearly every batch.
+
+    ``base_bound(name)``: max|base| of a tensor, for the range check; ``zero_signs(name)``:
+    whether the base tensor holds -0.0 and +0.0 (``zero_signs_of``), which lets a switch
+    skip more blocks (``MixTables.since``); without it a block is skipped only where both
+    mixes add a +0.0 term there or neither does.
+    """
+
+    def __init__(self, bundle: Bundle, address: Callable[[str], int],
+                 base_bound: Optional[Callable[[str], float]] = None,
+                 zero_signs: Optional[Callable[[str], Tuple[bool, bool]]] = None):
+        self.bundle = bundle
+        self.address = address
+        self.names = list(bundle.shared_specs)
+        self._base_bound = base_bound
+        self._zero_signs = zero_signs
+        self._layouts: Dict[tuple, _Layout] = {}
+        self._bounds: Optional[np.ndarray] = None
+        self._signs: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    def tables(self, mix: Mapping[str, float]) -> MixTables:
+        """Tables for ``mix`` (already checked: ``mix.check_mix``).
+
+        Refused (``TvswitchError``) before any table exists: a mix whose folded weights
+        would take some tensor past float32's range.  Each element is bounded by
+        ``|c| * max|base| + sum_j |w_j| * max|v_j|`` (``term_bound`` a term's largest
+        value), which is what decode.h's float32 sum can reach.
+        """
+        members = tuple(t for t in self.bundle.tasks if mix.get(t))
+        layout = self._layouts.get(members)
+        if layout is None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            layout = self._layouts[members] = _Layout(self, members)
+        return layout.tables(self, np.array([mix[t] for t in members], dtype=np.float64), mix)
+
+    def base_bounds(self) -> np.ndarray:
+        if self._bounds is None:
+            self._bounds = np.array([self._base_bound(n) if self._base_bound is not None else 0.0
+                                     for n in self.names], dtype=np.float64)
+        return self._bounds
+
+    def base_signs(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per tensor, whether the base holds -0.0 and whether it holds +0.0 (True when unknown)."""
+        if self._signs is None:
+            signs = [self._zero_signs(n) if self._zero_signs is not None else (True, True) for n in self.names]
+            self._signs = (np.array([a for a, _ in signs], dtype=bool), np.array([b for _, b in signs], dtype=bool))
+        return self._signs
+
+
+_MAX_LAYOUTS = 256
+
+
+class _Layout:
+    """The weight-free part of the tables of every mix of ``members``: one entry per term
+    each tensor sums (a term several tasks share, RTVQ's base vector, is one entry whose
+    weight is the sum of theirs), in the order the mix's rows take."""
+
+    def __init__(self, maker: TableMaker, members: Tuple[str, ...]):
+        bundle = maker.bundle
+        rows: List[tuple] = []
+        segment: List[int] = []
+        self.payloads: List[List[str]] = []
+        self.zero_maps: List[Optional[np.ndarray]] = []
+        bounds: List[float] = []
+        entry_of, task_of, scale_of = [], [], []  # a weight's parts: entry += mix[task] * scale
+        absolute: List[List[int]] = []  # per tensor, the members that store it whole (FQ)
+        for s, name in enumerate(maker.names):
+            numel = bundle.shared_specs[name].numel
+            merged: Dict[tuple, int] = {}
+            absolute.append([])
+            for j, task in enumerate(members):
+                entry = bundle.entries(task).get(name)
+                if entry is None:
+                    continue
+                if entry.mode == "absolute":
+                    absolute[-1].append(j)
+                for t in entry.terms:
+                    key = (t.kind, t.codes or t.values, t.params, t.mask, t.bits, t.group, t.layout, t.fill)
+                    e = merged.get(key)
+                    if e is None:
+                        e = merged[key] = len(rows)
+                        rows.append(_term_row(bundle, t, 0.0, maker.address))
+                        segment.append(s)
+                        self.payloads.append(list(t.payloads))
+                        self.zero_maps.append(zero_blocks(bundle, t, numel))
+                        bounds.append(term_bound(bundle, t))
+                    entry_of.append(e)
+                    task_of.append(j)
+                    scale_of.append(t.scale)
+        self.rows = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
+        self.segment = np.array(segment, dtype=np.int64)
+        self.bounds = np.array(bounds, dtype=np.float64)
+        self.entry_of = np.array(entry_of, dtype=np.int64)
+        self.task_of = np.array(task_of, dtype=np.int64)
+        self.scale_of = np.array(scale_of, dtype=np.float64)
+        width = max((len(a) for a in absolute), default=0)
+        self.absolute = np.full((len(absolute), width), -1, dtype=np.int64)
+        for s, tasks in enumerate(absolute):
+            self.absolute[s, :len(tasks)] = tasks
+        self.numel = np.array([bundle.shared_specs[n].numel for n in maker.names], dtype=np.int64)
+        blocks = -(-self.numel // abi.BLOCK_ELEMS)
+        self.first_block = np.cumsum(blocks) - blocks
+        self._every = self._structure(maker, np.ones(len(rows), dtype=bool))
+
+    def tables(self, maker: TableMaker, weights: np.ndarray, mix: Mapping[str, float]) -> MixTables:
+        # both in the order of a sum taken term by term, from 1.0 down and from 0.0 up
+        base_coef = np.ones(len(self.numel), dtype=np.float64)
+        for j in range(self.absolute.shape[1]):
+            has = self.absolute[:, j] >= 0
+            base_coef[has] -= weights[self.absolute[has, j]]
+        weight = np.bincount(self.entry_of, weights=weights[self.task_of] * self.scale_of, minlength=len(self.rows))
+        self._check_range(maker, mix, base_coef, weight)
+        keep = weight != 0.0
+        every = bool(keep.all())
+        count, zero, segment_reads, reads, keys = self._every if every else self._structure(maker, keep)
+        terms = self.rows[keep] if not every else self.rows.copy()
+        terms["weight"] = weight[keep]
+        names = maker.names
+        segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
+        begin = np.cumsum(count) - count
+        segments["n"] = self.numel
+        segments["first_block"] = self.first_block
+        segments["base_coef"] = base_coef
+        segments["term_begin"] = begin
+        segments["term_count"] = count
+        coef = base_coef.astype(np.float32)
+        plus = np.bincount(self.segment[keep], weights=~np.signbit(terms["weight"]), minlength=len(names)) > 0
+        neg, pos = maker.base_signs()
+        minus = (coef != 0) & np.where(coef > 0, neg, pos)  # c * base can be -0.0
+        row_bytes, size = terms.tobytes(), abi.TERM_DTYPE.itemsize
+        coef_bytes = coef.tobytes()
+        coefs = [coef_bytes[4 * s:4 * s + 4] for s in range(len(names))]
+        signatures = [c + row_bytes[size * b:size * (b + k)] for c, b, k in zip(coefs, begin.tolist(), count.tolist())]
+        return MixTables(names=list(names), segments=segments, terms=terms, keys=list(keys), reads=list(reads),
+                         signatures=signatures, segment_reads=list(segment_reads), zero=list(zero),
+                         zero_keys=list(zip(coefs, plus.tolist(), minus.tolist())))
+
+    def _structure(self, maker: TableMaker, keep: np.ndarray) -> tuple:
+        """Per tensor, for the entries ``keep`` marks: how many rows, which blocks every one
+        of them is +0.0 in (the base alone where none), the payloads they read; then those
+        payloads in one list, and each once."""
+        count = np.bincount(self.segment[keep], minlength=len(self.numel))
+        zero: List[Optional[np.ndarray]] = []
+        segment_reads: List[List[str]] = []
+        kept = np.flatnonzero(keep)
+        bounds = np.searchsorted(self.segment[kept], np.arange(len(self.numel) + 1))
+        for s in range(len(self.numel)):
+            entries = kept[bounds[s]:bounds[s + 1]]
+            all_zero: Optional[np.ndarray] = np.ones(blocks_of(int(self.numel[s])), dtype=bool)
+            for e in entries:
+                m = self.zero_maps[e]
+                all_zero = None if m is None or all_zero is None else all_zero & m
+            zero.append(all_zero if all_zero is not None and all_zero.any() else None)
+            segment_reads.append([k for e in entries for k in self.payloads[e]])
+        reads = [k for r in segment_reads for k in r]
+        return count, zero, segment_reads, reads, list(OrderedDict.fromkeys(reads))
+
+    def _check_range(self, maker: TableMaker, mix: Mapping[str, float], base_coef: np.ndarray,
+                     weight: np.ndarray) -> None:
+        bound = np.abs(base_coef) * np.where(base_coef != 0, maker.base_bounds(), 0.0)
+        bound += np.bincount(self.segment, weights=np.abs(weight) * self.bounds, minlength=len(bound))
+        bad = np.flatnonzero(~(bound <= FLOAT32_MAX))
+        if len(bad):
+            raise TvswitchError("the mix %s would take tensor %r of %s past float32's range (|value| up to %.3g): "
+                                "every weight it writes there would be inf" % (
+                                    ",".join("%s=%g" % kv for kv in mix.items()), maker.names[bad[0]],
+                                    maker.bundle.path, bound[bad[0]]))
+
+
 def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
                  base_bound: Optional[Callable[[str], float]] = None,
                  zero_signs: Optional[Callable[[str], Tuple[bool, bool]]] = None) -> MixTables:
-    """Tables for ``mix`` (already checked), payload keys resolved through ``address``.
-
-    ``zero_signs(name)``: whether the base tensor holds -0.0 and +0.0 (``zero_signs_of``),
-    which lets a switch skip more blocks (``MixTables.since``); without it a block is
-    skipped only where both mixes add a +0.0 term there or neither does.
-
-    Refused (``TvswitchError``) before any table exists: a mix whose folded weights would
-    take some tensor past float32's range.  Each element is bounded by
-    ``|c| * max|base| + sum_j |w_j| * max|v_j|`` (``base_bound(name)`` gives max|base|;
-    ``term_bound`` a term's largest value), which is what decode.h's float32 sum can reach.
-    """
-    names = list(bundle.shared_specs)
-    segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
-    rows: List[tuple] = []
-    keys: "OrderedDict[str, None]" = OrderedDict()
-    reads: List[str] = []
-    signatures: List[bytes] = []
-    per_segment_reads: List[List[str]] = []
-    zero: List[Optional[np.ndarray]] = []
-    zero_keys: List[tuple] = []
-    first_block = 0
-    for s, name in enumerate(names):
-        spec = bundle.shared_specs[name]
-        base_coef = 1.0
-        merged: "OrderedDict[tuple, list]" = OrderedDict()
-        for task in bundle.tasks:
-            w = mix.get(task)
-            if not w:
-                continue
-            entry = bundle.entries(task).get(name)
-            if entry is None:
-                continue
-            if entry.mode == "absolute":
-                base_coef -= w
-            for t in entry.terms:
-                key = (t.kind, t.codes or t.values, t.params, t.mask, t.bits, t.group, t.layout, t.fill)
-                if key in merged:
-                    merged[key][1] += w * t.scale
-                else:
-                    merged[key] = [t, w * t.scale]
-        _check_range(bundle, mix, name, base_coef, merged.values(), base_bound)
-        begin = len(rows)
-        segment_reads: List[str] = []
-        all_zero: Optional[np.ndarray] = None  # so far: None before the first term, or its AND
-        adds_plus_zero = False
-        for t, weight in merged.values():
-            if weight != 0.0:
-                rows.append(_term_row(bundle, t, weight, address))
-                keys.update((k, None) for k in t.payloads)
-                segment_reads += t.payloads
-                adds_plus_zero = adds_plus_zero or not np.signbit(np.float32(weight))
-                if all_zero is not None or len(rows) == begin + 1:
-                    term_zero = zero_blocks(bundle, t, spec.numel)
-                    all_zero = None if term_zero is None else (term_zero if all_zero is None
-                                                               else all_zero & term_zero)
-        if len(rows) == begin:  # no term: the base alone in every block
-            all_zero = np.ones(blocks_of(spec.numel), dtype=bool)
-        zero.append(all_zero if all_zero is not None and all_zero.any() else None)
-        coef = np.float32(base_coef)
-        neg, pos = zero_signs(name) if zero_signs is not None else (True, True)
-        minus_zero = bool(coef != 0 and (neg if coef > 0 else pos))  # c * base can be -0.0
-        zero_keys.append((coef.tobytes(), adds_plus_zero, minus_zero))
-        reads += segment_reads
-        per_segment_reads.append(segment_reads)
-        signatures.append(np.float32(base_coef).tobytes() + np.array(rows[begin:], dtype=abi.TERM_DTYPE).tobytes())
-        n = spec.numel
-        segments[s]["n"] = n
-        segments[s]["first_block"] = first_block
-        segments[s]["base_coef"] = base_coef
-        segments[s]["term_begin"] = begin
-        segments[s]["term_count"] = len(rows) - begin
-        first_block += -(-n // abi.BLOCK_ELEMS)
-    terms = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
-    return MixTables(names=names, segments=segments, terms=terms, keys=list(keys), reads=reads,
-                     signatures=signatures, segment_reads=per_segment_reads, zero=zero, zero_keys=zero_keys)
+    """The tables of one mix (``TableMaker.tables``), nothing kept for the next."""
+    return TableMaker(bundle, address, base_bound, zero_signs).tables(mix)
 
 
 def zero_signs_of(a: np.ndarray) -> Tuple[bool, bool]:
@@ -249,16 +353,6 @@ def term_bound(bundle: Bundle, t) -> float:
 
 
 _BOUNDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _check_range(bundle: Bundle, mix: Mapping[str, float], name: str, base_coef: float, terms,
-                 base_bound: Optional[Callable[[str], float]]) -> None:
-    bound = abs(base_coef) * (base_bound(name) if base_bound is not None and base_coef else 0.0)
-    bound += sum(abs(weight) * term_bound(bundle, t) for t, weight in terms)
-    if not bound <= FLOAT32_MAX:
-        raise TvswitchError("the mix %s would take tensor %r of %s past float32's range (|value| up to %.3g): "
-                            "every weight it writes there would be inf" % (
-                                ",".join("%s=%g" % kv for kv in mix.items()), name, bundle.path, bound))
 
 
 def mix_key(mix: Mapping[str, float]) -> tuple:

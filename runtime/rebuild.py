@@ -20,7 +20,7 @@ from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.mixtables import MixTables, build_tables, bytes_moved, mix_key, zero_signs_of
+from tvswitch.runtime.mixtables import MixTables, TableMaker, bytes_moved, mix_key, zero_signs_of
 
 
 def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapping[str, np.ndarray]],
@@ -80,6 +80,7 @@ class CpuRebuilder:
         self._addresses: Dict[str, int] = {}
         self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
         self._bounds: Dict[str, float] = {}
+        self._table_maker = TableMaker(bundle, self._address, self._base_bound, self._base_zero_signs)
         self._compiled = cpu.available()
         if not self._compiled:
             warnings.warn("tvswitch: %s; rebuilding with the slow numpy reference" % cpu.unavailable_reason())
@@ -89,7 +90,7 @@ class CpuRebuilder:
         return self._base
 
     def _base_bound(self, name: str) -> float:
-        """max|base| of one tensor, computed once (the range check of ``mixtables.build_tables``)."""
+        """max|base| of one tensor, computed once (the range check of ``mixtables.TableMaker``)."""
         if name not in self._bounds:
             a = self._base[name]
             self._bounds[name] = float(np.abs(a).max()) if a.size else 0.0
@@ -103,7 +104,7 @@ class CpuRebuilder:
         return address
 
     def _base_zero_signs(self, name: str) -> Tuple[bool, bool]:
-        """Whether a base tensor holds -0.0 and +0.0, computed once (``mixtables.build_tables``)."""
+        """Whether a base tensor holds -0.0 and +0.0, computed once (``mixtables.TableMaker``)."""
         if name not in self._zero_signs:
             self._zero_signs[name] = zero_signs_of(self._base[name])
         return self._zero_signs[name]
@@ -123,7 +124,7 @@ class CpuRebuilder:
         key = mix_key(mix)
         tables = self._mix_tables.get(key)
         if tables is None:
-            tables = build_tables(self.bundle, mix, self._address, self._base_bound, self._base_zero_signs)
+            tables = self._table_maker.tables(mix)
             tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
             tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
             if len(self._mix_tables) > 64:

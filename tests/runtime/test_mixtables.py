@@ -1,0 +1,146 @@
+"""runtime/mixtables.py: a TableMaker's tables, made from a layout it keeps per set of
+tasks, are those of a plain loop over tensors, tasks and terms (the definition, below),
+field for field and byte for byte, for every scheme, for mixes of any subset of tasks
+in any order, and where weights cancel to exactly zero."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from tvswitch.errors import TvswitchError
+from tvswitch.kernels import abi
+from tvswitch.runtime.mixtables import TableMaker, _term_row, term_bound
+from tvswitch.runtime.zeroblocks import blocks_of, zero_blocks
+
+from tests.runtime.test_zeroblocks import row_sparse_checkpoints
+
+SCHEMES = [("tvq", dict(bits=2, layout="compact")), ("tvq", dict(bits=4, granularity="channel", layout="streams")),
+           ("rtvq", dict(layout="auto")), ("tswitch", dict(keep=0.1, layout="compact")), ("emr", dict(bits=4)),
+           ("fq", dict(bits=8))]
+
+
+def definition(bundle, mix, address, base_bound, zero_signs):
+    """The tables of ``mix`` by their definition, one term at a time (what the maker's
+    layouts must reproduce)."""
+    names = list(bundle.shared_specs)
+    segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
+    rows, reads, per_segment, zero, zero_keys, signatures = [], [], [], [], [], []
+    first_block = 0
+    for s, name in enumerate(names):
+        numel = bundle.shared_specs[name].numel
+        coef, merged = 1.0, OrderedDict()
+        for task in bundle.tasks:
+            w = mix.get(task)
+            entry = bundle.entries(task).get(name) if w else None
+            if entry is None:
+                continue
+            if entry.mode == "absolute":
+                coef -= w
+            for t in entry.terms:
+                key = (t.kind, t.codes or t.values, t.params, t.mask, t.bits, t.group, t.layout, t.fill)
+                if key in merged:
+                    merged[key][1] += w * t.scale
+                else:
+                    merged[key] = [t, w * t.scale]
+        bound = abs(coef) * (base_bound(name) if coef else 0.0) + sum(abs(w) * term_bound(bundle, t)
+                                                                      for t, w in merged.values())
+        if not bound <= abi.FLOAT32_MAX:
+            raise TvswitchError("tensor %r" % name)
+        begin, seg_reads, all_zero, plus = len(rows), [], np.ones(blocks_of(numel), dtype=bool), False
+        for t, w in merged.values():
+            if w != 0.0:
+                rows.append(_term_row(bundle, t, w, address))
+                seg_reads += t.payloads
+                plus = plus or not np.signbit(np.float32(w))
+                m = zero_blocks(bundle, t, numel)
+                all_zero = None if m is None or all_zero is None else all_zero & m
+        zero.append(all_zero if all_zero is not None and all_zero.any() else None)
+        c = np.float32(coef)
+        neg, pos = zero_signs(name)
+        zero_keys.append((c.tobytes(), plus, bool(c != 0 and (neg if c > 0 else pos))))
+        reads += seg_reads
+        per_segment.append(seg_reads)
+        signatures.append(c.tobytes() + np.array(rows[begin:], dtype=abi.TERM_DTYPE).tobytes())
+        segments[s]["n"], segments[s]["first_block"], segments[s]["base_coef"] = numel, first_block, coef
+        segments[s]["term_begin"], segments[s]["term_count"] = begin, len(rows) - begin
+        first_block += -(-numel // abi.BLOCK_ELEMS)
+    return dict(names=names, segments=segments, terms=np.array(rows, dtype=abi.TERM_DTYPE), reads=reads,
+                keys=list(OrderedDict.fromkeys(reads)), segment_reads=per_segment, zero=zero, zero_keys=zero_keys,
+                signatures=signatures)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = row_sparse_checkpoints(seed=3)
+    folder = tmp_path_factory.mktemp("mixtables")
+    return base, [export_bundle(base, fts, str(folder / ("%d.tvs" % i)), name=s, **kw)
+                  for i, (s, kw) in enumerate(SCHEMES)]
+
+
+def _maker(bundle, base):
+    def address(key):
+        return bundle.payload(key).ctypes.data
+
+    def bound(name):
+        return float(np.abs(base[name]).max())
+
+    def signs(name):
+        zeros = np.signbit(base[name][base[name] == 0])
+        return bool(zeros.any()), bool((~zeros).any())
+
+    return TableMaker(bundle, address, bound, signs), (address, bound, signs)
+
+
+def _mixes(tasks, rng):
+    """Mixes of every subset of tasks, given in shuffled order, some weights cancelling."""
+    for _ in range(40):
+        members = [t for t in tasks if rng.random() < 0.6] or [tasks[0]]
+        weights = rng.normal(0, 1, len(members))
+        if len(members) > 1 and rng.random() < 0.3:
+            weights[1] = -weights[0]  # RTVQ's shared base vector (and FQ's coefficient) cancel
+        order = rng.permutation(len(members))
+        yield {members[k]: float(weights[k]) for k in order}
+
+
+@pytest.mark.parametrize("scheme", range(len(SCHEMES)), ids=["%s %s" % s for s in SCHEMES])
+def test_a_maker_s_tables_are_those_of_the_definition(bundles, scheme):
+    base, all_bundles = bundles
+    bundle = all_bundles[scheme]
+    maker, hooks = _maker(bundle, base)
+    rng = np.random.default_rng(scheme)
+    for mix in _mixes(list(bundle.tasks), rng):
+        got, want = maker.tables(mix), definition(bundle, mix, *hooks)
+        assert got.names == want["names"]
+        for field in ("n", "first_block", "base_coef", "term_begin", "term_count"):
+            np.testing.assert_array_equal(got.segments[field], want["segments"][field], err_msg=field)
+        assert got.terms.tobytes() == want["terms"].tobytes()
+        for field in ("reads", "keys", "segment_reads", "zero_keys", "signatures"):
+            assert getattr(got, field) == want[field], field
+        assert len(got.zero) == len(want["zero"])
+        for a, b in zip(got.zero, want["zero"]):
+            assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
+
+def test_a_cancelled_term_is_left_out_and_its_tensor_s_zero_blocks_follow(bundles):
+    base, all_bundles = bundles
+    bundle = all_bundles[[s for s, _ in SCHEMES].index("rtvq")]
+    maker, _ = _maker(bundle, base)
+    a, b = list(bundle.tasks)[:2]
+    both = maker.tables({a: 0.5, b: 0.25})
+    cancelled = maker.tables({a: 0.5, b: -0.5})  # the shared base vector's weight is exactly 0
+    assert len(cancelled.terms) < len(both.terms)
+    assert all(w != 0 for w in cancelled.terms["weight"])
+
+
+def test_a_mix_past_float32_is_refused_naming_the_tensor(bundles):
+    base, all_bundles = bundles
+    bundle = all_bundles[0]
+    maker, _ = _maker(bundle, base)
+    task = list(bundle.tasks)[0]
+    maker.tables({task: 1.0})
+    with pytest.raises(TvswitchError, match="tensor '(emb|dense).weight' of .* past float32's range"):
+        maker.tables({task: 1e300})
