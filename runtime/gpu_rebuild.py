@@ -164,6 +164,7 @@ class GpuRebuilder:
         self._owned: List[int] = []
         self._tables: "OrderedDict[tuple, _Tables]" = OrderedDict()
         self._mix_tables: Dict[tuple, MixTables] = {}
+        self._base_columns: Optional[Tuple[List[int], List[int]]] = None  # the base's addresses, dtypes
         self._table_maker = TableMaker(bundle, self.address, self._base_bounds.get, self._zero_signs.get)
         self._mix_keys: Dict[tuple, tuple] = {}
         self._out_sets: "OrderedDict[tuple, _Outputs]" = OrderedDict()
@@ -269,8 +270,10 @@ class GpuRebuilder:
         if mix_tables is None:
             mix_tables = self._table_maker.tables(dict(key))
             check_terms(mix_tables)
-            mix_tables.segments["base"] = [self._base[n].ptr for n in mix_tables.names]
-            mix_tables.segments["base_dtype"] = [abi.element_code(self._base[n].dtype) for n in mix_tables.names]
+            if self._base_columns is None:  # every mix's tables name the bundle's tensors in one order
+                self._base_columns = ([self._base[n].ptr for n in mix_tables.names],
+                                      [abi.element_code(self._base[n].dtype) for n in mix_tables.names])
+            mix_tables.segments["base"], mix_tables.segments["base_dtype"] = self._base_columns
             if len(self._mix_tables) > _MAX_TABLES:
                 self._mix_tables.clear()
             self._mix_tables[key] = mix_tables

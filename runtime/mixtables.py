@@ -134,10 +134,10 @@ class TableMaker:
     """Tables of mixes of one bundle for one rebuilder (``address`` resolves payload keys).
 
     Everything in a mix's tables but its weights (which terms each tensor sums, where
-    they read, which blocks are zero) is a function of which tasks the mix holds.  That
-    part (``_Layout``) is made once per set of tasks, in a loop over tensors, tasks and
-    terms (some 800 terms for eight MiniLM tasks: 3 ms); a new mix of the same tasks then
-    costs a few array operations.  Auto-Switch meets a new mix on nearly every batch.
+    they read, which blocks are zero) is a function of which tasks it holds, and every
+    task's part is made once (``_Layout``: a loop over some 800 terms for eight MiniLM
+    tasks, 3 ms), so a new mix costs array operations, and one of a set of tasks met
+    before (Auto-Switch's per-batch case) reuses its structure too.
 
     ``base_bound(name)``: max|base| of a tensor, for the range check; ``zero_signs(name)``:
     whether the base tensor holds -0.0 and +0.0 (``zero_signs_of``), which lets a switch
@@ -153,7 +153,7 @@ class TableMaker:
         self.names = list(bundle.shared_specs)
         self._base_bound = base_bound
         self._zero_signs = zero_signs
-        self._layouts: Dict[tuple, _Layout] = {}
+        self._layout: Optional[_Layout] = None
         self._bounds: Optional[np.ndarray] = None
         self._signs: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
@@ -165,13 +165,10 @@ class TableMaker:
         ``|c| * max|base| + sum_j |w_j| * max|v_j|`` (``term_bound`` a term's largest
         value), which is what decode.h's float32 sum can reach.
         """
-        members = tuple(t for t in self.bundle.tasks if mix.get(t))
-        layout = self._layouts.get(members)
-        if layout is None:
-            if len(self._layouts) >= _MAX_LAYOUTS:
-                self._layouts.clear()
-            layout = self._layouts[members] = _Layout(self, members)
-        return layout.tables(self, np.array([mix[t] for t in members], dtype=np.float64), mix)
+        if self._layout is None:
+            self._layout = _Layout(self)
+        weights = np.array([mix.get(t) or 0.0 for t in self.bundle.tasks], dtype=np.float64)
+        return self._layout.tables(self, weights, mix)
 
     def base_bounds(self) -> np.ndarray:
         if self._bounds is None:
@@ -187,28 +184,31 @@ class TableMaker:
         return self._signs
 
 
-_MAX_LAYOUTS = 256
+_MAX_STRUCTURES = 256
 
 
 class _Layout:
-    """The weight-free part of the tables of every mix of ``members``: one entry per term
+    """The weight-free part of the tables of every mix of a bundle: one entry per term
     each tensor sums (a term several tasks share, RTVQ's base vector, is one entry whose
-    weight is the sum of theirs), in the order the mix's rows take."""
+    weight is the sum of theirs), and each contribution to an entry's weight (entry +=
+    mix[task] * scale), in the order of a loop over tensors, tasks and terms.  A mix's
+    rows are its tasks' entries in the order of their first contribution from those
+    tasks, so a mix of some tasks has the rows, in the order, of a loop over them alone."""
 
-    def __init__(self, maker: TableMaker, members: Tuple[str, ...]):
+    def __init__(self, maker: TableMaker):
         bundle = maker.bundle
         rows: List[tuple] = []
         segment: List[int] = []
         self.payloads: List[List[str]] = []
         self.zero_maps: List[Optional[np.ndarray]] = []
         bounds: List[float] = []
-        entry_of, task_of, scale_of = [], [], []  # a weight's parts: entry += mix[task] * scale
-        absolute: List[List[int]] = []  # per tensor, the members that store it whole (FQ)
+        entry_of, task_of, scale_of = [], [], []
+        absolute: List[List[int]] = []  # per tensor, the tasks that store it whole (FQ)
         for s, name in enumerate(maker.names):
             numel = bundle.shared_specs[name].numel
             merged: Dict[tuple, int] = {}
             absolute.append([])
-            for j, task in enumerate(members):
+            for j, task in enumerate(bundle.tasks):
                 entry = bundle.entries(task).get(name)
                 if entry is None:
                     continue
@@ -240,21 +240,32 @@ class _Layout:
         self.numel = np.array([bundle.shared_specs[n].numel for n in maker.names], dtype=np.int64)
         blocks = -(-self.numel // abi.BLOCK_ELEMS)
         self.first_block = np.cumsum(blocks) - blocks
-        self._every = self._structure(maker, np.ones(len(rows), dtype=bool))
+        self._structures: Dict[bytes, tuple] = {}  # per set of rows (their entries, in order)
 
     def tables(self, maker: TableMaker, weights: np.ndarray, mix: Mapping[str, float]) -> MixTables:
-        # both in the order of a sum taken term by term, from 1.0 down and from 0.0 up
+        """``weights``: per task of the bundle, 0.0 for one the mix does not hold."""
+        member = weights != 0.0
+        live = member[self.task_of]  # the contributions of the mix's tasks, in loop order
+        if live.all():
+            order = np.arange(len(self.rows))
+            weight = np.bincount(self.entry_of, weights=weights[self.task_of] * self.scale_of,
+                                 minlength=len(self.rows))
+        else:
+            entry_of = self.entry_of[live]
+            present, first = np.unique(entry_of, return_index=True)
+            order = present[np.argsort(first, kind="stable")]
+            weight = np.bincount(entry_of, weights=weights[self.task_of[live]] * self.scale_of[live],
+                                 minlength=len(self.rows))
+        # from 1.0 down, term by term, as a loop would (a task not in the mix subtracts 0.0: exact)
         base_coef = np.ones(len(self.numel), dtype=np.float64)
         for j in range(self.absolute.shape[1]):
             has = self.absolute[:, j] >= 0
             base_coef[has] -= weights[self.absolute[has, j]]
-        weight = np.bincount(self.entry_of, weights=weights[self.task_of] * self.scale_of, minlength=len(self.rows))
         self._check_range(maker, mix, base_coef, weight)
-        keep = weight != 0.0
-        every = bool(keep.all())
-        count, zero, segment_reads, reads, keys = self._every if every else self._structure(maker, keep)
-        terms = self.rows[keep] if not every else self.rows.copy()
-        terms["weight"] = weight[keep]
+        kept = order[weight[order] != 0.0]
+        count, zero, segment_reads, reads, keys = self._structure(kept)
+        terms = self.rows[kept]
+        terms["weight"] = weight[kept]
         names = maker.names
         segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
         begin = np.cumsum(count) - count
@@ -264,7 +275,7 @@ class _Layout:
         segments["term_begin"] = begin
         segments["term_count"] = count
         coef = base_coef.astype(np.float32)
-        plus = np.bincount(self.segment[keep], weights=~np.signbit(terms["weight"]), minlength=len(names)) > 0
+        plus = np.bincount(self.segment[kept], weights=~np.signbit(terms["weight"]), minlength=len(names)) > 0
         neg, pos = maker.base_signs()
         minus = (coef != 0) & np.where(coef > 0, neg, pos)  # c * base can be -0.0
         row_bytes, size = terms.tobytes(), abi.TERM_DTYPE.itemsize
@@ -275,25 +286,33 @@ class _Layout:
                          signatures=signatures, segment_reads=list(segment_reads), zero=list(zero),
                          zero_keys=list(zip(coefs, plus.tolist(), minus.tolist())))
 
-    def _structure(self, maker: TableMaker, keep: np.ndarray) -> tuple:
-        """Per tensor, for the entries ``keep`` marks: how many rows, which blocks every one
-        of them is +0.0 in (the base alone where none), the payloads they read; then those
-        payloads in one list, and each once."""
-        count = np.bincount(self.segment[keep], minlength=len(self.numel))
+    def _structure(self, kept: np.ndarray) -> tuple:
+        """Per tensor, for the entries ``kept`` (grouped by tensor): how many rows, which
+        blocks every one of them is +0.0 in (the base alone where none), the payloads they
+        read; then those payloads in one list, and each once.  Kept per set of entries."""
+        key = kept.tobytes()
+        found = self._structures.get(key)
+        if found is not None:
+            return found
+        count = np.bincount(self.segment[kept], minlength=len(self.numel))
+        ends = np.cumsum(count).tolist()
         zero: List[Optional[np.ndarray]] = []
         segment_reads: List[List[str]] = []
-        kept = np.flatnonzero(keep)
-        bounds = np.searchsorted(self.segment[kept], np.arange(len(self.numel) + 1))
-        for s in range(len(self.numel)):
-            entries = kept[bounds[s]:bounds[s + 1]]
-            all_zero: Optional[np.ndarray] = np.ones(blocks_of(int(self.numel[s])), dtype=bool)
-            for e in entries:
+        entries = kept.tolist()
+        for s, (numel, end) in enumerate(zip(self.numel.tolist(), ends)):
+            mine = entries[end - int(count[s]):end]
+            all_zero: Optional[np.ndarray] = np.ones(blocks_of(numel), dtype=bool)
+            for e in mine:
                 m = self.zero_maps[e]
                 all_zero = None if m is None or all_zero is None else all_zero & m
             zero.append(all_zero if all_zero is not None and all_zero.any() else None)
-            segment_reads.append([k for e in entries for k in self.payloads[e]])
+            segment_reads.append([k for e in mine for k in self.payloads[e]])
         reads = [k for r in segment_reads for k in r]
-        return count, zero, segment_reads, reads, list(OrderedDict.fromkeys(reads))
+        found = (count, zero, segment_reads, reads, list(OrderedDict.fromkeys(reads)))
+        if len(self._structures) >= _MAX_STRUCTURES:
+            self._structures.clear()
+        self._structures[key] = found
+        return found
 
     def _check_range(self, maker: TableMaker, mix: Mapping[str, float], base_coef: np.ndarray,
                      weight: np.ndarray) -> None:

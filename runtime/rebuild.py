@@ -80,6 +80,7 @@ class CpuRebuilder:
         self._addresses: Dict[str, int] = {}
         self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
         self._bounds: Dict[str, float] = {}
+        self._base_columns: Optional[Tuple[List[int], List[int]]] = None  # the base's addresses, dtypes
         self._table_maker = TableMaker(bundle, self._address, self._base_bound, self._base_zero_signs)
         self._compiled = cpu.available()
         if not self._compiled:
@@ -125,8 +126,10 @@ class CpuRebuilder:
         tables = self._mix_tables.get(key)
         if tables is None:
             tables = self._table_maker.tables(mix)
-            tables.segments["base"] = [self._base[n].ctypes.data for n in tables.names]
-            tables.segments["base_dtype"] = [abi.dtype_code(self._base[n].dtype) for n in tables.names]
+            if self._base_columns is None:  # every mix's tables name the bundle's tensors in one order
+                self._base_columns = ([self._base[n].ctypes.data for n in tables.names],
+                                      [abi.dtype_code(self._base[n].dtype) for n in tables.names])
+            tables.segments["base"], tables.segments["base_dtype"] = self._base_columns
             if len(self._mix_tables) > 64:
                 self._mix_tables.clear()
                 self._inputs.clear()

@@ -4,6 +4,7 @@ field for field and byte for byte, for every scheme, for mixes of any subset of 
 in any order, and where weights cancel to exactly zero."""
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import numpy as np
@@ -144,3 +145,34 @@ def test_a_mix_past_float32_is_refused_naming_the_tensor(bundles):
     maker.tables({task: 1.0})
     with pytest.raises(TvswitchError, match="tensor '(emb|dense).weight' of .* past float32's range"):
         maker.tables({task: 1e300})
+
+
+class _TermsReversed:
+    """A bundle whose second task lists each tensor's terms last to first: the term its
+    tasks share (RTVQ's base vector) comes after its own there, so a loop over a mix of
+    some tasks meets the terms in another order than a loop over all of them."""
+
+    def __init__(self, bundle):
+        self._bundle = bundle
+        self._flipped = list(bundle.tasks)[1]
+
+    def __getattr__(self, name):
+        return getattr(self._bundle, name)
+
+    def entries(self, task):
+        found = self._bundle.entries(task)
+        if task != self._flipped:
+            return found
+        return {n: dataclasses.replace(e, terms=tuple(reversed(e.terms))) for n, e in found.items()}
+
+
+def test_rows_come_in_the_order_of_a_loop_over_the_mix_s_own_tasks(bundles):
+    base, all_bundles = bundles
+    bundle = _TermsReversed(all_bundles[[s for s, _ in SCHEMES].index("rtvq")])
+    maker, hooks = _maker(bundle, base)
+    a, b, c = list(bundle.tasks)[:3]
+    maker.tables({a: 0.3, b: 0.3, c: 0.4})  # the layout, made over every task
+    for mix in ({b: 0.6, c: 0.4}, {a: 0.5, b: 0.5}, {b: 1.0}):
+        got, want = maker.tables(mix), definition(bundle, mix, *hooks)
+        assert got.terms.tobytes() == want["terms"].tobytes()
+        assert got.signatures == want["signatures"]
