@@ -29,6 +29,7 @@ from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
 from tvswitch.runtime.mixtables import MixTables, TableMaker, bytes_moved, element_runs, mix_key, zero_signs_of
 from tvswitch.runtime.rebuild import resolve_base
+from tvswitch.runtime.zeroblocks import blocks_of
 
 #: Every tensor and table starts on this boundary (the kernel's vector loads need 16 bytes).
 ALIGN = 256
@@ -323,10 +324,12 @@ class GpuRebuilder:
         cut = tables.since(self._host_tables(self._mix_key(since)))
         if cut.runs is None:
             return cut
-        written = [np.zeros(-(-int(n) // abi.BLOCK_ELEMS), dtype=bool) for n in cut.segments["n"]]
+        nblocks = blocks_of(cut.segments["n"].astype(np.int64))
+        offsets = np.cumsum(nblocks) - nblocks
+        written = np.zeros(int(nblocks.sum()), dtype=bool)
         for seg, first, count in zip(*block_stretches(cut)):
-            written[seg][first:first + count] = True
-        return replace(cut, runs=element_runs(cut.segments["n"], [~w for w in written]))
+            written[offsets[seg] + first:offsets[seg] + first + count] = True
+        return replace(cut, runs=element_runs(cut.segments["n"], written))
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None,
                     since: Optional[Mapping[str, float]] = None) -> int:

@@ -37,9 +37,10 @@ class MixTables:
     signatures: List[bytes] = field(default_factory=list)
     #: per segment, the payloads its terms read (``reads``, split by segment)
     segment_reads: List[List[str]] = field(default_factory=list)
-    #: per segment, per ZERO_BLOCK block, True where every term is +0.0 (None: no such
-    #: block), and what the value there is a function of: ``zero_keys`` (FORMAT.md 3.5)
-    zero: List[Optional[np.ndarray]] = field(default_factory=list)
+    #: per ZERO_BLOCK block of each segment in turn (``blocks_of(n)`` each), True where
+    #: every term is known to be +0.0; per segment, what the value there is a function of:
+    #: ``zero_keys`` (FORMAT.md 3.5)
+    zero: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     zero_keys: List[tuple] = field(default_factory=list)
     #: None: every element of every segment is written; else the element ranges that are
     #: (``abi.RUN_DTYPE``, set by ``since`` where whole blocks hold the same bits)
@@ -53,39 +54,36 @@ class MixTables:
         already holds these bits; so does a block of a tensor where every term of both
         mixes is +0.0 and the base's coefficient is the same (``zero_keys``), so those
         blocks are left out of ``runs``.  Leaving either alone is exact."""
-        changed = [i for i, (a, b) in enumerate(zip(self.signatures, held.signatures)) if a != b]
-        keep, skips = [], []
-        for i in changed:
-            skip = self._same_blocks(held, i)
-            if skip is not None and skip.all():
-                continue  # every block of it holds these bits already
-            keep.append(i)
-            skips.append(skip)
-        cut = self.subset(keep)
-        if any(skip is not None for skip in skips):
-            cut.runs = element_runs(cut.segments["n"], skips)
+        count = len(self.names)
+        changed = np.fromiter((a != b for a, b in zip(self.signatures, held.signatures)), dtype=bool, count=count)
+        same = np.fromiter((_same_value(a, b) for a, b in zip(self.zero_keys, held.zero_keys)), dtype=bool,
+                           count=count)
+        nblocks = blocks_of(self.segments["n"].astype(np.int64))
+        both = self.zero & held.zero & np.repeat(changed & same, nblocks)
+        total = np.concatenate([[0], np.cumsum(both)])
+        offsets = np.concatenate([[0], np.cumsum(nblocks)])
+        skipped = total[offsets[1:]] - total[offsets[:-1]]  # per segment, its blocks both leave alone
+        keep = changed & ~((skipped == nblocks) & (nblocks > 0))  # a tensor all of whose blocks hold these bits
+        cut = self.subset(np.flatnonzero(keep).tolist())
+        if (skipped[keep] > 0).any():
+            cut.runs = element_runs(cut.segments["n"], ~both[np.repeat(keep, nblocks)])
         return cut
 
-    def _same_blocks(self, held: "MixTables", i: int) -> Optional[np.ndarray]:
-        """Blocks of segment ``i`` that hold the same bits under both tables (None: none)."""
-        mine, theirs = self.zero[i], held.zero[i]
-        if mine is None or theirs is None or not _same_value(self.zero_keys[i], held.zero_keys[i]):
-            return None
-        both = mine & theirs
-        return both if both.any() else None
-
     def subset(self, indices: List[int]) -> "MixTables":
-        """The tables of the segments at ``indices`` only, launch blocks counted afresh; the
-        term table stays whole (the segments index into it)."""
+        """The tables of the segments at ``indices`` (ascending) only, launch blocks counted
+        afresh; the term table stays whole (the segments index into it)."""
         segments = self.segments[indices].copy() if indices else self.segments[:0].copy()
         blocks = -(-segments["n"].astype(np.int64) // abi.BLOCK_ELEMS)
         segments["first_block"] = np.concatenate([[0], np.cumsum(blocks)[:-1]]) if len(blocks) else blocks
         reads = [k for i in indices for k in self.segment_reads[i]]
+        picked = np.zeros(len(self.names), dtype=bool)
+        picked[indices] = True
         return MixTables(names=[self.names[i] for i in indices], segments=segments, terms=self.terms,
                          keys=list(OrderedDict.fromkeys(reads)), reads=reads,
                          signatures=[self.signatures[i] for i in indices],
                          segment_reads=[self.segment_reads[i] for i in indices],
-                         zero=[self.zero[i] for i in indices], zero_keys=[self.zero_keys[i] for i in indices])
+                         zero=self.zero[np.repeat(picked, blocks_of(self.segments["n"].astype(np.int64)))],
+                         zero_keys=[self.zero_keys[i] for i in indices])
 
     def written(self) -> np.ndarray:
         """Elements written per segment (all of it, or what ``runs`` cover)."""
@@ -102,15 +100,14 @@ def _same_value(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and (a[1] == b[1] or not (a[2] or b[2]))
 
 
-def element_runs(n: np.ndarray, skips: List[Optional[np.ndarray]]) -> np.ndarray:
-    """The element ranges (``abi.RUN_DTYPE``) that cover each segment's blocks but those
-    ``skips[s]`` marks, at most ``abi.CPU_TILE`` elements each, in segment order.  One
-    pass over all blocks at once: a switch makes these for every pair of mixes it meets."""
+def element_runs(n: np.ndarray, write: np.ndarray) -> np.ndarray:
+    """The element ranges (``abi.RUN_DTYPE``) that cover the blocks ``write`` marks (one
+    flag per block of each segment in turn: ``blocks_of(n)`` each), at most
+    ``abi.CPU_TILE`` elements each, in segment order.  One pass over all blocks at once:
+    a switch makes these for every pair of mixes it meets."""
     per_tile = abi.CPU_TILE // ZERO_BLOCK
     counts = n.astype(np.int64)
-    nblocks = -(-counts // ZERO_BLOCK)
-    write = np.concatenate([np.ones(b, dtype=bool) if skip is None else ~skip
-                            for b, skip in zip(nblocks, skips)] + [np.zeros(0, dtype=bool)])
+    nblocks = blocks_of(counts)
     segment_of = np.repeat(np.arange(len(counts)), nblocks)
     block_in = np.arange(len(write)) - np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
     picked = np.flatnonzero(write)
@@ -283,7 +280,7 @@ class _Layout:
         coefs = [coef_bytes[4 * s:4 * s + 4] for s in range(len(names))]
         signatures = [c + row_bytes[size * b:size * (b + k)] for c, b, k in zip(coefs, begin.tolist(), count.tolist())]
         return MixTables(names=list(names), segments=segments, terms=terms, keys=list(keys), reads=list(reads),
-                         signatures=signatures, segment_reads=list(segment_reads), zero=list(zero),
+                         signatures=signatures, segment_reads=list(segment_reads), zero=zero,
                          zero_keys=list(zip(coefs, plus.tolist(), minus.tolist())))
 
     def _structure(self, kept: np.ndarray) -> tuple:
@@ -296,19 +293,21 @@ class _Layout:
             return found
         count = np.bincount(self.segment[kept], minlength=len(self.numel))
         ends = np.cumsum(count).tolist()
-        zero: List[Optional[np.ndarray]] = []
+        zero: List[np.ndarray] = []
         segment_reads: List[List[str]] = []
         entries = kept.tolist()
         for s, (numel, end) in enumerate(zip(self.numel.tolist(), ends)):
             mine = entries[end - int(count[s]):end]
-            all_zero: Optional[np.ndarray] = np.ones(blocks_of(numel), dtype=bool)
+            all_zero = np.ones(blocks_of(numel), dtype=bool)  # the base alone where no term
             for e in mine:
                 m = self.zero_maps[e]
-                all_zero = None if m is None or all_zero is None else all_zero & m
-            zero.append(all_zero if all_zero is not None and all_zero.any() else None)
+                all_zero = all_zero & m if m is not None else np.zeros_like(all_zero)
+            zero.append(all_zero)
             segment_reads.append([k for e in mine for k in self.payloads[e]])
         reads = [k for r in segment_reads for k in r]
-        found = (count, zero, segment_reads, reads, list(OrderedDict.fromkeys(reads)))
+        flat = np.concatenate(zero + [np.zeros(0, dtype=bool)])
+        flat.flags.writeable = False  # every mix of these rows shares it
+        found = (count, flat, segment_reads, reads, list(OrderedDict.fromkeys(reads)))
         if len(self._structures) >= _MAX_STRUCTURES:
             self._structures.clear()
         self._structures[key] = found

@@ -57,7 +57,7 @@ def definition(bundle, mix, address, base_bound, zero_signs):
                 plus = plus or not np.signbit(np.float32(w))
                 m = zero_blocks(bundle, t, numel)
                 all_zero = None if m is None or all_zero is None else all_zero & m
-        zero.append(all_zero if all_zero is not None and all_zero.any() else None)
+        zero.append(all_zero if all_zero is not None else np.zeros(blocks_of(numel), dtype=bool))
         c = np.float32(coef)
         neg, pos = zero_signs(name)
         zero_keys.append((c.tobytes(), plus, bool(c != 0 and (neg if c > 0 else pos))))
@@ -68,7 +68,8 @@ def definition(bundle, mix, address, base_bound, zero_signs):
         segments[s]["term_begin"], segments[s]["term_count"] = begin, len(rows) - begin
         first_block += -(-numel // abi.BLOCK_ELEMS)
     return dict(names=names, segments=segments, terms=np.array(rows, dtype=abi.TERM_DTYPE), reads=reads,
-                keys=list(OrderedDict.fromkeys(reads)), segment_reads=per_segment, zero=zero, zero_keys=zero_keys,
+                keys=list(OrderedDict.fromkeys(reads)), segment_reads=per_segment,
+                zero=np.concatenate(zero + [np.zeros(0, dtype=bool)]), zero_keys=zero_keys,
                 signatures=signatures)
 
 
@@ -121,9 +122,7 @@ def test_a_maker_s_tables_are_those_of_the_definition(bundles, scheme):
         assert got.terms.tobytes() == want["terms"].tobytes()
         for field in ("reads", "keys", "segment_reads", "zero_keys", "signatures"):
             assert getattr(got, field) == want[field], field
-        assert len(got.zero) == len(want["zero"])
-        for a, b in zip(got.zero, want["zero"]):
-            assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+        np.testing.assert_array_equal(got.zero, want["zero"])
 
 
 def test_a_cancelled_term_is_left_out_and_its_tensor_s_zero_blocks_follow(bundles):

@@ -108,3 +108,11 @@ def test_a_code_that_is_not_plus_zero_is_not_called_zero(bundles):
     finally:
         params[:] = saved
         zeroblocks._CACHE.pop(bundle, None)
+
+
+def test_a_zero_block_is_one_cuda_block():
+    """The GPU rebuild marks the blocks a launch writes in its own blocks and hands them to
+    element_runs, which counts in zero blocks: the two sizes are one (FORMAT.md 3.5)."""
+    from tvswitch.kernels import abi
+
+    assert abi.BLOCK_ELEMS == ZERO_BLOCK
