@@ -208,8 +208,9 @@ def row_sparse(shapes: Dict[str, Tuple[int, ...]], tasks: List[str], dtype: str,
 
 def switches(device: Device, tmp: str, repeat: int, log) -> bool:
     """Switches that leave out the blocks zero in both tasks (decode.h's block_offset): checked
-    against the CPU build bit for bit after each switch of a sequence, then timed against the
-    same switch rewriting every changed tensor whole.  True when every check passed."""
+    against the CPU build bit for bit after each switch of a sequence, then timed against a
+    rebuild of the same task writing every tensor whole (every tensor changes between these
+    tasks).  True when every check passed."""
     tasks = TASKS[:3]
     base, fts = row_sparse(minilm_shapes(), tasks, "float16", seed=2)
     sequence = [{tasks[0]: 1.0}, {tasks[1]: 1.0}, {tasks[2]: 1.0}, {tasks[0]: 0.5, tasks[1]: -0.2},
@@ -234,7 +235,7 @@ def switches(device: Device, tmp: str, repeat: int, log) -> bool:
             r.rebuild(a, out)
             skipping = switch_ms(device, r, b, out, repeat, since=a)
             every = switch_ms(device, r, b, out, repeat)
-            log("switch %s -> %s, tvq4 %s, MiniLM row-sparse: skipping zero blocks %.3f ms (%.1f MB), whole tensors "
+            log("switch %s -> %s, tvq4 %s, MiniLM row-sparse: skipping zero blocks %.3f ms (%.1f MB), every tensor "
                 "%.3f ms (%.1f MB): %.2fx" % (list(a)[0], list(b)[0], layout, skipping, part / 1e6, every, whole / 1e6,
                                              every / skipping if skipping else float("inf")))
     log("switch check: %d switches x 2 layouts leaving out zero blocks, against the CPU build: %s"

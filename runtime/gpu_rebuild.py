@@ -158,7 +158,8 @@ class GpuRebuilder:
         #: max|base| per tensor, for the range check of a mix (``mixtables.TableMaker``): the base leaves the host
         self._base_bounds = {n: float(np.abs(a.astype(np.float32)).max()) if a.size else 0.0
                              for n, a in host_base.items()}
-        #: whether each base tensor holds -0.0 and +0.0, which decides what a switch may skip
+        #: each base tensor's smallest magnitudes by sign (where c * base can be -0.0), which
+        #: decides what a switch may skip
         self._zero_signs = {n: zero_signs_of(a) for n, a in host_base.items()}
         self._own_device = device is None
         self.device = device or open_device(ordinal, binding)
@@ -287,8 +288,9 @@ class GpuRebuilder:
         One launch on the rebuilder's stream; with ``sync`` it returns once the weights are
         written, without, work queued later on the same stream sees them.  A bad mix or
         buffer raises before anything is written.  ``since``: the mix ``out`` holds whole;
-        the launch table then covers only the tensors whose inputs differ
-        (``MixTables.since``), as ``CpuRebuilder.rebuild`` does.
+        the launch table then covers only the tensors whose inputs differ, less the blocks
+        zero in both mixes (``MixTables.since``, ``launch_segments``), as
+        ``CpuRebuilder.rebuild`` does.
         """
         with self.device.current():
             launch = self.launch_of(mix, out, since)

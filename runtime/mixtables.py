@@ -137,14 +137,15 @@ class TableMaker:
     before (Auto-Switch's per-batch case) reuses its structure too.
 
     ``base_bound(name)``: max|base| of a tensor, for the range check; ``zero_signs(name)``:
-    whether the base tensor holds -0.0 and +0.0 (``zero_signs_of``), which lets a switch
-    skip more blocks (``MixTables.since``); without it a block is skipped only where both
-    mixes add a +0.0 term there or neither does.
+    the smallest magnitudes of the base tensor's negative and non-negative values
+    (``zero_signs_of``), which say where ``c * base`` can be -0.0 and so let a switch
+    skip more blocks (``MixTables.since``); without it a block is skipped only where the
+    base's coefficient is 0, or both mixes add a +0.0 term there, or neither does.
     """
 
     def __init__(self, bundle: Bundle, address: Callable[[str], int],
                  base_bound: Optional[Callable[[str], float]] = None,
-                 zero_signs: Optional[Callable[[str], Tuple[bool, bool]]] = None):
+                 zero_signs: Optional[Callable[[str], Tuple[float, float]]] = None):
         self.bundle = bundle
         self.address = address
         self.names = list(bundle.shared_specs)
@@ -174,10 +175,12 @@ class TableMaker:
         return self._bounds
 
     def base_signs(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Per tensor, whether the base holds -0.0 and whether it holds +0.0 (True when unknown)."""
+        """Per tensor, float32: the smallest magnitude of the base's negative values and of
+        its non-negative ones (``zero_signs_of``; 0 when unknown: as if it held both zeros)."""
         if self._signs is None:
-            signs = [self._zero_signs(n) if self._zero_signs is not None else (True, True) for n in self.names]
-            self._signs = (np.array([a for a, _ in signs], dtype=bool), np.array([b for _, b in signs], dtype=bool))
+            signs = [self._zero_signs(n) if self._zero_signs is not None else (0.0, 0.0) for n in self.names]
+            self._signs = (np.array([a for a, _ in signs], dtype=np.float32),
+                           np.array([b for _, b in signs], dtype=np.float32))
         return self._signs
 
 
@@ -274,7 +277,8 @@ class _Layout:
         coef = base_coef.astype(np.float32)
         plus = np.bincount(self.segment[kept], weights=~np.signbit(terms["weight"]), minlength=len(names)) > 0
         neg, pos = maker.base_signs()
-        minus = (coef != 0) & np.where(coef > 0, neg, pos)  # c * base can be -0.0
+        with np.errstate(under="ignore"):  # c * base can be -0.0: a zero or an underflow of c's opposite sign
+            minus = (coef != 0) & (np.abs(coef) * np.where(coef > 0, neg, pos) == 0)
         row_bytes, size = terms.tobytes(), abi.TERM_DTYPE.itemsize
         coef_bytes = coef.tobytes()
         coefs = [coef_bytes[4 * s:4 * s + 4] for s in range(len(names))]
@@ -327,15 +331,22 @@ class _Layout:
 
 def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
                  base_bound: Optional[Callable[[str], float]] = None,
-                 zero_signs: Optional[Callable[[str], Tuple[bool, bool]]] = None) -> MixTables:
+                 zero_signs: Optional[Callable[[str], Tuple[float, float]]] = None) -> MixTables:
     """The tables of one mix (``TableMaker.tables``), nothing kept for the next."""
     return TableMaker(bundle, address, base_bound, zero_signs).tables(mix)
 
 
-def zero_signs_of(a: np.ndarray) -> Tuple[bool, bool]:
-    """Whether ``a`` holds -0.0 and whether it holds +0.0 (``build_tables``' zero_signs)."""
-    zeros = np.signbit(a[a == 0])
-    return bool(zeros.any()), bool((~zeros).any())
+def zero_signs_of(a: np.ndarray) -> Tuple[float, float]:
+    """The smallest magnitude among ``a``'s values with the sign bit set (-0.0 counts, as
+    0) and among those without (inf where there is none): ``c * base`` is -0.0 somewhere
+    exactly when the float32 product of |c| and the smallest magnitude of the sign
+    opposite to c's is 0, a zero of that sign or one that underflows (``TableMaker``)."""
+    y = a.astype(np.float32, copy=False).ravel()
+    x, negative = np.abs(y), np.signbit(y)
+    number = ~np.isnan(x)  # a NaN writes NaN whatever its neighbours' signs
+    neg = x[negative & number]
+    pos = x[~negative & number]
+    return (float(neg.min()) if neg.size else np.inf), (float(pos.min()) if pos.size else np.inf)
 
 
 def _term_row(bundle: Bundle, t, weight: float, address: Callable[[str], int]) -> tuple:

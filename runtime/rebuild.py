@@ -76,7 +76,7 @@ class CpuRebuilder:
                       resolve_base(bundle, base, verify_base, base_label).items()}
         self._mix_tables: Dict[tuple, MixTables] = {}
         self._since: Dict[tuple, MixTables] = {}  # per (mix, held mix): what a switch writes
-        self._zero_signs: Dict[str, Tuple[bool, bool]] = {}
+        self._zero_signs: Dict[str, Tuple[float, float]] = {}
         self._addresses: Dict[str, int] = {}
         self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
         self._bounds: Dict[str, float] = {}
@@ -104,8 +104,8 @@ class CpuRebuilder:
             address = self._addresses[key] = self.bundle.payload(key).ctypes.data
         return address
 
-    def _base_zero_signs(self, name: str) -> Tuple[bool, bool]:
-        """Whether a base tensor holds -0.0 and +0.0, computed once (``mixtables.TableMaker``)."""
+    def _base_zero_signs(self, name: str) -> Tuple[float, float]:
+        """A base tensor's smallest magnitudes by sign (``zero_signs_of``), computed once."""
         if name not in self._zero_signs:
             self._zero_signs[name] = zero_signs_of(self._base[name])
         return self._zero_signs[name]

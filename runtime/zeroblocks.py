@@ -25,7 +25,8 @@ import numpy as np
 from tvswitch.kernels.packing import BLOCK_GROUPS, GROUP_ELEMS, INDEX_RECORD_WORDS, pack_codes
 from tvswitch.runtime.bundle import Bundle
 
-#: Elements per block: one record of the groups and sparse layouts' index, one CUDA block.
+#: Elements per block: one record of the groups and sparse layouts' index, one tile of a GPU
+#: launch (abi.BLOCK_ELEMS: a CUDA block's threads, four elements each).
 ZERO_BLOCK = GROUP_ELEMS * BLOCK_GROUPS
 
 

@@ -113,6 +113,30 @@ def test_a_masked_out_lane_adds_what_the_scalar_path_adds_even_to_minus_zero(bit
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (name, bits, weight, i)
 
 
+@pytest.mark.parametrize("kind,bits", [(abi.KIND_GROUPS, 1)] + [(abi.KIND_SPARSE, b) for b in range(1, 9)])
+@pytest.mark.parametrize("weight", [-0.75, 0.75])
+def test_a_row_with_no_stored_group_adds_its_value_even_to_minus_zero(path, kind, bits, weight):
+    """The planned rows add a row that stores no group as one value (the fill's, or a
+    dropped element's) without decoding it; on a base of -0.0 that +0.0 must still turn
+    each sum to +0.0 (a positive weight), as the scalar path does."""
+    n, fill = 4096, (1 << bits) - 1
+    base = np.full(n, -0.0, np.float32)
+    out = np.full(n, np.nan, np.float32)
+    params = np.array([0.25, -0.25 * fill], np.float32)  # the fill decodes to +0.0
+    if kind == abi.KIND_SPARSE:
+        index, data = pack_sparse(np.full(n, fill), bits, fill)
+        row = (data.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, kind, bits, data.size, fill)
+    else:
+        index, data = pack_groups(np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
+        row = (data.ctypes.data, index.ctypes.data, params.ctypes.data, n, weight, kind, 1, data.size, 0)
+    terms = np.array([row, row], dtype=abi.TERM_DTYPE)  # a run of two: the planned rows' case
+    segs = np.zeros(1, dtype=abi.SEGMENT_DTYPE)
+    segs[0] = (base.ctypes.data, out.ctypes.data, n, 0, 1.0, abi.F32, abi.F32, 0, 2, 0)
+    keep = [base, out, params, index, data]
+    _assert_rebuild_is_reference(segs, terms, keep, [out], 1)
+    assert (np.signbit(out) == (weight < 0)).all() and (out == 0).all()
+
+
 def test_auto_picks_the_fastest_path_this_cpu_has():
     if not pathlib.Path("/proc/cpuinfo").exists():
         pytest.skip("no /proc/cpuinfo to compare with")

@@ -12,7 +12,7 @@ import pytest
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi
-from tvswitch.runtime.mixtables import TableMaker, _term_row, term_bound
+from tvswitch.runtime.mixtables import TableMaker, _term_row, term_bound, zero_signs_of
 from tvswitch.runtime.zeroblocks import blocks_of, zero_blocks
 
 from tests.runtime.test_zeroblocks import row_sparse_checkpoints
@@ -22,9 +22,9 @@ SCHEMES = [("tvq", dict(bits=2, layout="compact")), ("tvq", dict(bits=4, granula
            ("fq", dict(bits=8))]
 
 
-def definition(bundle, mix, address, base_bound, zero_signs):
+def definition(bundle, mix, address, base_bound, base_of):
     """The tables of ``mix`` by their definition, one term at a time (what the maker's
-    layouts must reproduce)."""
+    layouts must reproduce); ``base_of(name)`` the base tensor as float32."""
     names = list(bundle.shared_specs)
     segments = np.zeros(len(names), dtype=abi.SEGMENT_DTYPE)
     rows, reads, per_segment, zero, zero_keys, signatures = [], [], [], [], [], []
@@ -59,8 +59,9 @@ def definition(bundle, mix, address, base_bound, zero_signs):
                 all_zero = None if m is None or all_zero is None else all_zero & m
         zero.append(all_zero if all_zero is not None else np.zeros(blocks_of(numel), dtype=bool))
         c = np.float32(coef)
-        neg, pos = zero_signs(name)
-        zero_keys.append((c.tobytes(), plus, bool(c != 0 and (neg if c > 0 else pos))))
+        with np.errstate(under="ignore"):
+            product = c * base_of(name)  # decode.h's c * base, in float32
+        zero_keys.append((c.tobytes(), plus, bool(c != 0 and (np.signbit(product) & (product == 0)).any())))
         reads += seg_reads
         per_segment.append(seg_reads)
         signatures.append(c.tobytes() + np.array(rows[begin:], dtype=abi.TERM_DTYPE).tobytes())
@@ -78,6 +79,8 @@ def bundles(tmp_path_factory):
     from tvswitch.export.exporter import export_bundle
 
     base, fts = row_sparse_checkpoints(seed=3)
+    dense = base["dense.weight"].reshape(-1)  # values c * base takes to -0.0 for |c| <= 0.5 (FQ's mixes)
+    dense[:3] = (-1e-45, 1e-45, -1e-40)
     folder = tmp_path_factory.mktemp("mixtables")
     return base, [export_bundle(base, fts, str(folder / ("%d.tvs" % i)), name=s, **kw)
                   for i, (s, kw) in enumerate(SCHEMES)]
@@ -90,11 +93,8 @@ def _maker(bundle, base):
     def bound(name):
         return float(np.abs(base[name]).max())
 
-    def signs(name):
-        zeros = np.signbit(base[name][base[name] == 0])
-        return bool(zeros.any()), bool((~zeros).any())
-
-    return TableMaker(bundle, address, bound, signs), (address, bound, signs)
+    return TableMaker(bundle, address, bound, lambda name: zero_signs_of(base[name])), (
+        address, bound, lambda name: base[name].astype(np.float32))
 
 
 def _mixes(tasks, rng):
