@@ -200,7 +200,7 @@ class _Layout:
         rows: List[tuple] = []
         segment: List[int] = []
         self.payloads: List[List[str]] = []
-        self.zero_maps: List[Optional[np.ndarray]] = []
+        zero_maps: List[Optional[np.ndarray]] = []
         bounds: List[float] = []
         entry_of, task_of, scale_of = [], [], []
         absolute: List[List[int]] = []  # per tensor, the tasks that store it whole (FQ)
@@ -222,13 +222,20 @@ class _Layout:
                         rows.append(_term_row(bundle, t, 0.0, maker.address))
                         segment.append(s)
                         self.payloads.append(list(t.payloads))
-                        self.zero_maps.append(zero_blocks(bundle, t, numel))
+                        zero_maps.append(zero_blocks(bundle, t, numel))
                         bounds.append(term_bound(bundle, t))
                     entry_of.append(e)
                     task_of.append(j)
                     scale_of.append(t.scale)
         self.rows = np.array(rows, dtype=abi.TERM_DTYPE) if rows else np.zeros(0, dtype=abi.TERM_DTYPE)
         self.segment = np.array(segment, dtype=np.int64)
+        self.numel = np.array([bundle.shared_specs[n].numel for n in maker.names], dtype=np.int64)
+        nblocks = blocks_of(self.numel)
+        block_start = np.cumsum(nblocks) - nblocks
+        self.total_blocks = int(nblocks.sum())
+        #: per entry, the blocks (counted over every tensor in turn) where it is not known +0.0
+        self.nonzero = [block_start[s] + (np.flatnonzero(~m) if m is not None else np.arange(nblocks[s]))
+                        for s, m in zip(segment, zero_maps)]
         self.bounds = np.array(bounds, dtype=np.float64)
         self.entry_of = np.array(entry_of, dtype=np.int64)
         self.task_of = np.array(task_of, dtype=np.int64)
@@ -237,7 +244,6 @@ class _Layout:
         self.absolute = np.full((len(absolute), width), -1, dtype=np.int64)
         for s, tasks in enumerate(absolute):
             self.absolute[s, :len(tasks)] = tasks
-        self.numel = np.array([bundle.shared_specs[n].numel for n in maker.names], dtype=np.int64)
         blocks = -(-self.numel // abi.BLOCK_ELEMS)
         self.first_block = np.cumsum(blocks) - blocks
         self._structures: Dict[bytes, tuple] = {}  # per set of rows (their entries, in order)
@@ -296,20 +302,18 @@ class _Layout:
         if found is not None:
             return found
         count = np.bincount(self.segment[kept], minlength=len(self.numel))
-        ends = np.cumsum(count).tolist()
-        zero: List[np.ndarray] = []
-        segment_reads: List[List[str]] = []
         entries = kept.tolist()
-        for s, (numel, end) in enumerate(zip(self.numel.tolist(), ends)):
-            mine = entries[end - int(count[s]):end]
-            all_zero = np.ones(blocks_of(numel), dtype=bool)  # the base alone where no term
-            for e in mine:
-                m = self.zero_maps[e]
-                all_zero = all_zero & m if m is not None else np.zeros_like(all_zero)
-            zero.append(all_zero)
-            segment_reads.append([k for e in mine for k in self.payloads[e]])
+        touched = np.zeros(self.total_blocks, dtype=bool)  # some kept term is not +0.0 there
+        parts = [self.nonzero[e] for e in entries]
+        if parts:
+            touched[np.concatenate(parts)] = True
+        segment_reads: List[List[str]] = []
+        end = 0
+        for c in count.tolist():
+            segment_reads.append([k for e in entries[end:end + c] for k in self.payloads[e]])
+            end += c
         reads = [k for r in segment_reads for k in r]
-        flat = np.concatenate(zero + [np.zeros(0, dtype=bool)])
+        flat = ~touched  # the base alone where no term
         flat.flags.writeable = False  # every mix of these rows shares it
         found = (count, flat, segment_reads, reads, list(OrderedDict.fromkeys(reads)))
         if len(self._structures) >= _MAX_STRUCTURES:
