@@ -10,7 +10,6 @@ reads the shared codes K times, and ``bytes_moved`` counts them K times.
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -79,7 +78,7 @@ class MixTables:
         picked = np.zeros(len(self.names), dtype=bool)
         picked[indices] = True
         return MixTables(names=[self.names[i] for i in indices], segments=segments, terms=self.terms,
-                         keys=list(OrderedDict.fromkeys(reads)), reads=reads,
+                         keys=list(dict.fromkeys(reads)), reads=reads,
                          signatures=[self.signatures[i] for i in indices],
                          segment_reads=[self.segment_reads[i] for i in indices],
                          zero=self.zero[np.repeat(picked, blocks_of(self.segments["n"].astype(np.int64)))],
@@ -103,27 +102,32 @@ def _same_value(a: tuple, b: tuple) -> bool:
 def element_runs(n: np.ndarray, write: np.ndarray) -> np.ndarray:
     """The element ranges (``abi.RUN_DTYPE``) that cover the blocks ``write`` marks (one
     flag per block of each segment in turn: ``blocks_of(n)`` each), at most
-    ``abi.CPU_TILE`` elements each, in segment order.  One pass over all blocks at once:
-    a switch makes these for every pair of mixes it meets."""
+    ``abi.CPU_TILE`` elements each, in segment order: each stretch of marked blocks inside
+    a segment, cut every CPU_TILE elements from its start.  A switch makes these for every
+    pair of mixes it meets, so the passes over all blocks are few (finding the stretches)
+    and the rest is per stretch."""
     per_tile = abi.CPU_TILE // ZERO_BLOCK
     counts = n.astype(np.int64)
     nblocks = blocks_of(counts)
-    segment_of = np.repeat(np.arange(len(counts)), nblocks)
-    block_in = np.arange(len(write)) - np.repeat(np.cumsum(nblocks) - nblocks, nblocks)
-    picked = np.flatnonzero(write)
-    if not len(picked):
+    offsets = np.cumsum(nblocks) - nblocks
+    edges = np.diff(np.concatenate([[0], write.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    inner = offsets[(offsets > 0) & (offsets < len(write)) & (nblocks > 0)]
+    cross = inner[write[inner] & write[inner - 1]]  # a stretch running on into the next segment
+    if len(cross):
+        starts, ends = np.sort(np.concatenate([starts, cross])), np.sort(np.concatenate([ends, cross]))
+    if not len(starts):
         return np.zeros(0, dtype=abi.RUN_DTYPE)
-    seg, blk = segment_of[picked], block_in[picked]
-    new_stretch = np.ones(len(picked), dtype=bool)
-    new_stretch[1:] = (np.diff(picked) != 1) | (seg[1:] != seg[:-1])
-    stretch_head = np.flatnonzero(new_stretch)
-    position = np.arange(len(picked)) - stretch_head[np.cumsum(new_stretch) - 1]
-    head = np.flatnonzero(new_stretch | (position % per_tile == 0))
-    tail = np.concatenate([head[1:] - 1, [len(picked) - 1]])
-    runs = np.zeros(len(head), dtype=abi.RUN_DTYPE)
-    start = blk[head] * ZERO_BLOCK
-    runs["segment"], runs["start"] = seg[head], start
-    runs["len"] = np.minimum((blk[tail] + 1) * ZERO_BLOCK, counts[seg[head]]) - start
+    seg = np.searchsorted(offsets, starts, side="right") - 1  # the last of equal offsets: the one with blocks
+    pieces = -(-(ends - starts) // per_tile)
+    piece = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # within its stretch
+    first = np.repeat(starts, pieces) + per_tile * piece
+    last = np.minimum(first + per_tile, np.repeat(ends, pieces))  # past its last block
+    run_seg = np.repeat(seg, pieces)
+    runs = np.zeros(len(first), dtype=abi.RUN_DTYPE)
+    start = (first - offsets[run_seg]) * ZERO_BLOCK
+    runs["segment"], runs["start"] = run_seg, start
+    runs["len"] = np.minimum((last - offsets[run_seg]) * ZERO_BLOCK, counts[run_seg]) - start
     return runs
 
 
@@ -315,7 +319,7 @@ class _Layout:
         reads = [k for r in segment_reads for k in r]
         flat = ~touched  # the base alone where no term
         flat.flags.writeable = False  # every mix of these rows shares it
-        found = (count, flat, segment_reads, reads, list(OrderedDict.fromkeys(reads)))
+        found = (count, flat, segment_reads, reads, list(dict.fromkeys(reads)))
         if len(self._structures) >= _MAX_STRUCTURES:
             self._structures.clear()
         self._structures[key] = found

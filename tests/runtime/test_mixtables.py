@@ -9,11 +9,13 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi
-from tvswitch.runtime.mixtables import TableMaker, _term_row, term_bound, zero_signs_of
-from tvswitch.runtime.zeroblocks import blocks_of, zero_blocks
+from tvswitch.runtime.mixtables import TableMaker, _term_row, element_runs, term_bound, zero_signs_of
+from tvswitch.runtime.zeroblocks import ZERO_BLOCK, blocks_of, zero_blocks
 
 from tests.runtime.test_zeroblocks import row_sparse_checkpoints
 
@@ -175,3 +177,35 @@ def test_rows_come_in_the_order_of_a_loop_over_the_mix_s_own_tasks(bundles):
         got, want = maker.tables(mix), definition(bundle, mix, *hooks)
         assert got.terms.tobytes() == want["terms"].tobytes()
         assert got.signatures == want["signatures"]
+
+
+def _runs_by_definition(n, write):
+    """Per segment, each stretch of marked blocks, cut every CPU_TILE elements from its start."""
+    per_tile, out, b = abi.CPU_TILE // ZERO_BLOCK, [], 0
+    for s, count in enumerate(n):
+        marks = write[b:b + blocks_of(count)]
+        b += blocks_of(count)
+        k = 0
+        while k < len(marks):
+            if not marks[k]:
+                k += 1
+                continue
+            end = k
+            while end < len(marks) and marks[end]:
+                end += 1
+            for first in range(k, end, per_tile):
+                stop = min(first + per_tile, end)
+                out.append((s, first * ZERO_BLOCK, min(stop * ZERO_BLOCK, count) - first * ZERO_BLOCK))
+            k = end
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 12 * ZERO_BLOCK), min_size=0, max_size=8), st.integers(0, 2**32 - 1))
+def test_element_runs_are_the_stretches_of_written_blocks_cut_into_tiles(sizes, seed):
+    rng = np.random.default_rng(seed)
+    n = np.array(sizes, dtype=np.int64)
+    total = int(blocks_of(n).sum()) if len(n) else 0
+    write = rng.random(total) < rng.choice([0.0, 0.3, 0.8, 1.0])
+    runs = element_runs(n, write)
+    assert [tuple(int(x) for x in r) for r in runs[["segment", "start", "len"]]] == _runs_by_definition(sizes, write)
