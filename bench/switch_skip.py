@@ -17,8 +17,8 @@ engine (one graph for all tasks, heads padded, as bench/switch_latency.py):
 For each: every ordered pair of tasks (8 x 7) and a sequence of random mixes of 2-3 tasks,
 each switch timed with skipping (a tensor whose inputs are the same in the mix left and
 the mix entered is neither read nor written, nor is a 1024-element block where every term
-of both is +0.0) and without (every tensor rewritten), on two
-engines of their own; bytes moved per switch both ways (the rebuilder's own count); and
+of both is +0.0) and without (every tensor rewritten), on two engines of their own that
+take each switch in turn (so the VM's drift falls on both); bytes moved per switch both ways (the rebuilder's own count); and
 the naive reload of that task (a new session from its own constant-weight ONNX file, in the
 page cache) in the same run. The copy reference is bench/copyref.py.
 """
@@ -76,15 +76,17 @@ def lora_tasks(base: Dict[str, np.ndarray], dense: Dict[str, Dict[str, np.ndarra
     return out
 
 
-def pair_switches(server, names: List[str], rounds: int) -> List[float]:
-    """Each ordered pair (a, b), a != b: serve a (untimed), then time the switch to b."""
-    times = []
+def pair_switches(servers, names: List[str], rounds: int) -> List[List[float]]:
+    """Each ordered pair (a, b), a != b: serve a (untimed), then time the switch to b; the
+    servers take each pair in turn, so drift in the machine's speed falls on all alike."""
+    times: List[List[float]] = [[] for _ in servers]
     for _ in range(rounds):
         for a in names:
             for b in names:
                 if a != b:
-                    server.switch({a: 1.0})
-                    times.append(L.elapsed(lambda: server.switch({b: 1.0})))
+                    for server, mine in zip(servers, times):
+                        server.switch({a: 1.0})
+                        mine.append(L.elapsed(lambda: server.switch({b: 1.0})))
     return times
 
 
@@ -100,9 +102,15 @@ def random_mixes(names: List[str], count: int, seed: int = 1) -> List[Dict[str, 
     return mixes
 
 
-def mix_switches(server, mixes: List[Dict[str, float]]) -> List[float]:
-    server.switch(mixes[0])
-    return [L.elapsed(lambda: server.switch(m)) for m in mixes[1:]]
+def mix_switches(servers, mixes: List[Dict[str, float]]) -> List[List[float]]:
+    """The switches through ``mixes``, the servers taking each in turn."""
+    times: List[List[float]] = [[] for _ in servers]
+    for server in servers:
+        server.switch(mixes[0])
+    for m in mixes[1:]:
+        for server, mine in zip(servers, times):
+            mine.append(L.elapsed(lambda: server.switch(m)))
+    return times
 
 
 def moved(rebuilder, pairs: List[Tuple[Dict[str, float], Dict[str, float]]]) -> Tuple[float, float, float, float]:
@@ -131,20 +139,21 @@ def suite(label: str, tasks: Dict[str, Dict[str, np.ndarray]], base: Dict[str, n
     mixes = random_mixes(names, 8 * 7 * args.rounds + 1)
     result: Dict[str, Any] = dict(label=label, tensors=len(bundle.shared_specs),
                                   stored=int(np.mean([len(bundle.entries(t)) for t in names])))
-    for skip in (True, False):
+    servers, sources = [], []
+    for skip in (True, False):  # one engine each, switched in turn
         engine = target.engine()
-        source = BundleSource(bundle, engine, base, threads=args.threads)
-        server = Server(engine, source, {names[0]: 1.0}, skip_unchanged=skip)
+        sources.append(BundleSource(bundle, engine, base, threads=args.threads))
+        servers.append(Server(engine, sources[-1], {names[0]: 1.0}, skip_unchanged=skip))
         for m in mixes[:4] + [{t: 1.0} for t in names]:  # warm: tables of what follows
-            server.switch(m)
-        key = "skip" if skip else "full"
-        result[key + "_pairs"] = percentiles(pair_switches(server, names, args.rounds))
-        result[key + "_mixes"] = percentiles(mix_switches(server, mixes))
-        if skip:
-            pairs = [({a: 1.0}, {b: 1.0}) for a in names for b in names if a != b]
-            result["pair_bytes"] = moved(source.rebuilder, pairs)
-            result["mix_bytes"] = moved(source.rebuilder, list(zip(mixes, mixes[1:])))
-        del server, source, engine
+            servers[-1].switch(m)
+    for key, times in zip(("skip", "full"), pair_switches(servers, names, args.rounds)):
+        result[key + "_pairs"] = percentiles(times)
+    for key, times in zip(("skip", "full"), mix_switches(servers, mixes)):
+        result[key + "_mixes"] = percentiles(times)
+    pairs = [({a: 1.0}, {b: 1.0}) for a in names for b in names if a != b]
+    result["pair_bytes"] = moved(sources[0].rebuilder, pairs)
+    result["mix_bytes"] = moved(sources[0].rebuilder, list(zip(mixes, mixes[1:])))
+    del servers, sources
     loads, _ = L.measure_naive(target, paths, names, args.rounds, feeds, cold=False)
     result["naive"] = percentiles(loads)
     full_bytes = result["pair_bytes"][1]

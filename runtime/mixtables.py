@@ -172,6 +172,12 @@ class TableMaker:
         weights = np.array([mix.get(t) or 0.0 for t in self.bundle.tasks], dtype=np.float64)
         return self._layout.tables(self, weights, mix)
 
+    def payload_keys(self) -> List[str]:
+        """Every payload the terms of some mix read, each once."""
+        if self._layout is None:
+            self._layout = _Layout(self)
+        return list(dict.fromkeys(k for keys in self._layout.payloads for k in keys))
+
     def base_bounds(self) -> np.ndarray:
         if self._bounds is None:
             self._bounds = np.array([self._base_bound(n) if self._base_bound is not None else 0.0
@@ -287,7 +293,9 @@ class _Layout:
         coef = base_coef.astype(np.float32)
         plus = np.bincount(self.segment[kept], weights=~np.signbit(terms["weight"]), minlength=len(names)) > 0
         neg, pos = maker.base_signs()
-        with np.errstate(under="ignore"):  # c * base can be -0.0: a zero or an underflow of c's opposite sign
+        # c * base can be -0.0: a zero, or an underflow, of the sign opposite to c's (where c
+        # is 0 the product may be 0 * inf, and the first term masks it)
+        with np.errstate(under="ignore", invalid="ignore"):
             minus = (coef != 0) & (np.abs(coef) * np.where(coef > 0, neg, pos) == 0)
         row_bytes, size = terms.tobytes(), abi.TERM_DTYPE.itemsize
         coef_bytes = coef.tobytes()

@@ -78,7 +78,7 @@ class CpuRebuilder:
         self._since: Dict[tuple, MixTables] = {}  # per (mix, held mix): what a switch writes
         self._zero_signs: Dict[str, Tuple[float, float]] = {}
         self._addresses: Dict[str, int] = {}
-        self._inputs: Dict[tuple, cpu.Extents] = {}  # per mix: its payloads and the base
+        self._inputs: Optional[cpu.Extents] = None  # every payload a mix can read, and the base
         self._bounds: Dict[str, float] = {}
         self._base_columns: Optional[Tuple[List[int], List[int]]] = None  # the base's addresses, dtypes
         self._table_maker = TableMaker(bundle, self._address, self._base_bound, self._base_zero_signs)
@@ -132,7 +132,6 @@ class CpuRebuilder:
             tables.segments["base"], tables.segments["base_dtype"] = self._base_columns
             if len(self._mix_tables) > 64:
                 self._mix_tables.clear()
-                self._inputs.clear()
                 self._since.clear()
             self._mix_tables[key] = tables
         return key, tables
@@ -149,11 +148,15 @@ class CpuRebuilder:
             self._since[(key, held_key)] = cut
         return cut
 
-    def _input_extents(self, key: tuple, tables: MixTables) -> cpu.Extents:
-        """The buffers the tables of mix ``key`` read (its payloads, the base), made once per mix."""
-        if key not in self._inputs:
-            self._inputs[key] = cpu.Extents([self.bundle.payload(k) for k in tables.keys] + list(self._base.values()))
-        return self._inputs[key]
+    def _input_extents(self) -> cpu.Extents:
+        """Every payload a mix's terms can read, and the base, as one buffer table made once:
+        reading an array's address from Python costs a microsecond, a new mix's own table
+        of some 700-1,900 buffers would cost 1-2 ms a switch, and the range check is a
+        binary search, so checking against all of them costs what a mix's own would."""
+        if self._inputs is None:
+            self._inputs = cpu.Extents([self.bundle.payload(k) for k in self._table_maker.payload_keys()]
+                                       + list(self._base.values()))
+        return self._inputs
 
     def rebuild(self, mix: Mapping[str, float], out: Mapping[str, np.ndarray], progress: bool = False,
                 since: Optional[Mapping[str, float]] = None) -> None:
@@ -167,7 +170,7 @@ class CpuRebuilder:
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
-        key, full = self._cached(mix)
+        full = self._cached(mix)[1]
         tables = full if since is None else self._tables_since(mix, since)
         self._check_out(out)
         addresses = {n: out[n].ctypes.data for n in self.bundle.shared_specs}  # read once: a microsecond each
@@ -176,7 +179,7 @@ class CpuRebuilder:
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
         if self._compiled:
             outputs = cpu.Extents((a, out[n].nbytes) for n, a in addresses.items())  # ``out`` outlives the call
-            buffers = self._input_extents(key, full) + outputs
+            buffers = self._input_extents() + outputs
             if tables.runs is not None:
                 cpu.rebuild_runs(segments, tables.terms, tables.runs, buffers, self.threads)
                 return

@@ -227,7 +227,7 @@ def test_runs_outside_their_segment_are_refused_before_any_write(row_bundles):
     cut = r.mix_tables({"b": 1.0}).since(r.mix_tables({"a": 1.0}))
     segments = cut.segments.copy()
     segments["out"] = [out[n].ctypes.data for n in cut.names]
-    buffers = r._input_extents(*r._cached({"b": 1.0})) + cpu.Extents(out.values())
+    buffers = r._input_extents() + cpu.Extents(out.values())
     for field, value in [("segment", len(segments)), ("start", 16), ("len", 4097), ("len", 0),
                          ("start", int(segments[cut.runs[-1]["segment"]]["n"]))]:
         runs = cut.runs.copy()
