@@ -18,9 +18,10 @@ For each: every ordered pair of tasks (8 x 7) and a sequence of random mixes of 
 each switch timed with skipping (a tensor whose inputs are the same in the mix left and
 the mix entered is neither read nor written, nor is a 1024-element block where every term
 of both is +0.0) and without (every tensor rewritten), on two engines of their own that
-take each switch in turn (so the VM's drift falls on both); bytes moved per switch both ways (the rebuilder's own count); and
-the naive reload of that task (a new session from its own constant-weight ONNX file, in the
-page cache) in the same run. The copy reference is bench/copyref.py.
+take each switch in turn (so the VM's drift falls on both); bytes moved per switch both
+ways (the rebuilder's own count); and the naive reload of that task (a new session from
+its own constant-weight ONNX file, in the page cache) in the same run. The copy reference
+is bench/copyref.py.
 """
 from __future__ import annotations
 
