@@ -243,8 +243,10 @@ class _Layout:
         nblocks = blocks_of(self.numel)
         block_start = np.cumsum(nblocks) - nblocks
         self.total_blocks = int(nblocks.sum())
-        #: per entry, the blocks (counted over every tensor in turn) where it is not known +0.0
-        self.nonzero = [block_start[s] + (np.flatnonzero(~m) if m is not None else np.arange(nblocks[s]))
+        #: per entry, the blocks (counted over every tensor in turn) where it is not known
+        #: +0.0: a range (first, end) where that is all of its tensor's, else their indices
+        self.nonzero = [(int(block_start[s]), int(block_start[s] + nblocks[s])) if m is None
+                        else (block_start[s] + np.flatnonzero(~m)).astype(np.int32)
                         for s, m in zip(segment, zero_maps)]
         self.bounds = np.array(bounds, dtype=np.float64)
         self.entry_of = np.array(entry_of, dtype=np.int64)
@@ -316,7 +318,13 @@ class _Layout:
         count = np.bincount(self.segment[kept], minlength=len(self.numel))
         entries = kept.tolist()
         touched = np.zeros(self.total_blocks, dtype=bool)  # some kept term is not +0.0 there
-        parts = [self.nonzero[e] for e in entries]
+        parts = []
+        for e in entries:
+            blocks = self.nonzero[e]
+            if isinstance(blocks, tuple):
+                touched[blocks[0]:blocks[1]] = True
+            else:
+                parts.append(blocks)
         if parts:
             touched[np.concatenate(parts)] = True
         segment_reads: List[List[str]] = []
