@@ -123,7 +123,7 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
             /* no group stored (fine-tuning left these 32 weights on the zero point): every
              * lane's value is the fill's or the dropped one, the lookup's bits, so add it;
              * adding nothing would differ where a sum is -0.0 and the value +0.0 */
-            if (!((tv_group_flags(p->t, g) >> (g & 31u)) & 0xffu)) {
+            if (!row_flags(p->t, g)) {
                 for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
                     a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], p->empty);
                 continue;

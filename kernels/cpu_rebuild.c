@@ -220,6 +220,12 @@ TV_DEFINE_ROWS(8)
 TV_DEFINE_ROW_SWITCH(scalar)
 TV_DEFINE_ROW_SWITCH(portable)
 
+/* The index flags of the row of 32 elements from group g (a multiple of 8): one byte. */
+static inline TV_ALWAYS_INLINE uint32_t row_flags(const tv_term *t, uint32_t g)
+{
+    return (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+}
+
 /*
  * A GROUPS term as the 1-bit CODES row it stands for: the bytes of groups g .. g+7 (the
  * row's 32 elements; r the rank of group g, tv_group_rank) gathered into the row's code
@@ -230,7 +236,7 @@ TV_DEFINE_ROW_SWITCH(portable)
 static inline TV_ALWAYS_INLINE uint32_t group_row_words(const tv_term *t, uint32_t g, uint32_t r,
                                                          uint32_t *code, uint32_t *keep)
 {
-    const uint32_t flags = tv_group_flags(t, g) >> (g & 31u);
+    const uint32_t flags = row_flags(t, g);
     uint32_t c = 0u, m = 0u;
     for (uint32_t k = 0; k < 8u; ++k) { /* no branch: flag counts per row are unpredictable */
         const uint32_t f = (flags >> k) & 1u, byte = tv_group_byte_at(t, r) & (0u - f);
@@ -307,7 +313,7 @@ static inline TV_ALWAYS_INLINE uint32_t sparse_row_codes(const tv_term *t, uint3
                                                           uint32_t bits, uint32_t fill4, const uint32_t *fill_row,
                                                           uint32_t *row)
 {
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     const uint32_t *stream = (const uint32_t *)t->codes;
     row[bits] = 0u; /* the trailing word a stream has (tv_field may read it) */
     if (flags == 0u) {
@@ -665,7 +671,7 @@ TV_AVX2 uint64_t avx2_spread_bytes(const uint8_t *src, uint32_t r, tv_flag_bytes
  * them, the loop of group_row_words. */
 TV_AVX2 uint32_t avx2_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code, uint32_t *keep)
 {
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
         return group_row_words(t, g, r, code, keep);
     group_words(avx2_spread_bytes((const uint8_t *)t->codes, r, flag_bytes(flags)), code, keep);
@@ -679,7 +685,7 @@ TV_DEFINE_GROUP_ROWS(groups_avx2, TV_AVX2_TARGET, avx2_group_row_words, row1_avx
  * end of the bytes, the same shuffle of a zero-padded copy of what is left. */
 TV_AVX2 uint32_t avx2_group_row_bytes(const tv_term *t, uint32_t g, uint32_t r, uint32_t *row, uint32_t *unused)
 {
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     const uint64_t nbytes = 4u * (uint64_t)t->aux;
     uint64_t x;
     (void)unused;
@@ -783,7 +789,7 @@ TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, tv_flag_bytes f, uint3
 TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits, uint32_t fill4,
                                        const uint32_t *fill_row, uint32_t *row)
 {
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     const uint8_t *stream = (const uint8_t *)t->codes;
     const tv_flag_bytes f = flag_bytes(flags);
     if (bits == 2u) {
@@ -815,7 +821,7 @@ TV_AVX2 uint32_t avx2_sparse_row_planned(const tv_term *t, uint32_t g, uint32_t 
 {
     if (bits != 3u)
         return avx2_sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     const __m128i x = avx2_sparse_groups3(t, flag_bytes(flags), r, fill4);
     _mm_storeu_si128((__m128i *)row, _mm_or_si128(_mm_and_si128(x, _mm_set1_epi32(0xfff)),
                                                   _mm_and_si128(_mm_srli_epi32(x, 4), _mm_set1_epi32(0xfff000))));
@@ -1072,7 +1078,7 @@ static inline TV_ALWAYS_INLINE float32x4_t neon_value4(const uint32_t *row, uint
 static inline TV_ALWAYS_INLINE uint32_t neon_group_row_words(const tv_term *t, uint32_t g, uint32_t r, uint32_t *code,
                                                              uint32_t *keep)
 {
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     if ((uint64_t)r + 8u > 4u * (uint64_t)t->aux)
         return group_row_words(t, g, r, code, keep);
     const uint8x8_t bytes = vld1_u8((const uint8_t *)t->codes + r);
@@ -1086,7 +1092,7 @@ static inline TV_ALWAYS_INLINE uint32_t neon_group_row_words(const tv_term *t, u
 static inline TV_ALWAYS_INLINE uint32_t neon_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits,
                                                               uint32_t fill4, const uint32_t *fill_row, uint32_t *row)
 {
-    const uint32_t flags = (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    const uint32_t flags = row_flags(t, g);
     const uint8_t *stream = (const uint8_t *)t->codes;
     const tv_flag_bytes f = flag_bytes(flags);
     if (bits == 2u) {
