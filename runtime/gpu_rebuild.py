@@ -27,7 +27,8 @@ from tvswitch.kernels import abi, cpu, nvrtc
 from tvswitch.kernels.cuda import Device, DeviceTensor, open_device
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.mixtables import MixTables, TableMaker, bytes_moved, element_runs, mix_key, zero_signs_of
+from tvswitch.runtime.mixtables import (MixTables, TableMaker, abs_max, bytes_moved, element_runs, mix_key,
+                                        zero_signs_of)
 from tvswitch.runtime.rebuild import resolve_base
 from tvswitch.runtime.zeroblocks import blocks_of
 
@@ -156,8 +157,7 @@ class GpuRebuilder:
                                     % (name, a.dtype))
         self._names = list(bundle.shared_specs)
         #: max|base| per tensor, for the range check of a mix (``mixtables.TableMaker``): the base leaves the host
-        self._base_bounds = {n: float(np.abs(a.astype(np.float32)).max()) if a.size else 0.0
-                             for n, a in host_base.items()}
+        self._base_bounds = {n: abs_max(a) for n, a in host_base.items()}
         #: each base tensor's smallest magnitudes by sign (where c * base can be -0.0), which
         #: decides what a switch may skip
         self._zero_signs = {n: zero_signs_of(a) for n, a in host_base.items()}

@@ -167,16 +167,17 @@ class TableMaker:
         ``|c| * max|base| + sum_j |w_j| * max|v_j|`` (``term_bound`` a term's largest
         value), which is what decode.h's float32 sum can reach.
         """
-        if self._layout is None:
-            self._layout = _Layout(self)
         weights = np.array([mix.get(t) or 0.0 for t in self.bundle.tasks], dtype=np.float64)
-        return self._layout.tables(self, weights, mix)
+        return self._the_layout().tables(self, weights, mix)
 
     def payload_keys(self) -> List[str]:
         """Every payload the terms of some mix read, each once."""
-        if self._layout is None:
+        return list(dict.fromkeys(k for keys in self._the_layout().payloads for k in keys))
+
+    def _the_layout(self) -> "_Layout":
+        if self._layout is None:  # made at the first mix: a loop over every task's terms
             self._layout = _Layout(self)
-        return list(dict.fromkeys(k for keys in self._layout.payloads for k in keys))
+        return self._layout
 
     def base_bounds(self) -> np.ndarray:
         if self._bounds is None:
@@ -262,18 +263,15 @@ class _Layout:
 
     def tables(self, maker: TableMaker, weights: np.ndarray, mix: Mapping[str, float]) -> MixTables:
         """``weights``: per task of the bundle, 0.0 for one the mix does not hold."""
-        member = weights != 0.0
-        live = member[self.task_of]  # the contributions of the mix's tasks, in loop order
-        if live.all():
+        live = (weights != 0.0)[self.task_of]  # the contributions of the mix's tasks, in loop order
+        entry_of = self.entry_of[live]
+        weight = np.bincount(entry_of, weights=weights[self.task_of[live]] * self.scale_of[live],
+                             minlength=len(self.rows))
+        if live.all():  # entries are numbered by their first contribution
             order = np.arange(len(self.rows))
-            weight = np.bincount(self.entry_of, weights=weights[self.task_of] * self.scale_of,
-                                 minlength=len(self.rows))
         else:
-            entry_of = self.entry_of[live]
             present, first = np.unique(entry_of, return_index=True)
             order = present[np.argsort(first, kind="stable")]
-            weight = np.bincount(entry_of, weights=weights[self.task_of[live]] * self.scale_of[live],
-                                 minlength=len(self.rows))
         # from 1.0 down, term by term, as a loop would (a task not in the mix subtracts 0.0: exact)
         base_coef = np.ones(len(self.numel), dtype=np.float64)
         for j in range(self.absolute.shape[1]):
@@ -353,11 +351,9 @@ class _Layout:
                                     maker.bundle.path, bound[bad[0]]))
 
 
-def build_tables(bundle: Bundle, mix: Mapping[str, float], address: Callable[[str], int],
-                 base_bound: Optional[Callable[[str], float]] = None,
-                 zero_signs: Optional[Callable[[str], Tuple[float, float]]] = None) -> MixTables:
-    """The tables of one mix (``TableMaker.tables``), nothing kept for the next."""
-    return TableMaker(bundle, address, base_bound, zero_signs).tables(mix)
+def abs_max(a: np.ndarray) -> float:
+    """max|a| (0 for an empty tensor): a base tensor's bound in ``TableMaker``'s range check."""
+    return float(np.abs(a.astype(np.float32, copy=False)).max()) if a.size else 0.0
 
 
 def zero_signs_of(a: np.ndarray) -> Tuple[float, float]:

@@ -20,7 +20,7 @@ from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix
-from tvswitch.runtime.mixtables import MixTables, TableMaker, bytes_moved, mix_key, zero_signs_of
+from tvswitch.runtime.mixtables import MixTables, TableMaker, abs_max, bytes_moved, mix_key, zero_signs_of
 
 
 def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapping[str, np.ndarray]],
@@ -76,12 +76,12 @@ class CpuRebuilder:
                       resolve_base(bundle, base, verify_base, base_label).items()}
         self._mix_tables: Dict[tuple, MixTables] = {}
         self._since: Dict[tuple, MixTables] = {}  # per (mix, held mix): what a switch writes
-        self._zero_signs: Dict[str, Tuple[float, float]] = {}
         self._addresses: Dict[str, int] = {}
         self._inputs: Optional[cpu.Extents] = None  # every payload a mix can read, and the base
-        self._bounds: Dict[str, float] = {}
         self._base_columns: Optional[Tuple[List[int], List[int]]] = None  # the base's addresses, dtypes
-        self._table_maker = TableMaker(bundle, self._address, self._base_bound, self._base_zero_signs)
+        # the maker asks each tensor's bound and signs once
+        self._table_maker = TableMaker(bundle, self._address, lambda n: abs_max(self._base[n]),
+                                       lambda n: zero_signs_of(self._base[n]))
         self._compiled = cpu.available()
         if not self._compiled:
             warnings.warn("tvswitch: %s; rebuilding with the slow numpy reference" % cpu.unavailable_reason())
@@ -90,25 +90,12 @@ class CpuRebuilder:
     def base(self) -> Dict[str, np.ndarray]:
         return self._base
 
-    def _base_bound(self, name: str) -> float:
-        """max|base| of one tensor, computed once (the range check of ``mixtables.TableMaker``)."""
-        if name not in self._bounds:
-            a = self._base[name]
-            self._bounds[name] = float(np.abs(a).max()) if a.size else 0.0
-        return self._bounds[name]
-
     def _address(self, key: str) -> int:
         """A resident payload's address, read once (a table of a mix names some 1,800)."""
         address = self._addresses.get(key)
         if address is None:
             address = self._addresses[key] = self.bundle.payload(key).ctypes.data
         return address
-
-    def _base_zero_signs(self, name: str) -> Tuple[float, float]:
-        """A base tensor's smallest magnitudes by sign (``zero_signs_of``), computed once."""
-        if name not in self._zero_signs:
-            self._zero_signs[name] = zero_signs_of(self._base[name])
-        return self._zero_signs[name]
 
     def allocate(self, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
         """Output buffers for every tensor a rebuild writes (the base's dtype by default)."""

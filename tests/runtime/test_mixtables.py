@@ -1,5 +1,5 @@
-"""runtime/mixtables.py: a TableMaker's tables, made from a layout it keeps per set of
-tasks, are those of a plain loop over tensors, tasks and terms (the definition, below),
+"""runtime/mixtables.py: a TableMaker's tables, made from the one layout it keeps for its
+bundle, are those of a plain loop over tensors, tasks and terms (the definition, below),
 field for field and byte for byte, for every scheme, for mixes of any subset of tasks
 in any order, and where weights cancel to exactly zero."""
 from __future__ import annotations

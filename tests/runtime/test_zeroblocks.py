@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tvswitch.kernels import reference
-from tvswitch.runtime.mixtables import build_tables
+from tvswitch.runtime.mixtables import TableMaker
 from tvswitch.runtime.zeroblocks import ZERO_BLOCK, blocks_of, zero_blocks
 
 ROWS, WIDTH = 300, 48  # 14,400 elements: 14 full blocks and a short one
@@ -55,7 +55,7 @@ def bundles(tmp_path_factory):
 def _terms_and_values(bundle, task, name):
     """Each term of ``task``'s entry for ``name`` with its values as decode.h computes them."""
     n = bundle.shared_specs[name].numel
-    tables = build_tables(bundle, {task: 1.0}, lambda k: bundle.payload(k).ctypes.data)
+    tables = TableMaker(bundle, lambda k: bundle.payload(k).ctypes.data).tables({task: 1.0})
     by_address = {bundle.payload(k).ctypes.data: bundle.payload(k) for k in tables.keys}
     seg = tables.segments[tables.names.index(name)]
     rows = [tables.terms[j] for j in range(int(seg["term_begin"]), int(seg["term_begin"] + seg["term_count"]))]
@@ -110,7 +110,7 @@ def test_a_code_that_is_not_plus_zero_is_not_called_zero(bundles):
         zeroblocks._CACHE.pop(bundle, None)
 
 
-def test_a_zero_block_is_one_cuda_block():
+def test_a_zero_block_is_one_gpu_tile():
     """The GPU rebuild marks the blocks a launch writes in its own blocks and hands them to
     element_runs, which counts in zero blocks: the two sizes are one (FORMAT.md 3.5)."""
     from tvswitch.kernels import abi
