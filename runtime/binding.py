@@ -19,7 +19,8 @@ EngineWeights = Mapping[str, Tuple[Tuple[int, ...], Any]]
 
 
 def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread: Iterable[str] = (),
-                       allow_unmatched: bool = False, what: str = "the engine") -> List[str]:
+                       constants: Iterable[str] = (), allow_unmatched: bool = False,
+                       what: str = "the engine") -> List[str]:
     """Refuse a bundle tensor that the engine would leave unswitched; returns those allowed to stay.
 
     A tensor a task changes (shared, or a task's own head) but that is no weight of the
@@ -28,7 +29,9 @@ def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread:
     is what a graph from a plain ``torch.onnx.export`` gives (constant folding renames
     most weights ``onnx::MatMul_N``), so it is refused, naming a few such tensors.
     ``unread`` are tensors the graph's record says no node reads (unused, tied
-    aliases): their values change no output.  ``allow_unmatched`` accepts a graph that
+    aliases): their values change no output.  ``constants`` are weights the engine holds
+    as constants (``Engine.constants``): served, but only a ``base_only`` tensor may be one,
+    since a switch cannot change them.  ``allow_unmatched`` accepts a graph that
     serves a subset on purpose; the caller warns with the list returned.  A bundle
     that names none of the engine's weights, or a shared tensor of another shape, is
     refused either way.
@@ -43,8 +46,14 @@ def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread:
         if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
             raise TvswitchError("bundle tensor %r is %s, the weight of %s is %s"
                                 % (name, list(spec.shape), what, list(engine_weights[name][0])))
-    skip = set(unread)
     switched = list(shared) + sorted({n for t in bundle.tasks for n in bundle.task_specific(t)} - set(shared))
+    held = set(constants)
+    fixed = set(bundle.base_only)
+    changed = [n for n in switched if n in held and n not in fixed]
+    if changed:
+        raise TvswitchError("%s holds %s as constants, but tasks of %s change them, which a switch then could "
+                            "not: serve them as switchable weights" % (what, some(changed), bundle.path))
+    skip = set(unread) | held
     missing = [n for n in switched if n not in engine_weights and n not in skip]
     if missing and not allow_unmatched:
         raise TvswitchError("%d of the %d tensors %s switches are not weights of %s (%s): every switch would "
@@ -72,10 +81,13 @@ class EngineBinding:
     """
 
     def __init__(self, bundle: Bundle, engine_weights: EngineWeights, *, unread: Iterable[str] = (),
-                 allow_unmatched: bool = False, cuts: Sequence[HeadCut] = (), what: str = "the engine"):
+                 constants: Iterable[str] = (), allow_unmatched: bool = False, cuts: Sequence[HeadCut] = (),
+                 what: str = "the engine"):
         self.bundle = bundle
-        self.unmatched = check_engine_names(bundle, engine_weights, unread=unread, allow_unmatched=allow_unmatched,
-                                            what=what)
+        self.unmatched = check_engine_names(bundle, engine_weights, unread=unread, constants=constants,
+                                            allow_unmatched=allow_unmatched, what=what)
+        #: the bundle's tensors the engine holds as constants: no switch writes them
+        self.constants = [n for n in bundle.shared_specs if n in set(constants)]
         self.heads: HeadLayout = layout_heads({t: bundle.task_specific(t) for t in bundle.tasks}, engine_weights, cuts)
         self.servable = [t for t in bundle.tasks if t not in self.heads.misfits]
         if not self.servable and self.heads.names:

@@ -60,6 +60,9 @@ class GpuBundleSource(BoundSource):
         targets = engine.device_buffers()
         if targets is None:
             raise TvswitchError("the %s engine has no device buffers to rebuild into" % engine.kind)
+        if engine.constants:
+            raise TvswitchError("the GPU rebuild writes every tensor of the bundle; the %s engine holds %d as "
+                                "constants" % (engine.kind, len(engine.constants)))
         specs = engine.weight_specs
         self.binding = binding or EngineBinding(bundle, specs, unread=engine.unread_weights,
                                                 allow_unmatched=allow_unmatched, cuts=engine.head_cuts, what=what)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class MixTables:
     #: None: every element of every segment is written; else the element ranges that are
     #: (``abi.RUN_DTYPE``, set by ``since`` where whole blocks hold the same bits)
     runs: Optional[np.ndarray] = None
+    _left_out: Dict[FrozenSet[str], "MixTables"] = field(default_factory=dict, repr=False, compare=False)
 
     def since(self, held: "MixTables") -> "MixTables":
         """These tables cut to what differs from ``held``'s (tables of the same rebuilder, so
@@ -83,6 +84,15 @@ class MixTables:
                          segment_reads=[self.segment_reads[i] for i in indices],
                          zero=self.zero[np.repeat(picked, blocks_of(self.segments["n"].astype(np.int64)))],
                          zero_keys=[self.zero_keys[i] for i in indices])
+
+    def leaving_out(self, names: FrozenSet[str]) -> "MixTables":
+        """A mix's whole tables less the segments of ``names`` (tensors the caller's buffers
+        do not hold, being the base in every mix), cached per set of names.  ``since``'s
+        cuts never need it: such a tensor's inputs are the same in every mix."""
+        cut = self._left_out.get(names)
+        if cut is None:
+            cut = self._left_out[names] = self.subset([i for i, n in enumerate(self.names) if n not in names])
+        return cut
 
     def written(self) -> np.ndarray:
         """Elements written per segment (all of it, or what ``runs`` cover)."""

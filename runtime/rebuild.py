@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -79,6 +79,7 @@ class CpuRebuilder:
         self._addresses: Dict[str, int] = {}
         self._inputs: Optional[cpu.Extents] = None  # every payload a mix can read, and the base
         self._base_columns: Optional[Tuple[List[int], List[int]]] = None  # the base's addresses, dtypes
+        self._base_only = frozenset(bundle.base_only)  # what ``out`` may lack: the base in every mix
         # the maker asks each tensor's bound and signs once
         self._table_maker = TableMaker(bundle, self._address, lambda n: abs_max(self._base[n]),
                                        lambda n: zero_signs_of(self._base[n]))
@@ -154,13 +155,18 @@ class CpuRebuilder:
         whose inputs differ between the two mixes are read and written, and of those not
         the blocks where every term of both is +0.0 (``MixTables.since``); the result is
         bit for bit that of a full rebuild.
+        ``out`` may lack the bundle's ``base_only`` tensors (the base in every mix: an engine
+        holding them as constants); they are then neither read nor written.
         ``progress`` shows a bar (after half a second) over the tensors, rebuilding them in
         runs of about PROGRESS_CHUNK elements; each run is a full-speed call of its own.
         """
         full = self._cached(mix)[1]
-        tables = full if since is None else self._tables_since(mix, since)
-        self._check_out(out)
-        addresses = {n: out[n].ctypes.data for n in self.bundle.shared_specs}  # read once: a microsecond each
+        held_elsewhere = self._check_out(out)
+        if since is not None:
+            tables = self._tables_since(mix, since)  # names no base-only tensor: those never differ
+        else:
+            tables = full.leaving_out(held_elsewhere) if held_elsewhere else full
+        addresses = {n: out[n].ctypes.data for n in tables.names}  # read once: a microsecond each
         segments = tables.segments.copy()
         segments["out"] = [addresses[n] for n in tables.names]
         segments["out_dtype"] = [abi.dtype_code(out[n].dtype) for n in tables.names]
@@ -173,7 +179,7 @@ class CpuRebuilder:
             run = lambda part: cpu.rebuild(part, tables.terms, buffers, self.threads)  # noqa: E731
         else:
             arrays = [self.bundle.payload(k) for k in full.keys]
-            arrays += list(self._base.values()) + [out[n] for n in full.names]
+            arrays += list(self._base.values()) + [out[n] for n in tables.names]
             if tables.runs is not None:
                 reference.rebuild_reference(segments, tables.terms, arrays, tables.runs)
                 return
@@ -197,13 +203,21 @@ class CpuRebuilder:
         out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
         return bytes_moved(tables, self.bundle, base_size, out_size)
 
-    def _check_out(self, out: Mapping[str, np.ndarray]) -> None:
+    def _check_out(self, out: Mapping[str, np.ndarray]) -> FrozenSet[str]:
+        """Refuse a buffer that cannot take its tensor; returns the tensors ``out`` lacks, which
+        may only be the bundle's base-only ones (an engine holding them as constants)."""
+        lacking = []
         for name, spec in self.bundle.shared_specs.items():
             a = out.get(name)
             if a is None:
-                raise TvswitchError("output buffers lack tensor %r" % name)
+                lacking.append(name)
+                continue
             if tuple(a.shape) != spec.shape or abi.element_code(a.dtype) not in _OUT_CODES:
                 raise TvswitchError("output buffer %r is %s%s, need float32/float16 of shape %s"
                                     % (name, a.dtype, list(a.shape), list(spec.shape)))
             if not (a.flags.c_contiguous and a.flags.writeable):
                 raise TvswitchError("output buffer %r must be C-contiguous and writable" % name)
+        changing = [n for n in lacking if n not in self._base_only]
+        if changing:
+            raise TvswitchError("output buffers lack tensor %r" % changing[0])
+        return frozenset(lacking)

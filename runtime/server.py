@@ -55,7 +55,7 @@ from tvswitch.runtime.checkpoint import as_tensors
 from tvswitch.runtime.engines.base import Engine, copy_into
 from tvswitch.runtime.heads import OutputCut, cut_outputs
 from tvswitch.runtime.mix import Mix, head_task
-from tvswitch.runtime.rebuild import CpuRebuilder
+from tvswitch.runtime.rebuild import CpuRebuilder, resolve_base
 
 log = logging.getLogger("tvswitch.server")
 
@@ -87,17 +87,21 @@ class BundleSource(BoundSource):
         ``binding``: the bundle already bound to this engine (``serve_bundle`` binds first,
         so a graph that does not fit is refused before the base is looked for)."""
         cuts: Sequence = ()
+        constants: Mapping[str, np.ndarray] = {}
         if isinstance(engine_weights, Engine):
             unread = list(unread) + list(engine_weights.unread_weights)
             cuts = engine_weights.head_cuts
+            constants = engine_weights.constants
             engine_weights = engine_weights.weight_specs
         self.bundle = bundle
-        self.binding = binding or EngineBinding(bundle, engine_weights, unread=unread,
+        self.binding = binding or EngineBinding(bundle, engine_weights, unread=unread, constants=constants,
                                                 allow_unmatched=allow_unmatched, cuts=cuts, what=what)
         self.unmatched = self.binding.unmatched
         self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
+        check_constants(constants, self.rebuilder.base, what)
+        held = set(self.binding.constants)
         self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in bundle.shared_specs.items()
-                         if n not in engine_weights}
+                         if n not in engine_weights and n not in held}
 
     @property
     def tasks(self) -> List[str]:
@@ -116,6 +120,23 @@ class BundleSource(BoundSource):
             return
         for name, value in self.binding.heads.padded[head_task(mix)].items():
             copy_into(buffers[name], value, name)
+
+
+def check_constants(constants: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], what: str) -> None:
+    """Refuse an engine constant that is not the base's bits: every mix serves the base there,
+    so the engine would answer with other weights (serve_bundle hands the base's own arrays,
+    which pass at once)."""
+    for name, value in constants.items():
+        want = base.get(name)
+        if want is None or value is want:
+            continue
+        if value.shape != want.shape:
+            raise TvswitchError("%s holds weight %r as a constant of shape %s, the base's is %s"
+                                % (what, name, list(value.shape), list(want.shape)))
+        # in another dtype (a float16 graph), what a rebuild writes: numpy's rounding, the library's
+        expect = np.ascontiguousarray(want if value.dtype == want.dtype else want.astype(value.dtype))
+        if not np.array_equal(np.ascontiguousarray(value).view(np.uint8), expect.view(np.uint8)):
+            raise TvswitchError("%s holds weight %r as a constant whose values are not the base's" % (what, name))
 
 
 class Server:
@@ -304,7 +325,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
                  initial: Optional[Mapping[str, float]] = None, slots: int = 1, threads: int = 0,
                  module: Any = None, input_names: Optional[Sequence[str]] = None,
                  example_inputs: Optional[Mapping[str, np.ndarray]] = None, gpu: Optional[bool] = None,
-                 device: Any = None, allow_unmatched: bool = False, **options: Any) -> Server:
+                 device: Any = None, allow_unmatched: bool = False, constants: bool = True,
+                 **options: Any) -> Server:
     """Open ``bundle`` (a path, or a ``Bundle`` already open), load ``engine`` and serve
     ``initial`` (default: the first task the engine serves).
 
@@ -332,12 +354,24 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     file's defaults, or the module's own; a graph from ``export-onnx --bundle`` carries none); it is checked against the
     bundle's fingerprint either way.  Only one copy of the base is kept: the engine's
     defaults are dropped where another base is used.
+
+    ``constants`` (ONNX Runtime): the bundle's ``base_only`` tensors, which no task
+    changes (the layers a LoRA adapter or a partial fine-tune leaves alone), are served
+    as constants of the session from the base's own arrays, not as switchable inputs:
+    ONNX Runtime pre-packs them, which at small batches is most of what weights as
+    inputs cost (docs/engines.md section 2), and no slot holds them.
     """
     from tvswitch.runtime.engines import load_engine
 
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     path = opened.path
     base = opened.base_view(as_tensors(base))
+    verify_base = True
+    if engine == "onnxruntime" and constants and opened.base_only and "constants" not in options:
+        if base is not None or opened.has_embedded_base:  # the arrays the rebuild reads serve them too
+            # checked by the rebuild's source, once the graph is bound; an embedded copy is the bundle's own
+            base, verify_base = resolve_base(opened, base, verify=False), base is not None
+        options["constants"] = {n: None if base is None else base[n] for n in opened.base_only}
     heads = {t: opened.task_specific(t) for t in opened.tasks}
     names = list(opened.shared_specs) + sorted({n for t in heads.values() for n in t})
     if engine == "torch":
@@ -357,8 +391,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
             options["weights"] = dict(base if base is not None else opened.embedded_base())  # what it builds with
     eng = load_engine(engine, model, names=names, slots=slots, threads=threads, module=module,
                       input_names=input_names, **options)
-    binding = EngineBinding(opened, eng.weight_specs, unread=eng.unread_weights, allow_unmatched=allow_unmatched,
-                            cuts=eng.head_cuts, what=what)
+    binding = EngineBinding(opened, eng.weight_specs, unread=eng.unread_weights, constants=eng.constants,
+                            allow_unmatched=allow_unmatched, cuts=eng.head_cuts, what=what)
     if base is None and not opened.has_embedded_base:
         base = getattr(eng, "defaults", None)
         if not base:
@@ -391,7 +425,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     if source is None:
         if gpu:
             raise TvswitchError("the GPU rebuild was asked for and cannot run: %s" % note)
-        source = BundleSource(opened, eng, base, threads=threads, binding=binding)
+        source = BundleSource(opened, eng, base, threads=threads, binding=binding, verify_base=verify_base)
     server = Server(eng, source, initial or {binding.servable[0]: 1.0})  # a refused first mix says only that
     server.rebuild_note = note
     if binding.unmatched:

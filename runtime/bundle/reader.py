@@ -88,6 +88,11 @@ class Bundle:
             task: {name: fmt.parse_entry(path, task + "/" + name, raw) for name, raw in per.items()}
             for task, per in manifest["entries"].items()
         }
+        changed = {name for per in self._entries.values() for name in per}
+        #: Shared tensors no task stores an entry for: every mix writes them as the base
+        #: itself (coefficient 1, no term), so an engine may hold them as constants
+        #: (``OnnxRuntimeEngine(constants=...)``) and a rebuild need not write them.
+        self.base_only: List[str] = [name for name in self.shared_specs if name not in changed]
 
     # ---- opening ----
     @classmethod

@@ -24,6 +24,7 @@ the host.  Engines without such buffers return None and keep the host path.
 from __future__ import annotations
 
 import abc
+from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -50,6 +51,10 @@ class Engine(abc.ABC):
     #: Head shapes smaller than the engine's task-specific weights that it knows how to cut
     #: its outputs for (``runtime.heads``): from the graph's record, or learnt by the torch engine.
     head_cuts: Sequence[HeadCut] = ()
+    #: Weights held as constants of the network, not in any slot (name -> the array served):
+    #: a bundle's ``base_only`` tensors, which no switch changes.  ONNX Runtime then
+    #: pre-packs them as it does a constant-weight graph's (docs/engines.md section 2).
+    constants: Mapping[str, np.ndarray] = MappingProxyType({})
 
     @property
     @abc.abstractmethod

@@ -27,7 +27,9 @@ are faster but can only change by making a new session, which is the slow path t
 project replaces.  ``constant_session=True`` has both: a switch is served at once
 through the bound inputs, and a constant-weight session of the new weights, made in the
 background, takes over once it is ready (``_ConstantSessions``; memory about 2x the
-switchable weights more).
+switchable weights more).  Weights that no switch changes (a bundle's ``base_only``
+tensors: ``constants``) are constants of the session from the start, pre-packed and
+read from the rebuild's own base arrays, with no slot of their own.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tvswitch.errors import TvswitchError
+from tvswitch.runtime.checkpoint import contiguous
 from tvswitch.runtime.engines import onnx_graph
 from tvswitch.runtime.engines.base import Engine, cast_input, run_failed
 
@@ -82,7 +85,8 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, model: onnx_graph.ModelLike, *, names: Optional[Iterable[str]] = None, slots: int = 1,
                  providers: Optional[Sequence[Any]] = None, threads: int = 0,
                  session_options: Optional[object] = None, verbose: bool = False,
-                 weights_device: Optional[str] = None, constant_session: bool = False):
+                 weights_device: Optional[str] = None, constant_session: bool = False,
+                 constants: Optional[Mapping[str, Optional[np.ndarray]]] = None):
         """Load ``model`` (path, bytes or ModelProto) and allocate ``slots`` weight sets.
 
         ``names`` picks the switchable weights of a graph without the exporter's record
@@ -96,6 +100,13 @@ class OnnxRuntimeEngine(Engine):
         rebuild can read; set it to None to free it where another base is used).
         ``constant_session`` keeps a constant-weight session of the weights served, made
         in the background after each switch (see ``use_constant_sessions``).
+        ``constants`` (name -> array, or None for the value the file holds) are weights
+        that no switch changes (a bundle's ``base_only`` tensors; ``serve_bundle`` passes
+        them): they are constants of the session, which pre-packs them as it does a
+        constant-weight graph's, with no slot arrays.  ONNX Runtime serves the arrays
+        given, without a copy of its own (``SessionOptions.add_initializer``, added to the
+        options given, which then serve this engine only); they must not change.  Names
+        that are no weight of the graph are ignored (``Engine.constants`` lists what is held).
         """
         ort = _ort()
         if slots not in (1, 2):
@@ -110,7 +121,9 @@ class OnnxRuntimeEngine(Engine):
         if not weights:
             raise TvswitchError("the graph has no switchable weights: export it with tvswitch export-onnx, "
                                 "or name its weights after the bundle's tensors")
-        serving, self.defaults, self._specs = onnx_graph.serving_graph(proto, weights)
+        serving, self.defaults, specs = onnx_graph.serving_graph(proto, weights)
+        self.constants = held_constants(constants or {}, specs, self.defaults)
+        self._specs = {n: spec for n, spec in specs.items() if n not in self.constants}
         self.unread_weights = onnx_graph.recorded_unread(proto)
         self.head_cuts = onnx_graph.recorded_heads(proto)
         self._inputs = onnx_graph.data_inputs(serving, weights)
@@ -118,7 +131,9 @@ class OnnxRuntimeEngine(Engine):
         self._input_specs = {n: onnx_graph.input_spec(declared[n]) for n in self._inputs}
         if session_options is None:
             session_options = session_options_for(threads, verbose)
-        self.session = new_session(serving.SerializeToString(), session_options, providers)
+        self._shared = share_constants(session_options, self.constants)  # the options may not hold them alive
+        self.session = new_session(onnx_graph.constant_graph(serving, self.constants).SerializeToString(),
+                                   session_options, providers)
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.slots = slots
         self.publish_copies = self._device is not None
@@ -306,7 +321,8 @@ class _ConstantSessions:
                 continue
             slot, generation = job
             try:  # the graph copies the slot's values: no snapshot of them is needed first
-                model = onnx_graph.constant_graph(self._serving, self._engine._arrays[slot])
+                model = onnx_graph.constant_graph(self._serving, {**self._engine.constants,
+                                                                  **self._engine._arrays[slot]})
             except Exception as exc:  # noqa: BLE001 - the bound inputs keep serving; nothing is lost
                 log.warning("no constant-weight session for slot %d: %s", slot, exc)
                 continue
@@ -322,6 +338,44 @@ class _ConstantSessions:
                 if self._generation[slot] == generation:
                     self._sessions[slot] = (generation, session)
                     self._cond.notify_all()
+
+
+def held_constants(asked: Mapping[str, Optional[np.ndarray]], specs: onnx_graph.WeightSpecs,
+                   defaults: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The arrays of the weights asked to be constants, as the graph declares them: None takes
+    the value the file holds; another float dtype is converted as a rebuild's output would be
+    (numpy's rounding, which the CPU library's float16 conversion is held to)."""
+    held: Dict[str, np.ndarray] = {}
+    for name, value in asked.items():
+        if name not in specs:
+            continue
+        shape, dtype = specs[name]
+        if value is None:
+            value = defaults.get(name)
+            if value is None:
+                raise TvswitchError("constant weight %r: the graph holds no value for it (a graph from export-onnx "
+                                    "--bundle holds none); give its value" % name)
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(shape):
+            raise TvswitchError("constant weight %r is %s, the graph's is %s" % (name, list(value.shape), list(shape)))
+        held[name] = contiguous(value if value.dtype == dtype else value.astype(dtype))
+    return held
+
+
+def share_constants(options: Any, constants: Mapping[str, np.ndarray]) -> List[Any]:
+    """Make ``options`` hand the session these arrays as its initializers of those names,
+    pre-packed like any constant but not copied (the graph still carries their values,
+    which ONNX Runtime checks and then leaves for these)."""
+    ort = _ort()
+    values = []
+    for name, array in constants.items():
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        try:
+            options.add_initializer(name, values[-1])
+        except Exception as exc:  # onnxruntime's own type: the name was added before
+            raise TvswitchError("the session options already carry a constant %r (%s): options given with "
+                                "constants serve one engine; make new ones" % (name, exc)) from None
+    return values
 
 
 def session_options_for(threads: int = 0, verbose: bool = False):

@@ -60,6 +60,21 @@ def test_run_serves_a_task_and_a_mix_like_torch(served, capsys):
         np.testing.assert_allclose(np.load(str(out)), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_run_serves_what_no_task_changes_as_constants_or_not_alike(served, tmp_path):
+    """Tasks that change the first convolution only (the rest the base in every task): served
+    with those as constants of the session and with --no-constants, both answer as torch."""
+    M = served["M"]
+    bundle, base = M.make_bundle(tmp_path, served["module"], ("head.",), name="partial.tvs", only=("c1.weight",))
+    assert "c2.weight" in bundle.base_only
+    ref = M.torch_reference(served["module"], bundle, base, {"b": 1.0}, served["inputs"], ["x"])
+    f = served["folder"]
+    for flags in ([], ["--no-constants"]):
+        out = tmp_path / "y.npy"
+        assert main(["run", str(tmp_path / "partial.tvs"), "--task", "b", "--model", str(f / "model.onnx"),
+                     "--input", str(f / "x.npy"), "-o", str(out), *flags]) == 0
+        np.testing.assert_allclose(np.load(str(out)), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_run_with_the_torch_engine_matches_onnxruntime(served):
     f = served["folder"]
     common = ["--task", "c", "-o"]

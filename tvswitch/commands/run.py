@@ -40,6 +40,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-cache", metavar="DIR", help="tensorrt: folder of cached plans")
     p.add_argument("--verbose", action="store_true",
                    help="let the engine's own warnings through (ONNX Runtime, TensorRT); errors only by default")
+    p.add_argument("--no-constants", action="store_true",
+                   help="onnxruntime: serve the tensors no task changes as graph inputs like the others, not as "
+                   "constants of the session (constants are pre-packed, faster at small batches, but the session "
+                   "is made from a transient copy of them)")
     p.add_argument("--allow-unmatched", action="store_true",
                    help="serve a graph that lacks some of the bundle's tensors on purpose: those keep the graph's "
                    "values through every switch (listed in a warning). Without it such a graph is refused")
@@ -89,7 +93,8 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
         options["example_inputs"] = dict(inputs) if inputs else None
     server = serve_bundle(bundle, args.engine, model=args.model, base=base, initial=initial,
                           slots=2 if args.double_buffer else 1, threads=args.threads, module=module,
-                          input_names=list(inputs), allow_unmatched=args.allow_unmatched, **options)
+                          input_names=list(inputs), allow_unmatched=args.allow_unmatched,
+                          constants=not args.no_constants, **options)
     return server, name_inputs(inputs, server.engine.input_names)
 
 

@@ -129,11 +129,14 @@ def conv_case(seed: int = 0) -> Tuple[torch.nn.Module, Dict[str, np.ndarray], Li
     return net, {"x": x}, ["x"]
 
 
-def task_checkpoints(module: torch.nn.Module, heads: Tuple[str, ...] = (), seed: int = 1
+def task_checkpoints(module: torch.nn.Module, heads: Tuple[str, ...] = (), seed: int = 1,
+                     only: Optional[Tuple[str, ...]] = None
                      ) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, np.ndarray]]]:
     """(base, task -> fine-tuned): float tensors moved by ~5%, BatchNorm statistics redrawn.
 
     ``heads`` are tensor-name prefixes kept out of the base: each task has its own.
+    ``only``: name suffixes of the tensors the tasks change (as a LoRA adapter changes its
+    target layers alone); every other tensor stays the base's in every task.
     """
     rng = np.random.default_rng(seed)
     state = {n: t.detach().numpy().copy() for n, t in module.state_dict().items()}
@@ -142,7 +145,7 @@ def task_checkpoints(module: torch.nn.Module, heads: Tuple[str, ...] = (), seed:
     for task in TASKS:
         ft = {}
         for n, a in state.items():
-            if not np.issubdtype(a.dtype, np.floating):
+            if not np.issubdtype(a.dtype, np.floating) or (only is not None and not n.endswith(only)):
                 ft[n] = a
             elif n.endswith("running_var"):
                 ft[n] = rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
@@ -153,9 +156,9 @@ def task_checkpoints(module: torch.nn.Module, heads: Tuple[str, ...] = (), seed:
 
 
 def make_bundle(tmp_path, module: torch.nn.Module, heads: Tuple[str, ...] = (), name: str = "model.tvs",
-                query_sets: Optional[Dict[str, np.ndarray]] = None,
-                router: Optional[dict] = None) -> Tuple[Bundle, Dict[str, np.ndarray]]:
-    base, tasks = task_checkpoints(module, heads)
+                query_sets: Optional[Dict[str, np.ndarray]] = None, router: Optional[dict] = None,
+                only: Optional[Tuple[str, ...]] = None) -> Tuple[Bundle, Dict[str, np.ndarray]]:
+    base, tasks = task_checkpoints(module, heads, only=only)
     bundle = export_bundle(base, tasks, os.path.join(str(tmp_path), name), name="tvq", bits=8, query_sets=query_sets,
                            router=router)
     return bundle, base
