@@ -7,7 +7,9 @@ adapter on the attention projections of the six layers (bench/switch_skip.py's
 ``lora_factors``) and the text8 task's head. Every way serves all eight from one network
 whose head is padded to the largest (44 classes), each answer cut to its task's classes:
 - tvswitch: the tasks' task vectors (B @ A) in a TVQ 4-bit bundle, one ONNX Runtime
-  engine, a switch rewriting what changed (the 24 targets and the head);
+  engine, a switch rewriting what changed (the 24 targets and the head); the tensors no
+  task changes are constants of the session (what ``serve_bundle`` does), and a second
+  row has every weight a graph input (``constants=False``, as before that), in one run;
 - PEFT: the torch module with the LoRA layers unmerged, a switch =
   ``hotswap_adapter_from_state_dict`` with the task's A and B plus a copy of its head;
 - ONNX Runtime LoraAdapter: the same PEFT network exported once with every A, B and the
@@ -208,10 +210,13 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> int:
     for t in names:
         target.write_task(str(work / ("%s.const.onnx" % t)), tasks[t])
         constant[t] = target.load(str(work / ("%s.const.onnx" % t)))
-    engine = target.engine()
-    server = Server(engine, BundleSource(bundle, engine, base, threads=args.threads), {names[0]: 1.0})
-    for t in names:
-        server.switch({t: 1.0})
+    servers = {}
+    for constants in (True, False):
+        engine = target.engine(constants={n: base[n] for n in bundle.base_only} if constants else None)
+        servers[constants] = Server(engine, BundleSource(bundle, engine, base, threads=args.threads),
+                                    {names[0]: 1.0})
+        for t in names:
+            servers[constants].switch({t: 1.0})
 
     peft = Peft(bert, factors, heads)
     ortl = OrtLora(peft, factors, heads, work, args.threads)
@@ -221,8 +226,11 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> int:
     first = constant[names[0]]
 
     ways: Dict[str, Dict[str, Any]] = {
-        "tvswitch (ONNX Runtime engine, TVQ 4-bit)": dict(
-            go=lambda t: server.switch({t: 1.0}), infer=lambda f: server.infer(f)[L.OUTPUT],
+        "tvswitch (ONNX Runtime engine, TVQ 4-bit; %d unchanged tensors constants)" % len(bundle.base_only): dict(
+            go=lambda t: servers[True].switch({t: 1.0}), infer=lambda f: servers[True].infer(f)[L.OUTPUT],
+            const=lambda f: first.run(None, f)[0]),
+        "tvswitch, every weight a graph input": dict(
+            go=lambda t: servers[False].switch({t: 1.0}), infer=lambda f: servers[False].infer(f)[L.OUTPUT],
             const=lambda f: first.run(None, f)[0]),
         "PEFT hotswap_adapter (torch, unmerged LoRA)": dict(
             go=peft.switch, infer=peft.infer,

@@ -192,11 +192,12 @@ class OrtTarget:
         self.export_s = time.perf_counter() - t
         self.graph_bytes = os.path.getsize(str(self.work / "minilm.onnx"))
 
-    def engine(self, constant_session: bool = False):
+    def engine(self, constant_session: bool = False, constants=None):
+        """The switchable engine; ``constants`` as ``OnnxRuntimeEngine`` takes them."""
         from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(self.graph, threads=self.threads, providers=self.providers,
-                                 constant_session=constant_session)
+                                 constant_session=constant_session, constants=constants)
 
     def write_task(self, path: str, weights: Dict[str, np.ndarray]) -> None:
         """The task's own graph (its head's size) with its weights as constants."""
