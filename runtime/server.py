@@ -55,7 +55,7 @@ from tvswitch.runtime.checkpoint import as_tensors
 from tvswitch.runtime.engines.base import Engine, copy_into
 from tvswitch.runtime.heads import OutputCut, cut_outputs
 from tvswitch.runtime.mix import Mix, head_task
-from tvswitch.runtime.rebuild import CpuRebuilder, resolve_base
+from tvswitch.runtime.rebuild import CpuRebuilder
 
 log = logging.getLogger("tvswitch.server")
 
@@ -99,9 +99,9 @@ class BundleSource(BoundSource):
         self.unmatched = self.binding.unmatched
         self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
         check_constants(constants, self.rebuilder.base, what)
-        held = set(self.binding.constants)
+        fixed = set(bundle.base_only)  # the rebuild need not write these (held as constants, or read by nothing)
         self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in bundle.shared_specs.items()
-                         if n not in engine_weights and n not in held}
+                         if n not in engine_weights and n not in fixed}
 
     @property
     def tasks(self) -> List[str]:
@@ -357,9 +357,9 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
 
     ``constants`` (ONNX Runtime): the bundle's ``base_only`` tensors, which no task
     changes (the layers a LoRA adapter or a partial fine-tune leaves alone), are served
-    as constants of the session from the base's own arrays, not as switchable inputs:
-    ONNX Runtime pre-packs them, which at small batches is most of what weights as
-    inputs cost (docs/engines.md section 2), and no slot holds them.
+    as constants of the session, not as switchable inputs: ONNX Runtime pre-packs them,
+    which at small batches is most of what weights as inputs cost, and no slot holds them
+    (docs/engines.md section 2 has what it costs in memory).
     """
     from tvswitch.runtime.engines import load_engine
 
@@ -367,11 +367,16 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     path = opened.path
     base = opened.base_view(as_tensors(base))
     verify_base = True
-    if engine == "onnxruntime" and constants and opened.base_only and "constants" not in options:
-        if base is not None or opened.has_embedded_base:  # the arrays the rebuild reads serve them too
-            # checked by the rebuild's source, once the graph is bound; an embedded copy is the bundle's own
-            base, verify_base = resolve_base(opened, base, verify=False), base is not None
-        options["constants"] = {n: None if base is None else base[n] for n in opened.base_only}
+    if not isinstance(constants, bool):
+        raise TvswitchError("constants is True or False (whether the bundle's base-only tensors are constants of "
+                            "the session), got %r" % (constants,))
+    if engine == "onnxruntime" and constants and opened.base_only:
+        if base is None and opened.has_embedded_base:  # the bundle's own copy: not checked, as before
+            base, verify_base = opened.embedded_base(), False
+        # the arrays the rebuild reads serve them too (a base lacking one is refused, naming it, once
+        # the graph is bound); without a base, the graph's own values where it holds them
+        options["constants"] = {n: base[n] if base is not None else None for n in opened.base_only
+                                if base is None or n in base}
     heads = {t: opened.task_specific(t) for t in opened.tasks}
     names = list(opened.shared_specs) + sorted({n for t in heads.values() for n in t})
     if engine == "torch":

@@ -28,8 +28,8 @@ project replaces.  ``constant_session=True`` has both: a switch is served at onc
 through the bound inputs, and a constant-weight session of the new weights, made in the
 background, takes over once it is ready (``_ConstantSessions``; memory about 2x the
 switchable weights more).  Weights that no switch changes (a bundle's ``base_only``
-tensors: ``constants``) are constants of the session from the start, pre-packed and
-read from the rebuild's own base arrays, with no slot of their own.
+tensors: ``constants``) are constants of the session from the start, pre-packed, with
+no slot of their own.
 """
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ from tvswitch.runtime.engines.base import Engine, cast_input, run_failed
 WARNINGS, ERRORS = 2, 3
 
 log = logging.getLogger("tvswitch.onnxruntime")
+
+#: Constants' bytes beyond which the graph that carries them would pass protobuf's 2 GB limit.
+PROTO_LIMIT = (2 << 30) - (64 << 20)
 
 
 def _ort():
@@ -100,13 +103,16 @@ class OnnxRuntimeEngine(Engine):
         rebuild can read; set it to None to free it where another base is used).
         ``constant_session`` keeps a constant-weight session of the weights served, made
         in the background after each switch (see ``use_constant_sessions``).
-        ``constants`` (name -> array, or None for the value the file holds) are weights
-        that no switch changes (a bundle's ``base_only`` tensors; ``serve_bundle`` passes
-        them): they are constants of the session, which pre-packs them as it does a
-        constant-weight graph's, with no slot arrays.  ONNX Runtime serves the arrays
-        given, without a copy of its own (``SessionOptions.add_initializer``, added to the
-        options given, which then serve this engine only); they must not change.  Names
-        that are no weight of the graph are ignored (``Engine.constants`` lists what is held).
+        ``constants`` (name -> array, or None for the value the file holds, where it holds
+        one) are weights that no switch changes (a bundle's ``base_only`` tensors;
+        ``serve_bundle`` passes them): they are constants of the session, which pre-packs
+        them as it does a constant-weight graph's, with no slot arrays.  On the CPU provider
+        the arrays are handed to ONNX Runtime (``SessionOptions.add_initializer``, added to
+        the options given, which then serve this engine only), which reads those it does not
+        transform from them rather than from a copy; they must not change.  Names that are
+        no weight of the graph are ignored, and so are all of them where the graph carrying
+        them would pass protobuf's 2 GB (a warning says so): ``Engine.constants`` lists what
+        is held.
         """
         ort = _ort()
         if slots not in (1, 2):
@@ -131,7 +137,9 @@ class OnnxRuntimeEngine(Engine):
         self._input_specs = {n: onnx_graph.input_spec(declared[n]) for n in self._inputs}
         if session_options is None:
             session_options = session_options_for(threads, verbose)
-        self._shared = share_constants(session_options, self.constants)  # the options may not hold them alive
+        # host arrays on a CUDA session would be copied to the device anyway (from the graph's copy)
+        on_cpu = _provider_name(providers[0]) == "CPUExecutionProvider"
+        self._shared = share_constants(session_options, self.constants) if on_cpu else []  # kept alive here
         self.session = new_session(onnx_graph.constant_graph(serving, self.constants).SerializeToString(),
                                    session_options, providers)
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -352,29 +360,38 @@ def held_constants(asked: Mapping[str, Optional[np.ndarray]], specs: onnx_graph.
         shape, dtype = specs[name]
         if value is None:
             value = defaults.get(name)
-            if value is None:
-                raise TvswitchError("constant weight %r: the graph holds no value for it (a graph from export-onnx "
-                                    "--bundle holds none); give its value" % name)
+            if value is None:  # a weight-stripped graph: the weight stays an input
+                continue
         value = np.asarray(value)
         if tuple(value.shape) != tuple(shape):
             raise TvswitchError("constant weight %r is %s, the graph's is %s" % (name, list(value.shape), list(shape)))
+        if not (np.issubdtype(dtype, np.floating) and np.issubdtype(value.dtype, np.floating)):
+            raise TvswitchError("constant weight %r is %s, the graph takes %s: constants are float weights"
+                                % (name, value.dtype, dtype))
         held[name] = contiguous(value if value.dtype == dtype else value.astype(dtype))
+    total = sum(a.nbytes for a in held.values())
+    if total > PROTO_LIMIT:
+        log.warning("the %d weights no switch changes (%.1f GB) stay graph inputs: a graph carrying them would pass "
+                    "protobuf's 2 GB limit", len(held), total / 1e9)
+        return {}
     return held
 
 
 def share_constants(options: Any, constants: Mapping[str, np.ndarray]) -> List[Any]:
-    """Make ``options`` hand the session these arrays as its initializers of those names,
-    pre-packed like any constant but not copied (the graph still carries their values,
-    which ONNX Runtime checks and then leaves for these)."""
+    """Make ``options`` hand the session these arrays as its initializers of those names (the
+    graph still carries their values, which ONNX Runtime checks and then leaves for these).
+    What a node reads as it is (an embedding, a bias, a norm) is then read from the array,
+    not from a copy; what ONNX Runtime transforms (a MatMul weight it transposes and
+    pre-packs) it copies anyway."""
     ort = _ort()
     values = []
     for name, array in constants.items():
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
         try:
             options.add_initializer(name, values[-1])
-        except Exception as exc:  # onnxruntime's own type: the name was added before
-            raise TvswitchError("the session options already carry a constant %r (%s): options given with "
-                                "constants serve one engine; make new ones" % (name, exc)) from None
+        except Exception as exc:  # onnxruntime's own type (a name added before: options reused)
+            raise TvswitchError("the session options take no constant %r (%s): options given with constants "
+                                "serve one engine; make new ones" % (name, exc)) from None
     return values
 
 

@@ -60,19 +60,29 @@ def test_run_serves_a_task_and_a_mix_like_torch(served, capsys):
         np.testing.assert_allclose(np.load(str(out)), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_run_serves_what_no_task_changes_as_constants_or_not_alike(served, tmp_path):
-    """Tasks that change the first convolution only (the rest the base in every task): served
-    with those as constants of the session and with --no-constants, both answer as torch."""
+@pytest.mark.parametrize("base", [False, True])
+def test_run_serves_what_no_task_changes_as_constants_or_not_alike(served, tmp_path, base):
+    """Tasks that change the first convolution only (the rest the base in every task): run holds
+    the rest as constants of the session (from --base, whose BatchNorm counters the bundle's
+    fingerprint covers, or from the graph's own values), --no-constants as inputs; both answer
+    as torch."""
+    from tvswitch.commands.run import open_server
+
     M = served["M"]
-    bundle, base = M.make_bundle(tmp_path, served["module"], ("head.",), name="partial.tvs", only=("c1.weight",))
+    bundle, base_weights = M.make_bundle(tmp_path, served["module"], ("head.",), name="partial.tvs",
+                                         only=("c1.weight",))
     assert "c2.weight" in bundle.base_only
-    ref = M.torch_reference(served["module"], bundle, base, {"b": 1.0}, served["inputs"], ["x"])
+    ref = M.torch_reference(served["module"], bundle, base_weights, {"b": 1.0}, served["inputs"], ["x"])
     f = served["folder"]
-    for flags in ([], ["--no-constants"]):
+    common = ["run", str(tmp_path / "partial.tvs"), "--task", "b", "--model", str(f / "model.onnx"),
+              "--input", str(f / "x.npy")] + (["--base", str(f / "base.safetensors")] if base else [])
+    for flags, held in (([], set(bundle.base_only)), (["--no-constants"], set())):
         out = tmp_path / "y.npy"
-        assert main(["run", str(tmp_path / "partial.tvs"), "--task", "b", "--model", str(f / "model.onnx"),
-                     "--input", str(f / "x.npy"), "-o", str(out), *flags]) == 0
+        assert main(common + ["-o", str(out)] + flags) == 0
         np.testing.assert_allclose(np.load(str(out)), ref, rtol=1e-4, atol=1e-5)
+        args = build_parser().parse_args(common + ["-o", str(out)] + flags)
+        server, _ = open_server(args, {"x": served["inputs"]["x"]})
+        assert set(server.engine.constants) == held
 
 
 def test_run_with_the_torch_engine_matches_onnxruntime(served):

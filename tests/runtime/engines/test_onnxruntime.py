@@ -71,14 +71,49 @@ def test_serve_bundle_holds_base_only_tensors_as_constants_and_answers_as_torch(
 
 
 def test_a_weight_stripped_graph_takes_its_constants_from_the_base(case, tmp_path):
-    """export-onnx --bundle writes no weight values: the constants come from the base given."""
+    """export-onnx --bundle writes no weight values: the constants come from the base given;
+    asked to keep the file's values, it has none, so the weights stay inputs; and with no base
+    at all the refusal says to give one, as without constants."""
     bundle = case["bundle"]
     stripped = str(tmp_path / "stripped.onnx")
     export_onnx_for_bundle(case["module"], bundle, [case["inputs"][n] for n in case["names"]], stripped,
                            input_names=case["names"])
-    _answers(serve_bundle(bundle.path, model=stripped, base=case["base"], threads=1), case)
-    with pytest.raises(TvswitchError, match="holds no value for it"):
-        OnnxRuntimeEngine(stripped, threads=1, constants={bundle.base_only[0]: None})
+    server = serve_bundle(bundle.path, model=stripped, base=case["base"], threads=1)
+    assert sorted(server.engine.constants) == sorted(bundle.base_only)
+    _answers(server, case)
+    engine = OnnxRuntimeEngine(stripped, threads=1, constants={bundle.base_only[0]: None})
+    assert not engine.constants and bundle.base_only[0] in engine.weight_specs
+    with pytest.raises(TvswitchError, match="give the base checkpoint"):
+        serve_bundle(bundle.path, model=stripped, threads=1)
+
+
+def test_a_base_lacking_a_tensor_is_refused_naming_it(case):
+    lacking = dict(case["base"])
+    name = case["bundle"].base_only[0]
+    del lacking[name]
+    with pytest.raises(TvswitchError, match=repr(name)):
+        serve_bundle(case["bundle"].path, model=case["graph"], base=lacking, threads=1)
+
+
+def test_the_slots_hold_what_a_fresh_rebuild_writes(case):
+    """After switches through the server (skipping what did not change), each slot array is byte
+    for byte a fresh rebuild of the mix served."""
+    server = serve_bundle(case["bundle"].path, model=case["graph"], base=case["base"], threads=1)
+    fresh = CpuRebuilder(case["bundle"], case["base"])
+    want = fresh.allocate()
+    for mix in MIXES:
+        server.switch(mix)
+        fresh.rebuild(mix, want)
+        for name, a in server.engine.buffers().items():
+            if name in want:
+                assert a.tobytes() == want[name].tobytes(), (mix, name)
+
+
+def test_constants_are_float_weights(case):
+    name = case["bundle"].base_only[0]
+    with pytest.raises(TvswitchError, match="constants are float weights"):
+        OnnxRuntimeEngine(case["graph"], threads=1,
+                          constants={name: np.zeros(case["base"][name].shape, np.int32)})
 
 
 def test_a_rebuild_leaves_out_only_base_only_tensors(case):
@@ -121,7 +156,7 @@ def test_session_options_given_with_constants_serve_one_engine(case):
     name = case["bundle"].base_only[0]
     options = session_options_for(1)
     OnnxRuntimeEngine(case["graph"], session_options=options, constants={name: case["base"][name]})
-    with pytest.raises(TvswitchError, match="already carry a constant %r" % name):
+    with pytest.raises(TvswitchError, match="take no constant %r" % name):
         OnnxRuntimeEngine(case["graph"], session_options=options, constants={name: case["base"][name]})
 
 
