@@ -440,6 +440,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
         log.warning("%s serves task%s %s of %s, not %s", what, "" if len(binding.servable) == 1 else "s",
                     ", ".join(binding.servable), path,
                     "; ".join("%s (%s)" % kv for kv in binding.heads.misfits.items()))
-    log.info("%s on %s: %s rebuild: %s; serves %s", path, engine, source.where.upper(), note,
-             ", ".join(binding.servable))
+    log.info("%s on %s: %s rebuild: %s; serves %s%s", path, engine, source.where.upper(), note,
+             ", ".join(binding.servable), "; %d tensors no task changes are constants of the session"
+             % len(binding.constants) if binding.constants else "")
     return server
