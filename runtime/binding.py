@@ -86,8 +86,6 @@ class EngineBinding:
         self.bundle = bundle
         self.unmatched = check_engine_names(bundle, engine_weights, unread=unread, constants=constants,
                                             allow_unmatched=allow_unmatched, what=what)
-        #: the bundle's tensors the engine holds as constants: no switch writes them
-        self.constants = [n for n in bundle.shared_specs if n in set(constants)]
         self.heads: HeadLayout = layout_heads({t: bundle.task_specific(t) for t in bundle.tasks}, engine_weights, cuts)
         self.servable = [t for t in bundle.tasks if t not in self.heads.misfits]
         if not self.servable and self.heads.names:

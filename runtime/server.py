@@ -442,5 +442,5 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
                     "; ".join("%s (%s)" % kv for kv in binding.heads.misfits.items()))
     log.info("%s on %s: %s rebuild: %s; serves %s%s", path, engine, source.where.upper(), note,
              ", ".join(binding.servable), "; %d tensors no task changes are constants of the session"
-             % len(binding.constants) if binding.constants else "")
+             % len(eng.constants) if eng.constants else "")
     return server
