@@ -57,14 +57,20 @@ def _check_bits(bits: int) -> None:
         raise TvswitchError("bit width must be 1..8, got %d" % bits)
 
 
-def step_and_zero(x: np.ndarray, bits: int, group: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-group float32 step Delta (as float64) and integer zero point z of flat ``x``."""
-    n = x.size
-    ngroups = -(-n // group)
-    padded = np.empty(ngroups * group, dtype=np.float64)
-    padded[:n] = x
-    padded[n:] = x[-1] if n else 0.0
-    g = padded.reshape(ngroups, group)
+def _rows(flat: np.ndarray, group: int) -> np.ndarray:
+    """Flat float64 ``flat`` as one row per group, the last padded with its last value (which
+    moves neither its min nor its max); a view where the groups divide it."""
+    n = flat.size
+    rows = -(-n // group)
+    if rows * group == n:
+        return flat.reshape(rows, group)
+    padded = np.empty(rows * group, dtype=np.float64)
+    padded[:n] = flat
+    padded[n:] = flat[-1] if n else 0.0
+    return padded.reshape(rows, group)
+
+
+def _step_zero_rows(g: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
     lo = g.min(axis=1)
     hi = g.max(axis=1)
     delta = (hi - lo) / ((1 << bits) - 1)
@@ -78,9 +84,19 @@ def step_and_zero(x: np.ndarray, bits: int, group: int) -> Tuple[np.ndarray, np.
     return step, np.floor(-lo / step + 0.5)
 
 
+def step_and_zero(x: np.ndarray, bits: int, group: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-group float32 step Delta (as float64) and integer zero point z of flat ``x``."""
+    return _step_zero_rows(_rows(np.asarray(x, dtype=np.float64).reshape(-1), group), bits)
+
+
 def _codes(x: np.ndarray, step: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    q = np.floor(x / step + 0.5) + zero
-    return np.clip(q, 0, (1 << bits) - 1)
+    """floor(x / step + 0.5) + zero, clipped to the codes (float64, in place: budget
+    allocation quantises every tensor at every width, and the temporaries were most of it)."""
+    q = x / step
+    q += 0.5
+    np.floor(q, out=q)
+    q += zero
+    return np.clip(q, 0, (1 << bits) - 1, out=q)
 
 
 def quantize(x: np.ndarray, bits: int, group: int) -> Quantized:
@@ -89,9 +105,9 @@ def quantize(x: np.ndarray, bits: int, group: int) -> Quantized:
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
     if not np.isfinite(flat).all():  # the steps would be NaN: every code garbage
         raise TvswitchError("cannot quantise NaN/inf values")
-    step, zero = step_and_zero(flat, bits, group)
-    g = np.arange(flat.size) // group
-    codes = _codes(flat, step[g], zero[g], bits).astype(np.uint8)
+    rows = _rows(flat, group)
+    step, zero = _step_zero_rows(rows, bits)
+    codes = _codes(rows, step[:, None], zero[:, None], bits).reshape(-1)[:flat.size].astype(np.uint8)
     params = np.empty(2 * step.size, dtype=np.float32)
     params[0::2] = step
     params[1::2] = (-zero * step).astype(np.float32)

@@ -116,9 +116,18 @@ def _groups_of_four(values: np.ndarray, pad) -> np.ndarray:
     return np.pad(values, (0, groups * GROUP_ELEMS - values.size), constant_values=pad).reshape(groups, GROUP_ELEMS)
 
 
+def _groups_not(values: np.ndarray, fill: int) -> int:
+    """Groups of four of flat byte-sized ``values`` not all ``fill``; read as one word per
+    group where they allow it (budget allocation counts every tensor at every width)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.itemsize * GROUP_ELEMS == 4 and flat.size % GROUP_ELEMS == 0:  # a group is a word
+        return int(np.count_nonzero(flat.view(np.uint32) != np.uint32(0x01010101 * int(fill))))
+    return int((_groups_of_four(flat, fill) != fill).any(axis=1).sum())
+
+
 def kept_groups(keep: np.ndarray) -> int:
     """Groups of four that hold a kept element: the ones a group-layout term stores."""
-    return int(_groups_of_four(np.asarray(keep, dtype=bool).reshape(-1), False).any(axis=1).sum())
+    return _groups_not(np.asarray(keep, dtype=bool), False)
 
 
 def group_data_words(flagged: int) -> int:
@@ -182,7 +191,7 @@ def sparse_words(stored: int, bits: int) -> int:
 
 def stored_groups(codes: np.ndarray, fill: int) -> int:
     """Groups of four whose codes are not all ``fill``: the ones a sparse term stores."""
-    return int((_groups_of_four(np.asarray(codes).reshape(-1), fill) != fill).any(axis=1).sum())
+    return _groups_not(np.asarray(codes), fill)
 
 
 def pack_sparse(codes: np.ndarray, bits: int, fill: int) -> "tuple[np.ndarray, np.ndarray]":

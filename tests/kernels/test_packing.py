@@ -134,6 +134,7 @@ def test_sparse_codes_round_trip_and_pass_their_own_check(n, bits, share, seed):
     stored = int((np.pad(codes, (0, -n % 4), constant_values=fill).reshape(-1, 4) != fill).any(1).sum())
     assert words.size == sparse_words(stored, bits)  # four codes per stored group, the sentinel, the pad
     assert stored_groups(codes, fill) == stored  # what the exporter prices
+    assert stored_groups(codes.astype(np.uint8), fill) == stored  # as quantize's codes: a word per group
     codes_and_sentinel = words[:abi.code_words(4 * (stored + 1), bits)]
     assert np.all(unpack_codes(codes_and_sentinel, bits, 4 * (stored + 1))[4 * stored:] == fill)
     assert not words[codes_and_sentinel.size:].any()  # the stream's zero word and three pad words
