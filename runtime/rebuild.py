@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -195,10 +195,17 @@ class CpuRebuilder:
                 bar.update(end - begin)
 
     def bytes_moved(self, mix: Mapping[str, float], out_dtype: Optional[str] = None,
-                    since: Optional[Mapping[str, float]] = None) -> int:
+                    since: Optional[Mapping[str, float]] = None, leaving_out: Iterable[str] = ()) -> int:
         """Bytes one rebuild of ``mix`` reads and writes (the switch floor, docs/architecture.md);
-        ``since`` as for ``rebuild``."""
-        tables = self.mix_tables(mix) if since is None else self._tables_since(mix, since)
+        ``since`` as for ``rebuild``; ``leaving_out``: ``base_only`` tensors the buffers lack
+        (an engine's constants), which the rebuild neither reads nor writes."""
+        left = frozenset(leaving_out)
+        if not left <= self._base_only:
+            raise TvswitchError("tensor %r is not base-only: every rebuild writes it" % sorted(left - self._base_only)[0])
+        if since is not None:
+            tables = self._tables_since(mix, since)  # names no base-only tensor
+        else:
+            tables = self.mix_tables(mix).leaving_out(left) if left else self.mix_tables(mix)
         base_size = next(iter(self._base.values())).dtype.itemsize if self._base else 4
         out_size = np.dtype(out_dtype).itemsize if out_dtype else base_size
         return bytes_moved(tables, self.bundle, base_size, out_size)

@@ -128,6 +128,12 @@ def test_a_rebuild_leaves_out_only_base_only_tensors(case):
     changed = next(n for n in adapted)
     with pytest.raises(TvswitchError, match="lack tensor %r" % changed):
         rebuilder.rebuild({"a": 1.0}, {n: a for n, a in adapted.items() if n != changed})
+    # what it moves: base, payloads and output of the tensors it writes, the others not at all
+    mix = {"a": 0.5, "b": 0.5}
+    left_out = sum(2 * whole[n].nbytes for n in bundle.base_only)  # a base-only tensor: base read, output write
+    assert rebuilder.bytes_moved(mix, leaving_out=bundle.base_only) == rebuilder.bytes_moved(mix) - left_out
+    with pytest.raises(TvswitchError, match="tensor %r is not base-only" % changed):
+        rebuilder.bytes_moved(mix, leaving_out=[changed])
 
 
 def test_a_constant_a_task_changes_is_refused_before_serving(case):
