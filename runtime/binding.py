@@ -8,6 +8,7 @@ once, before anything is written (``EngineBinding.check``).
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from tvswitch.errors import TvswitchError
@@ -19,7 +20,8 @@ EngineWeights = Mapping[str, Tuple[Tuple[int, ...], Any]]
 
 
 def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread: Iterable[str] = (),
-                       constants: Iterable[str] = (), allow_unmatched: bool = False,
+                       constants: Iterable[str] = (), copies: Mapping[str, Tuple[str, str]] = MappingProxyType({}),
+                       aliases: Mapping[str, str] = MappingProxyType({}), allow_unmatched: bool = False,
                        what: str = "the engine") -> List[str]:
     """Refuse a bundle tensor that the engine would leave unswitched; returns those allowed to stay.
 
@@ -31,8 +33,13 @@ def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread:
     ``unread`` are tensors the graph's record says no node reads (unused, tied
     aliases): their values change no output.  ``constants`` are weights the engine holds
     as constants (``Engine.constants``): served, but only a ``base_only`` tensor may be one,
-    since a switch cannot change them.  ``allow_unmatched`` accepts a graph that
-    serves a subset on purpose; the caller warns with the list returned.  A bundle
+    since a switch cannot change them.  ``copies`` are the graph's constants that hold a
+    weight's value under another name (``Engine.weight_copies``): a weight some task changes
+    that has one would be switched in some of its uses only.  ``aliases`` are tied names
+    (``Engine.weight_aliases``): the graph reads the weight for the alias too, so a task
+    that stores the alias but not the weight (a LoRA adapter on a tied output projection)
+    would be served as the base there; it is refused.  ``allow_unmatched`` accepts a
+    graph that serves a subset on purpose; the caller warns with the list returned.  A bundle
     that names none of the engine's weights, or a shared tensor of another shape, is
     refused either way.
     """
@@ -53,8 +60,26 @@ def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread:
     if changed:
         raise TvswitchError("%s holds %s as constants, but tasks of %s change them, which a switch then could "
                             "not: serve them as switchable weights" % (what, some(changed), bundle.path))
+    copied = {w: (c, how) for c, (w, how) in copies.items() if w in set(switched) - fixed}
+    if copied and not allow_unmatched:
+        name, (copy, how) = next(iter(copied.items()))
+        raise TvswitchError("%s holds weight %r a second time, as constant %r (%s, folded by the ONNX exporter), "
+                            "which a switch cannot reach: the answers would mix the task's weights with the base's "
+                            "(weights held so: %s); export the graph with tvswitch export-onnx, which reads every "
+                            "use from the weight, or allow it (--allow-unmatched)"
+                            % (what, name, copy, "its transpose" if how == "transposed" else "the same values",
+                               some(sorted(copied))))
+    for task in bundle.tasks:
+        stored = bundle.entries(task)
+        lost = [(a, w) for a, w in aliases.items() if a in stored and w not in stored]
+        if lost:
+            raise TvswitchError("task %r of %s changes %r, which %s ties to %r (one tensor, read for both), but "
+                                "not %r: served, the change would be lost; give the task's change to both names "
+                                "(a checkpoint of the merged model holds both), or serve it with a graph that "
+                                "reads %r as a weight of its own" % (task, bundle.path, lost[0][0], what,
+                                                                     lost[0][1], lost[0][1], lost[0][0]))
     skip = set(unread) | held
-    missing = [n for n in switched if n not in engine_weights and n not in skip]
+    missing = [n for n in switched if n not in engine_weights and n not in skip] + sorted(copied)
     if missing and not allow_unmatched:
         raise TvswitchError("%d of the %d tensors %s switches are not weights of %s (%s): every switch would "
                             "leave them at the graph's own values and answer wrong; export the graph with "
@@ -81,11 +106,13 @@ class EngineBinding:
     """
 
     def __init__(self, bundle: Bundle, engine_weights: EngineWeights, *, unread: Iterable[str] = (),
-                 constants: Iterable[str] = (), allow_unmatched: bool = False, cuts: Sequence[HeadCut] = (),
-                 what: str = "the engine"):
+                 constants: Iterable[str] = (), copies: Mapping[str, Tuple[str, str]] = MappingProxyType({}),
+                 aliases: Mapping[str, str] = MappingProxyType({}), allow_unmatched: bool = False,
+                 cuts: Sequence[HeadCut] = (), what: str = "the engine"):
         self.bundle = bundle
         self.unmatched = check_engine_names(bundle, engine_weights, unread=unread, constants=constants,
-                                            allow_unmatched=allow_unmatched, what=what)
+                                            copies=copies, aliases=aliases, allow_unmatched=allow_unmatched,
+                                            what=what)
         self.heads: HeadLayout = layout_heads({t: bundle.task_specific(t) for t in bundle.tasks}, engine_weights, cuts)
         self.servable = [t for t in bundle.tasks if t not in self.heads.misfits]
         if not self.servable and self.heads.names:

@@ -65,6 +65,7 @@ class GpuBundleSource(BoundSource):
                                 "constants" % (engine.kind, len(engine.constants)))
         specs = engine.weight_specs
         self.binding = binding or EngineBinding(bundle, specs, unread=engine.unread_weights,
+                                                copies=engine.weight_copies, aliases=engine.weight_aliases,
                                                 allow_unmatched=allow_unmatched, cuts=engine.head_cuts, what=what)
         self.unmatched = self.binding.unmatched
         self.bundle = bundle

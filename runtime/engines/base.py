@@ -55,6 +55,13 @@ class Engine(abc.ABC):
     #: a bundle's ``base_only`` tensors, which no switch changes.  ONNX Runtime then
     #: pre-packs them as it does a constant-weight graph's (docs/engines.md section 2).
     constants: Mapping[str, np.ndarray] = MappingProxyType({})
+    #: Constants of the network that hold a weight's value under another name (constant name
+    #: -> (weight, how)): uses of the weight a switch cannot reach (``onnx_graph.weight_copies``;
+    #: ``binding.check_engine_names`` refuses them where a task changes the weight).
+    weight_copies: Mapping[str, Tuple[str, str]] = MappingProxyType({})
+    #: Tied names (alias -> the weight read for it, from the graph's record): the graph
+    #: reads one tensor for both, so a task must change both or neither (``check_engine_names``).
+    weight_aliases: Mapping[str, str] = MappingProxyType({})
 
     @property
     @abc.abstractmethod

@@ -168,6 +168,12 @@ def recorded_unread(model: "onnx.ModelProto") -> List[str]:
     return [] if record is None else list(record.unused) + list(record.aliases)
 
 
+def recorded_aliases(model: "onnx.ModelProto") -> Dict[str, str]:
+    """Tied names the exporter's record lists (alias -> the weight the graph reads for it)."""
+    record = read_record(model)
+    return {} if record is None else dict(record.aliases)
+
+
 def _elem_dtype(elem_type: int) -> np.dtype:
     onnx = _onnx()
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
@@ -326,6 +332,61 @@ def tensorrt_graph(model: "onnx.ModelProto", weights: List[str], values: Mapping
     del graph.node[:]
     graph.node.extend(nodes)
     return out, folds
+
+
+def weight_copies(model: "onnx.ModelProto", weights: Iterable[str]) -> Dict[str, Tuple[str, str]]:
+    """Constants of ``model`` that hold one of its ``weights``' values under another name
+    (constant name -> (weight, "copy" or "transposed")).
+
+    Constant folding in a plain ``torch.onnx.export`` turns ``x @ w.t()`` into a new
+    initializer ``onnx::MatMul_N`` beside ``w``: the graph still has a weight of the
+    bundle's name, but a switch would reach only some of its uses and the answers would mix
+    the task's weights and the base's, with no error.  Found by value: an initializer or
+    ``Constant`` node whose float32 bytes are a weight's own, or its transpose's.  Weights of
+    one repeated value (zeros, ones) are left out, since any constant of that size would
+    match.  Empty for a graph with the exporter's record, which wrote every copy as a
+    node over the weight itself.
+    """
+    import hashlib
+
+    from onnx import TensorProto, numpy_helper
+
+    if read_record(model) is not None:
+        return {}
+    wanted = set(weights)
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = dict((n, t) for n, t in inits.items() if n not in wanted)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] not in wanted:
+            constants.update((node.output[0], a.t) for a in node.attribute if a.name == "value")
+
+    def floating(t) -> bool:
+        return t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+    def digest(a: np.ndarray) -> bytes:
+        return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()
+
+    sizes = {int(np.prod(t.dims)) for t in constants.values() if floating(t)}
+    found: Dict[bytes, Tuple[str, str]] = {}
+    for name in wanted:
+        t = inits.get(name)
+        if t is None or not floating(t) or int(np.prod(t.dims)) not in sizes:
+            continue
+        a = numpy_helper.to_array(t)
+        if a.size < 2 or np.all(a == a.flat[0]):
+            continue
+        found.setdefault(digest(a), (name, "copy"))
+        if a.ndim == 2:
+            found.setdefault(digest(a.T), (name, "transposed"))
+    if not found:
+        return {}
+    copies = {}
+    for name, t in constants.items():
+        if floating(t) and int(np.prod(t.dims)) in sizes:
+            hit = found.get(digest(numpy_helper.to_array(t)))
+            if hit is not None:
+                copies[name] = hit
+    return copies
 
 
 def unread_weights(model: "onnx.ModelProto", weights: Iterable[str]) -> List[str]:

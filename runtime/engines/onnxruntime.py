@@ -131,6 +131,8 @@ class OnnxRuntimeEngine(Engine):
         self.constants = held_constants(constants or {}, specs, self.defaults)
         self._specs = {n: spec for n, spec in specs.items() if n not in self.constants}
         self.unread_weights = onnx_graph.recorded_unread(proto)
+        self.weight_copies = onnx_graph.weight_copies(proto, weights)
+        self.weight_aliases = onnx_graph.recorded_aliases(proto)
         self.head_cuts = onnx_graph.recorded_heads(proto)
         self._inputs = onnx_graph.data_inputs(serving, weights)
         declared = {i.name: i for i in serving.graph.input}

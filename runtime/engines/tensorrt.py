@@ -274,6 +274,8 @@ class TensorRTEngine(Engine):
         self._version = parse_version(trt.__version__)
         proto = onnx_graph.load_model(model)
         names_list = onnx_graph.find_weights(proto, names)
+        self.weight_copies = onnx_graph.weight_copies(proto, names_list)
+        self.weight_aliases = onnx_graph.recorded_aliases(proto)
         _, defaults, specs = onnx_graph.serving_graph(proto, names_list)
         values = dict(defaults)
         values.update(weights or {})

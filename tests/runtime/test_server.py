@@ -398,3 +398,137 @@ def test_after_any_switches_and_failures_the_serving_slot_holds_a_fresh_rebuild(
         for name, a in heads.items():
             np.testing.assert_array_equal(np.asarray(live[name]), a)
     assert any(s is not None for s in written) and written.count(None) > 1  # skipped, and whole after failures
+
+
+def _read_twice_net():
+    """y = tanh(x @ w) @ w.T + b: a plain export folds ``w.T`` into an initializer of its own."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+            self.b = torch.nn.Parameter(torch.randn(8) * 0.1)
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w) @ self.w.t() + self.b
+
+    return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def read_twice(tmp_path_factory, engine_models):
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    module = _read_twice_net()
+    folder = tmp_path_factory.mktemp("twice")
+    bundle, base = engine_models.make_bundle(folder, module)
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.from_numpy(x),), buf, dynamo=False, input_names=["x"],
+                          output_names=["y"], do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    assert len(proto.graph.initializer) == 3  # w, b and w.T under the exporter's name
+    onnx.save(proto, str(folder / "plain.onnx"))
+    return dict(bundle=bundle, base=base, module=module, x=x, model=str(folder / "plain.onnx"), folder=folder)
+
+
+def test_a_weight_the_graph_also_holds_folded_is_refused_naming_both(read_twice):
+    """The graph has a weight named ``w``, so the name check passes, but one of its two uses
+    reads a folded copy: every switch would answer with half the task's w and half the base's."""
+    from tvswitch.runtime.server import serve_bundle
+
+    engine = OnnxRuntimeEngine(read_twice["model"], names=read_twice["bundle"].shared_specs, threads=1)
+    (copy, (weight, how)), = engine.weight_copies.items()
+    assert (weight, how) == ("w", "transposed") and copy.startswith("onnx::")
+    for constants in (True, False):
+        with pytest.raises(TvswitchError) as info:
+            serve_bundle(read_twice["bundle"].path, model=read_twice["model"], base=read_twice["base"], threads=1,
+                         constants=constants)
+        message = str(info.value)
+        assert "'w'" in message and repr(copy) in message and "export-onnx" in message and "\n" not in message
+    server = serve_bundle(read_twice["bundle"].path, model=read_twice["model"], base=read_twice["base"], threads=1,
+                          allow_unmatched=True)
+    assert "w" in server.unmatched
+
+
+def test_the_same_network_exported_by_tvswitch_switches_every_use(read_twice, engine_models):
+    from tvswitch.export.onnx_export import export_onnx
+    from tvswitch.runtime.server import serve_bundle
+
+    graph = str(read_twice["folder"] / "model.onnx")
+    export_onnx(read_twice["module"], [read_twice["x"]], graph, input_names=["x"])
+    server = serve_bundle(read_twice["bundle"].path, model=graph, base=read_twice["base"], threads=1)
+    assert not server.engine.weight_copies
+    for task in read_twice["bundle"].tasks:
+        server.switch({task: 1.0})
+        want = engine_models.torch_reference(read_twice["module"], read_twice["bundle"], read_twice["base"],
+                                             {task: 1.0}, {"x": read_twice["x"]}, ["x"])
+        np.testing.assert_allclose(next(iter(server.infer({"x": read_twice["x"]}).values())), want,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_weight_copies_are_found_by_value_and_constant_weights_are_not(read_twice):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tvswitch.runtime.engines import onnx_graph
+
+    proto = onnx.load(read_twice["model"])
+    w = next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "w")
+    proto.graph.initializer.append(numpy_helper.from_array(w.reshape(64), "flat"))  # same bytes, another shape
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros(8, np.float32), "zeros"))
+    proto.graph.node.append(helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(w.copy(), "c")))
+    copies = onnx_graph.weight_copies(proto, ["w", "b"])
+    assert copies.pop("flat") == ("w", "copy") and copies.pop("c") == ("w", "copy")
+    assert list(copies.values()) == [("w", "transposed")]
+    b = next(t for t in proto.graph.initializer if t.name == "b")
+    b.CopyFrom(numpy_helper.from_array(np.zeros(8, np.float32), "b"))  # a constant weight matches any zeros: not taken
+    assert "zeros" not in onnx_graph.weight_copies(proto, ["w", "b"])
+
+
+def test_a_task_changing_one_of_two_tied_names_is_refused(tmp_path, engine_models):
+    """An output projection tied to the embedding: the graph reads one tensor for both names.
+    A task that stores ``out.weight`` alone (a LoRA adapter on ``out``) would be served as the
+    base; one that changes both (a merged checkpoint) serves, as torch does."""
+    import torch
+
+    from tvswitch.export.exporter import export_bundle
+    from tvswitch.runtime.server import serve_bundle
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.out = torch.nn.Linear(8, 20, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.emb(ids)))
+
+    torch.manual_seed(0)
+    module = Tied().eval()
+    ids = np.array([[1, 5, 7]])
+    graph = str(tmp_path / "model.onnx")
+    export_onnx(module, [ids], graph, input_names=["ids"])
+    engine = OnnxRuntimeEngine(graph, threads=1)
+    assert dict(engine.weight_aliases) == {"out.weight": "emb.weight"}
+    one, base = engine_models.make_bundle(tmp_path, module, name="one.tvs", only=("out.weight",))
+    with pytest.raises(TvswitchError, match="changes 'out.weight', which the graph .* ties to 'emb.weight'"):
+        serve_bundle(one.path, model=graph, base=base, threads=1)
+    base, tasks = engine_models.task_checkpoints(module, only=("emb.weight",))
+    for ft in tasks.values():  # a merged checkpoint: one tensor under both names
+        ft["out.weight"] = ft["emb.weight"]
+    both = export_bundle(base, tasks, str(tmp_path / "both.tvs"), name="tvq", bits=8)
+    server = serve_bundle(both.path, model=graph, base=base, threads=1)
+    task = both.tasks[0]
+    server.switch({task: 1.0})
+    want = engine_models.torch_reference(module, both, base, {task: 1.0}, {"ids": ids}, ["ids"])
+    np.testing.assert_allclose(next(iter(server.infer({"ids": ids}).values())), want, rtol=1e-5, atol=1e-6)
