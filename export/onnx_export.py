@@ -25,7 +25,6 @@ The record of all this goes into the model's metadata (``runtime.engines.onnx_gr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -37,7 +36,7 @@ from tvswitch.files import atomic_write
 from tvswitch.runtime.checkpoint import contiguous
 from tvswitch.runtime.binding import EngineBinding
 from tvswitch.runtime.bundle import Bundle
-from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord, read_record
+from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord, digest, read_record
 from tvswitch.runtime.engines.torch_engine import call_module, default_names, fit_heads, flatten_outputs, set_tensor
 from tvswitch.runtime.heads import HeadCut, pad
 
@@ -188,7 +187,7 @@ class _tagged:
                     # Positive values in [0.5, 1.5): a tagged variance stays a valid variance.
                     tag = torch.rand(t.shape, generator=gen, dtype=torch.float32) + 0.5
                     t.copy_(tag.to(t.dtype))
-                    index[_digest(t.detach().cpu().numpy())] = name
+                    index[digest(t.detach().cpu().numpy())] = name
             if len(index) != len(self.groups):
                 raise TvswitchError("two weights drew the same tag; export again with another seed")
         except BaseException:
@@ -202,10 +201,6 @@ class _tagged:
         with torch.no_grad():
             for name, original in self.saved.items():
                 self.state[name].copy_(original)
-
-
-def _digest(a: np.ndarray) -> bytes:
-    return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()
 
 
 def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
@@ -271,11 +266,11 @@ def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
 
 def _trace(a: np.ndarray, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray]) -> Optional[Tuple[str, str]]:
     """(state_dict name, layout) of the tensor whose tag ``a`` holds, or None."""
-    name = tags.get(_digest(a))
+    name = tags.get(digest(a))
     if name is not None:
         return name, "identity" if tuple(a.shape) == values[name].shape else "reshape"
     if a.ndim == 2:
-        name = tags.get(_digest(a.T))
+        name = tags.get(digest(a.T))
         if name is not None and values[name].shape == a.T.shape:
             return name, "transpose"
     return None

@@ -9,12 +9,15 @@ once, before anything is written (``EngineBinding.check``).
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.heads import HeadCut, HeadLayout, OutputCut, layout_heads
 from tvswitch.runtime.mix import Mix, check_mix, head_task
+
+if TYPE_CHECKING:
+    from tvswitch.runtime.engines.base import Engine
 
 EngineWeights = Mapping[str, Tuple[Tuple[int, ...], Any]]
 
@@ -60,7 +63,8 @@ def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread:
     if changed:
         raise TvswitchError("%s holds %s as constants, but tasks of %s change them, which a switch then could "
                             "not: serve them as switchable weights" % (what, some(changed), bundle.path))
-    copied = {w: (c, how) for c, (w, how) in copies.items() if w in set(switched) - fixed}
+    changing = set(switched) - fixed
+    copied = {w: (c, how) for c, (w, how) in copies.items() if w in changing}
     if copied and not allow_unmatched:
         name, (copy, how) = next(iter(copied.items()))
         raise TvswitchError("%s holds weight %r a second time, as constant %r (%s, folded by the ONNX exporter), "
@@ -118,6 +122,15 @@ class EngineBinding:
         if not self.servable and self.heads.names:
             raise TvswitchError("%s serves none of the tasks of %s: %s" % (
                 what, bundle.path, "; ".join("%s: %s" % kv for kv in self.heads.misfits.items())))
+
+    @classmethod
+    def of_engine(cls, bundle: Bundle, engine: "Engine", *, unread: Iterable[str] = (),
+                  allow_unmatched: bool = False, what: str = "the engine") -> "EngineBinding":
+        """The bundle bound to ``engine``: its weights and what it says of them (unread
+        weights, constants, copies, tied names, head cuts); ``unread`` adds to its own."""
+        return cls(bundle, engine.weight_specs, unread=list(unread) + list(engine.unread_weights),
+                   constants=engine.constants, copies=engine.weight_copies, aliases=engine.weight_aliases,
+                   allow_unmatched=allow_unmatched, cuts=engine.head_cuts, what=what)
 
     def check(self, mix: Mapping[str, float]) -> Mix:
         """The mix validated (tasks, weights, its heaviest task's head); raises before anything is written."""

@@ -64,9 +64,7 @@ class GpuBundleSource(BoundSource):
             raise TvswitchError("the GPU rebuild writes every tensor of the bundle; the %s engine holds %d as "
                                 "constants" % (engine.kind, len(engine.constants)))
         specs = engine.weight_specs
-        self.binding = binding or EngineBinding(bundle, specs, unread=engine.unread_weights,
-                                                copies=engine.weight_copies, aliases=engine.weight_aliases,
-                                                allow_unmatched=allow_unmatched, cuts=engine.head_cuts, what=what)
+        self.binding = binding or EngineBinding.of_engine(bundle, engine, allow_unmatched=allow_unmatched, what=what)
         self.unmatched = self.binding.unmatched
         self.bundle = bundle
         self.engine = engine

@@ -86,21 +86,15 @@ class BundleSource(BoundSource):
         the tensors left at the graph's values; ``what`` names the engine in refusals.
         ``binding``: the bundle already bound to this engine (``serve_bundle`` binds first,
         so a graph that does not fit is refused before the base is looked for)."""
-        cuts: Sequence = ()
         constants: Mapping[str, np.ndarray] = {}
-        copies: Mapping[str, Tuple[str, str]] = {}
-        aliases: Mapping[str, str] = {}
         if isinstance(engine_weights, Engine):
-            unread = list(unread) + list(engine_weights.unread_weights)
-            cuts = engine_weights.head_cuts
             constants = engine_weights.constants
-            copies = engine_weights.weight_copies
-            aliases = engine_weights.weight_aliases
+            binding = binding or EngineBinding.of_engine(bundle, engine_weights, unread=unread,
+                                                         allow_unmatched=allow_unmatched, what=what)
             engine_weights = engine_weights.weight_specs
         self.bundle = bundle
-        self.binding = binding or EngineBinding(bundle, engine_weights, unread=unread, constants=constants,
-                                                copies=copies, aliases=aliases, allow_unmatched=allow_unmatched,
-                                                cuts=cuts, what=what)
+        self.binding = binding or EngineBinding(bundle, engine_weights, unread=unread,
+                                                allow_unmatched=allow_unmatched, what=what)
         self.unmatched = self.binding.unmatched
         self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
         check_constants(constants, self.rebuilder.base, what)
@@ -401,9 +395,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
             options["weights"] = dict(base if base is not None else opened.embedded_base())  # what it builds with
     eng = load_engine(engine, model, names=names, slots=slots, threads=threads, module=module,
                       input_names=input_names, **options)
-    binding = EngineBinding(opened, eng.weight_specs, unread=eng.unread_weights, constants=eng.constants,
-                            copies=eng.weight_copies, aliases=eng.weight_aliases, allow_unmatched=allow_unmatched,
-                            cuts=eng.head_cuts, what=what)
+    binding = EngineBinding.of_engine(opened, eng, allow_unmatched=allow_unmatched, what=what)
     if base is None and not opened.has_embedded_base:
         base = getattr(eng, "defaults", None)
         if not base:

@@ -18,6 +18,7 @@ choose, and ``derive_batchnorm`` computes them from the rebuilt weights at each 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
@@ -334,6 +335,12 @@ def tensorrt_graph(model: "onnx.ModelProto", weights: List[str], values: Mapping
     return out, folds
 
 
+def digest(a: np.ndarray) -> bytes:
+    """A tensor's values as float32 bytes, hashed: how a weight is recognised in a graph by
+    value (export_onnx traces its tags so, and ``weight_copies`` a plain export's copies)."""
+    return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()
+
+
 def weight_copies(model: "onnx.ModelProto", weights: Iterable[str]) -> Dict[str, Tuple[str, str]]:
     """Constants of ``model`` that hold one of its ``weights``' values under another name
     (constant name -> (weight, "copy" or "transposed")).
@@ -347,8 +354,6 @@ def weight_copies(model: "onnx.ModelProto", weights: Iterable[str]) -> Dict[str,
     match.  Empty for a graph with the exporter's record, which wrote every copy as a
     node over the weight itself.
     """
-    import hashlib
-
     from onnx import TensorProto, numpy_helper
 
     if read_record(model) is not None:
@@ -362,9 +367,6 @@ def weight_copies(model: "onnx.ModelProto", weights: Iterable[str]) -> Dict[str,
 
     def floating(t) -> bool:
         return t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-
-    def digest(a: np.ndarray) -> bytes:
-        return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()
 
     sizes = {int(np.prod(t.dims)) for t in constants.values() if floating(t)}
     found: Dict[bytes, Tuple[str, str]] = {}
