@@ -319,9 +319,15 @@ def _encode_emr(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint],
             vectors[t][name] = tau
     merged = emr(vectors)
     for name in layout.vectors:
+        # a task whose mask keeps nothing of a tensor (it left it as the base has it, or
+        # disagrees in sign everywhere) adds zero there: it gets no entry, as in the other
+        # schemes, and a tensor no task keeps anything of stores no unified vector either
+        keeping = [t for t in tasks if merged.masks[t][name].any() and merged.rescalers[t] != 0.0]
+        if not keeping:
+            continue
         group = group_size(base.tensors[name].shape, scheme.granularity)
         shared = codes_term(store, "@shared/%s" % name, quantize(merged.unified[name], scheme.bits, group))
-        for t in tasks:
+        for t in keeping:
             term = dict(shared, mask=store.add("%s/%s/mask" % (t, name), pack_mask(merged.masks[t][name].reshape(-1))),
                         scale=float(merged.rescalers[t]))
             entries[t][name] = {"mode": "delta", "terms": [term]}

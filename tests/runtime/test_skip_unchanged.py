@@ -68,6 +68,16 @@ def test_a_tensor_no_task_of_either_mix_changes_is_skipped(bundles):
     assert r.mix_tables({"c": 1.0}).since(full).names == full.names  # c changes everything
 
 
+@pytest.mark.parametrize("scheme", ["%s %s" % s for s in SCHEMES])
+def test_every_scheme_stores_nothing_for_a_tensor_a_task_left_alone(bundles, scheme):
+    base, by_scheme = bundles
+    bundle = by_scheme[scheme]
+    for task, prefixes in TOUCHES.items():
+        stored = set(bundle.entries(task))
+        touched = {n for n in bundle.shared_specs if n.startswith(prefixes)}
+        assert stored <= touched, (task, sorted(stored - touched))
+
+
 @pytest.mark.skipif(not cpu.available(), reason="CPU library not built: %s" % cpu.unavailable_reason())
 @pytest.mark.parametrize("scheme", ["%s %s" % s for s in SCHEMES])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
