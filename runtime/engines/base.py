@@ -59,8 +59,8 @@ class Engine(abc.ABC):
     #: -> (weight, how)): uses of the weight a switch cannot reach (``onnx_graph.weight_copies``;
     #: ``binding.check_engine_names`` refuses them where a task changes the weight).
     weight_copies: Mapping[str, Tuple[str, str]] = MappingProxyType({})
-    #: Tied names (alias -> the weight read for it, from the graph's record): the graph
-    #: reads one tensor for both, so a task must change both or neither (``check_engine_names``).
+    #: Tied names (alias -> the weight read for it: the graph's record, a module's shared parameters): one
+    #: tensor is read for both, so a task must change both or neither (``check_engine_names``).
     weight_aliases: Mapping[str, str] = MappingProxyType({})
 
     @property

@@ -63,10 +63,12 @@ class TorchEngine(Engine):
         self.defaults: Optional[Dict[str, np.ndarray]] = {n: t.detach().cpu().numpy().copy()
                                                           for n, t in state.items()}
         wanted = set(names) if names is not None else None
-        self._params: Dict[str, Any] = {n: t for n, t in state.items()
-                                        if t.is_floating_point() and (wanted is None or n in wanted)}
-        if wanted is not None and len(self._params) != len(wanted & set(state)):
-            bad = sorted(n for n in wanted & set(state) if n not in self._params)
+        self.weight_aliases = tied_names(state)
+        self.unread_weights = list(self.weight_aliases)
+        self._params: Dict[str, Any] = {n: t for n, t in state.items() if t.is_floating_point()
+                                        and n not in self.weight_aliases and (wanted is None or n in wanted)}
+        if wanted is not None and len(self._params) != len(wanted & set(state) - set(self.weight_aliases)):
+            bad = sorted(n for n in wanted & set(state) if n not in self._params and n not in self.weight_aliases)
             raise TvswitchError("tensor %r of the module is not a float tensor" % bad[0])
         self._device = next(iter(self._params.values())).device if self._params else torch.device("cpu")
         self.publish_copies = self._device.type != "cpu"
@@ -127,6 +129,30 @@ class TorchEngine(Engine):
         if len(flat) != len(self._outputs):
             raise TvswitchError("the module returned %d outputs for %d output names" % (len(flat), len(self._outputs)))
         return dict(zip(self._outputs, flat))
+
+
+def tied_names(state: Mapping[str, Any]) -> Dict[str, str]:
+    """Later state_dict names of a tensor an earlier name already holds (alias -> that name).
+
+    A tied output projection (``out.weight = emb.weight``) is one parameter under two
+    names.  Served as two weights, a rebuild would write one memory twice and the value
+    left would depend on which name came last: a task that changes one name only would
+    be served wrong or right by chance.  So the first name is the weight, the others its
+    aliases (``Engine.weight_aliases``), which ``check_engine_names`` holds to the same
+    rule as a graph's tied names.  Tensors that share memory in another shape (a view)
+    are not ties and stay weights of their own.
+    """
+    first: Dict[Tuple, str] = {}
+    aliases: Dict[str, str] = {}
+    for name, t in state.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
 
 
 def call_module(module: Any, args: Sequence[Any], named: Mapping[str, Any]) -> Any:

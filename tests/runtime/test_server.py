@@ -19,6 +19,7 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export.onnx_export import export_onnx
 from tvswitch.runtime.engines import load_engine
 from tvswitch.runtime.engines.onnxruntime import OnnxRuntimeEngine
+from tvswitch.runtime.engines.torch_engine import TorchEngine
 from tvswitch.runtime.server import BundleSource, Server
 
 ENGINES = ["onnxruntime", "torch"]
@@ -523,6 +524,11 @@ def test_a_task_changing_one_of_two_tied_names_is_refused(tmp_path, engine_model
     one, base = engine_models.make_bundle(tmp_path, module, name="one.tvs", only=("out.weight",))
     with pytest.raises(TvswitchError, match="changes 'out.weight', which the graph .* ties to 'emb.weight'"):
         serve_bundle(one.path, model=graph, base=base, threads=1)
+    torch_engine = TorchEngine(module, ["ids"])  # one parameter under two names: the first is the weight
+    assert dict(torch_engine.weight_aliases) == {"out.weight": "emb.weight"}
+    assert "out.weight" not in torch_engine.weight_specs
+    with pytest.raises(TvswitchError, match="changes 'out.weight', which the torch module ties to 'emb.weight'"):
+        serve_bundle(one.path, "torch", module=module, input_names=["ids"], base=base)
     base, tasks = engine_models.task_checkpoints(module, only=("emb.weight",))
     for ft in tasks.values():  # a merged checkpoint: one tensor under both names
         ft["out.weight"] = ft["emb.weight"]
@@ -532,3 +538,6 @@ def test_a_task_changing_one_of_two_tied_names_is_refused(tmp_path, engine_model
     server.switch({task: 1.0})
     want = engine_models.torch_reference(module, both, base, {task: 1.0}, {"ids": ids}, ["ids"])
     np.testing.assert_allclose(next(iter(server.infer({"ids": ids}).values())), want, rtol=1e-5, atol=1e-6)
+    on_torch = serve_bundle(both.path, "torch", module=module, input_names=["ids"], base=base)
+    on_torch.switch({task: 1.0})
+    np.testing.assert_allclose(next(iter(on_torch.infer({"ids": ids}).values())), want, rtol=1e-5, atol=1e-6)
