@@ -36,8 +36,9 @@ from tvswitch.files import atomic_write
 from tvswitch.runtime.checkpoint import contiguous
 from tvswitch.runtime.binding import EngineBinding
 from tvswitch.runtime.bundle import Bundle
-from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord, digest, read_record
-from tvswitch.runtime.engines.torch_engine import call_module, default_names, fit_heads, flatten_outputs, set_tensor
+from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord, digest, read_record, unread_weights
+from tvswitch.runtime.engines.torch_engine import (call_module, default_names, fit_heads, flatten_outputs, set_tensor,
+                                                   tied_names)
 from tvswitch.runtime.heads import HeadCut, pad
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
         _verify(model, input_names, [x.detach().cpu().numpy() for x in inputs], reference)
     record = dataclasses.replace(record, heads=cuts, stripped=strip)
     if strip:
-        _strip(model, set(record.weights) | set(record.unused) | set(record.fixed))
+        _strip(model, set(record.weights) | set(record.unused) | set(unread_weights(model, record.fixed)))
     prop = model.metadata_props.add()
     prop.key, prop.value = WEIGHTS_KEY, record.to_json()
     if out is not None:
@@ -159,12 +160,11 @@ def _strip(model: "onnx.ModelProto", names: Set[str]) -> None:
 
 def _alias_groups(state: Mapping[str, Any]) -> Dict[str, List[str]]:
     """Float state_dict tensors by storage: canonical name -> every name sharing it (tied weights)."""
-    groups: Dict[Tuple, List[str]] = {}
-    for name, t in state.items():
-        if t.is_floating_point():
-            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            groups.setdefault(key, []).append(name)
-    return {names[0]: names for names in groups.values()}
+    aliases = tied_names(state)
+    groups = {n: [n] for n, t in state.items() if t.is_floating_point() and n not in aliases}
+    for alias, name in aliases.items():
+        groups[name].append(alias)
+    return groups
 
 
 class _tagged:
@@ -253,14 +253,13 @@ def _rewrite(model, tags: Mapping[bytes, str], values: Mapping[str, np.ndarray],
         graph.initializer.append(numpy_helper.from_array(contiguous(v), name))
         weights[name] = (tuple(v.shape), v.dtype.name)
     taken = {t.name for t in graph.initializer}
-    fixed = [n for n in others if n not in taken]
     unused = [name for name in groups if name not in used and name not in taken]
-    stored = [(n, others[n]) for n in fixed] + [(n, values[n]) for n in unused]
+    stored = [(n, a) for n, a in others.items() if n not in taken] + [(n, values[n]) for n in unused]
     graph.initializer.extend(numpy_helper.from_array(contiguous(a), n) for n, a in stored)
     return WeightRecord(
         weights=weights, renamed=renamed,
         aliases={alias: name for name, names in groups.items() for alias in names[1:]},
-        unused=unused, fixed=fixed,
+        unused=unused, fixed=list(others),  # with those forward reads under their own name (position_ids)
     )
 
 

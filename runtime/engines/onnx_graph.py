@@ -54,8 +54,9 @@ class WeightRecord:
     trace every ``onnx::MatMul_N`` back to its tensor.
     ``aliases``: tied state_dict names -> the one name the graph uses.
     ``unused``: float state_dict tensors the traced graph does not read (a pooler).
-    ``fixed``: non-float state_dict tensors (BatchNorm's ``num_batches_tracked``).
-    Both are kept as initializers no node reads, so the graph carries everything a
+    ``fixed``: non-float state_dict tensors (BatchNorm's ``num_batches_tracked``, a
+    ``position_ids`` buffer).  Both are kept as initializers (no node reads them, except
+    a fixed tensor that ``forward`` reads itself), so the graph carries everything a
     bundle's base fingerprint covers and can serve as the base, unless ``stripped``.
     ``heads``: for each head shape of the bundle the graph was exported for
     (``export-onnx --bundle``), how its outputs are cut (``runtime.heads.HeadCut``).
@@ -191,8 +192,10 @@ def serving_graph(model: "onnx.ModelProto", weights: List[str]
                   ) -> Tuple["onnx.ModelProto", Dict[str, np.ndarray], WeightSpecs]:
     """(graph with every weight a plain input, the defaults the file held, weight specs).
 
-    The defaults (and the record's ``unused`` and ``fixed`` tensors) are returned once and dropped from
-    the graph so that ONNX Runtime holds no second copy of them; a weight the file has no
+    The defaults (and the record's ``unused`` and ``fixed`` tensors, and tied aliases,
+    which share their weight's array) are returned once and dropped from the graph so
+    that ONNX Runtime holds no second copy of them; a ``fixed`` tensor that a node reads
+    (an int64 ``position_ids``) stays in the graph as well.  A weight the file has no
     value for must be bound by the caller.  Weight shapes must be static: a rebuild
     writes fixed buffers.
     """
@@ -204,13 +207,17 @@ def serving_graph(model: "onnx.ModelProto", weights: List[str]
     graph = model_out.graph
     record = read_record(model)
     wanted = set(weights) | set(record.fixed + record.unused if record else ())
+    read = _read_names(graph)
     defaults: Dict[str, np.ndarray] = {}
     keep = []
     for t in graph.initializer:
         if t.name in wanted:
             defaults[t.name] = numpy_helper.to_array(t)
-        else:
+        if t.name not in wanted or (t.name not in weights and t.name in read):
             keep.append(t)
+    for alias, name in (record.aliases.items() if record else ()):
+        if name in defaults:
+            defaults[alias] = defaults[name]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     declared = {i.name: i for i in graph.input}

@@ -541,3 +541,46 @@ def test_a_task_changing_one_of_two_tied_names_is_refused(tmp_path, engine_model
     on_torch = serve_bundle(both.path, "torch", module=module, input_names=["ids"], base=base)
     on_torch.switch({task: 1.0})
     np.testing.assert_allclose(next(iter(on_torch.infer({"ids": ids}).values())), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_with_tied_names_and_an_int_buffer_forward_reads_serves_as_the_base(tmp_path, engine_models):
+    """The graph's own weights are the base when no --base is given: a tied alias (not a
+    weight of the graph) and an int64 ``position_ids`` buffer that ``forward`` reads (an
+    initializer of the graph under its own name) are both in the bundle's fingerprint, so
+    the graph's defaults must hold them; a stripped graph (--bundle) keeps the buffer."""
+    import torch
+
+    from tvswitch.export.exporter import export_bundle
+    from tvswitch.export.onnx_export import export_onnx_for_bundle
+    from tvswitch.runtime.server import serve_bundle
+
+    class Positions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.pos = torch.nn.Embedding(4, 8)
+            self.register_buffer("position_ids", torch.arange(4).unsqueeze(0))
+            self.out = torch.nn.Linear(8, 20, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.emb(ids) + self.pos(self.position_ids[:, :ids.shape[1]])))
+
+    torch.manual_seed(0)
+    module = Positions().eval()
+    ids = np.array([[1, 5, 7]])
+    base, tasks = engine_models.task_checkpoints(module)
+    for ft in tasks.values():
+        ft["out.weight"] = ft["emb.weight"]
+    bundle = export_bundle(base, tasks, str(tmp_path / "pos.tvs"), name="tvq", bits=8)
+    assert "position_ids" in bundle.manifest["base"]["other"]
+    graph = str(tmp_path / "model.onnx")
+    export_onnx(module, [ids], graph, input_names=["ids"])
+    stripped = str(tmp_path / "stripped.onnx")
+    export_onnx_for_bundle(module, bundle, [ids], stripped, input_names=["ids"])
+    for model, given in ((graph, None), (stripped, base)):
+        server = serve_bundle(bundle.path, model=model, base=given, threads=1)
+        for task in bundle.tasks:
+            server.switch({task: 1.0})
+            want = engine_models.torch_reference(module, bundle, base, {task: 1.0}, {"ids": ids}, ["ids"])
+            np.testing.assert_allclose(next(iter(server.infer({"ids": ids}).values())), want, rtol=1e-5, atol=1e-6)
