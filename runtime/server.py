@@ -372,6 +372,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     if engine == "onnxruntime" and constants and opened.base_only:
         if base is None and opened.has_embedded_base:  # the bundle's own copy: not checked, as before
             base, verify_base = opened.embedded_base(), False
+        elif base is not None:  # a wrong base is the base's error, not the constants'
+            opened.check_base_shapes(base, names=opened.base_only)
         # the arrays the rebuild reads serve them too (a base lacking one is refused, naming it, once
         # the graph is bound); without a base, the graph's own values where it holds them
         options["constants"] = {n: base[n] if base is not None else None for n in opened.base_only

@@ -219,14 +219,21 @@ class Bundle:
         missing = [n for n in names if n not in base]
         if missing:
             raise BundleError("%s lacks tensor %r that bundle %s was exported with" % (label, missing[0], self.path))
-        for name, spec in self.shared_specs.items():
-            a = base[name]
-            if tuple(a.shape) != spec.shape or a.dtype.name != spec.dtype:
-                raise BundleError("%s: tensor %r is %s%s, bundle %s expects %s%s"
-                                  % (label, name, a.dtype.name, list(a.shape), self.path, spec.dtype, list(spec.shape)))
+        self.check_base_shapes(base, label)
         if fingerprint(base, names) != self.base_fingerprint:
             raise BundleError("%s is not the base bundle %s was exported against (fingerprint differs)"
                               % (label, self.path))
+
+    def check_base_shapes(self, base: Mapping[str, np.ndarray], label: str = "the base",
+                          names: Optional[Iterable[str]] = None) -> None:
+        """Refuse a tensor of ``base`` (of ``names``, default every shared one it holds) whose
+        shape or dtype is not the bundle's: ``check_base`` without the fingerprint, for a
+        caller that takes some of the base's arrays before the rebuild checks it whole."""
+        for name in self.shared_specs if names is None else names:
+            spec, a = self.shared_specs[name], base.get(name)
+            if a is not None and (tuple(a.shape) != spec.shape or a.dtype.name != spec.dtype):
+                raise BundleError("%s: tensor %r is %s%s, bundle %s expects %s%s"
+                                  % (label, name, a.dtype.name, list(a.shape), self.path, spec.dtype, list(spec.shape)))
 
     # ---- sizes ----
     @property

@@ -95,6 +95,16 @@ def test_a_base_lacking_a_tensor_is_refused_naming_it(case):
         serve_bundle(case["bundle"].path, model=case["graph"], base=lacking, threads=1)
 
 
+def test_a_base_tensor_of_another_shape_is_the_bases_error_not_the_constants(case):
+    wrong = dict(case["base"])
+    name = case["bundle"].base_only[0]
+    wrong[name] = np.zeros(wrong[name].size + 1, np.float32)
+    for constants in (True, False):
+        with pytest.raises(TvswitchError, match="the base: tensor %r is float32\\[%d\\], bundle .* expects"
+                           % (name, wrong[name].size)):
+            serve_bundle(case["bundle"].path, model=case["graph"], base=wrong, threads=1, constants=constants)
+
+
 def test_the_slots_hold_what_a_fresh_rebuild_writes(case):
     """After switches through the server (skipping what did not change), each slot array is byte
     for byte a fresh rebuild of the mix served."""
