@@ -113,10 +113,17 @@ def test_an_lzma_stream_asking_for_a_large_decoder_is_refused_before_it_decodes(
 
 
 def test_sigkill_during_writes_loses_nothing_and_stale_temporaries_go(tmp_path):
-    stats = rel.kill_campaign(str(tmp_path), kills=6, seed=1, elements=4 << 20)
-    assert stats["kills"] == 6 and stats["killed mid-write"] > 0, stats
-    assert stats["files lost"] == 0, stats
-    assert stats["temporaries after the next write"] == 0, stats
+    """Whether a kill lands mid-write is a matter of timing: a campaign in which none did
+    proves nothing, so another seed runs (three at most); every campaign must lose nothing."""
+    mid_write = 0
+    for seed in (1, 2, 3):
+        stats = rel.kill_campaign(str(tmp_path / str(seed)), kills=6, seed=seed, elements=4 << 20)
+        assert stats["kills"] == 6 and stats["files lost"] == 0, stats
+        assert stats["temporaries after the next write"] == 0, stats
+        mid_write += stats["killed mid-write"]
+        if mid_write:
+            break
+    assert mid_write > 0, "no kill of three campaigns landed mid-write: %s" % stats
 
 
 def test_concurrent_answers_are_one_tasks_and_the_check_sees_torn_weights(tmp_path):
