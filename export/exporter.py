@@ -322,7 +322,7 @@ def _encode_emr(scheme: Scheme, base: Checkpoint, cks: Mapping[str, Checkpoint],
         # a task whose mask keeps nothing of a tensor (it left it as the base has it, or
         # disagrees in sign everywhere) adds zero there: it gets no entry, as in the other
         # schemes, and a tensor no task keeps anything of stores no unified vector either
-        keeping = [t for t in tasks if merged.masks[t][name].any() and merged.rescalers[t] != 0.0]
+        keeping = [t for t in tasks if merged.masks[t][name].any()]
         if not keeping:
             continue
         group = group_size(base.tensors[name].shape, scheme.granularity)
