@@ -14,13 +14,13 @@ For every bundle the text8 benchmark wrote (bench/text8; a ``NAME-lzma-HASH.tvs`
   A memoryless coder cannot go below it; lzma can, where it finds repeats (identical rows);
 - masks: what the masks take as bitmaps (1 bit per element, the streams layout) and
   two-level (1 bit per group of 4 elements plus the 4 bits of every group with a kept
-  element, the T-Switch authors' form);
-- the codes in each layout of docs/FORMAT.md: streams (a b-bit stream, for T-Switch a
-  mask and a sign bitmap), compact (T-Switch's masked signs in the groups layout of
-  section 3.3, other codes in the sparse layout of 3.4 with the most common code as the
-  fill), and auto, compact per term where it takes at most the exporter's AUTO_COMPACT of
-  the streams' bits; each counted by ``exporter.term_form``, which picks what ``--layout``
-  stores.
+  element, the T-Switch authors' form): EMR's, and T-Switch's in bundles written before
+  its terms were ternary codes (a T-Switch term is now one 2-bit code, no mask);
+- the codes in each layout of docs/FORMAT.md: streams (a b-bit stream), compact (the
+  sparse layout of 3.4 with the most common code as the fill), and auto, compact per term
+  where it takes at most the exporter's AUTO_COMPACT of the streams' bits; each counted by
+  ``exporter.term_form``, which picks what ``--layout`` stores, a T-Switch term of an older
+  bundle (masked signs) as its ternary codes.
   Over every codes term that has a compact form (EMR's masked shared codes have none); a
   bundle stored in any layout gives the same figures: they are computed from the decoded
   codes and masks.
@@ -112,11 +112,14 @@ def tally(bundle: Bundle) -> Tally:
                     if codes is None:
                         codes = unpack_codes(bundle.payload(term.codes), term.bits, n)
                     t.bound += entropy_bits(codes if keep is None or users[term.codes] > 1 else codes[keep])
-                    # a compact form: groups for a task's own masked signs, sparse for unmasked codes
-                    if (keep is not None and term.bits == 1 and users[term.codes] == 1) or (keep is None and n):
-                        t.streams += 32 * term_form(codes, term.bits, keep, "streams")[1]
-                        t.compact += 32 * term_form(codes, term.bits, keep, "compact")[1]
-                        t.auto += 32 * term_form(codes, term.bits, keep, "auto")[1]
+                    bits, priced = term.bits, codes
+                    legacy = keep is not None and term.bits == 1 and users[term.codes] == 1
+                    if legacy:  # T-Switch as written before its terms were ternary codes: priced
+                        bits, priced = 2, np.where(keep, 2 * codes, 1)  # as the exporter writes it now
+                    if legacy or (keep is None and n):
+                        t.streams += 32 * term_form(priced, bits, None, "streams")[1]
+                        t.compact += 32 * term_form(priced, bits, None, "compact")[1]
+                        t.auto += 32 * term_form(priced, bits, None, "auto")[1]
                 if term.params is not None and term.params not in t.keys:
                     t.bound += 8 * bundle.payload(term.params).nbytes
                 if term.kind == "raw" and term.values not in t.keys:

@@ -5,7 +5,7 @@
 For T-Switch at keep 0.1, 0.3 and 0.5, TVQ at 2, 3 and 4 bits and RTVQ(3+2) on the eight
 MiniLM fine-tunes of bench/text8 (or synthetic task vectors of the same shapes,
 bench/rebuild_cpu.load_checkpoints), one bundle per layout (streams: code streams and
-bitmaps; compact: T-Switch's groups, section 3.3, and sparse codes, 3.4; auto: compact
+bitmaps; compact: sparse codes, section 3.4, T-Switch's ternary codes included; auto: compact
 where that at least halves a term, the exporter's default), then per layout:
 bits per weight resident (the packed payloads), and the CPU rebuild of one task and of the
 8-task mix on one thread, into the same fp32 buffers. The layouts' rebuilds alternate call

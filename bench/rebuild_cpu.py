@@ -57,8 +57,9 @@ def load_checkpoints(cache: pathlib.Path) -> Tuple[Dict[str, np.ndarray], Dict[s
 
 
 def groups_bits(keep: float) -> float:
-    """Nominal bits per weight of T-Switch's groups layout (docs/FORMAT.md 3.3) with kept
-    elements spread at random: the index's 1/32 plus a byte per group of four holding one."""
+    """Nominal bits per weight of T-Switch's compact form with kept elements spread at
+    random: the index's 1/32 plus a byte per group of four holding one (its four ternary
+    codes in the sparse layout, docs/FORMAT.md 3.4; the groups layout of 3.3 took the same)."""
     return 1 / 32 + 2 * (1 - (1 - keep) ** 4)
 
 
@@ -87,8 +88,8 @@ def main(argv: List[str] = None) -> int:
         ("RTVQ budget 2.375", dict(name="rtvq", budget_bits=2.375, **streams), 2.375),
         ("RTVQ budget 2.375, auto", dict(name="rtvq", budget_bits=2.375, layout="auto"), 2.375),
         ("T-Switch keep 0.3, streams", dict(name="tswitch", keep=0.3, **streams), 2.0),
-        ("T-Switch keep 0.3, groups", dict(name="tswitch", keep=0.3, layout="compact"), groups_bits(0.3)),
-        ("T-Switch keep 0.1, groups", dict(name="tswitch", keep=0.1, layout="compact"), groups_bits(0.1)),
+        ("T-Switch keep 0.3, compact", dict(name="tswitch", keep=0.3, layout="compact"), groups_bits(0.3)),
+        ("T-Switch keep 0.1, compact", dict(name="tswitch", keep=0.1, layout="compact"), groups_bits(0.1)),
         ("TVQ-INT2 + lzma", dict(name="tvq", bits=2, entropy="lzma", **streams), 2.0),
         ("RTVQ(3+2) + lzma", dict(name="rtvq", entropy="lzma", **streams), 2.375),
         ("T-Switch keep 0.3, streams + lzma", dict(name="tswitch", keep=0.3, entropy="lzma", **streams), 2.0),

@@ -7,7 +7,7 @@ Prints the table of docs/results/reliability.md.  The test suite runs the same c
 few hundred mutants (tests/runtime/test_reliability.py loads this file by path).
 
 Mutants, four layers (each from one of several real bundles: TVQ, RTVQ with an embedded
-base, T-Switch with lzma on flash, T-Switch in the groups layout, TVQ in the sparse layout,
+base, T-Switch with lzma on flash, T-Switch in the sparse layout (ternary codes), TVQ in the sparse layout,
 all with heads):
 - ``bytes``: bytes anywhere in the file overwritten (no checksum recomputed): every
   mutant must be refused or read back exactly as the original (else: silent corruption);
@@ -71,7 +71,7 @@ def make_bundles(folder: str) -> Tuple[List[str], str]:
     for name, fields in (("tvq", dict(name="tvq", bits=3, entropy="zlib")),
                          ("rtvq", dict(name="rtvq", include_base="float16")),
                          ("tswitch", dict(name="tswitch", entropy="lzma", layout="streams")),
-                         ("tswitch-groups", dict(name="tswitch", keep=0.1, layout="compact")),
+                         ("tswitch-sparse", dict(name="tswitch", keep=0.1, layout="compact")),
                          ("tvq-sparse", dict(name="tvq", bits=2, layout="compact"))):
         path = os.path.join(folder, name + ".tvs")
         export_bundle(base, tasks, path, **fields)

@@ -19,12 +19,12 @@ from tvswitch.errors import TvswitchError
 from tvswitch.export import allocate as alloc
 from tvswitch.export.checkpoints import Checkpoint, Layout, align, classify, load_checkpoint, task_vectors
 from tvswitch.export.lora import load_task
-from tvswitch.kernels.packing import (group_data_words, group_index_words, kept_groups, pack_codes, pack_groups,
-                                      pack_mask, pack_sparse, sparse_words, stored_groups)
+from tvswitch.kernels.packing import (group_index_words, pack_codes, pack_mask, pack_sparse, sparse_words,
+                                      stored_groups)
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
-from tvswitch.export.tswitch import binarize
+from tvswitch.export.tswitch import Switch, binarize
 from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
 from tvswitch.files import same_file
 from tvswitch.kernels.abi import code_words
@@ -35,9 +35,9 @@ from tvswitch.runtime.checkpoint import fingerprint
 from tvswitch.runtime.rebuild import CpuRebuilder
 
 #: Scheme.layout's values: codes as streams (FORMAT.md 3.1), compact (groups of four that
-#: hold nothing of their own left out: the groups layout of 3.3 for T-Switch's masked signs,
-#: the sparse layout of 3.4 for codes without a mask), or auto: compact for a term where it
-#: takes at most AUTO_COMPACT of the streams' bits.
+#: hold nothing of their own left out: the sparse layout of 3.4, T-Switch's ternary codes
+#: included), or auto: compact for a term where it takes at most AUTO_COMPACT of the
+#: streams' bits.
 TERM_LAYOUTS = ("auto", "streams", "compact")
 #: A compact row decodes slower than a stream's where stored and unstored groups mix
 #: (docs/results/layouts.md: an 8-task mix of 3-bit codes, all compact, takes 3.3x), so
@@ -266,20 +266,17 @@ def add_queries(manifest: dict, store: PayloadStore, query_sets: Optional[Mappin
 
 def term_form(codes: np.ndarray, bits: int, mask: Optional[np.ndarray], layout: str) -> Tuple[str, int, Optional[int]]:
     """(layout, uint32 words of codes and index, fill) a codes term is stored in under
-    ``layout`` (TERM_LAYOUTS): compact is the groups layout for masked 1-bit codes and the
-    sparse layout, with the most common code as the fill, for codes without a mask; other
-    terms, and under auto a compact form above AUTO_COMPACT of the streams, stay streams.
-    The exporter stores by it and the budget allocator prices by it, so a budget holds to
-    what is written."""
+    ``layout`` (TERM_LAYOUTS): compact is the sparse layout, with the most common code as
+    the fill; a masked term (EMR's), and under auto a compact form above AUTO_COMPACT of the
+    streams, stays streams.  The exporter stores by it and the budget allocator prices by
+    it, so a budget holds to what is written.  (The groups layout, FORMAT.md 3.3, is T-Switch's
+    form before its terms were ternary codes: read, no longer written.)"""
     n = codes.size
     streams = ("streams", code_words(n, bits) + (code_words(n, 1) if mask is not None else 0), None)
-    if layout == "streams" or (mask is not None and bits != 1) or not n:
+    if layout == "streams" or mask is not None or not n:
         return streams
-    if mask is not None:
-        compact = ("groups", group_index_words(n) + group_data_words(kept_groups(mask)), None)
-    else:
-        fill = int(np.bincount(codes.reshape(-1)).argmax())
-        compact = ("sparse", group_index_words(n) + sparse_words(stored_groups(codes, fill), bits), fill)
+    fill = int(np.bincount(codes.reshape(-1)).argmax())
+    compact = ("sparse", group_index_words(n) + sparse_words(stored_groups(codes, fill), bits), fill)
     return compact if layout == "compact" or compact[1] <= AUTO_COMPACT * streams[1] else streams
 
 
@@ -288,11 +285,7 @@ def codes_term(store: PayloadStore, prefix: str, q: Quantized, mask: Optional[np
     """A codes term (FORMAT.md section 4) whose payloads go into ``store`` under ``prefix``,
     in the form ``term_form`` picks for ``layout``."""
     form, _, fill = term_form(q.codes, q.bits, mask, layout)
-    if form == "groups":
-        index, data = pack_groups(mask, q.codes)
-        term = {"kind": "codes", "layout": "groups", "bits": 1, "group": q.group,
-                "codes": store.add(prefix + "/bytes", data), "mask": store.add(prefix + "/index", index)}
-    elif form == "sparse":
+    if form == "sparse":
         index, words = pack_sparse(q.codes, q.bits, fill)
         term = {"kind": "codes", "layout": "sparse", "bits": q.bits, "group": q.group, "fill": fill,
                 "codes": store.add(prefix + "/codes", words), "mask": store.add(prefix + "/index", index)}
@@ -353,16 +346,24 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
         shared = codes_term(store, "@shared/%s" % name, res.base, layout=scheme.layout)
         return [{"mode": "delta", "terms": [shared, codes_term(store, "%s/%s" % (t, name), off, layout=scheme.layout)]}
                 for t, off in zip(tasks, res.offsets)]
-    # tswitch: the sign as a masked 1-bit code, (scale, offset) = (2*lambda, -lambda)
-    out = []
-    for t, tau in zip(tasks, taus):
-        sw = binarize(tau, scheme.keep)
-        lam = np.float32(sw.scale)
-        q = Quantized(codes=sw.positive.astype(np.uint8), params=np.array([2 * lam, -lam], dtype=np.float32),
-                      group=max(tau.size, 1), bits=1)
-        out.append({"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), q, mask=sw.mask,
-                                                          layout=scheme.layout)]})
-    return out
+    return [{"mode": "delta", "terms": [codes_term(store, "%s/%s" % (t, name), ternary(binarize(tau, scheme.keep)),
+                                                   layout=scheme.layout)]}
+            for t, tau in zip(tasks, taus)]
+
+
+def ternary(sw: Switch) -> Quantized:
+    """A T-Switch tensor (mask, sign, lambda) as one 2-bit code per weight: 0 -> -lambda,
+    1 -> dropped, 2 -> +lambda, with (scale, offset) = (lambda, -lambda).
+
+    The same two bits per weight as a mask stream beside a sign stream, and the same value
+    at every element bit for bit (a dropped code is lambda - lambda = +0.0, as a masked-out
+    lane is), but one code stream: the rebuild decodes it as it does TVQ-INT2, one table
+    lookup per element and term, where mask and sign took a lookup and a blend, and where
+    few weights are kept the sparse layout (fill: the dropped code) stores it in the bits
+    the groups layout took (FORMAT.md 3.4)."""
+    lam = np.float32(sw.scale)
+    codes = np.where(sw.mask, np.where(sw.positive, 2, 0), 1).astype(np.uint8)
+    return Quantized(codes=codes, params=np.array([lam, -lam], dtype=np.float32), group=max(codes.size, 1), bits=2)
 
 
 # ---- bit allocation under a budget ------------------------------------------------------

@@ -2,9 +2,10 @@
 
 As the official code does, positive and negative entries are ranked separately and the
 top ``keep`` share of each is kept.  The scale restores the tensor's L2 norm:
-lambda = ||tau||_2 / ||mask * sign||_2 = ||tau||_2 / sqrt(kept).  The sign is stored as a
-1-bit code whose (scale, offset) = (2*lambda, -lambda) maps 1 -> +lambda and 0 -> -lambda,
-so T-Switch is a masked 1-bit code stream and needs no decoder of its own.
+lambda = ||tau||_2 / ||mask * sign||_2 = ||tau||_2 / sqrt(kept).  Mask and sign are stored
+as one 2-bit code per weight (``exporter.ternary``): 0 -> -lambda, 1 -> dropped, 2 ->
++lambda, (scale, offset) = (lambda, -lambda), so T-Switch is a code stream (or sparse codes)
+and needs no decoder of its own.
 """
 from __future__ import annotations
 

@@ -125,11 +125,6 @@ def _groups_not(values: np.ndarray, fill: int) -> int:
     return int((_groups_of_four(flat, fill) != fill).any(axis=1).sum())
 
 
-def kept_groups(keep: np.ndarray) -> int:
-    """Groups of four that hold a kept element: the ones a group-layout term stores."""
-    return _groups_not(np.asarray(keep, dtype=bool), False)
-
-
 def group_data_words(flagged: int) -> int:
     """uint32 words of a group-layout term's bytes for ``flagged`` groups (with a trailing word)."""
     return -(-flagged // 4) + 1

@@ -16,8 +16,11 @@ from tvswitch.runtime.bundle.manifest import Entry
 def describe_entry(entry: Entry, bundle: Bundle) -> str:
     """A short human label of how one tensor of one task is stored, e.g. ``3+2 bit``."""
     parts: List[str] = []
+    ternary = bundle.manifest["scheme"].get("name") == "tswitch"  # 0: -lambda, 1: dropped, 2: +lambda
     for t in entry.terms:
-        if t.kind == "raw":
+        if ternary and t.kind == "codes" and t.bits == 2 and (t.mask is None or t.layout == "sparse"):
+            parts.append("ternary" + (" sparse" if t.layout == "sparse" else ""))
+        elif t.kind == "raw":
             parts.append("raw " + bundle.payload(t.values).dtype.name)
         elif t.layout == "groups":
             parts.append("mask+sign groups")
@@ -30,7 +33,8 @@ def describe_entry(entry: Entry, bundle: Bundle) -> str:
     label = "+".join(parts)
     if entry.mode == "absolute" and entry.terms[0].kind == "codes":
         label = "abs " + label
-    return label + (" bit" if entry.terms[0].kind == "codes" and "mask+sign" not in label else "")
+    return label + (" bit" if entry.terms[0].kind == "codes" and "mask+sign" not in label and "ternary" not in label
+                    else "")
 
 
 def entry_widths(entry: Entry, bundle: Bundle) -> List[int]:

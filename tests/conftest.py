@@ -1,6 +1,7 @@
 """Shared fixtures: small random checkpoints shaped like a network, bundle factories, test networks."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -65,3 +66,51 @@ def engine_models():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def legacy_tswitch():
+    return as_legacy_tswitch
+
+
+def as_legacy_tswitch(bundle, out: str, layout: str = "groups"):
+    """A T-Switch ``bundle`` written as the exporter wrote T-Switch until 2026-12-07: each
+    term a 1-bit sign code under a mask, (scale, offset) = (2 lambda, -lambda), as streams
+    or in the groups layout (FORMAT.md 3.3).  Bundles on devices still hold that form, and
+    readers must refuse a bad one and serve a good one bit for bit as its ternary codes.
+    ``bundle`` must hold its terms as streams (``layout="streams"``)."""
+    from tvswitch.kernels.packing import pack_codes, pack_groups, pack_mask, unpack_codes
+    from tvswitch.runtime.bundle import Bundle
+    from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
+
+    manifest = copy.deepcopy(bundle.manifest)
+    store = PayloadStore()
+    ternary = set()
+    for task, entries in manifest["entries"].items():
+        for name, entry in entries.items():
+            term = entry["terms"][0]
+            if term.get("kind") != "codes" or term["bits"] != 2:
+                continue
+            assert term.get("layout", "streams") == "streams", "give a bundle written with layout='streams'"
+            n = int(np.prod(manifest["tensors"][name]["shape"]))
+            codes = unpack_codes(bundle.payload(term["codes"]), 2, n)
+            lam = bundle.payload(term["params"])[0]
+            keep, sign = codes != 1, (codes == 2).astype(np.uint8)
+            ternary.update((term["codes"], term["params"]))
+            prefix = "%s/%s/legacy" % (task, name)
+            new = {"kind": "codes", "bits": 1, "group": term["group"],
+                   **({"scale": term["scale"]} if "scale" in term else {}),
+                   "params": store.add(prefix + "/params", np.array([2 * lam, -lam], np.float32), compress=False)}
+            if layout == "groups":
+                index, data = pack_groups(keep, sign)
+                new.update(layout="groups", codes=store.add(prefix + "/bytes", data),
+                           mask=store.add(prefix + "/index", index))
+            else:
+                new.update(codes=store.add(prefix + "/codes", pack_codes(sign, 1)),
+                           mask=store.add(prefix + "/mask", pack_mask(keep)))
+            entry["terms"] = [new]
+    for key in manifest.pop("payloads"):
+        if key not in ternary:
+            store.add(key, bundle.payload(key))
+    write_bundle(out, manifest, store)
+    return Bundle.open(out)

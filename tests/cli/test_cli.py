@@ -36,7 +36,7 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     assert main(["inspect", str(bundle), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert stats["tasks"] == ["detect", "gauge", "line"]
-    assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == "mask+sign"
+    assert stats["tensors"]["layers.0.mlp.up.weight"]["stored"] == "ternary"
     assert stats["tensors"]["pool.bn.running_mean"]["stored"] == "raw float16"
     assert 1.9 < stats["bits_per_task_vector_weight"] < 2.6
     assert main(["inspect", str(bundle)]) == 0
@@ -61,13 +61,13 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("scheme,flags,label", [
-    ("tswitch", ["--keep", "0.05"], "mask+sign groups"),
+    ("tswitch", ["--keep", "0.05"], "ternary sparse"),
     ("tvq", ["--bits", "2"], "2 sparse bit"),
     ("rtvq", [], "3 sparse+2 sparse bit"),
 ])
 def test_the_compact_layout_rebuilds_the_same_weights(example, tmp_path, capsys, scheme, flags, label):
-    """compact against streams: the same weights bit for bit, from groups (T-Switch) or
-    sparse codes (TVQ, RTVQ); at keep 0.05 T-Switch's groups hold under 0.6 of the bits."""
+    """compact against streams: the same weights bit for bit, from sparse codes; at keep 0.05
+    T-Switch's sparse ternary codes hold under 0.6 of the bits."""
     from safetensors.numpy import load_file
 
     base = str(example / "base.safetensors")

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from tvswitch.export.exporter import AUTO_COMPACT, TERM_LAYOUTS, codes_term, term_form
 from tvswitch.export.quantize import Quantized
-from tvswitch.kernels.packing import pack_groups, pack_sparse, unpack_sparse
+from tvswitch.kernels.packing import pack_sparse, unpack_sparse
 from tvswitch.runtime.bundle.writer import PayloadStore
 
 
@@ -37,16 +37,25 @@ def test_compact_is_taken_even_where_it_is_larger_and_streams_never():
     assert index.size + words.size > 4096 * 3 // 32 + 1  # compact really was the larger here
 
 
-@pytest.mark.parametrize("keep,want", [(0.03, "groups"), (0.3, None)])
-def test_auto_takes_groups_for_masked_signs_where_they_halve_the_term(keep, want):
+@pytest.mark.parametrize("keep,want", [(0.03, "sparse"), (0.3, None)])
+def test_a_tswitch_term_is_one_ternary_code_sparse_where_that_halves_it(keep, want):
+    """Mask and sign as one 2-bit code (0: -lambda, 1: dropped, 2: +lambda): each element's
+    value is the masked sign's, and auto stores it sparse (fill: dropped) where that halves it."""
+    from tvswitch.export.exporter import ternary
+    from tvswitch.export.quantize import dequantize
+    from tvswitch.export.tswitch import binarize
+
     rng = np.random.default_rng(1)
-    mask = rng.random(8192) < keep
-    q = Quantized(codes=rng.integers(0, 2, 8192).astype(np.uint8), params=np.array([0.2, -0.1], np.float32),
-                  group=8192, bits=1)
-    term = codes_term(PayloadStore(), "t/w", q, mask=mask, layout="auto")
-    assert term.get("layout") == want
-    index, data = pack_groups(mask, q.codes)
-    assert (index.size + data.size <= AUTO_COMPACT * 2 * (8192 // 32 + 1)) == (want == "groups")
+    tau = rng.standard_normal(8192)
+    sw = binarize(tau, keep)
+    q = ternary(sw)
+    lam = np.float32(sw.scale)
+    want_values = np.where(sw.mask, np.where(sw.positive, lam, -lam), np.float32(0.0))
+    assert q.bits == 2 and dequantize(q).tobytes() == want_values.astype(np.float32).tobytes()
+    term = codes_term(PayloadStore(), "t/w", q, layout="auto")
+    assert term.get("layout") == want and "mask" not in term or want == "sparse"
+    if want == "sparse":
+        assert term["fill"] == 1
 
 
 @settings(max_examples=80, deadline=None)

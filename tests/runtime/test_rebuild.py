@@ -258,3 +258,31 @@ def test_sparse_terms_that_share_payloads_but_not_their_fill_are_not_merged(tmp_
     r.rebuild({"a": 1.0, "b": 1.0}, out)
     want = unpack_sparse(index, words, 2, 0, n) + unpack_sparse(index, words, 2, 3, n)
     assert np.array_equal(out["w"], want.astype(np.float32))
+
+
+@pytest.mark.parametrize("layout", ["groups", "streams"])
+def test_a_tswitch_bundle_of_the_masked_sign_form_rebuilds_as_its_ternary_codes(bundle_factory, legacy_tswitch,
+                                                                                checkpoints, tmp_path, layout):
+    """T-Switch terms are ternary codes now; a bundle written before (a sign code under a
+    mask, as streams or groups) still rebuilds every mix bit for bit the same, and a task
+    added to it is stored the new way beside the old ones."""
+    from tvswitch.export.edit import add_task
+
+    base, fts = checkpoints
+    new = bundle_factory("tswitch", keep=0.1, layout="streams")
+    old = legacy_tswitch(new, str(tmp_path / "old.tvs"), layout)
+    assert old.entries("a")["mlp.weight"].terms[0].bits == 1 and new.entries("a")["mlp.weight"].terms[0].bits == 2
+    for mix in ({"a": 1.0}, {"a": 0.5, "b": -0.3, "c": 0.7}, {"c": -1.0}):
+        got, want = (_rebuilt(CpuRebuilder(b, base), mix) for b in (old, new))
+        for name in want:
+            assert got[name].tobytes() == want[name].tobytes(), (mix, name)
+    grown = add_task(old.path, "d", fts["a"], base=base, out=str(tmp_path / "grown.tvs"))
+    assert grown.entries("d")["mlp.weight"].terms[0].bits == 2  # d is a's checkpoint under a new name
+    assert _rebuilt(CpuRebuilder(grown, base), {"d": 1.0})["mlp.weight"].tobytes() == \
+        _rebuilt(CpuRebuilder(new, base), {"a": 1.0})["mlp.weight"].tobytes()
+
+
+def _rebuilt(rebuilder, mix):
+    out = rebuilder.allocate()
+    rebuilder.rebuild(mix, out)
+    return out

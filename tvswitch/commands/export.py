@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=float, help="tswitch: share of entries kept (default 0.3)")
     p.add_argument("--layout", choices=["auto", "streams", "compact"],
                    help="fq/tvq/rtvq/tswitch: how codes are held in memory. streams (b bits per weight; "
-                        "T-Switch a mask and a sign bit), compact (groups of four weights that hold "
+                        "T-Switch one ternary 2-bit code: dropped, -scale, +scale), compact (groups of four weights that hold "
                         "nothing of their own left out: below one bit per weight where most codes are "
                         "the zero point, TVQ-INT2, or few weights are kept, T-Switch at small --keep; "
                         "a switch decodes slower), or auto (default: compact for the tensors where it at "

@@ -105,18 +105,23 @@ def test_out_of_range_group_is_refused(bundle_factory, tmp_path):
 
 
 @pytest.mark.parametrize("scheme,settings,layout", [("tswitch", dict(keep=0.1), "groups"),
+                                                     ("tswitch", dict(keep=0.1), "sparse"),
                                                      ("tvq", dict(bits=2), "sparse")])
 def test_a_group_index_that_disagrees_with_its_groups_is_refused_though_its_crc_is_right(
-        bundle_factory, tmp_path, scheme, settings, layout):
+        bundle_factory, legacy_tswitch, tmp_path, scheme, settings, layout):
     """The decoders find a stored group by counting flags: an index whose counts lie would
-    send them past the stored groups, so the reader recounts every one."""
+    send them past the stored groups, so the reader recounts every one (the groups layout:
+    T-Switch as bundles written before its ternary codes hold it)."""
     import zlib
 
     from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
     import hashlib
 
-    b = bundle_factory(scheme, layout="compact", **settings)
+    if layout == "groups":
+        b = legacy_tswitch(bundle_factory(scheme, layout="streams", **settings), str(tmp_path / "groups.tvs"))
+    else:
+        b = bundle_factory(scheme, layout="compact", **settings)
     term = b.entries("a")["mlp.weight"].terms[0]
     assert term.layout == layout
     tensors = load_file(b.path)
@@ -142,9 +147,11 @@ def test_a_group_index_that_disagrees_with_its_groups_is_refused_though_its_crc_
     ("tvq", dict(fill=True), "a sparse term needs its group index and a fill code of 2 bits"),
     ("raw", dict(fill=0), "a raw term with a layout or fill"),
 ])
-def test_a_bad_term_layout_is_refused(bundle_factory, tmp_path, scheme, edit, says):
-    b = bundle_factory(scheme, keep=0.1, layout="compact") if scheme == "tswitch" else \
-        bundle_factory("tvq", bits=2, layout="compact")
+def test_a_bad_term_layout_is_refused(bundle_factory, legacy_tswitch, tmp_path, scheme, edit, says):
+    if scheme == "tswitch":  # a groups term (T-Switch of an older bundle)
+        b = legacy_tswitch(bundle_factory(scheme, keep=0.1, layout="streams"), str(tmp_path / "groups.tvs"))
+    else:
+        b = bundle_factory("tvq", bits=2, layout="compact")
     name = "mlp.weight"
     if scheme == "raw":  # a tensor stored as-is (norm statistics)
         name = next(k for k, e in b.entries("a").items() if e.terms[0].kind == "raw")
