@@ -57,6 +57,10 @@ def rebuild_error(bundle: Bundle, task: str, checkpoint: Any, base: Optional[Map
     for name, stored in bundle.task_specific(task).items():
         if name in tensors:
             ft = np.asarray(tensors[name], dtype=np.float64)
+            if ft.shape != stored.shape:  # another task's checkpoint, or another head
+                raise TvswitchError("head tensor %r is %s in %s, %s in task %r of bundle %s: is it that task's "
+                                    "checkpoint?" % (name, list(ft.shape), ck.label, list(stored.shape), task,
+                                                     bundle.path))
             norm = float(np.linalg.norm(ft)) or 1.0
             heads[name] = float(np.linalg.norm(stored.astype(np.float64) - ft)) / norm
     return {"task": task, "checkpoint": ck.label, "relative": (err_sq / tau_sq) ** 0.5 if tau_sq else 0.0,

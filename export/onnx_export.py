@@ -24,10 +24,14 @@ The record of all this goes into the model's metadata (``runtime.engines.onnx_gr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import os
+import sys
+import tempfile
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -85,15 +89,23 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
         output_names = list(output_names or default_names("output", len(reference)))
         if dynamic_axes is None:
             dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+        check_dynamic_axes(dynamic_axes, dict(zip(input_names, inputs)), dict(zip(output_names, reference)))
         state = module.state_dict()
         groups = _alias_groups(state)
         with _tagged(state, groups, seed) as tags, warnings.catch_warnings():
             # The legacy exporter warns about tracing and its own deprecation on every call.
             warnings.simplefilter("ignore")
             buf = io.BytesIO()
-            torch.onnx.export(module, inputs, buf, dynamo=False, input_names=input_names,
-                              output_names=output_names, dynamic_axes=dict(dynamic_axes), opset_version=opset,
-                              do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
+            try:
+                with _held_stdout():  # a failed export prints the whole traced graph first
+                    torch.onnx.export(module, inputs, buf, dynamo=False, input_names=input_names,
+                                      output_names=output_names, dynamic_axes=dict(dynamic_axes),
+                                      opset_version=opset, do_constant_folding=True,
+                                      training=torch.onnx.TrainingMode.PRESERVE)
+            except Exception as exc:  # noqa: BLE001 - UnsupportedOperatorError, RuntimeError, SymbolicValueError...
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise TvswitchError("torch's ONNX exporter cannot export the module (opset %d): %s"
+                                    % (opset, first)) from None
         model = onnx.load_from_string(buf.getvalue())
         values = {name: state[name].detach().cpu().numpy() for name in groups}
         others = {n: t.detach().cpu().numpy() for n, t in state.items() if not t.is_floating_point()}
@@ -111,6 +123,44 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], out: Optional[str] =
     if out is not None:
         write_model(model, out)
     return model
+
+
+@contextlib.contextmanager
+def _held_stdout() -> Iterator[None]:
+    """File descriptor 1 into a temporary file for the block, and out again only if it ends
+    without an exception: torch prints a failed export's traced graph (thousands of lines
+    for a transformer) from C++, past ``sys.stdout``, before it raises."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 1)
+            raise
+        else:
+            os.dup2(saved, 1)
+            held.seek(0)
+            sys.stdout.write(held.read().decode(errors="replace"))
+        finally:
+            os.close(saved)
+
+
+def check_dynamic_axes(dynamic_axes: Mapping[str, Any], inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    """Refuse a dynamic axis torch's exporter would fail on with a traceback: a name that is
+    no input or output, or an axis the tensor does not have (``--dynamic input_ids=0,5`` on
+    a 2-D input)."""
+    for name, axes in dynamic_axes.items():
+        tensor = inputs.get(name, outputs.get(name))
+        if tensor is None:
+            raise TvswitchError("dynamic axes for %r: no input or output has that name (inputs %s, outputs %s)"
+                                % (name, ", ".join(inputs), ", ".join(outputs)))
+        rank = len(tensor.shape)
+        for axis in (axes if isinstance(axes, (list, tuple)) else list(axes)):
+            if not isinstance(axis, int) or not 0 <= axis < rank:
+                raise TvswitchError("dynamic axis %r of %r: it is %d-D, so the axes are 0..%d"
+                                    % (axis, name, rank, rank - 1))
 
 
 def export_onnx_for_bundle(module: Any, bundle: Bundle, example_inputs: Sequence[Any], out: Optional[str] = None, *,

@@ -43,6 +43,10 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     scheme_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("scheme"))
     assert "keep=0.2" in scheme_line and "bits=" not in scheme_line  # only what T-Switch uses
     assert main(["verify", str(bundle), "--base", str(example / "base.safetensors")]) == 0
+    capsys.readouterr()  # another task's checkpoint (its head has 4 classes, detect's 3): one line, exit 2
+    assert main(["verify", str(bundle), "--base", str(example / "base.safetensors"),
+                 "--against", "detect=%s" % (example / "gauge.safetensors")]) == 2
+    assert "head tensor 'head.bias' is [4] in" in capsys.readouterr().err
     out = tmp_path / "gauge.safetensors"
     assert main(["rebuild", str(bundle), "--task", "gauge", "--base", str(example / "base.safetensors"),
                  "-o", str(out)]) == 0
@@ -269,3 +273,26 @@ def test_a_base_carrying_a_buffer_the_network_keeps_unsaved_loads_into_it(tmp_pa
     assert torch.equal(module.lin.weight, torch.ones(2, 3))
     with pytest.raises(TvswitchError, match="no tensor 'extra.weight'"):
         load_module("%s:net" % (tmp_path / "net.py"), dict(weights, **{"extra.weight": np.ones(2, np.float32)}))
+
+
+def test_weights_without_a_tied_name_load_into_a_network_that_ties_it(tmp_path):
+    """save_pretrained leaves a tied lm_head.weight out of the file: the name it is tied to
+    brings its value; without that one, the weights are refused."""
+    torch = pytest.importorskip("torch", reason="the torch engine's module (the torch extra)")
+    from tvswitch.commands._inputs import load_module
+
+    (tmp_path / "tied.py").write_text(
+        "import torch\n"
+        "class Tied(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(5, 3)\n"
+        "        self.out = torch.nn.Linear(3, 5, bias=False)\n"
+        "        self.out.weight = self.emb.weight\n"
+        "def net():\n"
+        "    return Tied()\n")
+    emb = np.arange(15, dtype=np.float32).reshape(5, 3)
+    module = load_module("%s:net" % (tmp_path / "tied.py"), {"emb.weight": emb})
+    assert torch.equal(module.out.weight, torch.from_numpy(emb))
+    with pytest.raises(TvswitchError, match="lack 'emb.weight'"):
+        load_module("%s:net" % (tmp_path / "tied.py"), {"out.weight": emb})

@@ -115,6 +115,27 @@ def test_a_weight_computed_inside_forward_fails_verification():
         export_onnx(Scaled(), [torch.randn(2, 4)])
 
 
+def test_what_torchs_exporter_cannot_do_is_one_error_not_a_traceback(capfd):
+    """An operator it has no ONNX form for (its traced graph, printed before it raises, is
+    held back), and a dynamic axis the input does not have."""
+    class Diff(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.diff(self.lin(x), dim=1)
+
+    capfd.readouterr()
+    with pytest.raises(TvswitchError, match="cannot export the module .*'aten::diff'"):
+        export_onnx(Diff(), [torch.randn(2, 4)])
+    assert "graph" not in capfd.readouterr().out
+    with pytest.raises(TvswitchError, match="dynamic axis 5 of 'input': it is 2-D"):
+        export_onnx(Diff(), [torch.randn(2, 4)], dynamic_axes={"input": [0, 5]})
+    with pytest.raises(TvswitchError, match="dynamic axes for 'ids': no input or output"):
+        export_onnx(Diff(), [torch.randn(2, 4)], dynamic_axes={"ids": [0]})
+
+
 def test_a_users_own_onnx_with_matching_names_is_accepted():
     """No tvswitch record: the weights are found by the bundle's names, initializers or inputs."""
     from onnx import TensorProto, helper, numpy_helper

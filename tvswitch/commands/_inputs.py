@@ -117,7 +117,12 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
                                             strict=False)
         except RuntimeError as exc:  # a shape that differs
             raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
-        lacking = set(may_lack)
+        from tvswitch.runtime.engines.torch_engine import tied_names
+
+        # a tied name (GPT-2's lm_head.weight, which save_pretrained leaves out) holds the
+        # value of the name it is tied to once that one is loaded
+        tied = {a: w for a, w in tied_names(module.state_dict(keep_vars=True)).items() if w in weights}
+        lacking = set(may_lack) | set(tied)
         missing = [n for n in result.missing_keys if n not in lacking]
         # A buffer some checkpoints save and the network keeps unsaved (transformers'
         # position_ids): its value is the network's own either way.
