@@ -47,6 +47,10 @@ def as_tensors(source: Any, what: str = "the base") -> Optional[Mapping[str, np.
     pickled formats are read by ``export.checkpoints.load_checkpoint``, which the runtime
     does not import.  Anything else is refused, never searched as if it were a mapping."""
     if isinstance(source, (str, os.PathLike)):
+        if os.path.isdir(source):
+            raise TvswitchError("%s %s is a folder: give a safetensors file or a mapping of names to arrays (a "
+                                "save_pretrained folder or shard index: "
+                                "tvswitch.export.checkpoints.load_checkpoint(path).tensors)" % (what, os.fspath(source)))
         return read_safetensors(os.fspath(source))
     if source is not None and not isinstance(source, Mapping):
         raise TvswitchError("%s must be a safetensors path or a mapping of names to arrays, not %s"

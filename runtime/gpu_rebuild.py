@@ -145,12 +145,12 @@ class GpuRebuilder:
 
     def __init__(self, bundle: Bundle, base: Optional[Mapping[str, np.ndarray]] = None, *,
                  device: Optional[Device] = None, ordinal: int = 0, binding: str = "auto",
-                 tiles_per_block: int = 4, verify_base: bool = True):
+                 tiles_per_block: int = 4, verify_base: bool = True, base_label: str = "the base"):
         if tiles_per_block < 1:
             raise ValueError("tiles_per_block must be >= 1")
         self.bundle = bundle
         self.tiles_per_block = int(tiles_per_block)
-        host_base = {n: np.ascontiguousarray(a) for n, a in resolve_base(bundle, base, verify_base).items()}
+        host_base = {n: np.ascontiguousarray(a) for n, a in resolve_base(bundle, base, verify_base, base_label).items()}
         for name, a in host_base.items():
             if abi.element_code(a.dtype) is None:
                 raise TvswitchError("base tensor %r is %s: the GPU rebuild reads float32, float16 or bfloat16"

@@ -56,7 +56,8 @@ class GpuBundleSource(BoundSource):
 
     def __init__(self, bundle: Bundle, engine: Engine, base: Optional[Mapping[str, np.ndarray]] = None, *,
                  device: Optional[Device] = None, tiles_per_block: int = 4, verify_base: bool = True,
-                 allow_unmatched: bool = False, what: str = "the engine", binding: Optional[EngineBinding] = None):
+                 allow_unmatched: bool = False, what: str = "the engine", binding: Optional[EngineBinding] = None,
+                 base_label: str = "the base"):
         targets = engine.device_buffers()
         if targets is None:
             raise TvswitchError("the %s engine has no device buffers to rebuild into" % engine.kind)
@@ -81,7 +82,7 @@ class GpuBundleSource(BoundSource):
         self._holds: Optional[Mix] = None  # the mix the device buffers hold whole (None: unknown)
         self._owned: List[int] = []
         self.rebuilder = GpuRebuilder(bundle, base, device=device, tiles_per_block=tiles_per_block,
-                                      verify_base=verify_base)
+                                      verify_base=verify_base, base_label=base_label)
         self.device = self.rebuilder.device
         try:
             self._outputs = self._rebuild_outputs()

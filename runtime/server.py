@@ -79,7 +79,7 @@ class BundleSource(BoundSource):
     def __init__(self, bundle: Bundle, engine_weights: Union[Engine, EngineWeights],
                  base: Optional[Mapping[str, np.ndarray]] = None, threads: int = 0, verify_base: bool = True, *,
                  unread: Iterable[str] = (), allow_unmatched: bool = False, what: str = "the engine",
-                 binding: Optional[EngineBinding] = None):
+                 binding: Optional[EngineBinding] = None, base_label: str = "the base"):
         """Write into the weights of ``engine_weights``: an engine (its ``weight_specs``,
         ``unread_weights`` and ``head_cuts``), or weight specs alone.  ``unread`` and
         ``allow_unmatched`` as for ``binding.check_engine_names``; ``unmatched`` then lists
@@ -96,7 +96,7 @@ class BundleSource(BoundSource):
         self.binding = binding or EngineBinding(bundle, engine_weights, unread=unread,
                                                 allow_unmatched=allow_unmatched, what=what)
         self.unmatched = self.binding.unmatched
-        self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base)
+        self.rebuilder = CpuRebuilder(bundle, base, threads=threads, verify_base=verify_base, base_label=base_label)
         check_constants(constants, self.rebuilder.base, what)
         fixed = set(bundle.base_only)  # the rebuild need not write these (held as constants, or read by nothing)
         self._scratch = {n: np.empty(spec.shape, dtype=spec.dtype) for n, spec in bundle.shared_specs.items()
@@ -325,7 +325,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
                  module: Any = None, input_names: Optional[Sequence[str]] = None,
                  example_inputs: Optional[Mapping[str, np.ndarray]] = None, gpu: Optional[bool] = None,
                  device: Any = None, allow_unmatched: bool = False, constants: bool = True,
-                 **options: Any) -> Server:
+                 base_label: Optional[str] = None, **options: Any) -> Server:
     """Open ``bundle`` (a path, or a ``Bundle`` already open), load ``engine`` and serve
     ``initial`` (default: the first task the engine serves).
 
@@ -348,7 +348,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     ``Server.rebuild_on`` says which ran (``"gpu"`` / ``"cpu"``), ``rebuild_note`` why,
     and the ``tvswitch.server`` logger says it once at INFO.
 
-    The base the rebuild reads is ``base`` if given (a mapping, or a safetensors path),
+    The base the rebuild reads is ``base`` if given (a mapping, or a safetensors path;
+    ``base_label`` names it in refusals, default its path),
     else the one the bundle embeds, else the weights the engine was loaded with (an ONNX
     file's defaults, or the module's own; a graph from ``export-onnx --bundle`` carries none); it is checked against the
     bundle's fingerprint either way.  Only one copy of the base is kept: the engine's
@@ -364,6 +365,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
 
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     path = opened.path
+    if base_label is None:
+        base_label = os.fspath(base) if isinstance(base, (str, os.PathLike)) else "the base"
     base = opened.base_view(as_tensors(base))
     verify_base = True
     if not isinstance(constants, bool):
@@ -373,7 +376,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
         if base is None and opened.has_embedded_base:  # the bundle's own copy: not checked, as before
             base, verify_base = opened.embedded_base(), False
         elif base is not None:  # a wrong base is the base's error, not the constants'
-            opened.check_base_shapes(base, names=opened.base_only)
+            opened.check_base_shapes(base, base_label, names=opened.base_only)
         # the arrays the rebuild reads serve them too (a base lacking one is refused, naming it, once
         # the graph is bound); without a base, the graph's own values where it holds them
         options["constants"] = {n: base[n] if base is not None else None for n in opened.base_only
@@ -418,7 +421,7 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
         from tvswitch.runtime.gpu_source import GpuBundleSource
 
         try:
-            source = GpuBundleSource(opened, eng, base, device=device, binding=binding)
+            source = GpuBundleSource(opened, eng, base, device=device, binding=binding, base_label=base_label)
         except (RuntimeError, ImportError, OSError, TvswitchError) as exc:  # CudaError, KernelBuildError
             note = "no GPU rebuild (%s)" % exc
         else:
@@ -430,7 +433,8 @@ def serve_bundle(bundle: Union[str, Bundle], engine: str = "onnxruntime", *, mod
     if source is None:
         if gpu:
             raise TvswitchError("the GPU rebuild was asked for and cannot run: %s" % note)
-        source = BundleSource(opened, eng, base, threads=threads, binding=binding, verify_base=verify_base)
+        source = BundleSource(opened, eng, base, threads=threads, binding=binding, verify_base=verify_base,
+                              base_label=base_label)
     server = Server(eng, source, initial or {binding.servable[0]: 1.0})  # a refused first mix says only that
     server.rebuild_note = note
     if binding.unmatched:

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise TvswitchError("%s has no task %r (tasks: %s)" % (args.bundle, unknown[0], ", ".join(bundle.tasks)))
     network = spec.network_mix(bundle.tasks)
-    server = serve_bundle(bundle, "onnxruntime", model=args.model, base=load_base(args.base), initial=network,
-                          threads=args.threads)
+    server = serve_bundle(bundle, "onnxruntime", model=args.model, base=load_base(args.base), base_label=args.base,
+                          initial=network, threads=args.threads)
     outputs = list(server.engine.output_names)
     if spec.output not in outputs:
         raise TvswitchError("--output %s: the graph has no such output (outputs: %s)"

@@ -91,7 +91,7 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
         weights = None if base is None else {n: a for n, a in base.items() if n not in heads}
         module = load_module(args.module, weights, may_lack=heads).to(device)
         options["example_inputs"] = dict(inputs) if inputs else None
-    server = serve_bundle(bundle, args.engine, model=args.model, base=base, initial=initial,
+    server = serve_bundle(bundle, args.engine, model=args.model, base=base, base_label=args.base, initial=initial,
                           slots=2 if args.double_buffer else 1, threads=args.threads, module=module,
                           input_names=list(inputs), allow_unmatched=args.allow_unmatched,
                           constants=not args.no_constants, **options)

@@ -6,6 +6,8 @@ LoRA adapters do) leaves most tensors at the base in every mix (``Bundle.base_on
 arrays, and keeps slots for the rest only; each switch must still answer as torch does
 with the rebuilt weights, and every refusal must come before anything is served wrong.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,11 @@ def test_a_base_tensor_of_another_shape_is_the_bases_error_not_the_constants(cas
         with pytest.raises(TvswitchError, match="the base: tensor %r is float32\\[%d\\], bundle .* expects"
                            % (name, wrong[name].size)):
             serve_bundle(case["bundle"].path, model=case["graph"], base=wrong, threads=1, constants=constants)
+    other = {n: a + np.float32(1.0) if np.issubdtype(a.dtype, np.floating) else a for n, a in case["base"].items()}
+    with pytest.raises(TvswitchError, match="^other.safetensors is not the base bundle"):
+        serve_bundle(case["bundle"].path, model=case["graph"], base=other, base_label="other.safetensors", threads=1)
+    with pytest.raises(TvswitchError, match="is a folder: give a safetensors file"):
+        serve_bundle(case["bundle"].path, model=case["graph"], base=os.path.dirname(case["bundle"].path), threads=1)
 
 
 def test_the_slots_hold_what_a_fresh_rebuild_writes(case):
