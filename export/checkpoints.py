@@ -242,7 +242,9 @@ def align(base: Checkpoint, tasks: Mapping[str, Checkpoint]
     The base is renamed into the first task's names where a prefix change matches more of
     them (the bundle records it: ``Bundle.base_view`` applies it to a base given later);
     every other task into those names likewise.  Integer buffers of ``UNSAVED_BUFFERS``
-    that one side lacks are dropped from the other (noted).
+    that one side lacks are dropped from the other (noted), and so is a module of the base
+    that no task has (``_drop_untaken``: a backbone's pooler), and from a task a tensor the
+    base lacks that is a copy of one it has (``_drop_tied_copies``: a tied output projection).
     """
     first = next(iter(tasks.values()))
     renaming = best_renaming(list(base.tensors), first.tensors)
@@ -256,7 +258,58 @@ def align(base: Checkpoint, tasks: Mapping[str, Checkpoint]
                 ck = _renamed(ck, r, "task %r (%s)" % (name, ck.label), "the base")
         out[name] = ck
     base, out = _drop_unsaved(base, out)
-    return base, out, renaming
+    out = {name: _drop_tied_copies(ck, base, name) for name, ck in out.items()}
+    return _drop_untaken(base, out), out, renaming
+
+
+def _drop_tied_copies(ck: Checkpoint, base: Checkpoint, task: str) -> Checkpoint:
+    """``ck`` without the tensors the base lacks that hold, bit for bit, the task's value of
+    a tensor the base has: a tied weight saved under both names (``torch.save`` of a
+    state_dict keeps GPT-2's ``lm_head.weight``; ``save_pretrained`` and the base leave it
+    out).  Kept, it would be a head of this task alone, and the engine would then refuse
+    every task that lacks it; the network's tie gives it its value."""
+    extra = [n for n in ck.tensors if n not in base.tensors and np.issubdtype(ck.tensors[n].dtype, np.floating)]
+    if not extra:
+        return ck
+    shared = {}
+    for n, a in ck.tensors.items():
+        if n in base.tensors:
+            shared.setdefault((a.shape, a.dtype.str), []).append(n)
+    copies = {}
+    for n in extra:
+        a = ck.tensors[n]
+        same = next((m for m in shared.get((a.shape, a.dtype.str), ()) if np.array_equal(ck.tensors[m], a)), None)
+        if same is not None and a.size > 1 and np.ptp(a) > 0:  # a constant tensor matches too much
+            copies[n] = same
+    if not copies:
+        return ck
+    log.info("task %r (%s): %s, which the base lacks, is a copy of %s (tied weights): left out", task, ck.label,
+             ", ".join(copies), ", ".join(sorted(set(copies.values()))))
+    return Checkpoint({n: a for n, a in ck.tensors.items() if n not in copies}, ck.label, ck.buffers - set(copies))
+
+
+def _drop_untaken(base: Checkpoint, tasks: Mapping[str, Checkpoint]) -> Checkpoint:
+    """The base without the tensors that no task has, where they are one module or at most
+    HEAD_SHARE of its weights: a backbone saved alone keeps its pooler (``BertModel``,
+    ``ViTModel``), which the tasks' classification networks do not have, so no task vector
+    of it exists and nothing serves it.  Tensors some tasks have and others lack, a larger
+    share (likely another network), or ones a task holds a tensor of the same shape for
+    under a name the base lacks (likely renamed: ``layer.1`` as ``layers.1``) are left to
+    ``classify``'s name check, which names the nearest pairs."""
+    untaken = [n for n in base.tensors if not any(n in ck.tensors for ck in tasks.values())]
+    if not untaken or len(untaken) == len(base.tensors):
+        return base
+    shapes = {base.tensors[n].shape for n in untaken}
+    if any(a.shape in shapes for ck in tasks.values() for n, a in ck.tensors.items() if n not in base.tensors):
+        return base
+    owner = os.path.commonprefix([n.split(".")[:-1] for n in untaken])
+    total = sum(a.size for a in base.tensors.values())
+    if not owner and sum(base.tensors[n].size for n in untaken) > HEAD_SHARE * total:
+        return base
+    log.info("%d tensor%s of base %s that no task has, left out: %s", len(untaken), "" if len(untaken) == 1 else "s",
+             base.label, ", ".join(untaken[:3]) + (" ..." if len(untaken) > 3 else ""))
+    drop = set(untaken)
+    return Checkpoint({n: a for n, a in base.tensors.items() if n not in drop}, base.label, base.buffers - drop)
 
 
 def _renamed(ck: Checkpoint, r: Renaming, who: str, whose: str) -> Checkpoint:
@@ -371,13 +424,18 @@ def _check_names(base: Checkpoint, task: str, ck: Checkpoint) -> None:
 
 def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns: Sequence[str]) -> Set[str]:
     """Base float tensors that every task has at another shape (a pretrained head replaced by
-    the tasks' own): the user's ``--task-specific`` ones, and, unnamed, those that differ in
+    the tasks' own): the user's ``--task-specific`` ones (where any task has another shape),
+    and, unnamed, those that differ in
     their number of outputs only (axis 0) and are of one module (``_fc.*``, ``classifier.*``)
     or of at most HEAD_SHARE of the base's weights.  Anything else is likely a base of
     another network: left to the shape check, which names it."""
     differ = [n for n, a in base.tensors.items() if np.issubdtype(a.dtype, np.floating)
               and all(ck.tensors[n].shape != a.shape for ck in tasks.values())]
-    named = {n for n in differ if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    # named ones: where any task has another shape (heads of 3, 5 and 2 labels over a 2-label base)
+    named = {n for n, a in base.tensors.items() if np.issubdtype(a.dtype, np.floating)
+             and any(fnmatch.fnmatchcase(n, p) for p in patterns)
+             and any(ck.tensors[n].shape != a.shape for ck in tasks.values())}
+    differ = [n for n in differ if n not in named] + sorted(named)
     rest = [n for n in differ if n not in named]
     outputs_only = all(ck.tensors[n].shape[1:] == base.tensors[n].shape[1:]
                        and ck.tensors[n].ndim == base.tensors[n].ndim for n in rest for ck in tasks.values())

@@ -61,6 +61,9 @@ def remove_task(path: str, task: str, out: Optional[str] = None) -> Bundle:
     used = _referenced(m)
     store = _carry(bundle, lambda key: key in used)
     write_bundle(out or path, m, store)
+    if m.get("queries"):
+        log.warning("%s: task %r has no Auto-Switch query sets, so --auto never picks it: run tvswitch router "
+                    "again with exemplars of every task", out or path, task)
     return Bundle.open(out or path)
 
 

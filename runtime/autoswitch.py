@@ -268,7 +268,8 @@ class Router:
     def __init__(self, bundle: "Bundle", infer: Infer) -> None:
         queries = bundle.query_sets()
         if not queries:
-            raise TvswitchError("%s has no Auto-Switch query sets (export it with query sets)" % bundle.path)
+            raise TvswitchError("%s has no Auto-Switch query sets: store them with tvswitch router (or export with "
+                                "query sets)" % bundle.path)
         if bundle.router() is None:
             raise TvswitchError("%s has query sets but no router record saying how features are taken "
                                 "(re-export it with router=RouterSpec(...))" % bundle.path)

@@ -151,3 +151,45 @@ def test_modules_mark_their_buffers(checkpoints):
     layout = classify(ck, {"t": load_checkpoint(net)}, [])
     assert "1.running_var" in layout.as_is and "0.weight" in layout.vectors
     assert layout.fixed == ["1.num_batches_tracked"]
+
+
+def test_a_base_module_no_task_has_is_left_out_and_one_some_tasks_lack_is_refused(tmp_path, checkpoints, caplog):
+    """A backbone saved alone keeps its pooler, which the tasks' networks do not have."""
+    import logging
+
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    pooled = dict(base, **{"pooler.dense.weight": np.ones((4, 4), np.float32), "pooler.dense.bias": np.ones(4, np.float32)})
+    with caplog.at_level(logging.INFO, logger="tvswitch"):
+        bundle = export_bundle(pooled, fts, str(tmp_path / "p.tvs"), name="tvq", bits=4)
+    assert "pooler.dense.weight" not in bundle.shared_specs and "no task has, left out" in caplog.text
+    fts["a"]["pooler.dense.weight"] = np.ones((4, 4), np.float32)  # one task has it, the others lack it
+    with pytest.raises(TvswitchError, match="task 'b' .* missing"):
+        export_bundle(pooled, fts, str(tmp_path / "q.tvs"), name="tvq", bits=4)
+
+
+def test_task_specific_heads_may_differ_in_shape_from_task_to_task(tmp_path, checkpoints):
+    """--task-specific 'head.*' over a base head of 3 outputs and tasks of 3, 4 and 5."""
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    base = dict(base, **{"head.weight": fts["a"]["head.weight"] + np.float32(0.5)})
+    bundle = export_bundle(base, fts, str(tmp_path / "h.tvs"), name="tvq", bits=4, task_specific=["head.*"])
+    assert [bundle.task_specific(t)["head.weight"].shape[0] for t in "abc"] == [3, 4, 5]
+    assert "head.weight" not in bundle.shared_specs
+
+
+def test_a_task_tensor_that_copies_one_of_its_own_is_a_tie_not_a_head(tmp_path, checkpoints, caplog):
+    """torch.save of a tied network keeps both names (GPT-2's lm_head.weight beside wte)."""
+    import logging
+
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    fts["a"]["out.weight"] = fts["a"]["mlp.weight"].copy()
+    fts["b"]["out.weight"] = fts["b"]["mlp.weight"] + np.float32(1.0)  # not a copy: b's own tensor
+    with caplog.at_level(logging.INFO, logger="tvswitch"):
+        bundle = export_bundle(base, fts, str(tmp_path / "t.tvs"), name="tvq", bits=4)
+    assert "out.weight" not in bundle.task_specific("a") and "copy of mlp.weight (tied weights)" in caplog.text
+    assert "out.weight" in bundle.task_specific("b")

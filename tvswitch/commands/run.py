@@ -88,7 +88,11 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
         device = torch_device(args.provider)
         heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
-        weights = None if base is None else {n: a for n, a in base.items() if n not in heads}
+        # the base's tensors the bundle was exported with and its buffers: not a float module
+        # it left out (a pooler no task has), nor a pretrained head the tasks replace
+        known = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))
+        weights = None if base is None else {n: a for n, a in base.items() if n not in heads and (
+            n in known or not np.issubdtype(a.dtype, np.floating))}
         module = load_module(args.module, weights, may_lack=heads).to(device)
         options["example_inputs"] = dict(inputs) if inputs else None
     server = serve_bundle(bundle, args.engine, model=args.model, base=base, base_label=args.base, initial=initial,
