@@ -296,3 +296,20 @@ def test_weights_without_a_tied_name_load_into_a_network_that_ties_it(tmp_path):
     assert torch.equal(module.out.weight, torch.from_numpy(emb))
     with pytest.raises(TvswitchError, match="lack 'emb.weight'"):
         load_module("%s:net" % (tmp_path / "tied.py"), {"out.weight": emb})
+    # a DDP prefix on every name is mapped; a head of another shape is named
+    module = load_module("%s:net" % (tmp_path / "tied.py"), {"module.emb.weight": emb + 1})
+    assert torch.equal(module.emb.weight, torch.from_numpy(emb + 1))
+    with pytest.raises(TvswitchError, match="size mismatch for emb.weight"):
+        load_module("%s:net" % (tmp_path / "tied.py"), {"emb.weight": np.zeros((6, 3), np.float32)})
+
+
+def test_an_npz_input_is_its_arrays_by_name_and_refused_under_one_name(tmp_path):
+    from tvswitch.commands._inputs import parse_inputs
+
+    np.savez(str(tmp_path / "in.npz"), input_ids=np.arange(6).reshape(1, 6), mask=np.ones((1, 6), np.int64))
+    np.save(str(tmp_path / "x.npy"), np.zeros(3, np.float32))
+    got = parse_inputs([str(tmp_path / "in.npz")])
+    assert list(got) == ["input_ids", "mask"] and got["input_ids"].shape == (1, 6)
+    assert list(parse_inputs([str(tmp_path / "x.npy")])) == ["input"]
+    with pytest.raises(TvswitchError, match="is an .npz archive: give one .npy per input"):
+        parse_inputs(["input_ids=%s" % (tmp_path / "in.npz")])

@@ -7,13 +7,16 @@ bundle never imports a factory by name.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import UNSAVED_BUFFERS
+from tvswitch.export.checkpoints import UNSAVED_BUFFERS, best_renaming
+
+log = logging.getLogger("tvswitch.commands")
 
 
 def threads(text: str) -> int:
@@ -28,20 +31,25 @@ def threads(text: str) -> int:
 
 
 def parse_inputs(values: List[str]) -> Dict[str, np.ndarray]:
-    """``NAME=X.npy`` (or a bare ``X.npy`` for a single input named ``input``) -> arrays, in order."""
+    """``NAME=X.npy`` (or a bare ``X.npy`` for a single input named ``input``, or a bare
+    ``X.npz`` for its arrays under their own names) -> arrays, in order."""
     arrays: Dict[str, np.ndarray] = {}
     for v in values:
         name, sep, path = v.partition("=")
         if not sep:
             if len(values) != 1:
                 raise TvswitchError("with several --input, name each: --input NAME=X.npy")
-            name, path = "input", v
+            return load_arrays(v, "--input")
         if name in arrays:
             raise TvswitchError("--input names %r twice" % name)
         try:
             arrays[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise TvswitchError("%s: not a readable .npy file (%s)" % (path, exc)) from None
+        if not isinstance(arrays[name], np.ndarray):
+            arrays.pop(name).close()
+            raise TvswitchError("--input %s=%s is an .npz archive: give one .npy per input (NAME=X.npy), or the "
+                                ".npz alone, its arrays named as the inputs" % (name, path))
     return arrays
 
 
@@ -104,7 +112,9 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
     ``factory()`` must return the network (its architecture); ``weights``, if given, are
     loaded into it strictly: every name must match, except that ``weights`` may lack the
     names in ``may_lack`` (a bundle's task-specific heads, which a base does not hold and
-    every switch writes).
+    every switch writes).  Weights named with another prefix than the network's (a
+    ``BertModel`` file for a ``BertForSequenceClassification``, a DDP ``module.``) are
+    mapped as ``export`` maps a task's names, with a note.
     """
     import torch
 
@@ -112,11 +122,18 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
     if not isinstance(module, torch.nn.Module):
         raise TvswitchError("%s returned %s, not a torch.nn.Module" % (spec, type(module).__name__))
     if weights is not None:
+        renaming = best_renaming(list(weights), module.state_dict())
+        if renaming is not None:
+            log.info("names of the weights mapped to %s's: %s", spec, renaming.describe())
+            weights = {renaming(n): a for n, a in weights.items()}
+            may_lack = [renaming(n) for n in may_lack]
         try:
             result = module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()},
                                             strict=False)
-        except RuntimeError as exc:  # a shape that differs
-            raise TvswitchError("weights do not fit %s: %s" % (spec, str(exc).splitlines()[0])) from None
+        except RuntimeError as exc:  # a shape that differs: torch's first line names no tensor
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise TvswitchError("weights do not fit %s: %s" % (spec, next(
+                (line for line in lines if line.startswith("size mismatch")), lines[0] if lines else exc))) from None
         from tvswitch.runtime.engines.torch_engine import tied_names
 
         # a tied name (GPT-2's lm_head.weight, which save_pretrained leaves out) holds the

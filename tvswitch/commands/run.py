@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --auto: route each input on its own, one rebuild per distinct mix in the batch")
     p.add_argument("--input", action="append", required=True, metavar="[NAME=]X.npy",
                    help="an input array: a bare X.npy for a network with one input, else NAME=X.npy once per "
-                   "input (tensorrt builds its engine for these shapes)")
+                   "input, or a bare X.npz holding every input under its name (tensorrt builds its engine for "
+                   "these shapes)")
     p.add_argument("-o", "--output", required=True, metavar="Y.npy",
                    help="where to write the output, exactly this path (.npz: every output by name, needed where "
                    "the network has several)")
