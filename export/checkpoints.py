@@ -236,20 +236,24 @@ def best_renaming(names: Sequence[str], targets: Iterable[str]) -> Optional[Rena
 
 def align(base: Checkpoint, tasks: Mapping[str, Checkpoint]
           ) -> Tuple[Checkpoint, Dict[str, Checkpoint], Optional[Renaming]]:
-    """``base`` and ``tasks`` under one set of names, the first task's, and the base's renaming
-    (None: none), each mapping a note.
+    """``base`` and ``tasks`` under one set of names, those of the task with the most tensors
+    (the first such), and the base's renaming (None: none), each mapping a note.
 
-    The base is renamed into the first task's names where a prefix change matches more of
-    them (the bundle records it: ``Bundle.base_view`` applies it to a base given later);
-    every other task into those names likewise.  Integer buffers of ``UNSAVED_BUFFERS``
+    The task with the most tensors is the whole network, head included, where others may be
+    its bare backbone (``BertModel`` beside ``BertForSequenceClassification``): its names
+    are the ones a graph of the network has, whatever order the tasks come in.  The base is
+    renamed into them where a prefix change matches more of them (the bundle records it:
+    ``Bundle.base_view`` applies it to a base given later); every other task into those
+    names likewise.  Integer buffers of ``UNSAVED_BUFFERS``
     that one side lacks are dropped from the other (noted), and so is a module of the base
     that no task has (``_drop_untaken``: a backbone's pooler), and from a task a tensor the
     base lacks that is a copy of one it has (``_drop_tied_copies``: a tied output projection).
     """
-    first = next(iter(tasks.values()))
+    lead = max(tasks, key=lambda t: len(tasks[t].tensors))
+    first = tasks[lead]
     renaming = best_renaming(list(base.tensors), first.tensors)
     if renaming is not None:
-        base = _renamed(base, renaming, "the base (%s)" % base.label, "task %r (%s)" % (next(iter(tasks)), first.label))
+        base = _renamed(base, renaming, "the base (%s)" % base.label, "task %r (%s)" % (lead, first.label))
     out = {}
     for name, ck in tasks.items():
         if ck is not first:

@@ -193,3 +193,16 @@ def test_a_task_tensor_that_copies_one_of_its_own_is_a_tie_not_a_head(tmp_path, 
         bundle = export_bundle(base, fts, str(tmp_path / "t.tvs"), name="tvq", bits=4)
     assert "out.weight" not in bundle.task_specific("a") and "copy of mlp.weight (tied weights)" in caplog.text
     assert "out.weight" in bundle.task_specific("b")
+
+
+def test_the_bundle_takes_the_names_of_the_whole_network_whatever_the_task_order(tmp_path, checkpoints):
+    """A bare backbone task first, the classification network (prefixed names, a head) second:
+    the bundle is named as the network a graph is exported from."""
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    bare = {n: a for n, a in fts["a"].items() if n != "head.weight"}
+    whole = {("head.weight" if n == "head.weight" else "model." + n): a for n, a in fts["b"].items()}
+    bundle = export_bundle(base, {"raw": bare, "cls": whole}, str(tmp_path / "o.tvs"), name="tvq", bits=4)
+    assert "model.enc.weight" in bundle.shared_specs and "enc.weight" not in bundle.shared_specs
+    assert list(bundle.task_specific("cls")) == ["head.weight"]
