@@ -142,15 +142,21 @@ def cast_input(name: str, value: np.ndarray, dtype: np.dtype,
 
     int64 -> int32 or float64 -> float32 is what a caller means; float -> int64 (token ids
     from a float array) would truncate silently and answer garbage, so it is refused
-    with the input's name.  In ``dims`` an int is a fixed size; anything else (None, a
+    with the input's name, and so is bool -> a number (a mask given for the token ids)
+    and integers the network's integer type cannot hold (they would wrap).  In ``dims`` an int is a fixed size; anything else (None, a
     symbolic name, TensorRT's -1) is a dynamic axis.  Refusing here gives one line with
     the expected and the given shape, where the engine's own error would be a stack of its
     internals.
     """
     value = np.asarray(value)
-    if not np.can_cast(value.dtype, dtype, casting="same_kind"):
-        raise TvswitchError("input %r is %s%s; the network takes %s (cast it if that is meant)"
-                            % (name, value.dtype, list(value.shape), np.dtype(dtype)))
+    dtype = np.dtype(dtype)
+    wrapped = (value.dtype.kind in "iu" and dtype.kind in "iu" and value.dtype != dtype and value.size > 0
+               and not np.iinfo(dtype).min <= int(value.min()) <= int(value.max()) <= np.iinfo(dtype).max)
+    if (not np.can_cast(value.dtype, dtype, casting="same_kind") or wrapped
+            or (value.dtype == np.bool_ and dtype != np.bool_)):
+        raise TvswitchError("input %r is %s%s%s; the network takes %s (cast it if that is meant)"
+                            % (name, value.dtype, list(value.shape),
+                               " with values %d..%d" % (value.min(), value.max()) if wrapped else "", dtype))
     if dims is not None:
         fixed = [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in dims]
         if len(fixed) != value.ndim or any(d is not None and d != v for d, v in zip(fixed, value.shape)):

@@ -204,6 +204,10 @@ def test_onnxruntime_refuses_an_input_cast_that_is_not_same_kind(case):
     wrong = value.astype(np.float32) if np.issubdtype(value.dtype, np.integer) else value.astype(np.complex64)
     with pytest.raises(TvswitchError, match="input %r is %s" % (name, wrong.dtype)):
         engine.infer(dict(case["inputs"], **{name: wrong}))
+    if np.issubdtype(value.dtype, np.integer):  # a mask given for the ids, ids that would wrap
+        for bad in (value > 0, np.full(value.shape, 2**63, np.uint64)):
+            with pytest.raises(TvswitchError, match="input %r is %s" % (name, bad.dtype)):
+                engine.infer(dict(case["inputs"], **{name: bad}))
     if value.dtype == np.float32:
         widened = dict(case["inputs"], **{name: value.astype(np.float64)})
         np.testing.assert_array_equal(engine.infer(widened)["output"], engine.infer(case["inputs"])["output"])
