@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -44,6 +45,8 @@ from tvswitch.runtime.engines.onnx_graph import WEIGHTS_KEY, WeightRecord, diges
 from tvswitch.runtime.engines.torch_engine import (call_module, default_names, fit_heads, flatten_outputs, set_tensor,
                                                    tied_names)
 from tvswitch.runtime.heads import HeadCut, pad
+
+log = logging.getLogger("tvswitch.export")
 
 if TYPE_CHECKING:
     import onnx
@@ -175,13 +178,20 @@ def export_onnx_for_bundle(module: Any, bundle: Bundle, example_inputs: Sequence
     """
     heads = {t: bundle.task_specific(t) for t in bundle.tasks}
     model = export_onnx(module, example_inputs, None, heads=heads, strip=strip, **options)
-    record = read_record(model)
-    weights = {n: (shape, dtype) for n, (shape, dtype) in record.weights.items()}
-    EngineBinding(bundle, weights, unread=list(record.unused) + list(record.aliases), cuts=record.heads,
-                  what="the exported graph")
+    binding = graph_binding(bundle, read_record(model))
+    for task, why in binding.heads.misfits.items():
+        log.warning("the graph cannot serve task %r of %s: %s", task, bundle.path, why)
     if out is not None:
         write_model(model, out)
     return model
+
+
+def graph_binding(bundle: Bundle, record: WeightRecord) -> EngineBinding:
+    """``bundle`` bound to a graph of that weight record, as ``tvswitch run`` binds it at load:
+    refused unless every tensor it switches is a weight; ``servable`` the tasks it serves."""
+    weights = {n: (shape, dtype) for n, (shape, dtype) in record.weights.items()}
+    return EngineBinding(bundle, weights, unread=list(record.unused) + list(record.aliases), cuts=record.heads,
+                         what="the exported graph")
 
 
 def _lay_out_heads(module: Any, heads: Mapping[str, Mapping[str, np.ndarray]], input_names: Sequence[str],

@@ -85,5 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _heads_line(bundle, record) -> str:
     """``; serves tasks a, b, c (2 head shapes cut from the padded one); no weights stored``."""
+    from tvswitch.export.onnx_export import graph_binding
+
     return "; serves %s of %s (%d smaller head shape%s cut from the padded one); no weights stored" % (
-        ", ".join(bundle.tasks), bundle.path, len(record.heads), "" if len(record.heads) == 1 else "s")
+        ", ".join(graph_binding(bundle, record).servable), bundle.path, len(record.heads),
+        "" if len(record.heads) == 1 else "s")
