@@ -208,7 +208,10 @@ def best_renaming(names: Sequence[str], targets: Iterable[str]) -> Optional[Rena
     """The prefix change that makes the most of ``names`` into ``targets``, if it beats none.
 
     Candidates come from every pair of names that end alike (two dotted parts at least, or
-    the whole name); each is scored by the names it maps onto a target exactly.
+    the whole name); each is scored by the names it maps onto a target exactly.  A change
+    must move most of the names, as a prefix saved another way does (``bert.``, DDP's
+    ``module.``): one that moves a single module onto another (``classifier.dense`` to
+    a ``pooler.dense`` the names lack) is no renaming but two different tensors.
     """
     targets = set(targets)
     ends: Dict[str, Set[str]] = {}
@@ -229,7 +232,7 @@ def best_renaming(names: Sequence[str], targets: Iterable[str]) -> Optional[Rena
     best, score = None, plain
     for r in sorted(candidates, key=lambda r: -candidates[r])[:8]:
         hits = sum(1 for n in names if r(n) in targets)
-        if hits > score:
+        if hits > score and 2 * sum(1 for n in names if n.startswith(r.strip)) > len(names):
             best, score = r, hits
     return best
 
@@ -247,26 +250,42 @@ def align(base: Checkpoint, tasks: Mapping[str, Checkpoint]
     names likewise.  Integer buffers of ``UNSAVED_BUFFERS``
     that one side lacks are dropped from the other (noted), and so is a module of the base
     that no task has (``_drop_untaken``: a backbone's pooler), and from a task a tensor the
-    base lacks that is a copy of one it has (``_drop_tied_copies``: a tied output projection).
+    base lacks that is a copy of one it has (``drop_tied_copies``: a tied output projection).
     """
-    lead = max(tasks, key=lambda t: len(tasks[t].tensors))
+    lead = max(tasks, key=lambda t: (_network_size(tasks[t]), sum(1 for n in tasks[t].tensors if n in base.tensors)))
     first = tasks[lead]
     renaming = best_renaming(list(base.tensors), first.tensors)
     if renaming is not None:
-        base = _renamed(base, renaming, "the base (%s)" % base.label, "task %r (%s)" % (lead, first.label))
+        base = renamed(base, renaming, "the base (%s)" % base.label, "task %r (%s)" % (lead, first.label))
     out = {}
     for name, ck in tasks.items():
         if ck is not first:
             r = best_renaming(list(ck.tensors), base.tensors)
             if r is not None:
-                ck = _renamed(ck, r, "task %r (%s)" % (name, ck.label), "the base")
+                ck = renamed(ck, r, "task %r (%s)" % (name, ck.label), "the base")
         out[name] = ck
     base, out = _drop_unsaved(base, out)
-    out = {name: _drop_tied_copies(ck, base, name) for name, ck in out.items()}
+    out = {name: drop_tied_copies(ck, base, name) for name, ck in out.items()}
     return _drop_untaken(base, out), out, renaming
 
 
-def _drop_tied_copies(ck: Checkpoint, base: Checkpoint, task: str) -> Checkpoint:
+def _network_size(ck: Checkpoint) -> int:
+    """Tensors of the network ``ck`` was saved from: a tensor saved twice (tied) and buffers
+    some saves hold and others not count for nothing, so that a ``torch.save`` of a DDP
+    model does not outnumber a ``save_pretrained`` of the same network.  A copy is told by
+    its shape and its first and last bytes: cheap, and alike for checkpoints of one network."""
+    seen, size = set(), 0
+    for name, a in ck.tensors.items():
+        if name.rsplit(".", 1)[-1] in UNSAVED_BUFFERS:
+            continue
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        key = (a.shape, a.dtype.str, raw[:256].tobytes(), raw[-256:].tobytes())
+        size += key not in seen
+        seen.add(key)
+    return size
+
+
+def drop_tied_copies(ck: Checkpoint, base: Checkpoint, task: str) -> Checkpoint:
     """``ck`` without the tensors the base lacks that hold, bit for bit, the task's value of
     a tensor the base has: a tied weight saved under both names (``torch.save`` of a
     state_dict keeps GPT-2's ``lm_head.weight``; ``save_pretrained`` and the base leave it
@@ -294,18 +313,24 @@ def _drop_tied_copies(ck: Checkpoint, base: Checkpoint, task: str) -> Checkpoint
 
 def _drop_untaken(base: Checkpoint, tasks: Mapping[str, Checkpoint]) -> Checkpoint:
     """The base without the tensors that no task has, where they are one module or at most
-    HEAD_SHARE of its weights: a backbone saved alone keeps its pooler (``BertModel``,
-    ``ViTModel``), which the tasks' classification networks do not have, so no task vector
+    HEAD_SHARE of its weights: a backbone saved alone keeps its pooler (``ViTModel``,
+    ``RobertaModel``), which the tasks' classification networks do not have
+    (``ViTForImageClassification``, ``RobertaForSequenceClassification``), so no task vector
     of it exists and nothing serves it.  Tensors some tasks have and others lack, a larger
-    share (likely another network), or ones a task holds a tensor of the same shape for
-    under a name the base lacks (likely renamed: ``layer.1`` as ``layers.1``) are left to
-    ``classify``'s name check, which names the nearest pairs."""
+    share (likely another network), or ones a task holds under a name the base lacks with
+    values near the base's (renamed, not fine-tuned from scratch: ``layer.1`` as
+    ``layers.1``; a new head of the same shape is far from them) are left to ``classify``'s
+    name check, which names the nearest pairs."""
     untaken = [n for n in base.tensors if not any(n in ck.tensors for ck in tasks.values())]
     if not untaken or len(untaken) == len(base.tensors):
         return base
-    shapes = {base.tensors[n].shape for n in untaken}
-    if any(a.shape in shapes for ck in tasks.values() for n, a in ck.tensors.items() if n not in base.tensors):
-        return base
+    for n in untaken:
+        u = base.tensors[n].astype(np.float64)
+        for ck in tasks.values():
+            for m, a in ck.tensors.items():
+                if m not in base.tensors and a.shape == u.shape and a.dtype == base.tensors[n].dtype and (
+                        np.linalg.norm(a.astype(np.float64) - u) <= 0.5 * np.linalg.norm(u)):
+                    return base
     owner = os.path.commonprefix([n.split(".")[:-1] for n in untaken])
     total = sum(a.size for a in base.tensors.values())
     if not owner and sum(base.tensors[n].size for n in untaken) > HEAD_SHARE * total:
@@ -316,7 +341,8 @@ def _drop_untaken(base: Checkpoint, tasks: Mapping[str, Checkpoint]) -> Checkpoi
     return Checkpoint({n: a for n, a in base.tensors.items() if n not in drop}, base.label, base.buffers - drop)
 
 
-def _renamed(ck: Checkpoint, r: Renaming, who: str, whose: str) -> Checkpoint:
+def renamed(ck: Checkpoint, r: Renaming, who: str, whose: str) -> Checkpoint:
+    """``ck`` under ``r``'s names, with a note; refused where two names would become one."""
     tensors = {r(n): a for n, a in ck.tensors.items()}
     if len(tensors) != len(ck.tensors):
         raise TvswitchError("%s: renaming its tensors to %s's names (%s) makes two of them one name"
@@ -439,7 +465,6 @@ def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns:
     named = {n for n, a in base.tensors.items() if np.issubdtype(a.dtype, np.floating)
              and any(fnmatch.fnmatchcase(n, p) for p in patterns)
              and any(ck.tensors[n].shape != a.shape for ck in tasks.values())}
-    differ = [n for n in differ if n not in named] + sorted(named)
     rest = [n for n in differ if n not in named]
     outputs_only = all(ck.tensors[n].shape[1:] == base.tensors[n].shape[1:]
                        and ck.tensors[n].ndim == base.tensors[n].ndim for n in rest for ck in tasks.values())
@@ -455,7 +480,7 @@ def _replaced_heads(base: Checkpoint, tasks: Mapping[str, Checkpoint], patterns:
              "task, the base's left out", len(rest), "" if len(rest) == 1 else "s", base.label,
              ", ".join("%s %s" % (n, list(base.tensors[n].shape)) for n in rest[:2])
              + (" ..." if len(rest) > 2 else ""))
-    return set(differ)
+    return set(rest) | named
 
 
 def _check_finite(name: str, a: np.ndarray, where: str) -> None:

@@ -19,7 +19,8 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import Checkpoint, best_renaming, classify, load_checkpoint, task_vectors
+from tvswitch.export.checkpoints import (Checkpoint, best_renaming, classify, drop_tied_copies,
+                                        load_checkpoint, renamed, task_vectors)
 from tvswitch.export.exporter import Scheme, add_queries, codes_term, encode_tensor
 from tvswitch.export.lora import load_task
 from tvswitch.export.quantize import quantize
@@ -61,9 +62,6 @@ def remove_task(path: str, task: str, out: Optional[str] = None) -> Bundle:
     used = _referenced(m)
     store = _carry(bundle, lambda key: key in used)
     write_bundle(out or path, m, store)
-    if m.get("queries"):
-        log.warning("%s: task %r has no Auto-Switch query sets, so --auto never picks it: run tvswitch router "
-                    "again with exemplars of every task", out or path, task)
     return Bundle.open(out or path)
 
 
@@ -91,7 +89,7 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
         raise TvswitchError("%s: EMR's unified vector depends on every task; re-export to add one" % path)
     record.setdefault("layout", "streams")  # written before the compact layouts: every term a stream
     scheme = Scheme(**{k: v for k, v in record.items() if k in Scheme.__dataclass_fields__})
-    ck = _in_bundle_names(load_task(source, base_ck, task), bundle, task)
+    ck = drop_tied_copies(_in_bundle_names(load_task(source, base_ck, task), bundle, task), base_ck, task)
     covered = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))
     base_ck = Checkpoint({n: a for n, a in base_ck.tensors.items() if n in covered}, base_ck.label, base_ck.buffers)
     layout = classify(base_ck, {task: ck}, scheme.task_specific)
@@ -121,6 +119,9 @@ def add_task(path: str, task: str, source: Any, base: Any = None, out: Optional[
     m["task_specific"] = dict(m["task_specific"], **{task: {
         n: store.add("%s/%s" % (task, n), ck.tensors[n].astype(scheme.raw_dtype)) for n in layout.task_only[task]}})
     write_bundle(out or path, m, store)
+    if m.get("queries"):
+        log.warning("%s: task %r has no Auto-Switch query sets, so --auto never picks it: run tvswitch router "
+                    "again with exemplars of every task", out or path, task)
     return Bundle.open(out or path)
 
 
@@ -129,8 +130,7 @@ def _in_bundle_names(ck: Checkpoint, bundle: Bundle, task: str) -> Checkpoint:
     renaming = best_renaming(list(ck.tensors), bundle.shared_specs)
     if renaming is None:
         return ck
-    log.info("names of task %r (%s) mapped to %s's: %s", task, ck.label, bundle.path, renaming.describe())
-    return Checkpoint({renaming(n): a for n, a in ck.tensors.items()}, ck.label, {renaming(n) for n in ck.buffers})
+    return renamed(ck, renaming, "task %r (%s)" % (task, ck.label), bundle.path)
 
 
 def set_query_sets(path: str, query_sets: Mapping[str, np.ndarray], router: Any, out: Optional[str] = None) -> Bundle:

@@ -60,8 +60,9 @@ class WeightRecord:
     bundle's base fingerprint covers and can serve as the base, unless ``stripped``.
     ``heads``: for each head shape of the bundle the graph was exported for
     (``export-onnx --bundle``), how its outputs are cut (``runtime.heads.HeadCut``).
-    ``stripped``: the graph holds no value of any weight, ``unused`` or ``fixed`` tensor:
-    they come from the base and the bundle at load.
+    ``stripped``: the graph holds no value of any weight, ``unused`` or ``fixed`` tensor
+    (but a fixed one a node reads, which stays): they come from the base and the bundle
+    at load.
     """
 
     weights: Dict[str, Tuple[Tuple[int, ...], str]]

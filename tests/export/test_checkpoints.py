@@ -161,6 +161,8 @@ def test_a_base_module_no_task_has_is_left_out_and_one_some_tasks_lack_is_refuse
 
     base, fts = checkpoints
     pooled = dict(base, **{"pooler.dense.weight": np.ones((4, 4), np.float32), "pooler.dense.bias": np.ones(4, np.float32)})
+    for ft in fts.values():  # a new head of the pooler's shape (RoBERTa's classifier.dense): not a renaming
+        ft["classifier.dense.weight"] = np.random.default_rng(0).normal(0, 0.02, (4, 4)).astype(np.float32)
     with caplog.at_level(logging.INFO, logger="tvswitch"):
         bundle = export_bundle(pooled, fts, str(tmp_path / "p.tvs"), name="tvq", bits=4)
     assert "pooler.dense.weight" not in bundle.shared_specs and "no task has, left out" in caplog.text
@@ -206,3 +208,34 @@ def test_the_bundle_takes_the_names_of_the_whole_network_whatever_the_task_order
     bundle = export_bundle(base, {"raw": bare, "cls": whole}, str(tmp_path / "o.tvs"), name="tvq", bits=4)
     assert "model.enc.weight" in bundle.shared_specs and "enc.weight" not in bundle.shared_specs
     assert list(bundle.task_specific("cls")) == ["head.weight"]
+
+
+def test_add_task_drops_a_tied_copy_and_warns_where_the_bundle_routes_and_remove_task_does_not(
+        tmp_path, checkpoints, caplog):
+    import logging
+
+    from tvswitch.export.edit import add_task, remove_task
+    from tvswitch.export.exporter import export_bundle
+
+    base, fts = checkpoints
+    queries = {t: np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32) for t in "abc"}
+    bundle = export_bundle(base, fts, str(tmp_path / "r.tvs"), name="tvq", bits=4, query_sets=queries,
+                           router={"output": "out", "pool": "none"})
+    grown = dict(fts["a"], **{"out.weight": fts["a"]["mlp.weight"].copy()})  # a tie torch.save kept
+    with caplog.at_level(logging.WARNING, logger="tvswitch"):
+        added = add_task(bundle.path, "d", grown, base=base)
+    assert "out.weight" not in added.task_specific("d")
+    assert "task 'd' has no Auto-Switch query sets" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tvswitch"):
+        remove_task(added.path, "b")
+    assert "query sets" not in caplog.text
+
+
+def test_one_module_moved_onto_another_is_no_renaming(checkpoints):
+    """A prefix change must move most names: classifier.dense -> pooler.dense is two tensors."""
+    from tvswitch.export.checkpoints import best_renaming
+
+    names = ["enc.weight", "enc.bias", "mlp.weight", "classifier.dense.weight"]
+    assert best_renaming(names, ["enc.weight", "enc.bias", "mlp.weight", "pooler.dense.weight"]) is None
+    assert best_renaming(["module." + n for n in names], names).describe() == "'module.' stripped"

@@ -52,10 +52,18 @@ def test_a_tswitch_term_is_one_ternary_code_sparse_where_that_halves_it(keep, wa
     lam = np.float32(sw.scale)
     want_values = np.where(sw.mask, np.where(sw.positive, lam, -lam), np.float32(0.0))
     assert q.bits == 2 and dequantize(q).tobytes() == want_values.astype(np.float32).tobytes()
-    term = codes_term(PayloadStore(), "t/w", q, layout="auto")
-    assert term.get("layout") == want and "mask" not in term or want == "sparse"
+    store = PayloadStore()
+    term = codes_term(store, "t/w", q, layout="auto")
+    assert term.get("layout") == want
+    assert ("mask" in term) == (want == "sparse")  # a sparse term's index; no mask otherwise
+    streams_words = 8192 * 2 // 32 + 1
     if want == "sparse":
         assert term["fill"] == 1
+        index, words = store.stored[term["mask"]], store.stored[term["codes"]]
+        assert index.size + words.size <= AUTO_COMPACT * streams_words
+    else:
+        index, words = pack_sparse(q.codes, 2, 1)
+        assert index.size + words.size > AUTO_COMPACT * streams_words
 
 
 @settings(max_examples=80, deadline=None)

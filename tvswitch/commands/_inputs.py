@@ -7,16 +7,13 @@ bundle never imports a factory by name.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
 from tvswitch.errors import TvswitchError
-from tvswitch.export.checkpoints import UNSAVED_BUFFERS, best_renaming
-
-log = logging.getLogger("tvswitch.commands")
+from tvswitch.export.checkpoints import UNSAVED_BUFFERS, Checkpoint, best_renaming, renamed
 
 
 def threads(text: str) -> int:
@@ -123,9 +120,8 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
         raise TvswitchError("%s returned %s, not a torch.nn.Module" % (spec, type(module).__name__))
     if weights is not None:
         renaming = best_renaming(list(weights), module.state_dict())
-        if renaming is not None:
-            log.info("names of the weights mapped to %s's: %s", spec, renaming.describe())
-            weights = {renaming(n): a for n, a in weights.items()}
+        if renaming is not None and all(n.startswith(renaming.strip) for n in weights):  # a prefix of every name
+            weights = renamed(Checkpoint(dict(weights), "the weights"), renaming, "the weights", spec).tensors
             may_lack = [renaming(n) for n in may_lack]
         try:
             result = module.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in weights.items()},
@@ -149,6 +145,16 @@ def load_module(spec: str, weights: Optional[Mapping[str, np.ndarray]] = None,
                 spec, "the weights lack %r (%d such)" % (missing[0], len(missing)) if missing else
                 "the network has no tensor %r (%d such)" % (unexpected[0], len(unexpected))))
     return module.eval()
+
+
+def module_weights(base: Mapping[str, np.ndarray], bundle: Any) -> Dict[str, np.ndarray]:
+    """What of ``base`` a torch module of ``bundle``'s network loads: the tensors the bundle
+    was exported with and the base's buffers; not a float module export left out (a pooler
+    no task has), nor a head the tasks replace (laid out per task at each switch)."""
+    heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
+    known = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))
+    return {n: a for n, a in base.items()
+            if n not in heads and (n in known or not np.issubdtype(a.dtype, np.floating))}
 
 
 def _factory(spec: str) -> Any:

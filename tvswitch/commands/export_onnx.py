@@ -7,7 +7,7 @@ from typing import Dict, List
 import os
 
 from tvswitch.commands._common import human_bytes, load_base
-from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs
+from tvswitch.commands._inputs import check_output_path, load_module, module_weights, parse_inputs
 from tvswitch.errors import TvswitchError
 
 NAME = "export-onnx"
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             weights = bundle.embedded_base()
         heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
         if weights is not None:  # a base may hold a head of its own shape: the bundle's are laid out anew
-            weights = {n: a for n, a in weights.items() if n not in heads}
+            weights = module_weights(weights, bundle)
         module = load_module(args.module, weights, may_lack=heads) if weights is not None else load_module(args.module)
     else:
         module = load_module(args.module, weights)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from tvswitch.commands._common import load_base
-from tvswitch.commands._inputs import check_output_path, load_module, parse_inputs, threads
+from tvswitch.commands._inputs import check_output_path, load_module, module_weights, parse_inputs, threads
 from tvswitch.errors import TvswitchError
 from tvswitch.runtime.engines.base import ENGINE_KINDS
 from tvswitch.runtime.engines.options import engine_options, name_inputs, torch_device
@@ -89,11 +89,7 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
         device = torch_device(args.provider)
         heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
-        # the base's tensors the bundle was exported with and its buffers: not a float module
-        # it left out (a pooler no task has), nor a pretrained head the tasks replace
-        known = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))
-        weights = None if base is None else {n: a for n, a in base.items() if n not in heads and (
-            n in known or not np.issubdtype(a.dtype, np.floating))}
+        weights = None if base is None else module_weights(base, bundle)
         module = load_module(args.module, weights, may_lack=heads).to(device)
         options["example_inputs"] = dict(inputs) if inputs else None
     server = serve_bundle(bundle, args.engine, model=args.model, base=base, base_label=args.base, initial=initial,
