@@ -240,7 +240,8 @@ def best_renaming(names: Sequence[str], targets: Iterable[str]) -> Optional[Rena
 def align(base: Checkpoint, tasks: Mapping[str, Checkpoint]
           ) -> Tuple[Checkpoint, Dict[str, Checkpoint], Optional[Renaming]]:
     """``base`` and ``tasks`` under one set of names, those of the task with the most tensors
-    (the first such), and the base's renaming (None: none), each mapping a note.
+    (``_network_size``; of those, the one most named as the base, then the first), and the
+    base's renaming (None: none), each mapping a note.
 
     The task with the most tensors is the whole network, head included, where others may be
     its bare backbone (``BertModel`` beside ``BertForSequenceClassification``): its names
