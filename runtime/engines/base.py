@@ -150,7 +150,8 @@ def cast_input(name: str, value: np.ndarray, dtype: np.dtype,
     """
     value = np.asarray(value)
     dtype = np.dtype(dtype)
-    wrapped = (value.dtype.kind in "iu" and dtype.kind in "iu" and value.dtype != dtype and value.size > 0
+    wrapped = (value.dtype.kind in "iu" and dtype.kind in "iu" and value.size > 0  # values read on a narrowing only
+               and not np.can_cast(value.dtype, dtype, casting="safe")
                and not np.iinfo(dtype).min <= int(value.min()) <= int(value.max()) <= np.iinfo(dtype).max)
     if (not np.can_cast(value.dtype, dtype, casting="same_kind") or wrapped
             or (value.dtype == np.bool_ and dtype != np.bool_)):
