@@ -24,7 +24,7 @@ from tvswitch.kernels.packing import (group_index_words, pack_codes, pack_mask, 
 from tvswitch.export.quantize import (Quantized, dequantize, group_size, parse_granularity, quantize,
                                       sampled_error)
 from tvswitch.export.rtvq import quantize_residual
-from tvswitch.export.tswitch import Switch, binarize
+from tvswitch.export.tswitch import binarize, ternary
 from tvswitch.runtime.bundle.writer import PayloadStore, write_bundle
 from tvswitch.files import same_file
 from tvswitch.kernels.abi import code_words
@@ -350,20 +350,6 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
                                                    layout=scheme.layout)]}
             for t, tau in zip(tasks, taus)]
 
-
-def ternary(sw: Switch) -> Quantized:
-    """A T-Switch tensor (mask, sign, lambda) as one 2-bit code per weight: 0 -> -lambda,
-    1 -> dropped, 2 -> +lambda, with (scale, offset) = (lambda, -lambda).
-
-    The same two bits per weight as a mask stream beside a sign stream, and the same value
-    at every element bit for bit (a dropped code is lambda - lambda = +0.0, as a masked-out
-    lane is), but one code stream: the rebuild decodes it as it does TVQ-INT2, one table
-    lookup per element and term, where mask and sign took a lookup and a blend, and where
-    few weights are kept the sparse layout (fill: the dropped code) stores it in the bits
-    the groups layout took (FORMAT.md 3.4)."""
-    lam = np.float32(sw.scale)
-    codes = np.where(sw.mask, np.where(sw.positive, 2, 0), 1).astype(np.uint8)
-    return Quantized(codes=codes, params=np.array([lam, -lam], dtype=np.float32), group=max(codes.size, 1), bits=2)
 
 
 # ---- bit allocation under a budget ------------------------------------------------------

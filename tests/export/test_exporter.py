@@ -41,9 +41,8 @@ def test_compact_is_taken_even_where_it_is_larger_and_streams_never():
 def test_a_tswitch_term_is_one_ternary_code_sparse_where_that_halves_it(keep, want):
     """Mask and sign as one 2-bit code (0: -lambda, 1: dropped, 2: +lambda): each element's
     value is the masked sign's, and auto stores it sparse (fill: dropped) where that halves it."""
-    from tvswitch.export.exporter import ternary
     from tvswitch.export.quantize import dequantize
-    from tvswitch.export.tswitch import binarize
+    from tvswitch.export.tswitch import binarize, ternary
 
     rng = np.random.default_rng(1)
     tau = rng.standard_normal(8192)
