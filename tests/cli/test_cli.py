@@ -252,27 +252,28 @@ def test_inspect_lists_heads_and_numeric_widths(example, tmp_path, capsys):
     assert any(line.startswith("head.weight") and "4x128" in line and "gauge" in line for line in lines)
 
 
+def _network_file(path, body: str) -> str:
+    """``--module``'s FILE.py:net for a network whose __init__ (after super()) is ``body``'s lines."""
+    path.write_text("import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n" + "".join("        %s\n" % line for line in body.splitlines())
+                    + "def net():\n    return Net()\n")
+    return "%s:net" % path
+
+
 def test_a_base_carrying_a_buffer_the_network_keeps_unsaved_loads_into_it(tmp_path):
     """transformers saves ``embeddings.position_ids`` in some checkpoints and registers it
     unsaved in the network: the torch engine's weights must load anyway (export leaves it out)."""
     torch = pytest.importorskip("torch", reason="the torch engine's module (the torch extra)")
     from tvswitch.commands._inputs import load_module
 
-    (tmp_path / "net.py").write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.lin = torch.nn.Linear(3, 2)\n"
-        "        self.register_buffer('position_ids', torch.arange(4), persistent=False)\n"
-        "def net():\n"
-        "    return Net()\n")
+    net = _network_file(tmp_path / "net.py", "self.lin = torch.nn.Linear(3, 2)\n"
+                        "self.register_buffer('position_ids', torch.arange(4), persistent=False)")
     weights = {"lin.weight": np.ones((2, 3), np.float32), "lin.bias": np.zeros(2, np.float32),
                "position_ids": np.arange(4)}
-    module = load_module("%s:net" % (tmp_path / "net.py"), weights)
+    module = load_module(net, weights)
     assert torch.equal(module.lin.weight, torch.ones(2, 3))
     with pytest.raises(TvswitchError, match="no tensor 'extra.weight'"):
-        load_module("%s:net" % (tmp_path / "net.py"), dict(weights, **{"extra.weight": np.ones(2, np.float32)}))
+        load_module(net, dict(weights, **{"extra.weight": np.ones(2, np.float32)}))
 
 
 def test_weights_without_a_tied_name_load_into_a_network_that_ties_it(tmp_path):
@@ -281,26 +282,18 @@ def test_weights_without_a_tied_name_load_into_a_network_that_ties_it(tmp_path):
     torch = pytest.importorskip("torch", reason="the torch engine's module (the torch extra)")
     from tvswitch.commands._inputs import load_module
 
-    (tmp_path / "tied.py").write_text(
-        "import torch\n"
-        "class Tied(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.emb = torch.nn.Embedding(5, 3)\n"
-        "        self.out = torch.nn.Linear(3, 5, bias=False)\n"
-        "        self.out.weight = self.emb.weight\n"
-        "def net():\n"
-        "    return Tied()\n")
+    tied = _network_file(tmp_path / "tied.py", "self.emb = torch.nn.Embedding(5, 3)\n"
+                         "self.out = torch.nn.Linear(3, 5, bias=False)\nself.out.weight = self.emb.weight")
     emb = np.arange(15, dtype=np.float32).reshape(5, 3)
-    module = load_module("%s:net" % (tmp_path / "tied.py"), {"emb.weight": emb})
+    module = load_module(tied, {"emb.weight": emb})
     assert torch.equal(module.out.weight, torch.from_numpy(emb))
     with pytest.raises(TvswitchError, match="lack 'emb.weight'"):
-        load_module("%s:net" % (tmp_path / "tied.py"), {"out.weight": emb})
+        load_module(tied, {"out.weight": emb})
     # a DDP prefix on every name is mapped; a head of another shape is named
-    module = load_module("%s:net" % (tmp_path / "tied.py"), {"module.emb.weight": emb + 1})
+    module = load_module(tied, {"module.emb.weight": emb + 1})
     assert torch.equal(module.emb.weight, torch.from_numpy(emb + 1))
     with pytest.raises(TvswitchError, match="size mismatch for emb.weight"):
-        load_module("%s:net" % (tmp_path / "tied.py"), {"emb.weight": np.zeros((6, 3), np.float32)})
+        load_module(tied, {"emb.weight": np.zeros((6, 3), np.float32)})
 
 
 def test_an_npz_input_is_its_arrays_by_name_and_refused_under_one_name(tmp_path):
