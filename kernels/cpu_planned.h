@@ -15,6 +15,9 @@
  *   TV_PLANNED_GROUP_ROW    group_row_words or a faster equal; with TV_PLANNED_GROUP_VALUE
  *                           (row, consts, k) defined, a row as its eight group bytes (keep
  *                           bits low, codes high) and GROUP_VALUE the values of its vector k
+ *   TV_PLANNED_SPARSE2_VALUES (optional) a 2-bit SPARSE row's vectors of values, made from
+ *                           its groups without storing the row (codes, flag byte, rank,
+ *                           fill4, consts, vectors) -> the next rank
  *   TV_PLANNED_SPARSE_ROW   sparse_row_codes or a faster equal; with TV_PLANNED_SPARSE3_WORDS
  *                           defined, its 3-bit rows as four words, word k holding codes
  *                           8k .. 8k+7 in its low 24 bits (one 16-byte store, which each
@@ -123,11 +126,21 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
             /* no group stored (fine-tuning left these 32 weights on the zero point): every
              * lane's value is the fill's or the dropped one, the lookup's bits, so add it;
              * adding nothing would differ where a sum is -0.0 and the value +0.0 */
-            if (!row_flags(p->t, g)) {
+            const uint32_t flags = index_flags(p->mask, g);
+            if (!flags) {
                 for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
                     a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], p->empty);
                 continue;
             }
+#ifdef TV_PLANNED_SPARSE2_VALUES
+            if (!groups && bits == 2u) {
+                TV_PLANNED_VEC v[TV_PLANNED_VECS];
+                p->rank = TV_PLANNED_SPARSE2_VALUES((const uint8_t *)p->codes, flags, p->rank, p->fill4, &p->c, v);
+                for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
+                    a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], v[k]);
+                continue;
+            }
+#endif
             if (groups)
                 p->rank = TV_PLANNED_GROUP_ROW(p->t, g, p->rank, &row[0], &keep);
             else

@@ -220,10 +220,16 @@ TV_DEFINE_ROWS(8)
 TV_DEFINE_ROW_SWITCH(scalar)
 TV_DEFINE_ROW_SWITCH(portable)
 
-/* The index flags of the row of 32 elements from group g (a multiple of 8): one byte. */
+/* The index flags of the row of 32 elements from group g (a multiple of 8): one byte;
+ * index_flags from the index itself (a plan holds its address: one load fewer a row). */
+static inline TV_ALWAYS_INLINE uint32_t index_flags(const uint32_t *index, uint32_t g)
+{
+    return (index[(g / TV_BLOCK_GROUPS) * TV_INDEX_RECORD + 1u + ((g >> 5) & 7u)] >> (g & 31u)) & 0xffu;
+}
+
 static inline TV_ALWAYS_INLINE uint32_t row_flags(const tv_term *t, uint32_t g)
 {
-    return (tv_group_flags(t, g) >> (g & 31u)) & 0xffu;
+    return index_flags((const uint32_t *)t->mask, g);
 }
 
 /*
@@ -486,10 +492,17 @@ static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes_of(uint32_t flags)
  * the path from the flag word to the shuffle; `before` and `unstored` come back from it
  * (before <= 7 leaves bit 7 of each byte to the 0x80). */
 static uint64_t tv_flag_controls[256];
+/* The same with 8 | before where a group is not stored: a shuffle whose source holds the
+ * fill in bytes 8-15 gives it there (avx2_sparse2_values). */
+static uint64_t tv_flag_fill_controls[256];
 __attribute__((constructor)) static void tv_init_flag_controls(void)
 {
-    for (uint32_t f = 0; f < 256u; ++f)
-        tv_flag_controls[f] = flag_bytes_of(f).control;
+    const uint64_t lanes = 0x0101010101010101ull;
+    for (uint32_t f = 0; f < 256u; ++f) {
+        const uint64_t control = flag_bytes_of(f).control;
+        tv_flag_controls[f] = control;
+        tv_flag_fill_controls[f] = (control & 0x7full * lanes) | ((control >> 4) & 0x08ull * lanes);
+    }
 }
 
 static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes(uint32_t flags)
@@ -828,6 +841,30 @@ TV_AVX2 uint32_t avx2_sparse_row_planned(const tv_term *t, uint32_t g, uint32_t 
     return r + tv_popcount(flags);
 }
 
+/*
+ * The planned rows' 2-bit SPARSE row (TV_PLANNED_SPARSE2_VALUES) from its flag byte, its
+ * four vectors of values made in registers: avx2_sparse_row_codes' bytes, but the fill is
+ * byte 8 of the shuffle's source (the stream's eight bytes from rank r, then the fill byte
+ * eight times), which tv_flag_fill_controls picks where a group is not stored, and the
+ * row's two words broadcast from that register to avx2_value8's lanes and lookup.
+ * avx2_sparse_row_codes stores the row for the value loads to read back and makes the fill
+ * in integer registers.
+ */
+TV_AVX2 uint32_t avx2_sparse2_values(const uint8_t *codes, uint32_t flags, uint32_t r, uint32_t fill4,
+                                     const avx2_consts *c, __m256 *v)
+{
+    const __m128i src = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(codes + r)), _mm_set1_epi8((char)fill4));
+    const __m128i x = _mm_shuffle_epi8(src, _mm_cvtsi64_si128((long long)tv_flag_fill_controls[flags]));
+    const __m256i lo = _mm256_broadcastd_epi32(x), hi = _mm256_broadcastd_epi32(_mm_srli_epi64(x, 32));
+    const __m256i first = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i second = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    v[0] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(lo, first));
+    v[1] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(lo, second));
+    v[2] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(hi, first));
+    v[3] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(hi, second));
+    return r + tv_popcount(flags);
+}
+
 TV_AVX2 void row_avx2(float *acc, const uint32_t *row, uint32_t bits, float w, float scale, float offset)
 {
     avx2_row(acc, row, bits, w, scale, offset, 0, 0u);
@@ -961,6 +998,7 @@ TV_DEFINE_PLAN(avx2_plan, avx2_consts, __m256)
 #define TV_PLANNED_GROUP_VALUE avx2_group_value8
 #define TV_PLANNED_SPARSE_ROW avx2_sparse_row_planned
 #define TV_PLANNED_SPARSE3_WORDS 1
+#define TV_PLANNED_SPARSE2_VALUES avx2_sparse2_values
 #include "cpu_planned.h"
 
 /*
