@@ -15,14 +15,11 @@
  *   TV_PLANNED_GROUP_ROW    group_row_words or a faster equal; with TV_PLANNED_GROUP_VALUE
  *                           (row, consts, k) defined, a row as its eight group bytes (keep
  *                           bits low, codes high) and GROUP_VALUE the values of its vector k
- *   TV_PLANNED_SPARSE2_VALUES (optional) a 2-bit SPARSE row's vectors of values, made from
- *                           its groups without storing the row (codes, flag byte, rank,
- *                           fill4, consts, vectors) -> the next rank
- *   TV_PLANNED_SPARSE_ROW   sparse_row_codes or a faster equal; with TV_PLANNED_SPARSE3_WORDS
- *                           defined, its 3-bit rows as four words, word k holding codes
- *                           8k .. 8k+7 in its low 24 bits (one 16-byte store, which each
- *                           vector's load then lies inside: the three-word row's loads
- *                           straddle its stores and wait for them)
+ *   TV_PLANNED_SPARSE2_VALUES, TV_PLANNED_SPARSE3_VALUES (optional) a 2-bit or 3-bit SPARSE
+ *                           row's vectors of values made in registers, without storing the
+ *                           row for the value loads to read back (codes or term, flag byte,
+ *                           rank, fill4, consts, vectors) -> the next rank
+ *   TV_PLANNED_SPARSE_ROW   sparse_row_codes or a faster equal (the other widths' rows)
  * Each row's 32 sums stay in registers from the base through every term to the store,
  * where the per-term rows (TV_DEFINE_TILE) add each term to a row in memory (a load and a
  * store per vector and term, most of a table lookup's cost again).  The same values in
@@ -32,18 +29,13 @@
 #define TV_PLANNED_ROW_VECS (TV_PLANNED_VECS * TV_PLAN_ROWS)
 
 /* Vector k of a compact row: a GROUPS row is 1-bit and masked by `keep` (its bytes under
- * TV_PLANNED_GROUP_VALUE); a 3-bit SPARSE row under TV_PLANNED_SPARSE3_WORDS is four words,
- * word k codes 8k .. 8k+7, so vector k reads word k as a row's first vector. */
+ * TV_PLANNED_GROUP_VALUE). */
 TV_PLANNED_FN TV_PLANNED_VEC TV_PLANNED(row_value)(const uint32_t *row, int groups, uint32_t bits,
                                                   const TV_PLANNED_PLAN *p, uint32_t keep, uint32_t k)
 {
 #ifdef TV_PLANNED_GROUP_VALUE
     if (groups)
         return TV_PLANNED_GROUP_VALUE(row, &p->c, k);
-#endif
-#ifdef TV_PLANNED_SPARSE3_WORDS
-    if (!groups && bits == 3u)
-        return TV_PLANNED_VALUE(row + k, 3u, &p->c, 0, 0u, 0u);
 #endif
     return TV_PLANNED_VALUE(row, groups ? 1u : bits, &p->c, groups, keep, k);
 }
@@ -136,6 +128,15 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
             if (!groups && bits == 2u) {
                 TV_PLANNED_VEC v[TV_PLANNED_VECS];
                 p->rank = TV_PLANNED_SPARSE2_VALUES((const uint8_t *)p->codes, flags, p->rank, p->fill4, &p->c, v);
+                for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
+                    a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], v[k]);
+                continue;
+            }
+#endif
+#ifdef TV_PLANNED_SPARSE3_VALUES
+            if (!groups && bits == 3u) {
+                TV_PLANNED_VEC v[TV_PLANNED_VECS];
+                p->rank = TV_PLANNED_SPARSE3_VALUES(p->t, flags, p->rank, p->fill4, &p->c, v);
                 for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
                     a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], v[k]);
                 continue;

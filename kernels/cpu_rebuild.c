@@ -826,21 +826,6 @@ TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r,
     return sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
 }
 
-/* The planned rows' sparse row (TV_PLANNED_SPARSE3_WORDS): avx2_sparse_row_codes, but a
- * 3-bit row as four words, word k holding codes 8k .. 8k+7 in its low 24 bits: the two
- * 12-bit groups of 32-bit lane k of avx2_sparse_groups3 joined, one 16-byte store. */
-TV_AVX2 uint32_t avx2_sparse_row_planned(const tv_term *t, uint32_t g, uint32_t r, uint32_t bits, uint32_t fill4,
-                                         const uint32_t *fill_row, uint32_t *row)
-{
-    if (bits != 3u)
-        return avx2_sparse_row_codes(t, g, r, bits, fill4, fill_row, row);
-    const uint32_t flags = row_flags(t, g);
-    const __m128i x = avx2_sparse_groups3(t, flag_bytes(flags), r, fill4);
-    _mm_storeu_si128((__m128i *)row, _mm_or_si128(_mm_and_si128(x, _mm_set1_epi32(0xfff)),
-                                                  _mm_and_si128(_mm_srli_epi32(x, 4), _mm_set1_epi32(0xfff000))));
-    return r + tv_popcount(flags);
-}
-
 /*
  * The planned rows' 2-bit SPARSE row (TV_PLANNED_SPARSE2_VALUES) from its flag byte, its
  * four vectors of values made in registers: avx2_sparse_row_codes' bytes, but the fill is
@@ -862,6 +847,24 @@ TV_AVX2 uint32_t avx2_sparse2_values(const uint8_t *codes, uint32_t flags, uint3
     v[1] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(lo, second));
     v[2] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(hi, first));
     v[3] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(hi, second));
+    return r + tv_popcount(flags);
+}
+
+/* The same for a 3-bit SPARSE row (TV_PLANNED_SPARSE3_VALUES): avx2_sparse_groups3's eight
+ * groups joined two by two into four words in a register, word k (codes 8k .. 8k+7 in its
+ * low 24 bits) broadcast to vector k's lanes. */
+TV_AVX2 uint32_t avx2_sparse3_values(const tv_term *t, uint32_t flags, uint32_t r, uint32_t fill4,
+                                     const avx2_consts *c, __m256 *v)
+{
+    const __m128i x = avx2_sparse_groups3(t, flag_bytes(flags), r, fill4);
+    const __m128i words = _mm_or_si128(_mm_and_si128(x, _mm_set1_epi32(0xfff)),
+                                       _mm_and_si128(_mm_srli_epi32(x, 4), _mm_set1_epi32(0xfff000)));
+    const __m256i both = _mm256_broadcastsi128_si256(words);
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    v[0] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(_mm256_shuffle_epi32(both, 0x00), shifts));
+    v[1] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(_mm256_shuffle_epi32(both, 0x55), shifts));
+    v[2] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(_mm256_shuffle_epi32(both, 0xaa), shifts));
+    v[3] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(_mm256_shuffle_epi32(both, 0xff), shifts));
     return r + tv_popcount(flags);
 }
 
@@ -996,9 +999,9 @@ TV_DEFINE_PLAN(avx2_plan, avx2_consts, __m256)
     (_mm_stream_ps((p), _mm256_castps256_ps128(v)), _mm_stream_ps((p) + 4, _mm256_extractf128_ps((v), 1)))
 #define TV_PLANNED_GROUP_ROW avx2_group_row_bytes
 #define TV_PLANNED_GROUP_VALUE avx2_group_value8
-#define TV_PLANNED_SPARSE_ROW avx2_sparse_row_planned
-#define TV_PLANNED_SPARSE3_WORDS 1
+#define TV_PLANNED_SPARSE_ROW avx2_sparse_row_codes
 #define TV_PLANNED_SPARSE2_VALUES avx2_sparse2_values
+#define TV_PLANNED_SPARSE3_VALUES avx2_sparse3_values
 #include "cpu_planned.h"
 
 /*
