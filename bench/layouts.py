@@ -9,8 +9,9 @@ bitmaps; compact: sparse codes, section 3.4, T-Switch's ternary codes included; 
 where that at least halves a term, the exporter's default), then per layout:
 bits per weight resident (the packed payloads), and the CPU rebuild of one task and of the
 8-task mix on one thread, into the same fp32 buffers. The layouts' rebuilds alternate call
-by call and each figure is the fastest of ``repeat`` (a shared machine's noise falls on
-both alike); the ratio to copy is bench/copyref.py's, measured in the same run. Every
+by call with a plain copy of each layout's bytes (bench/copyref.py) and each figure is the
+fastest of ``repeat`` (a shared machine's noise falls on all alike); the ratio to copy is
+the copy's time over the rebuild's, both fastest of ``repeat``. Every
 rebuild of the other bundles is checked bit for bit against the streams bundle's.
 """
 from __future__ import annotations
@@ -21,11 +22,11 @@ import pathlib
 import sys
 import tempfile
 import time
-from typing import Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping
 
 import numpy as np
 
-from bench.copyref import copy_bandwidth
+from bench.copyref import copiers
 from bench.rebuild_cpu import load_checkpoints
 from tvswitch.export.exporter import export_bundle
 from tvswitch.kernels import cpu
@@ -46,17 +47,16 @@ def resident_bits(bundle: Bundle) -> float:
     return 8 * sum(bundle.payload(k).nbytes for k in keys) / (bundle.num_shared_params * len(bundle.tasks))
 
 
-def fastest(rebuilders: Mapping[str, CpuRebuilder], mix: Mapping[str, float], out: Dict[str, np.ndarray],
-            repeat: int) -> Dict[str, float]:
-    """Seconds of the fastest of ``repeat`` rebuilds per layout, alternating the layouts."""
-    best = {layout: float("inf") for layout in rebuilders}
-    for r in rebuilders.values():
-        r.rebuild(mix, out)  # warm up: tables built, pages touched
+def fastest(calls: Mapping[str, Callable[[], object]], repeat: int) -> Dict[str, float]:
+    """Seconds of the fastest of ``repeat`` calls of each, alternating them call by call."""
+    best = {label: float("inf") for label in calls}
+    for call in calls.values():
+        call()  # warm up: tables built, pages touched
     for _ in range(repeat):
-        for layout, r in rebuilders.items():
+        for label, call in calls.items():
             start = time.perf_counter()
-            r.rebuild(mix, out)
-            best[layout] = min(best[layout], time.perf_counter() - start)
+            call()
+            best[label] = min(best[label], time.perf_counter() - start)
     return best
 
 
@@ -87,15 +87,18 @@ def main(argv: List[str] = None) -> int:
             bits = {layout: resident_bits(b) for layout, b in bundles.items()}
             out = rebuilders["streams"].allocate("float32")
             for mix_label, mix in mixes.items():
-                seconds = fastest(rebuilders, mix, out, args.repeat)
+                moved = {layout: r.bytes_moved(mix) for layout, r in rebuilders.items()}
+                with copiers([moved[layout] for layout in LAYOUTS]) as copies:
+                    calls = {layout: (lambda r=r: r.rebuild(mix, out)) for layout, r in rebuilders.items()}
+                    calls.update({"copy " + layout: copy for layout, copy in zip(LAYOUTS, copies)})
+                    seconds = fastest(calls, args.repeat)
                 results = {}
                 for layout, r in rebuilders.items():
                     r.rebuild(mix, out)
                     results[layout] = {n: a.copy() for n, a in out.items()}
                 identical = all(same_bits(results["streams"], results[layout]) for layout in LAYOUTS)
-                for layout, r in rebuilders.items():
-                    moved = r.bytes_moved(mix)
-                    ratio = moved / seconds[layout] / copy_bandwidth(moved, args.repeat)
+                for layout in rebuilders:
+                    ratio = seconds["copy " + layout] / seconds[layout]
                     lines.append("| %s | %s | %.3f | %s | %.2f | %.2f | %.2fx | %s |" % (
                         label, layout, bits[layout], mix_label, 1e3 * seconds[layout], ratio,
                         seconds[layout] / seconds["streams"], "yes" if identical else "NO"))
