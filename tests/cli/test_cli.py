@@ -179,6 +179,9 @@ def test_corrupt_bundle_writes_no_output(example, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tvswitch-")] == []
     r = cli("verify", bundle)
     assert r.returncode == 2 and "corrupt" in r.stderr
+    for command in (("plan", bundle, "--device", "orin-nano-8gb"), ("inspect", bundle)):
+        r = cli(*command)  # figures of a bundle that cannot be served would be a wrong answer
+        assert r.returncode == 2 and "CRC-32" in r.stderr and "Traceback" not in r.stderr, command
 
 
 def test_wrong_base_writes_no_output(example, tmp_path):

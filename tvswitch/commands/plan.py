@@ -62,7 +62,8 @@ def facts_from_bundle(path: str, graph: Optional[str] = None) -> _plan.BundleFac
         graph = default_model_path(path)
     if graph is not None and not os.path.isfile(graph):
         raise TvswitchError("--model %s: no such file" % graph)
-    return _plan.BundleFacts(**device_footprint(Bundle.open(path, verify=False)),  # type: ignore[arg-type]
+    # the payloads' CRCs too: a plan of a bundle that cannot be served is a refusal, not figures
+    return _plan.BundleFacts(**device_footprint(Bundle.open(path)),  # type: ignore[arg-type]
                              graph_nbytes=os.path.getsize(graph) if graph else 0)
 
 
