@@ -136,14 +136,16 @@ class Engine(abc.ABC):
 
 
 def cast_input(name: str, value: np.ndarray, dtype: np.dtype,
-               dims: Optional[Sequence[Any]] = None) -> np.ndarray:
+               dims: Optional[Sequence[Any]] = None, index: bool = False) -> np.ndarray:
     """``value`` as a C-contiguous array of ``dtype``, refusing a cast that is not numpy's same_kind
     and, where ``dims`` (the declared shape) is given, a shape that does not fit it.
 
     int64 -> int32 or float64 -> float32 is what a caller means; float -> int64 (token ids
     from a float array) would truncate silently and answer garbage, so it is refused
     with the input's name, and so is bool -> a number (a mask given for the token ids)
-    and integers the network's integer type cannot hold (they would wrap).  In ``dims`` an int is a fixed size; anything else (None, a
+    and integers the network's integer type cannot hold (they would wrap); with ``index``
+    (a Gather's indices: ``onnx_graph.index_inputs``) negative values, which ONNX takes from
+    the end of the table.  In ``dims`` an int is a fixed size; anything else (None, a
     symbolic name, TensorRT's -1) is a dynamic axis.  Refusing here gives one line with
     the expected and the given shape, where the engine's own error would be a stack of its
     internals.
@@ -158,6 +160,10 @@ def cast_input(name: str, value: np.ndarray, dtype: np.dtype,
         raise TvswitchError("input %r is %s%s%s; the network takes %s (cast it if that is meant)"
                             % (name, value.dtype, list(value.shape),
                                " with values %d..%d" % (value.min(), value.max()) if wrapped else "", dtype))
+    if index and value.dtype.kind == "i" and value.size > 0 and int(value.min()) < 0:
+        raise TvswitchError("input %r holds %d (its values %d..%d): it indexes a table (an embedding's "
+                            "Gather), which ONNX would read from the end; ids are 0 or more"
+                            % (name, int(value.min()), int(value.min()), int(value.max())))
     if dims is not None:
         fixed = [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in dims]
         if len(fixed) != value.ndim or any(d is not None and d != v for d, v in zip(fixed, value.shape)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
@@ -244,6 +244,16 @@ def data_inputs(model: "onnx.ModelProto", weights: Iterable[str]) -> List[str]:
     """Graph inputs that are not weights: what a request supplies."""
     skip = set(weights) | {t.name for t in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in skip]
+
+
+def index_inputs(model: "onnx.ModelProto", inputs: Iterable[str]) -> FrozenSet[str]:
+    """The ``inputs`` a Gather reads as its indices (token ids into an embedding).  ONNX's
+    Gather takes a negative index from the end of the table, so a -1 among token ids is
+    answered with the last row's embedding; the engines refuse it (``cast_input``), as
+    torch's embedding does.  Only inputs a Gather reads directly are known to be indices."""
+    wanted = set(inputs)
+    return frozenset(node.input[1] for node in model.graph.node
+                     if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in wanted)
 
 
 # ---- TensorRT ----

@@ -135,6 +135,7 @@ class OnnxRuntimeEngine(Engine):
         self.weight_aliases = onnx_graph.recorded_aliases(proto)
         self.head_cuts = onnx_graph.recorded_heads(proto)
         self._inputs = onnx_graph.data_inputs(serving, weights)
+        self._index_inputs = onnx_graph.index_inputs(serving, self._inputs)
         declared = {i.name: i for i in serving.graph.input}
         self._input_specs = {n: onnx_graph.input_spec(declared[n]) for n in self._inputs}
         if session_options is None:
@@ -224,7 +225,8 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, inputs: Mapping[str, np.ndarray], slot: int = 0) -> Dict[str, np.ndarray]:
         self.check_inputs(inputs)
-        arrays = {name: cast_input(name, inputs[name], self._input_specs[name][1], self._input_specs[name][0])
+        arrays = {name: cast_input(name, inputs[name], self._input_specs[name][1], self._input_specs[name][0],
+                                   index=name in self._index_inputs)
                   for name in self._inputs}
         constant = self._constant.session(slot) if self._constant is not None else None
         if constant is not None:

@@ -289,6 +289,7 @@ class TensorRTEngine(Engine):
         unread = onnx_graph.unread_weights(graph, names_list)
         self._graph_bytes = graph.SerializeToString()
         self._inputs = onnx_graph.data_inputs(graph, [])
+        self._index_inputs = onnx_graph.index_inputs(graph, self._inputs)
         self._outputs = [o.name for o in graph.graph.output]
         self._logger = trt.Logger(trt.Logger.WARNING if verbose else trt.Logger.ERROR)
         fold_names = [n for bn in self._folds for n in (bn.scale, bn.shift)]
@@ -546,7 +547,8 @@ class TensorRTEngine(Engine):
         allocations = []
         try:
             for name in self._inputs:
-                a = cast_input(name, inputs[name], self._input_dtypes[name], self._input_dims[name])
+                a = cast_input(name, inputs[name], self._input_dtypes[name], self._input_dims[name],
+                               index=name in self._index_inputs)
                 if not self._context.set_input_shape(name, a.shape):
                     low, _, high = self._profile.get(name, (None, None, None))
                     raise TvswitchError("input %r is %s; the TensorRT engine was built for shapes %s to %s"
