@@ -130,7 +130,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
             f.write(text)
             for name in order:
                 if arrays[name].nbytes:
-                    f.write(memoryview(arrays[name].reshape(-1)).cast("B"))
+                    f.write(memoryview(arrays[name].reshape(-1).view(np.uint8)))  # any dtype: bfloat16 too
 
     atomic_write(path, write)
 

@@ -16,7 +16,6 @@ import numpy as np
 
 from tvswitch.errors import TvswitchError
 from tvswitch.kernels import abi, cpu, reference
-from tvswitch.runtime.bundle import manifest as fmt
 from tvswitch.runtime.bundle import Bundle
 from tvswitch.runtime.checkpoint import as_tensors, contiguous
 from tvswitch.runtime.mix import check_mix
@@ -42,8 +41,9 @@ def resolve_base(bundle: Bundle, base: Union[None, str, "os.PathLike[str]", Mapp
     return {name: base[name] for name in bundle.shared_specs}
 
 
-#: decode.h's codes of the output dtypes a CPU rebuild writes (manifest.ELEMENT_DTYPES).
-_OUT_CODES = tuple(abi.ELEMENT_CODES[name] for name in fmt.ELEMENT_DTYPES)
+#: decode.h's codes of the output dtypes a CPU rebuild writes: float32, float16 and bfloat16
+#: (ml_dtypes' type: numpy has none).
+_OUT_CODES = tuple(abi.ELEMENT_CODES.values())
 
 #: Elements per call when a rebuild shows progress: enough to keep every core busy and
 #: make the calls' overhead (microseconds each) vanish.
@@ -220,7 +220,7 @@ class CpuRebuilder:
                 lacking.append(name)
                 continue
             if tuple(a.shape) != spec.shape or abi.element_code(a.dtype) not in _OUT_CODES:
-                raise TvswitchError("output buffer %r is %s%s, need float32/float16 of shape %s"
+                raise TvswitchError("output buffer %r is %s%s, need float32/float16/bfloat16 of shape %s"
                                     % (name, a.dtype, list(a.shape), list(spec.shape)))
             if not (a.flags.c_contiguous and a.flags.writeable):
                 raise TvswitchError("output buffer %r must be C-contiguous and writable" % name)

@@ -64,6 +64,44 @@ def test_export_inspect_verify_rebuild(example, tmp_path, capsys):
     assert got["pool.bn.num_batches_tracked"] == ft["pool.bn.num_batches_tracked"]
 
 
+def test_rebuild_and_merge_write_bfloat16(example, tmp_path, capsys, monkeypatch):
+    """bfloat16 files (half the bytes of float32, what most checkpoints are now) straight from
+    the rebuild, whose values are the float32 rebuild's rounded to nearest even."""
+    pytest.importorskip("ml_dtypes")
+    import json as _json
+    import struct
+
+    from tvswitch.kernels import abi, reference
+    from tvswitch.runtime.checkpoint import read_safetensors
+
+    base = str(example / "base.safetensors")
+    bundle = tmp_path / "b.tvs"
+    assert main(["export", "--base", base, *_tasks(example), "--no-progress", "-o", str(bundle)]) == 0
+    wide, narrow, merged = (tmp_path / n for n in ("f32.safetensors", "bf16.safetensors", "m.safetensors"))
+    for dtype, out in (("float32", wide), ("bfloat16", narrow)):
+        assert main(["rebuild", str(bundle), "--mix", "detect=0.5,line=0.5", "--base", base, "--dtype", dtype,
+                     "-o", str(out)]) == 0
+    assert main(["merge", str(bundle), "--method", "task_arithmetic", "--task", "detect", "--base", base,
+                 "--dtype", "bfloat16", "-o", str(merged)]) == 0
+    for path in (narrow, merged):
+        raw = path.read_bytes()
+        header = _json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        assert kinds == {"BF16", "I64"}, (path, kinds)  # every float tensor; the integer buffer kept
+    f32, bf16 = read_safetensors(str(wide)), read_safetensors(str(narrow))  # bfloat16 read back exactly
+    for name, a in f32.items():
+        if a.dtype == np.float32:
+            want = reference._to_16bit(a.reshape(-1), abi.BF16)
+            got = (bf16[name].reshape(-1).view(np.uint32) >> 16).astype(np.uint16)
+            assert np.array_equal(got, want), name
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    assert main(["rebuild", str(bundle), "--task", "detect", "--base", base, "--dtype", "bfloat16",
+                 "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "--dtype bfloat16 needs the ml_dtypes package" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("scheme,flags,label", [
     ("tswitch", ["--keep", "0.05"], "ternary sparse"),
     ("tvq", ["--bits", "2"], "2 sparse bit"),

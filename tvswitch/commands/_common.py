@@ -45,6 +45,31 @@ def load_base(path: Optional[str], bundle: Any = None) -> Optional[Dict[str, np.
     return dict(bundle.base_view(tensors)) if bundle is not None else tensors
 
 
+#: What ``--dtype`` of rebuild and merge offers: the floating tensors of the output file.
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def output_dtype(name: Optional[str]) -> Optional[np.dtype]:
+    """``--dtype``'s numpy type; bfloat16 is ml_dtypes' (numpy has none; the onnx extra
+    brings it), which the rebuild writes directly and safetensors stores as BF16."""
+    if name != "bfloat16":
+        return None if name is None else np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TvswitchError("--dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes; the onnx "
+                            "extra brings it)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def cast_floats(tensors: Dict[str, np.ndarray], dtype: Optional[np.dtype]) -> Dict[str, np.ndarray]:
+    """Every floating tensor as ``dtype`` (rounded to nearest even), the others as they are."""
+    if dtype is None:
+        return tensors
+    return {n: a.astype(dtype) if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") and a.dtype != dtype else a
+            for n, a in tensors.items()}
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from tvswitch.commands._common import load_base, parse_task_args
+from tvswitch.commands._common import OUTPUT_DTYPES, cast_floats, load_base, output_dtype, parse_task_args
 from tvswitch.commands._inputs import check_output_path, load_arrays
 from tvswitch.errors import TvswitchError
 
@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "takes (EMR: the task whose model to write). Without it: the merged weights, "
                                   "statistics averaged over the tasks, no head")
     p.add_argument("--base", help="base checkpoint (needed unless the bundle embeds it)")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES,
+                   help="output dtype of the floating tensors (default: as merged, the base's as read)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     g = p.add_argument_group("adamerging: learning the coefficients (entropy minimisation on unlabelled inputs, "
                              "torch on the CPU)")
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.output, "-o", inputs=inputs)
     if args.coefficients_out is not None:
         check_output_path(args.coefficients_out, "--coefficients-out", inputs=inputs + [args.output])
+    dtype = output_dtype(args.dtype)
     bundle = Bundle.open(args.bundle)
     _check_args(args, bundle)
     given = load_base(args.base, bundle)
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print("tvswitch merge: note: left out %d tensor%s that each task has its own of (e.g. %s); give --task NAME "
               "to include that task's" % (len(model.left_out), "" if len(model.left_out) == 1 else "s",
                                           model.left_out[0]), file=sys.stderr)
-    write_safetensors(args.output, model.tensors, {"tvswitch.merge": args.method})
+    write_safetensors(args.output, cast_floats(model.tensors, dtype), {"tvswitch.merge": args.method})
     print("wrote %s: %s, %d tensors" % (args.output, how, len(model.tensors)))
     return 0
 

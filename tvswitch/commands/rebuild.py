@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tvswitch.commands._common import load_base, print_json
+from tvswitch.commands._common import OUTPUT_DTYPES, cast_floats, load_base, output_dtype, print_json
 from tvswitch.commands._inputs import check_output_path, threads
 
 NAME = "rebuild"
@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--arithmetic", type=float, metavar="LAMBDA",
                        help="task arithmetic: every task at weight LAMBDA")
     p.add_argument("--base", help="base checkpoint (needed unless the bundle embeds it)")
-    p.add_argument("--dtype", choices=["float32", "float16"], help="output dtype (default: the base's)")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES,
+                   help="output dtype of the floating tensors (default: the base's as read; a bfloat16 file is "
+                        "read as float32)")
     p.add_argument("--threads", type=threads, default=0, help="CPU threads (default 0: all)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (one shows over the tensors when a rebuild takes over half a second)")
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from tvswitch.runtime.rebuild import CpuRebuilder
 
     check_output_path(args.output, "-o", inputs=[args.bundle, args.base])
+    dtype = output_dtype(args.dtype)
     bundle = Bundle.open(args.bundle)
     if args.task is not None:
         mix = {args.task: 1.0}
@@ -44,13 +47,13 @@ def run(args: argparse.Namespace) -> int:
         mix = task_arithmetic(bundle.tasks, args.arithmetic)
     base = load_base(args.base, bundle)
     rebuilder = CpuRebuilder(bundle, base, threads=args.threads, base_label=args.base or "the base")
-    out = rebuilder.allocate(args.dtype)
+    out = rebuilder.allocate(dtype)
     rebuilder.mix_tables(mix)  # refuses a bad mix before any work
     start = time.perf_counter()
     rebuilder.rebuild(mix, out, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     head = head_task(check_mix(mix, bundle.tasks, bundle.path))  # as a server answers the mix
-    tensors = whole_model(bundle, dict(out), base, head).tensors
+    tensors = cast_floats(whole_model(bundle, dict(out), base, head).tensors, dtype)
     write_safetensors(args.output, tensors, {"tvswitch.mix": repr(sorted(mix.items()))})
     result = {"output": args.output, "mix": mix, "tensors": len(tensors), "head_of": head, "rebuild_seconds": seconds}
     if args.json:
