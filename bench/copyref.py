@@ -95,11 +95,9 @@ def timed_beside_copy(fn: Callable[[], object], nbytes: int, repeat: int = 15, t
 
     On a shared machine the speed moves from second to second (another tenant, the clock);
     timing the operation and then the copy lets one slow spell land on one of them and
-    move their ratio by a third.  In turn, a slow spell slows both.  The pause keeps one
-    call's leftovers off the next: with OpenMP's default (active) waiting, a two-thread
-    copy right after a two-thread rebuild ran at 17.5 GB/s against 23.8 alone (22.1 after
-    50 ms); the library now loads with passive waiting (kernels/cpu.py), but a caller's
-    OMP_WAIT_POLICY wins.
+    move their ratio by a third.  In turn, a slow spell slows both.  The pause: OpenMP's
+    threads wait actively for a while after a parallel region, and a two-thread copy
+    right after a two-thread rebuild ran at 17.5 GB/s against 23.8 alone (22.1 after 50 ms).
     """
     with copiers([nbytes], threads) as (copy,):
         fn()

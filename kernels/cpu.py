@@ -6,11 +6,10 @@ never built), ``available()`` says why and the caller falls back to ``reference`
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib.machinery
 import os
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import numpy as np
 
@@ -30,28 +29,6 @@ def _find_library() -> Optional[str]:
     return None
 
 
-@contextlib.contextmanager
-def _passive_openmp_wait() -> Iterator[None]:
-    """OMP_WAIT_POLICY=PASSIVE while the library (and with it libgomp, which reads it once,
-    when it loads) is loaded, unless the caller set a policy; the variable is restored after.
-
-    By default OpenMP's threads spin for a while after a parallel region, waiting for the
-    next: after a two-thread rebuild one core burned 6-9 ms of CPU (measured in a process
-    asleep meanwhile), and a two-thread copy run right after it moved 17.3 GB/s against
-    22.6 with passive waiting.  A switch is followed by inference, not by another switch,
-    so the spinning only takes a core from the engine's first answers; waking a sleeping
-    thread costs microseconds of a rebuild's milliseconds.  Where libgomp was loaded
-    before (another library using it), its policy stays whatever that load read."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        yield
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        yield
-    finally:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-
-
 def _load() -> Optional[ctypes.CDLL]:
     global _LIB, _ERROR
     if _LIB is not None or _ERROR is not None:
@@ -60,8 +37,7 @@ def _load() -> Optional[ctypes.CDLL]:
     if path is None:
         _ERROR = "the CPU library _tvcpu is not built (reinstall tvswitch with a C compiler: pip install .)"
         return None
-    with _passive_openmp_wait():
-        lib = ctypes.CDLL(path)
+    lib = ctypes.CDLL(path)
     lib.tv_abi_version.restype = ctypes.c_int
     if lib.tv_abi_version() != abi.ABI_VERSION:
         _ERROR = "%s is of ABI version %d, this tvswitch needs %d; rebuild it" % (path, lib.tv_abi_version(),
