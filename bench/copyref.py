@@ -95,9 +95,12 @@ def timed_beside_copy(fn: Callable[[], object], nbytes: int, repeat: int = 15, t
 
     On a shared machine the speed moves from second to second (another tenant, the clock);
     timing the operation and then the copy lets one slow spell land on one of them and
-    move their ratio by a third.  In turn, a slow spell slows both.  The pause: OpenMP's
-    threads wait actively for a while after a parallel region, and a two-thread copy
-    right after a two-thread rebuild ran at 17.5 GB/s against 23.8 alone (22.1 after 50 ms).
+    move their ratio by a third.  In turn, a slow spell slows both.  The pause keeps one
+    call's leftovers off the next: libgomp's threads spin for a while after a parallel
+    region before they sleep, and a two-thread copy right after a two-thread rebuild moved
+    17.5 GB/s against 23.8 alone, 22.1 after 50 ms (one run; docs/kernels.md, "Threads
+    between switches").  So the ratios since 2026-12-08 are of calls from a rested state,
+    not back to back as before.
     """
     with copiers([nbytes], threads) as (copy,):
         fn()
