@@ -492,16 +492,20 @@ static inline TV_ALWAYS_INLINE tv_flag_bytes flag_bytes_of(uint32_t flags)
  * the path from the flag word to the shuffle; `before` and `unstored` come back from it
  * (before <= 7 leaves bit 7 of each byte to the 0x80). */
 static uint64_t tv_flag_controls[256];
+#ifdef TV_HAVE_AVX2_PATH
 /* The same with 8 | before where a group is not stored: a shuffle whose source holds the
  * fill in bytes 8-15 gives it there (avx2_sparse2_values). */
 static uint64_t tv_flag_fill_controls[256];
+#endif
 __attribute__((constructor)) static void tv_init_flag_controls(void)
 {
-    const uint64_t lanes = 0x0101010101010101ull;
     for (uint32_t f = 0; f < 256u; ++f) {
         const uint64_t control = flag_bytes_of(f).control;
         tv_flag_controls[f] = control;
+#ifdef TV_HAVE_AVX2_PATH
+        const uint64_t lanes = 0x0101010101010101ull;
         tv_flag_fill_controls[f] = (control & 0x7full * lanes) | ((control >> 4) & 0x08ull * lanes);
+#endif
     }
 }
 

@@ -98,8 +98,9 @@ class CpuRebuilder:
             address = self._addresses[key] = self.bundle.payload(key).ctypes.data
         return address
 
-    def allocate(self, dtype: Optional[str] = None) -> Dict[str, np.ndarray]:
-        """Output buffers for every tensor a rebuild writes (the base's dtype by default)."""
+    def allocate(self, dtype: Union[None, str, np.dtype] = None) -> Dict[str, np.ndarray]:
+        """Output buffers for every tensor a rebuild writes (the base's dtype by default;
+        float32, float16, or ml_dtypes' bfloat16)."""
         return {name: np.empty(spec.shape, dtype=dtype or spec.dtype)
                 for name, spec in self.bundle.shared_specs.items()}
 

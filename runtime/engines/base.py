@@ -161,9 +161,9 @@ def cast_input(name: str, value: np.ndarray, dtype: np.dtype,
                             % (name, value.dtype, list(value.shape),
                                " with values %d..%d" % (value.min(), value.max()) if wrapped else "", dtype))
     if index and value.dtype.kind == "i" and value.size > 0 and int(value.min()) < 0:
-        raise TvswitchError("input %r holds %d (its values %d..%d): it indexes a table (an embedding's "
-                            "Gather), which ONNX would read from the end; ids are 0 or more"
-                            % (name, int(value.min()), int(value.min()), int(value.max())))
+        raise TvswitchError("input %r holds negative values (%d..%d): it indexes a table of weights (an "
+                            "embedding's Gather), which ONNX would read from the end; ids are 0 or more"
+                            % (name, int(value.min()), int(value.max())))
     if dims is not None:
         fixed = [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in dims]
         if len(fixed) != value.ndim or any(d is not None and d != v for d, v in zip(fixed, value.shape)):

@@ -246,14 +246,18 @@ def data_inputs(model: "onnx.ModelProto", weights: Iterable[str]) -> List[str]:
     return [i.name for i in model.graph.input if i.name not in skip]
 
 
-def index_inputs(model: "onnx.ModelProto", inputs: Iterable[str]) -> FrozenSet[str]:
-    """The ``inputs`` a Gather reads as its indices (token ids into an embedding).  ONNX's
-    Gather takes a negative index from the end of the table, so a -1 among token ids is
-    answered with the last row's embedding; the engines refuse it (``cast_input``), as
-    torch's embedding does.  Only inputs a Gather reads directly are known to be indices."""
+def index_inputs(model: "onnx.ModelProto", inputs: Iterable[str], tables: Iterable[str] = ()) -> FrozenSet[str]:
+    """The ``inputs`` a Gather reads as its indices into a table of weights (an embedding:
+    an initializer or one of ``tables``, the switchable weights).  ONNX's Gather takes a
+    negative index from the end of the table, so a -1 among token ids is answered with the
+    last row's embedding; the engines refuse it (``cast_input``), as torch's embedding
+    does.  A Gather over activations (``x[:, idx]``, where torch takes negative indices
+    too) is left alone, and only inputs a Gather reads directly are known to be indices."""
     wanted = set(inputs)
+    weights = set(tables) | {t.name for t in model.graph.initializer}
     return frozenset(node.input[1] for node in model.graph.node
-                     if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in wanted)
+                     if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in wanted
+                     and node.input[0] in weights)
 
 
 # ---- TensorRT ----

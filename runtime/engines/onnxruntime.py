@@ -135,7 +135,7 @@ class OnnxRuntimeEngine(Engine):
         self.weight_aliases = onnx_graph.recorded_aliases(proto)
         self.head_cuts = onnx_graph.recorded_heads(proto)
         self._inputs = onnx_graph.data_inputs(serving, weights)
-        self._index_inputs = onnx_graph.index_inputs(serving, self._inputs)
+        self._index_inputs = onnx_graph.index_inputs(serving, self._inputs, weights)
         declared = {i.name: i for i in serving.graph.input}
         self._input_specs = {n: onnx_graph.input_spec(declared[n]) for n in self._inputs}
         if session_options is None:

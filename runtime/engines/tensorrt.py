@@ -289,7 +289,7 @@ class TensorRTEngine(Engine):
         unread = onnx_graph.unread_weights(graph, names_list)
         self._graph_bytes = graph.SerializeToString()
         self._inputs = onnx_graph.data_inputs(graph, [])
-        self._index_inputs = onnx_graph.index_inputs(graph, self._inputs)
+        self._index_inputs = onnx_graph.index_inputs(graph, self._inputs, names_list)
         self._outputs = [o.name for o in graph.graph.output]
         self._logger = trt.Logger(trt.Logger.WARNING if verbose else trt.Logger.ERROR)
         fold_names = [n for bn in self._folds for n in (bn.scale, bn.shift)]

@@ -57,8 +57,8 @@ def output_dtype(name: Optional[str]) -> Optional[np.dtype]:
     try:
         import ml_dtypes
     except ImportError:
-        raise TvswitchError("--dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes; the onnx "
-                            "extra brings it)") from None
+        raise TvswitchError("--dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes, or the onnx "
+                            "extra: pip install 'tvswitch[onnx]')") from None
     return np.dtype(ml_dtypes.bfloat16)
 
 
