@@ -15,10 +15,10 @@
  *   TV_PLANNED_GROUP_ROW    group_row_words or a faster equal; with TV_PLANNED_GROUP_VALUE
  *                           (row, consts, k) defined, a row as its eight group bytes (keep
  *                           bits low, codes high) and GROUP_VALUE the values of its vector k
- *   TV_PLANNED_SPARSE2_VALUES, TV_PLANNED_SPARSE3_VALUES (optional) a 2-bit or 3-bit SPARSE
- *                           row's vectors of values made in registers, without storing the
- *                           row for the value loads to read back (codes or term, flag byte,
- *                           rank, fill4, consts, vectors) -> the next rank
+ *   TV_PLANNED_SPARSE_VALUES (optional) a SPARSE row's vectors of values made in
+ *                           registers, without storing the row for the value loads to read
+ *                           back (codes, bits, flag byte, rank, fill4, consts, vectors) ->
+ *                           the next rank, for the widths TV_PLANNED_SPARSE_VALUES_BITS(bits)
  *   TV_PLANNED_SPARSE_ROW   sparse_row_codes or a faster equal (the other widths' rows)
  * Each row's 32 sums stay in registers from the base through every term to the store,
  * where the per-term rows (TV_DEFINE_TILE) add each term to a row in memory (a load and a
@@ -124,19 +124,10 @@ TV_PLANNED_FN void TV_PLANNED(compact_rows)(TV_PLANNED_VEC *a, TV_PLANNED_PLAN *
                     a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], p->empty);
                 continue;
             }
-#ifdef TV_PLANNED_SPARSE2_VALUES
-            if (!groups && bits == 2u) {
+#ifdef TV_PLANNED_SPARSE_VALUES
+            if (!groups && TV_PLANNED_SPARSE_VALUES_BITS(bits)) {
                 TV_PLANNED_VEC v[TV_PLANNED_VECS];
-                p->rank = TV_PLANNED_SPARSE2_VALUES((const uint8_t *)p->codes, flags, p->rank, p->fill4, &p->c, v);
-                for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
-                    a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], v[k]);
-                continue;
-            }
-#endif
-#ifdef TV_PLANNED_SPARSE3_VALUES
-            if (!groups && bits == 3u) {
-                TV_PLANNED_VEC v[TV_PLANNED_VECS];
-                p->rank = TV_PLANNED_SPARSE3_VALUES(p->t, flags, p->rank, p->fill4, &p->c, v);
+                p->rank = TV_PLANNED_SPARSE_VALUES((const uint8_t *)p->codes, bits, flags, p->rank, p->fill4, &p->c, v);
                 for (uint32_t k = 0; k < TV_PLANNED_VECS; ++k)
                     a[TV_PLANNED_VECS * r + k] = TV_PLANNED_ADD(a[TV_PLANNED_VECS * r + k], v[k]);
                 continue;

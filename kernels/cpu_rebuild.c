@@ -762,7 +762,7 @@ static inline TV_ALWAYS_INLINE uint64_t pack12x4(uint64_t x)
  * from the load's first byte, 3r/2), the odd ones shift down, and the fill goes where a
  * group is not stored: the row's eight groups, group k in 16-bit lane k.
  */
-TV_AVX2 __m128i avx2_sparse_groups3(const tv_term *t, tv_flag_bytes f, uint32_t r, uint32_t fill4)
+TV_AVX2 __m128i avx2_sparse_groups3(const uint8_t *codes, tv_flag_bytes f, uint32_t r, uint32_t fill4)
 {
     const __m128i zero = _mm_setzero_si128(), odd = _mm_set1_epi16((short)(r & 1u));
     const __m128i before = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)f.before), zero);
@@ -773,7 +773,7 @@ TV_AVX2 __m128i avx2_sparse_groups3(const tv_term *t, tv_flag_bytes f, uint32_t 
     const __m128i control = _mm_or_si128(_mm_add_epi16(_mm_mullo_epi16(first, _mm_set1_epi16(0x0101)),
                                                        _mm_set1_epi16(0x0100)),
                                          _mm_and_si128(none16, _mm_set1_epi16((short)0x8080)));
-    const uint8_t *stream = (const uint8_t *)t->codes + (3u * r >> 1);
+    const uint8_t *stream = codes + (3u * r >> 1);
     __m128i x = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)stream), control);
     const __m128i shifted = _mm_sub_epi16(zero, _mm_and_si128(_mm_add_epi16(before, odd), _mm_set1_epi16(1)));
     x = _mm_or_si128(_mm_andnot_si128(shifted, x), _mm_and_si128(shifted, _mm_srli_epi16(x, 4)));
@@ -784,7 +784,7 @@ TV_AVX2 __m128i avx2_sparse_groups3(const tv_term *t, tv_flag_bytes f, uint32_t 
 TV_AVX2 uint32_t avx2_sparse_row_codes3(const tv_term *t, tv_flag_bytes f, uint32_t flags, uint32_t r,
                                         uint32_t fill4, uint32_t *row)
 {
-    const __m128i x = avx2_sparse_groups3(t, f, r, fill4);
+    const __m128i x = avx2_sparse_groups3((const uint8_t *)t->codes, f, r, fill4);
     const uint64_t lo = pack12x4((uint64_t)_mm_cvtsi128_si64(x));
     const uint64_t hi = pack12x4((uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(x, x)));
     row[0] = (uint32_t)lo;
@@ -831,7 +831,7 @@ TV_AVX2 uint32_t avx2_sparse_row_codes(const tv_term *t, uint32_t g, uint32_t r,
 }
 
 /*
- * The planned rows' 2-bit SPARSE row (TV_PLANNED_SPARSE2_VALUES) from its flag byte, its
+ * The planned rows' 2-bit SPARSE row (TV_PLANNED_SPARSE_VALUES) from its flag byte, its
  * four vectors of values made in registers: avx2_sparse_row_codes' bytes, but the fill is
  * byte 8 of the shuffle's source (the stream's eight bytes from rank r, then the fill byte
  * eight times), which tv_flag_fill_controls picks where a group is not stored, and the
@@ -854,13 +854,13 @@ TV_AVX2 uint32_t avx2_sparse2_values(const uint8_t *codes, uint32_t flags, uint3
     return r + tv_popcount(flags);
 }
 
-/* The same for a 3-bit SPARSE row (TV_PLANNED_SPARSE3_VALUES): avx2_sparse_groups3's eight
- * groups joined two by two into four words in a register, word k (codes 8k .. 8k+7 in its
- * low 24 bits) broadcast to vector k's lanes. */
-TV_AVX2 uint32_t avx2_sparse3_values(const tv_term *t, uint32_t flags, uint32_t r, uint32_t fill4,
+/* The same for a 3-bit SPARSE row: avx2_sparse_groups3's eight groups joined two by two
+ * into four words in a register, word k (codes 8k .. 8k+7 in its low 24 bits) broadcast
+ * to vector k's lanes. */
+TV_AVX2 uint32_t avx2_sparse3_values(const uint8_t *codes, uint32_t flags, uint32_t r, uint32_t fill4,
                                      const avx2_consts *c, __m256 *v)
 {
-    const __m128i x = avx2_sparse_groups3(t, flag_bytes(flags), r, fill4);
+    const __m128i x = avx2_sparse_groups3(codes, flag_bytes(flags), r, fill4);
     const __m128i words = _mm_or_si128(_mm_and_si128(x, _mm_set1_epi32(0xfff)),
                                        _mm_and_si128(_mm_srli_epi32(x, 4), _mm_set1_epi32(0xfff000)));
     const __m256i both = _mm256_broadcastsi128_si256(words);
@@ -870,6 +870,16 @@ TV_AVX2 uint32_t avx2_sparse3_values(const tv_term *t, uint32_t flags, uint32_t 
     v[2] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(_mm256_shuffle_epi32(both, 0xaa), shifts));
     v[3] = _mm256_permutevar8x32_ps(c->table, _mm256_srlv_epi32(_mm256_shuffle_epi32(both, 0xff), shifts));
     return r + tv_popcount(flags);
+}
+
+/* TV_PLANNED_SPARSE_VALUES: the 2-bit and 3-bit rows above (bits a constant where the
+ * planned rows inline it). */
+#define AVX2_SPARSE_VALUES_BITS(bits) ((bits) == 2u || (bits) == 3u)
+TV_AVX2 uint32_t avx2_sparse_values(const uint8_t *codes, uint32_t bits, uint32_t flags, uint32_t r, uint32_t fill4,
+                                    const avx2_consts *c, __m256 *v)
+{
+    return bits == 2u ? avx2_sparse2_values(codes, flags, r, fill4, c, v)
+                      : avx2_sparse3_values(codes, flags, r, fill4, c, v);
 }
 
 TV_AVX2 void row_avx2(float *acc, const uint32_t *row, uint32_t bits, float w, float scale, float offset)
@@ -1004,8 +1014,8 @@ TV_DEFINE_PLAN(avx2_plan, avx2_consts, __m256)
 #define TV_PLANNED_GROUP_ROW avx2_group_row_bytes
 #define TV_PLANNED_GROUP_VALUE avx2_group_value8
 #define TV_PLANNED_SPARSE_ROW avx2_sparse_row_codes
-#define TV_PLANNED_SPARSE2_VALUES avx2_sparse2_values
-#define TV_PLANNED_SPARSE3_VALUES avx2_sparse3_values
+#define TV_PLANNED_SPARSE_VALUES avx2_sparse_values
+#define TV_PLANNED_SPARSE_VALUES_BITS AVX2_SPARSE_VALUES_BITS
 #include "cpu_planned.h"
 
 /*
