@@ -351,7 +351,6 @@ def encode_tensor(scheme: Scheme, name: str, shape, tasks: List[str], taus: np.n
             for t, tau in zip(tasks, taus)]
 
 
-
 # ---- bit allocation under a budget ------------------------------------------------------
 
 def term_bits(x: np.ndarray, bits: int, group: int, layout: str) -> int:
