@@ -308,7 +308,7 @@ def whole_model(bundle: "Bundle", tensors: Dict[str, np.ndarray], base: Optional
     per_task = [n for n in as_is_names(bundle) if n not in stats]
     for n in per_task:
         del tensors[n]
-    heads = sorted({n for t in bundle.tasks for n in bundle.task_specific(t)})
+    heads = sorted(bundle.head_names)
     return MergedModel(tensors, per_task + heads, list(averaged))
 
 

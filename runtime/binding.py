@@ -56,7 +56,7 @@ def check_engine_names(bundle: Bundle, engine_weights: EngineWeights, *, unread:
         if name in engine_weights and tuple(engine_weights[name][0]) != spec.shape:
             raise TvswitchError("bundle tensor %r is %s, the weight of %s is %s"
                                 % (name, list(spec.shape), what, list(engine_weights[name][0])))
-    switched = list(shared) + sorted({n for t in bundle.tasks for n in bundle.task_specific(t)} - set(shared))
+    switched = list(shared) + sorted(bundle.head_names - set(shared))
     held = set(constants)
     fixed = set(bundle.base_only)
     changed = [n for n in switched if n in held and n not in fixed]

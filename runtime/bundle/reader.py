@@ -14,7 +14,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
@@ -157,6 +157,11 @@ class Bundle:
         self.entries(task)
         names = self.manifest["task_specific"].get(task, {})
         return {name: self._payloads[key] for name, key in names.items()}
+
+    @property
+    def head_names(self) -> Set[str]:
+        """The tensors some task has alone (heads): every task's ``task_specific`` names."""
+        return {name for task in self.tasks for name in self.manifest["task_specific"].get(task, {})}
 
     def query_sets(self) -> Optional[Dict[str, np.ndarray]]:
         """Auto-Switch's exemplar features per task, if the exporter stored them."""

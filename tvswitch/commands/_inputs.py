@@ -151,7 +151,7 @@ def module_weights(base: Mapping[str, np.ndarray], bundle: Any) -> Dict[str, np.
     """What of ``base`` a torch module of ``bundle``'s network loads: the tensors the bundle
     was exported with and the base's buffers; not a float module export left out (a pooler
     no task has), nor a head the tasks replace (laid out per task at each switch)."""
-    heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
+    heads = bundle.head_names
     known = set(bundle.shared_specs) | set(bundle.manifest["base"].get("other", []))
     return {n: a for n, a in base.items()
             if n not in heads and (n in known or not np.issubdtype(a.dtype, np.floating))}

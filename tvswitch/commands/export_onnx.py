@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if bundle is not None:
         if weights is None:
             weights = bundle.embedded_base()
-        heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
+        heads = bundle.head_names
         if weights is not None:  # a base may hold a head of its own shape: the bundle's are laid out anew
             weights = module_weights(weights, bundle)
         module = load_module(args.module, weights, may_lack=heads) if weights is not None else load_module(args.module)

@@ -88,7 +88,7 @@ def open_server(args: argparse.Namespace, inputs: Mapping[str, np.ndarray],
         if not args.module:
             raise TvswitchError("--engine torch needs --module MODULE:FACTORY (the network to serve)")
         device = torch_device(args.provider)
-        heads = {n for t in bundle.tasks for n in bundle.task_specific(t)}
+        heads = bundle.head_names
         weights = None if base is None else module_weights(base, bundle)
         module = load_module(args.module, weights, may_lack=heads).to(device)
         options["example_inputs"] = dict(inputs) if inputs else None
